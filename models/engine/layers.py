@@ -1,0 +1,283 @@
+"""Layers of the numpy training engine.
+
+A layer is a small class: ``forward(x, training)`` keeps what ``backward`` needs,
+``backward(dout)`` fills the gradients of its parameters and returns ``dx``. Each
+derivative sits beside its forward. Everything is float32; no per-sample loops.
+Layers are ordered from simplest to hardest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.errors import ConfigError
+
+__all__ = [
+    "BatchNorm1D",
+    "Conv1D",
+    "Dense",
+    "Dropout",
+    "Flatten",
+    "GlobalAveragePool1D",
+    "Layer",
+    "Parameter",
+    "ReLU",
+]
+
+F32 = np.float32
+
+
+@dataclass(eq=False)
+class Parameter:
+    """A named float32 array with its gradient.
+
+    ``trainable=False`` marks state that is learned without gradients (running
+    statistics); optimizers skip it but it travels with the weights.
+    """
+
+    value: np.ndarray
+    trainable: bool = True
+    grad: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.value = np.ascontiguousarray(self.value, dtype=F32)
+        self.grad = np.zeros_like(self.value)
+
+
+class Layer:
+    """Base layer: no parameters, identity shapes."""
+
+    params: dict[str, Parameter]
+
+    def __init__(self) -> None:
+        self.params = {}
+
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        raise NotImplementedError
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of one sample's output for one sample's input shape (no batch)."""
+        return shape
+
+
+class ReLU(Layer):
+    """max(x, 0), any shape."""
+
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        self._mask = x > 0
+        return np.where(self._mask, x, F32(0))
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        return np.where(self._mask, dout, F32(0))
+
+
+class Flatten(Layer):
+    """(batch, ...) -> (batch, features)."""
+
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        self._shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        return dout.reshape(self._shape)
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (int(np.prod(shape)),)
+
+
+class Dropout(Layer):
+    """Inverted dropout with rate ``rate``; identity outside training.
+
+    It draws from its own seeded generator so that training is reproducible.
+    """
+
+    def __init__(self, rate: float, seed: int = 0) -> None:
+        super().__init__()
+        if not 0.0 <= rate < 1.0:
+            raise ConfigError(f"Dropout rate must be in [0, 1), got {rate}.")
+        self.rate = rate
+        self.rng = np.random.default_rng(seed)
+
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        if not training or self.rate == 0.0:
+            self._mask = None
+            return x
+        keep = F32(1.0 - self.rate)
+        self._mask = (self.rng.random(x.shape, dtype=F32) < keep) / keep
+        return x * self._mask
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        return dout if self._mask is None else dout * self._mask
+
+
+class GlobalAveragePool1D(Layer):
+    """Mean over time: x (batch, channels, time) -> (batch, channels)."""
+
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        self._shape = x.shape
+        return x.mean(axis=2, dtype=F32)
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        n, c, t = self._shape
+        return np.broadcast_to((dout / F32(t))[:, :, None], (n, c, t)).copy()
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return shape[:1]
+
+
+class Dense(Layer):
+    """y = x @ W.T + b; x (batch, in_features) -> (batch, out_features).
+
+    ``weight`` is (out_features, in_features), the ONNX Gemm/TFLite layout.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rng: np.random.Generator) -> None:
+        super().__init__()
+        bound = np.sqrt(6.0 / in_features)  # He uniform
+        self.params = {
+            "weight": Parameter(rng.uniform(-bound, bound, (out_features, in_features))),
+            "bias": Parameter(np.zeros(out_features)),
+        }
+
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        self._x = x
+        return x @ self.params["weight"].value.T + self.params["bias"].value
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        self.params["weight"].grad += dout.T @ self._x
+        self.params["bias"].grad += dout.sum(axis=0)
+        return dout @ self.params["weight"].value
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (self.params["weight"].value.shape[0],)
+
+
+class BatchNorm1D(Layer):
+    """Batch normalization over (batch, time) per channel; x (batch, channels, time).
+
+    Training uses batch statistics and updates running ones; inference is a
+    per-channel affine map, which export folds into the preceding convolution.
+    """
+
+    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        if not 0.0 < momentum <= 1.0:
+            raise ConfigError(f"BatchNorm1D momentum must be in (0, 1], got {momentum}.")
+        self.momentum = F32(momentum)
+        self.eps = F32(eps)
+        self.params = {
+            "gamma": Parameter(np.ones(channels)),
+            "beta": Parameter(np.zeros(channels)),
+            "running_mean": Parameter(np.zeros(channels), trainable=False),
+            "running_var": Parameter(np.ones(channels), trainable=False),
+        }
+
+    def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
+        """The inference-time affine map: y = x * scale + shift, per channel."""
+        p = self.params
+        scale = p["gamma"].value / np.sqrt(p["running_var"].value + self.eps)
+        return scale.astype(F32), (p["beta"].value - p["running_mean"].value * scale).astype(F32)
+
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        p = self.params
+        if not training:
+            scale, shift = self.scale_shift()
+            return x * scale[None, :, None] + shift[None, :, None]
+        mean = x.mean(axis=(0, 2), dtype=F32)
+        xc = x - mean[None, :, None]
+        var = np.mean(xc * xc, axis=(0, 2), dtype=F32)
+        inv_std = F32(1.0) / np.sqrt(var + self.eps)
+        self._xhat = xc * inv_std[None, :, None]
+        self._inv_std = inv_std
+        m = x.shape[0] * x.shape[2]
+        unbiased = var * F32(m / max(m - 1, 1))
+        p["running_mean"].value += self.momentum * (mean - p["running_mean"].value)
+        p["running_var"].value += self.momentum * (unbiased - p["running_var"].value)
+        return self._xhat * p["gamma"].value[None, :, None] + p["beta"].value[None, :, None]
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        p = self.params
+        xhat = self._xhat
+        p["gamma"].grad += np.sum(dout * xhat, axis=(0, 2), dtype=F32)
+        p["beta"].grad += np.sum(dout, axis=(0, 2), dtype=F32)
+        dxhat = dout * p["gamma"].value[None, :, None]
+        mean_dxhat = dxhat.mean(axis=(0, 2), dtype=F32)[None, :, None]
+        mean_dxhat_xhat = np.mean(dxhat * xhat, axis=(0, 2), dtype=F32)[None, :, None]
+        return (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) * self._inv_std[None, :, None]
+
+
+class Conv1D(Layer):
+    """1-D convolution: x (batch, in_channels, time) -> (batch, out_channels, time_out).
+
+    ``weight`` is (out_channels, in_channels, kernel_size), the ONNX layout.
+    ``padding`` is (left, right) zeros. Computed as one matmul per kernel tap over
+    strided views of the padded input: no im2col copy.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        rng: np.random.Generator,
+        stride: int = 1,
+        padding: tuple[int, int] = (0, 0),
+        dilation: int = 1,
+    ) -> None:
+        super().__init__()
+        if min(in_channels, out_channels, kernel_size, stride, dilation) < 1:
+            raise ConfigError("Conv1D channels, kernel_size, stride and dilation must be >= 1.")
+        if min(padding) < 0:
+            raise ConfigError(f"Conv1D padding must be >= 0, got {padding}.")
+        self.stride, self.dilation, self.padding = stride, dilation, tuple(padding)
+        bound = np.sqrt(6.0 / (in_channels * kernel_size))  # He uniform
+        self.params = {
+            "weight": Parameter(rng.uniform(-bound, bound, (out_channels, in_channels, kernel_size))),
+            "bias": Parameter(np.zeros(out_channels)),
+        }
+
+    def out_length(self, length: int) -> int:
+        k = self.params["weight"].value.shape[2]
+        span = self.dilation * (k - 1) + 1
+        return (length + sum(self.padding) - span) // self.stride + 1
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (self.params["weight"].value.shape[0], self.out_length(shape[1]))
+
+    def _tap(self, xp: np.ndarray, j: int, t_out: int) -> np.ndarray:
+        start = j * self.dilation
+        return xp[:, :, start : start + self.stride * (t_out - 1) + 1 : self.stride]
+
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        w = self.params["weight"].value
+        t_out = self.out_length(x.shape[2])
+        if t_out < 1:
+            raise ConfigError(f"Conv1D input of length {x.shape[2]} is shorter than its kernel.")
+        left, right = self.padding
+        xp = np.pad(x, ((0, 0), (0, 0), (left, right))) if left or right else x
+        self._xp, self._t_out, self._t_in = xp, t_out, x.shape[2]
+        y = np.matmul(w[:, :, 0], self._tap(xp, 0, t_out))
+        for j in range(1, w.shape[2]):
+            y += np.matmul(w[:, :, j], self._tap(xp, j, t_out))
+        y += self.params["bias"].value[None, :, None]
+        return y
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        w = self.params["weight"]
+        xp, t_out = self._xp, self._t_out
+        n, o, _ = dout.shape
+        dxp = np.zeros_like(xp)
+        # (o, n*t_out) once, so each tap's weight gradient is one GEMM.
+        dout_2d = dout.transpose(1, 0, 2).reshape(o, n * t_out)
+        for j in range(w.value.shape[2]):
+            tap = self._tap(xp, j, t_out)
+            w.grad[:, :, j] += dout_2d @ tap.transpose(0, 2, 1).reshape(n * t_out, -1)
+            self._tap(dxp, j, t_out)[...] += np.matmul(w.value[:, :, j].T, dout)
+        self.params["bias"].grad += dout.sum(axis=(0, 2))
+        left = self.padding[0]
+        return dxp[:, :, left : left + self._t_in]

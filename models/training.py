@@ -1,0 +1,117 @@
+"""The training loop: mini-batches, optimizer, gradient clipping, FedProx.
+
+Deterministic for a seed: batch order, dropout and initialization all draw from
+seeded generators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.engine import SGD, Adam, AdamW, Optimizer, clip_grad_norm
+from models.errors import ConfigError, InputError
+from models.model import Model, check_input
+
+__all__ = ["TrainConfig", "TrainResult", "fit", "make_optimizer"]
+
+F32 = np.float32
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. ``prox_mu > 0`` adds FedProx's mu/2 * ||w - w_global||^2."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    clip_norm: float = 0.0
+    prox_mu: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs and batch_size must be >= 1.")
+        if self.clip_norm < 0 or self.prox_mu < 0:
+            raise ConfigError("clip_norm and prox_mu must be >= 0.")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; use sgd, adam or adamw.")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one call of :func:`fit` did."""
+
+    epoch_losses: list[float]
+    steps: int
+    examples: int
+
+
+def make_optimizer(model: Model, config: TrainConfig) -> Optimizer:
+    params = model.network.trainable()
+    if config.optimizer == "sgd":
+        return SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def fit(
+    model: Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    config: TrainConfig = TrainConfig(),
+    global_weights: Mapping[str, np.ndarray] | None = None,
+    class_weights: np.ndarray | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on windows ``x`` (n, channels, time) and targets ``y`` (n,).
+
+    ``global_weights`` is the FedProx anchor (defaults to the weights at the start
+    when ``prox_mu > 0``). ``on_step(step, loss)`` is called after every step.
+    """
+    config.validate()
+    x = check_input(x, model.spec, "training windows")
+    y = np.asarray(y)
+    if len(y) != len(x):
+        raise InputError(f"{len(x)} training windows but {len(y)} targets; they must match one to one.")
+    target = model.encode_target(y)
+    if not model.spec.is_classifier and not np.all(np.isfinite(target)):
+        raise InputError("training targets hold NaN or infinite values; drop those windows.")
+    loss_fn = model.default_loss(class_weights)
+    optimizer = make_optimizer(model, config)
+    params = model.network.parameters()
+    anchor = None
+    if config.prox_mu > 0:
+        source = global_weights if global_weights is not None else model.network.state_dict()
+        anchor = {k: np.asarray(source[k], dtype=F32) for k, p in params.items() if p.trainable}
+    mu = F32(config.prox_mu)
+    rng = np.random.default_rng(config.seed)
+    losses, step = [], 0
+    for _ in range(config.epochs):
+        order = rng.permutation(len(x))
+        total = 0.0
+        for start in range(0, len(x), config.batch_size):
+            idx = order[start : start + config.batch_size]
+            optimizer.zero_grad()
+            out = model.forward_raw(x[idx], training=True)
+            loss, dout = loss_fn(out, target[idx])
+            model.network.backward(dout)
+            if anchor is not None:
+                for k, ref in anchor.items():
+                    p = params[k]
+                    p.grad += mu * (p.value - ref)
+            if config.clip_norm > 0:
+                clip_grad_norm(optimizer.params, config.clip_norm)
+            optimizer.step()
+            step += 1
+            total += loss * len(idx)
+            if on_step is not None:
+                on_step(step, loss)
+        losses.append(total / len(x))
+    return TrainResult(losses, step, len(x) * config.epochs)

@@ -28,17 +28,17 @@ MAX_PACKAGE_BYTES = 64 * 1024 * 1024
 
 
 def package_bytes(model: Model) -> bytes:
-    """The package as bytes, ready to write or publish."""
-    meta = {
-        "format": FORMAT,
-        "task": model.spec.task,
-        "version": str(int(model.version)),
-        "spec": model.spec.to_json(),
-    }
-    return st_save(model.network.state_dict(), metadata=meta)
+    """The package as bytes, ready to write or publish; the same model gives the same bytes."""
+    # One metadata key: safetensors keeps metadata in a hash map, so several keys
+    # would come out in a different order each time and break byte-exact signatures.
+    meta = json.dumps(
+        {"format": FORMAT, "task": model.spec.task, "version": int(model.version), "spec": model.spec.to_json()},
+        sort_keys=True,
+    )
+    return st_save(model.network.state_dict(), metadata={"wearfl": meta})
 
 
-def _metadata(data: bytes) -> dict[str, str]:
+def _metadata(data: bytes) -> dict:
     if len(data) < 8:
         raise ModelFormatError("the package is too short to be a safetensors file.")
     (n,) = struct.unpack("<Q", data[:8])
@@ -46,9 +46,9 @@ def _metadata(data: bytes) -> dict[str, str]:
         raise ModelFormatError("the package's header is longer than the file; it is truncated or not a package.")
     try:
         header = json.loads(data[8 : 8 + n])
-        meta = header.get("__metadata__") or {}
-    except (ValueError, AttributeError) as exc:
-        raise ModelFormatError("the package's header is not valid JSON.") from exc
+        meta = json.loads(header["__metadata__"]["wearfl"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelFormatError("the file is not a wearfl model package (no valid wearfl metadata).") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFormatError(f"the file is not a wearfl model package (expected format {FORMAT}).")
     return meta

@@ -70,10 +70,10 @@ class ReLU(Layer):
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         self._mask = x > 0
-        return np.where(self._mask, x, F32(0))
+        return x * self._mask
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
-        return np.where(self._mask, dout, F32(0))
+        return dout * self._mask
 
 
 class Flatten(Layer):
@@ -215,8 +215,9 @@ class Conv1D(Layer):
     """1-D convolution: x (batch, in_channels, time) -> (batch, out_channels, time_out).
 
     ``weight`` is (out_channels, in_channels, kernel_size), the ONNX layout.
-    ``padding`` is (left, right) zeros. Computed as one matmul per kernel tap over
-    strided views of the padded input: no im2col copy.
+    ``padding`` is (left, right) zeros. Computed as shifted matmuls: one GEMM of all
+    kernel taps against the padded input, whose shifted slices sum to the output,
+    so there is no im2col copy and no per-window loop.
     """
 
     def __init__(
@@ -249,35 +250,65 @@ class Conv1D(Layer):
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (self.params["weight"].value.shape[0], self.out_length(shape[1]))
 
-    def _tap(self, xp: np.ndarray, j: int, t_out: int) -> np.ndarray:
-        start = j * self.dilation
-        return xp[:, :, start : start + self.stride * (t_out - 1) + 1 : self.stride]
+    def _phases(self) -> list[tuple[int, list[int], list[int]]]:
+        """Kernel taps grouped by input phase: (phase, taps, offsets within the phase).
+
+        Output t of tap j reads padded input t*stride + j*dilation, i.e. phase
+        (j*dilation) % stride at offset t + (j*dilation) // stride; grouping taps by
+        phase lets strided layers compute only the outputs they keep.
+        """
+        k = self.params["weight"].value.shape[2]
+        groups: dict[int, tuple[list[int], list[int]]] = {}
+        for j in range(k):
+            phase, offset = divmod(j * self.dilation, self.stride)[::-1]
+            taps, offsets = groups.setdefault(phase, ([], []))
+            taps.append(j)
+            offsets.append(offset)
+        return [(p, taps, offsets) for p, (taps, offsets) in sorted(groups.items())]
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         w = self.params["weight"].value
-        t_out = self.out_length(x.shape[2])
+        o, c, _ = w.shape
+        n, _, t_in = x.shape
+        t_out = self.out_length(t_in)
         if t_out < 1:
-            raise ConfigError(f"Conv1D input of length {x.shape[2]} is shorter than its kernel.")
+            raise ConfigError(f"Conv1D input of length {t_in} is shorter than its kernel.")
         left, right = self.padding
-        xp = np.pad(x, ((0, 0), (0, 0), (left, right))) if left or right else x
-        self._xp, self._t_out, self._t_in = xp, t_out, x.shape[2]
-        y = np.matmul(w[:, :, 0], self._tap(xp, 0, t_out))
-        for j in range(1, w.shape[2]):
-            y += np.matmul(w[:, :, j], self._tap(xp, j, t_out))
-        y += self.params["bias"].value[None, :, None]
-        return y
+        # Channel-major padded copy (c, n, time): every tap of every window is then a
+        # shifted slice of one GEMM's output (one GEMM per input phase when strided).
+        xp = np.zeros((c, n, t_in + left + right), F32)
+        xp[:, :, left : left + t_in] = x.transpose(1, 0, 2)
+        y = np.zeros((o, n, t_out), F32)
+        saved = []
+        for phase, taps, offsets in self._phases():
+            xs = xp if self.stride == 1 else np.ascontiguousarray(xp[:, :, phase :: self.stride])
+            t_ph = xs.shape[2]
+            w_taps = w[:, :, taps].transpose(2, 0, 1).reshape(len(taps) * o, c)
+            z = (w_taps @ xs.reshape(c, n * t_ph)).reshape(len(taps), o, n, t_ph)
+            for i, q in enumerate(offsets):
+                y += z[i, :, :, q : q + t_out]
+            saved.append(xs)
+        y += self.params["bias"].value[:, None, None]
+        self._saved, self._t_out, self._t_in, self._t_pad = saved, t_out, t_in, xp.shape[2]
+        return y.transpose(1, 0, 2)
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
         w = self.params["weight"]
-        xp, t_out = self._xp, self._t_out
-        n, o, _ = dout.shape
-        dxp = np.zeros_like(xp)
-        # (o, n*t_out) once, so each tap's weight gradient is one GEMM.
-        dout_2d = dout.transpose(1, 0, 2).reshape(o, n * t_out)
-        for j in range(w.value.shape[2]):
-            tap = self._tap(xp, j, t_out)
-            w.grad[:, :, j] += dout_2d @ tap.transpose(0, 2, 1).reshape(n * t_out, -1)
-            self._tap(dxp, j, t_out)[...] += np.matmul(w.value[:, :, j].T, dout)
-        self.params["bias"].grad += dout.sum(axis=(0, 2))
+        o, c, _ = w.value.shape
+        t_out = self._t_out
+        d = dout.transpose(1, 0, 2)  # (o, n, t_out)
+        n = d.shape[1]
+        dxp = np.zeros((c, n, self._t_pad), F32)
+        for (phase, taps, offsets), xs in zip(self._phases(), self._saved, strict=False):
+            t_ph = xs.shape[2]
+            dz = np.zeros((len(taps), o, n, t_ph), F32)
+            for i, q in enumerate(offsets):
+                dz[i, :, :, q : q + t_out] = d
+            dz = dz.reshape(len(taps) * o, n * t_ph)
+            dw = dz @ xs.reshape(c, n * t_ph).T  # (taps*o, c)
+            w.grad[:, :, taps] += dw.reshape(len(taps), o, c).transpose(1, 2, 0)
+            w_taps = w.value[:, :, taps].transpose(2, 0, 1).reshape(len(taps) * o, c)
+            dxp[:, :, phase :: self.stride] += (w_taps.T @ dz).reshape(c, n, t_ph)
+        self.params["bias"].grad += d.sum(axis=(1, 2))
         left = self.padding[0]
-        return dxp[:, :, left : left + self._t_in]
+        return dxp[:, :, left : left + self._t_in].transpose(1, 0, 2)

@@ -9,7 +9,7 @@ import numpy as np
 
 from models.errors import ConfigError
 
-__all__ = ["Huber", "Loss", "MSE", "SoftmaxCrossEntropy", "softmax"]
+__all__ = ["MSE", "Huber", "Loss", "SoftmaxCrossEntropy", "softmax"]
 
 F32 = np.float32
 

@@ -69,7 +69,9 @@ class Network:
         if len(set(names)) != len(names) or "" in names:
             raise ConfigError("every layer needs a unique, non-empty name.")
         self.architecture = [dict(cfg) for cfg in architecture]
-        self.layers: list[tuple[str, Layer]] = [(n, build_layer(c, rng)) for n, c in zip(names, architecture)]
+        self.layers: list[tuple[str, Layer]] = [
+            (n, build_layer(c, rng)) for n, c in zip(names, architecture, strict=True)
+        ]
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         for _, layer in self.layers:

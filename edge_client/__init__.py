@@ -1,0 +1,1 @@
+"""The gateway runtime (sources, preprocessing, fine-tuning, MQTT session); see DESIGN.md."""

@@ -1,0 +1,1 @@
+"""The aggregation service (intake, strategies, rounds, registry); see DESIGN.md."""

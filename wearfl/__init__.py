@@ -1,0 +1,3 @@
+"""wearfl: federated on-device learning for wearables. This package holds the CLI."""
+
+__version__ = "0.1.0"

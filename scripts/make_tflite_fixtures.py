@@ -37,7 +37,7 @@ def main() -> int:
         np.save(args.out / f"{task}-expected.npy", model.predict(windows))
         for variant, int8 in (("float", False), ("int8", True)):
             name = f"{task}-{variant}.tflite"
-            (args.out / name).write_bytes(export_tflite(model, int8=int8, calibration=x))
+            (args.out / name).write_bytes(export_tflite(model, int8=int8, calibration=x if int8 else None))
             # float: the 1e-5 parity bound; int8: a few steps of the output scale.
             tol = {"float": 1e-5, "int8": 0.06 if task == "activity" else 3.0}[variant]
             manifest.append({"file": name, "input": f"{task}-input.npy", "expected": f"{task}-expected.npy",

@@ -77,3 +77,23 @@ def mqtt_broker(tmp_path_factory):
 def topic_prefix(request) -> str:
     """A topic prefix of this test's own, so tests never see each other's retained messages."""
     return f"wearfl-test/{uuid.uuid4().hex[:12]}/{request.node.name[:40]}"
+
+
+HAPT_HINT = (
+    "UCI HAPT is not available: download 'Smartphone-Based Recognition of Human Activities and Postural "
+    "Transitions' from the UCI Machine Learning Repository and set WEARFL_HAPT_DIR to its RawData folder"
+)
+
+
+@pytest.fixture(scope="session")
+def hapt_dir():
+    """The UCI HAPT RawData folder; skipped (with how to get it) when absent, an error under CI=true."""
+    from pathlib import Path
+
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "uci-hapt" / "RawData"
+    path = Path(os.environ.get("WEARFL_HAPT_DIR", default))
+    if (path / "labels.txt").is_file():
+        return path
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{HAPT_HINT} (looked in {path}; CI=true requires it).")
+    pytest.skip(f"{HAPT_HINT} (looked in {path}).")

@@ -188,27 +188,36 @@ class BatchNorm1D(Layer):
         if not training:
             scale, shift = self.scale_shift()
             return x * scale[None, :, None] + shift[None, :, None]
-        mean = x.mean(axis=(0, 2), dtype=F32)
-        xc = x - mean[None, :, None]
-        var = np.mean(xc * xc, axis=(0, 2), dtype=F32)
+        n, c, t = x.shape
+        # Statistics over a (channels, batch*time) view: Conv1D hands over channel-major
+        # memory, so this reshape is free and every reduction runs over contiguous rows.
+        xc = x.transpose(1, 0, 2).reshape(c, n * t)
+        mean = xc.mean(axis=1, dtype=F32)
+        centered = xc - mean[:, None]
+        var = np.einsum("ij,ij->i", centered, centered) / F32(n * t)
         inv_std = F32(1.0) / np.sqrt(var + self.eps)
-        self._xhat = xc * inv_std[None, :, None]
-        self._inv_std = inv_std
-        m = x.shape[0] * x.shape[2]
-        unbiased = var * F32(m / max(m - 1, 1))
+        self._xhat = centered * inv_std[:, None]
+        self._inv_std, self._shape = inv_std, (n, c, t)
+        unbiased = var * F32(n * t / max(n * t - 1, 1))
         p["running_mean"].value += self.momentum * (mean - p["running_mean"].value)
         p["running_var"].value += self.momentum * (unbiased - p["running_var"].value)
-        return self._xhat * p["gamma"].value[None, :, None] + p["beta"].value[None, :, None]
+        y = self._xhat * p["gamma"].value[:, None] + p["beta"].value[:, None]
+        return y.reshape(c, n, t).transpose(1, 0, 2)
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
         p = self.params
+        n, c, t = self._shape
+        d = dout.transpose(1, 0, 2).reshape(c, n * t)
         xhat = self._xhat
-        p["gamma"].grad += np.sum(dout * xhat, axis=(0, 2), dtype=F32)
-        p["beta"].grad += np.sum(dout, axis=(0, 2), dtype=F32)
-        dxhat = dout * p["gamma"].value[None, :, None]
-        mean_dxhat = dxhat.mean(axis=(0, 2), dtype=F32)[None, :, None]
-        mean_dxhat_xhat = np.mean(dxhat * xhat, axis=(0, 2), dtype=F32)[None, :, None]
-        return (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) * self._inv_std[None, :, None]
+        dgamma = np.einsum("ij,ij->i", d, xhat)
+        dbeta = d.sum(axis=1, dtype=F32)
+        p["gamma"].grad += dgamma
+        p["beta"].grad += dbeta
+        # dx = gamma * inv_std * (d - mean(d) - xhat * mean(d * xhat)), per channel
+        m = F32(n * t)
+        k = (p["gamma"].value * self._inv_std)[:, None]
+        dx = k * (d - (dbeta / m)[:, None] - xhat * (dgamma / m)[:, None])
+        return dx.reshape(c, n, t).transpose(1, 0, 2)
 
 
 class Conv1D(Layer):

@@ -35,6 +35,9 @@ class ModelSpec:
 
     ``head`` is ``{"type": "softmax"}`` for class probabilities or
     ``{"type": "affine", "scale": s, "offset": o}`` for a value (BPM = s * y + o).
+    ``preprocessing`` is how a gateway turns raw samples into the model's windows:
+    ``{"bandpass": {channel: [low_hz, high_hz]}, "normalization": {channel or sensor: mode}}``
+    (modes ``none``, ``center``, ``zscore``), so training and inference always agree.
     """
 
     task: str
@@ -44,6 +47,7 @@ class ModelSpec:
     classes: tuple[str, ...]
     architecture: tuple[dict[str, Any], ...] = field(compare=True)
     head: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
     @property
     def input_shape(self) -> tuple[int, int]:
@@ -69,6 +73,7 @@ class ModelSpec:
                 classes=tuple(str(c) for c in d["classes"]),
                 architecture=tuple(dict(layer) for layer in d["architecture"]),
                 head=dict(d["head"]),
+                preprocessing=dict(d.get("preprocessing", {})),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelFormatError(f"the model spec in the package is malformed ({exc}).") from exc
@@ -90,6 +95,12 @@ class ModelSpec:
                 raise ConfigError(f"a classifier needs at least two unique class names, got {list(self.classes)}.")
         elif self.head.get("type") != "affine":
             raise ConfigError(f"unknown output head {self.head!r}.")
+        for channel, band in self.preprocessing.get("bandpass", {}).items():
+            if channel not in self.channels or len(band) != 2:
+                raise ConfigError(f"band-pass for {channel!r} needs an input channel and [low_hz, high_hz].")
+        for key, mode in self.preprocessing.get("normalization", {}).items():
+            if mode not in ("none", "center", "zscore"):
+                raise ConfigError(f"normalization {mode!r} for {key!r} is not one of none, center, zscore.")
 
 
 def _same_padding(length: int, kernel: int, stride: int) -> tuple[tuple[int, int], int]:
@@ -130,7 +141,7 @@ def activity_spec(
         {"type": "dense", "name": "fc", "in_features": width, "out_features": len(classes)},
     ]
     spec = ModelSpec("activity", tuple(channels), int(window), float(sampling_rate_hz), tuple(classes),
-                     tuple(layers), {"type": "softmax"})
+                     tuple(layers), {"type": "softmax"}, {"bandpass": {}, "normalization": {}})
     spec.validate()
     return spec
 
@@ -152,7 +163,8 @@ def heart_rate_spec(
         {"type": "dense", "name": "fc2", "in_features": 32, "out_features": 1},
     ]
     spec = ModelSpec("heart-rate", tuple(channels), int(window), float(sampling_rate_hz), (),
-                     tuple(layers), {"type": "affine", "scale": 30.0, "offset": 90.0})
+                     tuple(layers), {"type": "affine", "scale": 30.0, "offset": 90.0},
+                     {"bandpass": {"ppg": [0.5, 4.0]}, "normalization": {"ppg": "zscore", "acc": "center"}})
     spec.validate()
     return spec
 

@@ -1,0 +1,90 @@
+"""Streaming polyphase resampling between sampling rates (e.g. 50 Hz -> 32 Hz).
+
+Output m of a segment sits at time m / to_hz and is a fixed dot product of a
+windowed-sinc filter with the input samples around it, computed for a batch of
+outputs at once. Each output uses the same samples, coefficients and summation
+order whatever the chunking, so the stream is chunk-invariant to the bit.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+from scipy import signal
+
+from models.errors import ConfigError
+
+__all__ = ["StreamingResampler"]
+
+
+class StreamingResampler:
+    """Resamples (n, channels) float blocks, plus per-sample labels, from one rate to another.
+
+    A segment starts with zero history; :meth:`reset` starts a new segment (at a gap).
+    Labels are taken from the input sample nearest in time to each output.
+    """
+
+    def __init__(self, from_hz: float, to_hz: float, channels: int, max_denominator: int = 1000) -> None:
+        if from_hz <= 0 or to_hz <= 0:
+            raise ConfigError(f"sampling rates must be > 0, got {from_hz} -> {to_hz} Hz.")
+        ratio = Fraction(to_hz / from_hz).limit_denominator(max_denominator)
+        self.up, self.down = ratio.numerator, ratio.denominator
+        self.from_hz, self.to_hz, self.channels = from_hz, to_hz, channels
+        self.identity = self.up == self.down
+        self.reset()
+        if self.identity:
+            return
+        half = 10 * max(self.up, self.down)
+        h = signal.firwin(2 * half + 1, 1.0 / max(self.up, self.down), window=("kaiser", 5.0)) * self.up
+        taps = -(-(2 * half + 1) // self.up)
+        padded = np.zeros(taps * self.up)
+        padded[: len(h)] = h
+        # phases[p, i] = h[p + up * i]: the coefficients of input sample base - i for phase p
+        self.phases = padded.reshape(taps, self.up).T.astype(np.float32)
+        self.half, self.taps = half, taps
+
+    def reset(self) -> None:
+        self._x = np.zeros((0, self.channels), np.float32)
+        self._act = np.zeros(0, np.int16)
+        self._hr = np.zeros(0, np.float32)
+        self._start = 0  # segment index of self._x[0]
+        self._received = 0
+        self._next = 0  # next output index
+
+    def __call__(
+        self, x: np.ndarray, activity: np.ndarray, hr: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Feed (n, channels) samples with labels; returns (outputs, activity, hr, output indices)."""
+        if self.identity:
+            idx = np.arange(self._received, self._received + len(x))
+            self._received += len(x)
+            return x.astype(np.float32), activity, hr, idx
+        self._x = np.concatenate([self._x, x.astype(np.float32)])
+        self._act = np.concatenate([self._act, activity])
+        self._hr = np.concatenate([self._hr, hr])
+        self._received += len(x)
+        up, down, half = self.up, self.down, self.half
+        # Output m needs input samples up to floor((m*down + half) / up).
+        end = -(-(up * self._received - half) // down)
+        m = np.arange(self._next, max(end, self._next))
+        if len(m) == 0:
+            return np.zeros((0, self.channels), np.float32), self._act[:0], self._hr[:0], m
+        pos = m * down + half
+        base, phase = pos // up, pos % up
+        k = base[:, None] - np.arange(self.taps)[None, :]  # (outputs, taps) input indices
+        valid = k >= self._start
+        gathered = self._x[np.where(valid, k - self._start, 0)]  # (outputs, taps, channels)
+        gathered[~valid] = 0.0
+        y = (self.phases[phase][:, :, None] * gathered).sum(axis=1, dtype=np.float32)
+        nearest = np.clip((m * down + up // 2) // up, self._start, self._received - 1) - self._start
+        act, hr = self._act[nearest], self._hr[nearest]
+        self._next = int(m[-1]) + 1
+        keep_from = max((self._next * down + half) // up - self.taps + 1, self._start)
+        # Keep what the next output needs, and what nearest-label lookups still need.
+        keep_from = min(keep_from, (self._next * down) // up)
+        drop = max(keep_from - self._start, 0)
+        if drop:
+            self._x, self._act, self._hr = self._x[drop:], self._act[drop:], self._hr[drop:]
+            self._start += drop
+        return y, act, hr, m

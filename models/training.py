@@ -68,12 +68,13 @@ def fit(
     config: TrainConfig = TrainConfig(),
     global_weights: Mapping[str, np.ndarray] | None = None,
     class_weights: np.ndarray | None = None,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, float], bool | None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on windows ``x`` (n, channels, time) and targets ``y`` (n,).
 
     ``global_weights`` is the FedProx anchor (defaults to the weights at the start
-    when ``prox_mu > 0``). ``on_step(step, loss)`` is called after every step.
+    when ``prox_mu > 0``). ``on_step(step, loss)`` is called after every step; when it
+    returns True training stops there (a CPU budget, a veto).
     """
     config.validate()
     x = check_input(x, model.spec, "training windows")
@@ -92,10 +93,10 @@ def fit(
         anchor = {k: np.asarray(source[k], dtype=F32) for k, p in params.items() if p.trainable}
     mu = F32(config.prox_mu)
     rng = np.random.default_rng(config.seed)
-    losses, step = [], 0
+    losses, step, examples, stop = [], 0, 0, False
     for _ in range(config.epochs):
         order = rng.permutation(len(x))
-        total = 0.0
+        total, seen = 0.0, 0
         for start in range(0, len(x), config.batch_size):
             idx = order[start : start + config.batch_size]
             optimizer.zero_grad()
@@ -111,7 +112,12 @@ def fit(
             optimizer.step()
             step += 1
             total += loss * len(idx)
-            if on_step is not None:
-                on_step(step, loss)
-        losses.append(total / len(x))
-    return TrainResult(losses, step, len(x) * config.epochs)
+            seen += len(idx)
+            examples += len(idx)
+            if on_step is not None and on_step(step, loss):
+                stop = True
+                break
+        losses.append(total / max(seen, 1))
+        if stop:
+            break
+    return TrainResult(losses, step, examples)

@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from edge_client.commands import add_commands as add_edge_commands
 from models.commands import add_commands as add_model_commands
 from models.errors import WearflError
 from wearfl import __version__
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     add_model_commands(sub)
+    add_edge_commands(sub)
     return parser
 
 

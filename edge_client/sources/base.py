@@ -31,6 +31,7 @@ class Chunk:
     ``data``: (n, len(channels)) float32 in ``channels`` order; NaN where a sample is missing.
     ``activity``: (n,) int16 index into ``classes``, :data:`UNKNOWN` where not known.
     ``hr_bpm``: (n,) float32 reference heart rate, NaN where not known.
+    The arrays may be views into the source's own buffers: read them, never write them.
     """
 
     client_id: str
@@ -77,6 +78,8 @@ class Dataset(Protocol):
     sampling_rate_hz: float
     classes: tuple[str, ...]
     has_heart_rate: bool
+    holdout_fraction: float
+    """0.0: held-out clients are ``test_clients``; f > 0: every client holds out the last f of its stream."""
 
     def source(self, client_id: str) -> Source:
         """The stream of one client."""

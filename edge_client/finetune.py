@@ -1,0 +1,180 @@
+"""On-device fine-tuning: the policy, the resource hooks that can veto it, and the trainer.
+
+:class:`EdgeTrainer` is the whole contract between a gateway's MQTT session and
+learning (after Flower's NumPyClient): ``fit(weights, config)`` returns new weights,
+the number of examples and metrics; ``evaluate(weights, config)`` returns loss,
+examples and metrics. The session never touches arrays beyond encoding them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_client.replay import ReplayBuffer
+from models.errors import ConfigError
+from models.metrics import task_metrics
+from models.model import Model
+from models.spec import ModelSpec
+from models.training import TrainConfig, fit
+
+__all__ = [
+    "EdgeTrainer",
+    "FineTunePolicy",
+    "ResourceHook",
+    "battery_hook",
+    "temperature_hook",
+]
+
+ResourceHook = Callable[[], str | None]
+"""Returns a reason to skip training now (low battery, hot CPU), or None to allow it."""
+
+
+@dataclass(frozen=True)
+class FineTunePolicy:
+    """How and when a gateway fine-tunes. A round's task config may override any field."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    prox_mu: float = 0.0
+    clip_norm: float = 0.0
+    cpu_seconds: float = 60.0
+    min_new_windows: int = 16
+    seed: int = 0
+
+    def with_overrides(self, config: Mapping[str, Any]) -> FineTunePolicy:
+        known = {f.name: f.type for f in fields(self)}
+        updates = {}
+        for key, value in config.items():
+            if key in known:
+                current = getattr(self, key)
+                try:
+                    updates[key] = type(current)(value)
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"task config {key}={value!r} is not a valid {type(current).__name__}.") from exc
+        policy = replace(self, **updates)
+        if policy.cpu_seconds <= 0 or policy.min_new_windows < 0:
+            raise ConfigError("cpu_seconds must be > 0 and min_new_windows >= 0.")
+        return policy
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
+                           prox_mu=self.prox_mu, clip_norm=self.clip_norm, seed=self.seed)
+
+
+def _read_first(paths: Sequence[str]) -> str | None:
+    for p in paths:
+        try:
+            return Path(p).read_text().strip()
+        except OSError:
+            continue
+    return None
+
+
+def battery_hook(min_percent: float = 30.0, require_charging: bool = False,
+                 supply: str = "/sys/class/power_supply/BAT0") -> ResourceHook:
+    """Veto training below ``min_percent`` battery unless charging (or always unless charging)."""
+
+    def check() -> str | None:
+        capacity = _read_first([f"{supply}/capacity"])
+        status = (_read_first([f"{supply}/status"]) or "").lower()
+        if capacity is None:
+            return None  # mains-powered gateway
+        charging = status in ("charging", "full")
+        if require_charging and not charging:
+            return "not charging"
+        if float(capacity) < min_percent and not charging:
+            return f"battery at {capacity}% (< {min_percent:g}%) and not charging"
+        return None
+
+    return check
+
+
+def temperature_hook(max_celsius: float = 70.0, zone: str = "/sys/class/thermal/thermal_zone0/temp") -> ResourceHook:
+    """Veto training while the SoC is hotter than ``max_celsius`` (a Pi throttles at 80-85 C)."""
+
+    def check() -> str | None:
+        raw = _read_first([zone])
+        if raw is None:
+            return None
+        celsius = float(raw) / 1000.0
+        return f"SoC at {celsius:.0f} C (> {max_celsius:g} C)" if celsius > max_celsius else None
+
+    return check
+
+
+class EdgeTrainer:
+    """Fine-tunes ``spec``'s model on a replay buffer, within a policy and its resource hooks."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        buffer: ReplayBuffer,
+        policy: FineTunePolicy = FineTunePolicy(),
+        hooks: Sequence[ResourceHook] = (),
+        holdout: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        self.spec, self.buffer, self.policy, self.hooks = spec, buffer, policy, list(hooks)
+        self.holdout = holdout
+
+    def _model(self, weights: Mapping[str, np.ndarray]) -> Model:
+        model = Model(self.spec)
+        model.network.load_state_dict(weights)
+        return model
+
+    def veto(self, policy: FineTunePolicy) -> str | None:
+        """Why training should not run now, or None."""
+        if self.buffer.new_windows < policy.min_new_windows:
+            return f"{self.buffer.new_windows} new windows (< {policy.min_new_windows})"
+        for hook in self.hooks:
+            reason = hook()
+            if reason:
+                return reason
+        return None
+
+    def fit(
+        self, weights: Mapping[str, np.ndarray], config: Mapping[str, Any]
+    ) -> tuple[dict[str, np.ndarray], int, dict[str, Any]]:
+        """Fine-tune from ``weights``; returns (weights, examples, metrics).
+
+        A vetoed round returns the given weights, 0 examples and ``{"skipped": reason}``.
+        """
+        policy = self.policy.with_overrides(config)
+        reason = self.veto(policy)
+        if reason:
+            return dict(weights), 0, {"skipped": reason}
+        model = self._model(weights)
+        start = time.process_time()
+        budget_hit = False
+
+        def on_step(step: int, loss: float) -> bool:
+            nonlocal budget_hit
+            budget_hit = time.process_time() - start > policy.cpu_seconds
+            return budget_hit
+
+        result = fit(model, self.buffer.x, self.buffer.y, policy.train_config(),
+                     global_weights=weights if policy.prox_mu > 0 else None, on_step=on_step)
+        self.buffer.mark_trained()
+        metrics = {"train_loss": result.epoch_losses[-1], "steps": result.steps,
+                   "cpu_seconds": time.process_time() - start, "budget_exhausted": budget_hit,
+                   "windows": len(self.buffer), **{f"label_{k}": v for k, v in self.buffer.source_counts().items()}}
+        return model.network.state_dict(), result.examples, metrics
+
+    def evaluate(
+        self, weights: Mapping[str, np.ndarray], config: Mapping[str, Any]
+    ) -> tuple[float, int, dict[str, float]]:
+        """Evaluate ``weights`` on the held-out tail of this wearer's stream."""
+        if self.holdout is None or len(self.holdout[0]) == 0:
+            return float("nan"), 0, {}
+        x, y = self.holdout
+        model = self._model(weights)
+        outputs = model.predict(x)
+        loss, _ = model.default_loss()(model.forward_raw(x), model.encode_target(y))
+        return float(loss), len(x), task_metrics(self.spec, outputs, y)

@@ -1,0 +1,154 @@
+"""The replay buffer: the labelled windows a gateway fine-tunes on, bounded and persisted.
+
+Bounded both in windows and in bytes (a gateway's SD card and RAM are small).
+``reservoir`` keeps a uniform sample of everything seen (Vitter's algorithm R);
+``balanced`` keeps targets (classes; BPM rounded to whole beats) equally represented
+by evicting from the largest class,
+so a wearer who mostly sits still does not drown out their rare runs. Every window
+remembers where its label came from (``reference``, ``annotation``, ``pseudo``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from models.errors import ConfigError, ModelFormatError
+from models.files import write_atomic
+
+__all__ = ["LABEL_SOURCES", "POLICIES", "ReplayBuffer"]
+
+LABEL_SOURCES = ("reference", "annotation", "pseudo")
+POLICIES = ("reservoir", "balanced")
+
+
+class ReplayBuffer:
+    """Windows x (channels, window) with float targets (class index or BPM) and label sources."""
+
+    def __init__(
+        self,
+        window_shape: tuple[int, int],
+        max_windows: int = 2048,
+        max_bytes: int = 8 * 1024 * 1024,
+        policy: str = "reservoir",
+        seed: int = 0,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ConfigError(f"unknown replay policy {policy!r}; use one of {', '.join(POLICIES)}.")
+        per_window = int(np.prod(window_shape)) * 4 + 8
+        self.capacity = min(int(max_windows), int(max_bytes) // per_window)
+        if self.capacity < 1:
+            raise ConfigError(f"a replay buffer of {max_bytes} bytes cannot hold one {window_shape} window.")
+        self.window_shape, self.policy = tuple(window_shape), policy
+        self.max_windows, self.max_bytes = int(max_windows), int(max_bytes)
+        self.x = np.zeros((0, *self.window_shape), np.float32)
+        self.y = np.zeros(0, np.float32)
+        self.source = np.zeros(0, np.int8)
+        self.seen = 0  # windows ever offered
+        self.new_windows = 0  # windows added since the last mark_trained()
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def nbytes(self) -> int:
+        return self.x.nbytes + self.y.nbytes + self.source.nbytes
+
+    def add(self, x: np.ndarray, y: np.ndarray, source: str | np.ndarray) -> int:
+        """Offer windows; returns how many were stored."""
+        x = np.asarray(x, np.float32).reshape(-1, *self.window_shape)
+        y = np.asarray(y, np.float32).reshape(-1)
+        codes = self._codes(source, len(x))
+        if len(x) != len(y):
+            raise ConfigError(f"{len(x)} windows but {len(y)} targets.")
+        stored = 0
+        room = self.capacity - len(self.x)
+        if room > 0:
+            take = min(room, len(x))
+            self._append(x[:take], y[:take], codes[:take])
+            self.seen += take
+            x, y, codes, stored = x[take:], y[take:], codes[take:], take
+        if len(x):
+            stored += self._replace(x, y, codes)
+        self.new_windows += stored
+        return stored
+
+    def _append(self, x: np.ndarray, y: np.ndarray, codes: np.ndarray) -> None:
+        self.x = np.concatenate([self.x, x])
+        self.y = np.concatenate([self.y, y])
+        self.source = np.concatenate([self.source, codes])
+
+    def _replace(self, x: np.ndarray, y: np.ndarray, codes: np.ndarray) -> int:
+        if self.policy == "reservoir":
+            # Item i (1-based count seen+i) replaces a uniform slot with probability capacity/count.
+            counts = self.seen + np.arange(1, len(x) + 1)
+            slots = (self.rng.random(len(x)) * counts).astype(np.int64)
+            self.seen += len(x)
+            keep = slots < self.capacity
+            self.x[slots[keep]] = x[keep]
+            self.y[slots[keep]] = y[keep]
+            self.source[slots[keep]] = codes[keep]
+            return int(keep.sum())
+        self.seen += len(x)
+        # balanced: a new window evicts a random window of the largest class, or of its own
+        # class when that is (one of) the largest, so class counts converge to equal.
+        for i in range(len(x)):
+            labels = np.rint(self.y).astype(np.int64)
+            values, counts = np.unique(labels, return_counts=True)
+            own = int(np.rint(y[i]))
+            own_count = counts[values == own]
+            victim = own if len(own_count) and own_count[0] == counts.max() else int(values[counts.argmax()])
+            slot = int(self.rng.choice(np.flatnonzero(labels == victim)))
+            self.x[slot], self.y[slot], self.source[slot] = x[i], y[i], codes[i]
+        return len(x)
+
+    @staticmethod
+    def _codes(source: str | np.ndarray, n: int) -> np.ndarray:
+        names = [source] * n if isinstance(source, str) else list(source)
+        unknown = sorted({s for s in names if s not in LABEL_SOURCES})
+        if unknown:
+            raise ConfigError(f"unknown label sources {unknown}; use {', '.join(LABEL_SOURCES)}.")
+        return np.array([LABEL_SOURCES.index(s) for s in names], np.int8).reshape(n)
+
+    def source_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.source, minlength=len(LABEL_SOURCES))
+        return {name: int(c) for name, c in zip(LABEL_SOURCES, counts, strict=True)}
+
+    def mark_trained(self) -> None:
+        """Training consumed the new windows; the next round waits for fresh ones."""
+        self.new_windows = 0
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Persist atomically (safetensors: loading it never executes anything)."""
+        meta = {"policy": self.policy, "seen": self.seen, "new_windows": self.new_windows,
+                "window_shape": list(self.window_shape), "max_windows": self.max_windows,
+                "max_bytes": self.max_bytes, "rng": self.rng.bit_generator.state}
+        data = st_save({"x": self.x, "y": self.y, "source": self.source},
+                       metadata={"wearfl_replay": json.dumps(meta, sort_keys=True)})
+        write_atomic(path, data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ReplayBuffer:
+        try:
+            data = Path(path).read_bytes()
+            tensors = st_load(data)
+            header_len = int.from_bytes(data[:8], "little")
+            meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["wearfl_replay"])
+            buf = cls(tuple(meta["window_shape"]), meta["max_windows"], meta["max_bytes"], meta["policy"])
+            buf.x, buf.y, buf.source = tensors["x"], tensors["y"], tensors["source"]
+            if buf.x.shape[1:] != buf.window_shape or not len(buf.x) == len(buf.y) == len(buf.source):
+                raise ValueError("array shapes disagree")
+            buf.seen, buf.new_windows = int(meta["seen"]), int(meta["new_windows"])
+            buf.rng.bit_generator.state = meta["rng"]
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+            raise ModelFormatError(
+                f"replay buffer {path} is unreadable ({exc}); move it aside to start with an empty buffer."
+            ) from exc
+        return buf

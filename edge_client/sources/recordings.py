@@ -1,0 +1,398 @@
+"""The wearfl recording format: a folder of CSV files, one per subject, from any device.
+
+HAPT and the simulator cover benchmarks; real deployments record their own wearers.
+This format is the one door for such data: convert whatever a device writes into it
+once (a rename table in ``dataset.toml`` often suffices) and every wearfl command can
+train, fine-tune and evaluate on it. The full description, with examples, is in
+``docs/recordings.md``; in short::
+
+    DIR/dataset.toml     sampling_rate_hz = 50            (required)
+                         labels = ["walking", "sitting"]  (optional: classes and their order)
+                         ignore = ["battery"]             (optional: file columns to skip)
+                         name = "ward-3"                  (optional: dataset name, default the folder name)
+                         [columns]                        (optional: file column -> wearfl column)
+                         AccX = "acc_x"
+    DIR/<client>.csv     header from t, acc_x..acc_z (g), gyro_x..gyro_z (rad/s), ppg, hr_bpm, activity
+
+Each file is one client (its stem is the client id). Sensor columns a task does not
+need may be absent, but every file must have the same ones. Empty sensor or ``hr_bpm``
+cells are missing samples (NaN, as are ``nan`` and ``inf``); an empty ``activity`` is
+:data:`~edge_client.sources.base.UNKNOWN`. ``t`` must be present and numeric in
+every row.
+
+The split is by time, not by client: ``train_clients`` and ``test_clients`` are both
+all clients and :attr:`RecordingsDataset.holdout_fraction` (0.2) says that the last
+20% of each client's stream is held out for testing.
+
+Opening the dataset reads ``dataset.toml`` and every file's header (and, without
+``labels``, every file's ``activity`` column to find the classes); a client's samples
+are parsed when its chunks are iterated. Errors name the file, line and column.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import tomllib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_client.sources.base import CHANNELS, UNKNOWN, Chunk
+from models.errors import ConfigError, InputError
+
+__all__ = ["COLUMNS", "HOLDOUT_FRACTION", "RecordingSource", "RecordingsDataset", "write_recording"]
+
+COLUMNS = ("t", *CHANNELS, "hr_bpm", "activity")
+"""Every column a recording file may have, in wearfl order."""
+HOLDOUT_FRACTION = 0.2
+"""Share of each client's stream, at its end, that is held out for testing."""
+
+_CONFIG_KEYS = ("sampling_rate_hz", "labels", "columns", "ignore", "name")
+_DOCS = "see docs/recordings.md"
+
+
+@dataclass(frozen=True)
+class _Config:
+    """The parsed dataset.toml."""
+
+    sampling_rate_hz: float
+    labels: tuple[str, ...] | None
+    rename: dict[str, str] = field(default_factory=dict)
+    ignore: frozenset[str] = frozenset()
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class _Header:
+    """One file's header: the wearfl name of each file column, None for an ignored one."""
+
+    path: Path
+    names: tuple[str | None, ...]
+
+    def index(self, column: str) -> int | None:
+        return self.names.index(column) if column in self.names else None
+
+    @property
+    def sensors(self) -> tuple[str, ...]:
+        return tuple(c for c in CHANNELS if c in self.names)
+
+
+def _string_list(value: object, key: str, path: Path) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise InputError(f"{path}: {key} must be a list of non-empty strings, got {value!r}; {_DOCS}.")
+    return tuple(v.strip() for v in value)
+
+
+def _read_config(path: Path) -> _Config:
+    """Parse and check DIR/dataset.toml."""
+    if not path.is_file():
+        raise InputError(
+            f"{path} does not exist; a recordings folder needs a dataset.toml with at least "
+            f"'sampling_rate_hz = <Hz>' ({_DOCS})."
+        )
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid TOML ({exc}); fix the file ({_DOCS}).") from exc
+    unknown = sorted(set(raw) - set(_CONFIG_KEYS))
+    if unknown:
+        raise InputError(f"{path} has unknown keys {unknown}; the keys are {list(_CONFIG_KEYS)} ({_DOCS}).")
+    rate = raw.get("sampling_rate_hz")
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not math.isfinite(rate) or rate <= 0:
+        raise InputError(f"{path} must set sampling_rate_hz to a positive number of samples per second, got {rate!r}.")
+    labels = None
+    if "labels" in raw:
+        labels = _string_list(raw["labels"], "labels", path)
+        if not labels or len(set(labels)) != len(labels):
+            raise InputError(f"{path}: labels must be a non-empty list of distinct names, got {list(labels)}.")
+    rename = raw.get("columns", {})
+    if not isinstance(rename, dict) or not all(isinstance(v, str) for v in rename.values()):
+        raise InputError(f'{path}: [columns] must map file column names to wearfl names, e.g. AccX = "acc_x".')
+    bad = {k: v for k, v in rename.items() if v not in COLUMNS}
+    if bad:
+        raise InputError(f"{path}: [columns] maps to unknown wearfl columns {bad}; the wearfl columns are {COLUMNS}.")
+    ignore = frozenset(_string_list(raw.get("ignore", []), "ignore", path))
+    name = raw.get("name")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise InputError(f"{path}: name must be a non-empty string, got {name!r}.")
+    return _Config(float(rate), labels, dict(rename), ignore, name)
+
+
+def _open_csv(path: Path):
+    try:
+        return path.open(encoding="utf-8-sig", newline="")
+    except OSError as exc:
+        raise InputError(f"cannot read {path} ({exc}).") from exc
+
+
+def _read_header(path: Path, config: _Config) -> _Header:
+    """The first row of a file, mapped to wearfl names and checked."""
+    with _open_csv(path) as f:
+        try:
+            row = next(csv.reader(f), None)
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise InputError(f"{path} line 1: cannot read the header ({exc}).") from exc
+    if not row:
+        raise InputError(f"{path} is empty; its first line must be a header such as 't,acc_x,acc_y,acc_z' ({_DOCS}).")
+    names: list[str | None] = []
+    unknown = []
+    for cell in row:
+        cell = cell.strip()
+        if cell in config.ignore:
+            names.append(None)
+            continue
+        name = config.rename.get(cell, cell)
+        if name not in COLUMNS:
+            unknown.append(cell)
+        names.append(name)
+    if unknown:
+        raise InputError(
+            f"{path} line 1: unknown columns {unknown}; the wearfl columns are {list(COLUMNS)}. Map a device's "
+            f'names in dataset.toml\'s [columns] table (e.g. {unknown[0]} = "acc_x") or list them in ignore.'
+        )
+    present = [n for n in names if n is not None]
+    duplicated = sorted({n for n in present if present.count(n) > 1})
+    if duplicated:
+        raise InputError(f"{path} line 1: columns {duplicated} appear more than once (after [columns] renaming).")
+    if "t" not in present:
+        raise InputError(f"{path} line 1: there is no 't' column; every file needs the time of each sample in seconds.")
+    header = _Header(path, tuple(names))
+    if not header.sensors:
+        raise InputError(f"{path} line 1: there is no sensor column; a file needs at least one of {list(CHANNELS)}.")
+    return header
+
+
+def _line_of(path: Path, row: int) -> int:
+    """The line number of data row ``row`` (0-based, blank lines skipped); only for error messages."""
+    with _open_csv(path) as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        index = 0
+        for cells in reader:
+            if not cells:
+                continue
+            if index == row:
+                return reader.line_num
+            index += 1
+    return row + 2
+
+
+def _read_columns(header: _Header) -> list[tuple[str, ...]]:
+    """The file's data as one tuple of strings per file column."""
+    path = header.path
+    with _open_csv(path) as f:
+        reader = csv.reader(f)
+        try:
+            next(reader, None)
+            rows = list(reader)
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise InputError(f"{path} line {reader.line_num}: not readable as CSV ({exc}).") from exc
+    width = len(header.names)
+    lengths = set(map(len, rows))
+    if 0 in lengths:  # blank lines
+        rows = [r for r in rows if r]
+        lengths.discard(0)
+    if lengths - {width}:
+        bad = next(i for i, r in enumerate(rows) if len(r) != width)
+        raise InputError(
+            f"{path} line {_line_of(path, bad)}: {len(rows[bad])} fields, but the header has {width}; "
+            f"every row needs one field per column (leave a cell empty where a value is missing)."
+        )
+    if not rows:
+        return [() for _ in range(width)]
+    return list(zip(*rows, strict=True))
+
+
+def _numbers(cells: tuple[str, ...], header: _Header, column: str, allow_empty: bool) -> np.ndarray:
+    """A column of strings as float64, empty cells NaN (if allowed); errors name file, line and column."""
+    try:
+        return np.array(cells, dtype=np.float64)  # fast path: no empty cell
+    except ValueError:
+        pass
+    strings = np.char.strip(np.array(cells, dtype=str))
+    empty = np.char.str_len(strings) == 0
+    if empty.any() and not allow_empty:
+        row = int(np.argmax(empty))
+        raise InputError(
+            f"{header.path.name} line {_line_of(header.path, row)}, column {column}: the cell is empty; "
+            f"{column} must be a number in every row ({header.path})."
+        )
+    out = np.full(len(cells), np.nan)
+    valid = ~empty
+    try:
+        out[valid] = strings[valid].astype(np.float64)
+    except ValueError:
+        # numpy refused a cell: find it for the message (the error path; per cell is fine here)
+        rows = np.flatnonzero(valid)
+        for row in rows.tolist():
+            try:
+                float(cells[row])
+            except ValueError:
+                raise InputError(
+                    f"{header.path.name} line {_line_of(header.path, row)}, column {column}: {cells[row]!r} is "
+                    f"not a number; fix the cell or leave it empty for a missing value ({header.path})."
+                ) from None
+        out[valid] = np.fromiter(map(float, strings[valid].tolist()), np.float64, count=len(rows))  # e.g. "1_000"
+    return out
+
+
+def _activity_names(cells: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct stripped names of an activity column and each row's index into them."""
+    return np.unique(np.char.strip(np.array(cells, dtype=str)), return_inverse=True)
+
+
+class RecordingSource:
+    """One recording file as a stream of chunks."""
+
+    def __init__(self, dataset: RecordingsDataset, header: _Header) -> None:
+        self.client_id = header.path.stem
+        self.path = header.path
+        self.channels = dataset.channels
+        self.sampling_rate_hz = dataset.sampling_rate_hz
+        self.classes = dataset.classes
+        self._header = header
+
+    def read(self) -> Chunk:
+        """The whole file as one chunk (parsed and checked)."""
+        header = self._header
+        columns = _read_columns(header)
+        n = len(columns[0]) if columns else 0
+
+        def column(name: str) -> tuple[str, ...] | None:
+            i = header.index(name)
+            return None if i is None else columns[i]
+
+        t = _numbers(column("t"), header, "t", allow_empty=False)
+        if not np.isfinite(t).all():
+            row = int(np.argmax(~np.isfinite(t)))
+            raise InputError(
+                f"{header.path.name} line {_line_of(header.path, row)}, column t: {t[row]} is not a finite time; "
+                f"t must be seconds in every row ({header.path})."
+            )
+        data = np.empty((n, len(self.channels)), np.float32)
+        for j, name in enumerate(self.channels):
+            data[:, j] = _numbers(column(name), header, name, allow_empty=True)
+        data[~np.isfinite(data)] = np.nan
+        hr = np.full(n, np.nan, np.float32)
+        if (cells := column("hr_bpm")) is not None:
+            hr[:] = _numbers(cells, header, "hr_bpm", allow_empty=True)
+            hr[~np.isfinite(hr)] = np.nan
+        activity = np.full(n, UNKNOWN, np.int16)
+        if (cells := column("activity")) is not None and n:
+            names, inverse = _activity_names(cells)
+            index = {c: i for i, c in enumerate(self.classes)}
+            lookup = np.array([UNKNOWN if not s else index.get(str(s), -2) for s in names], np.int16)
+            codes = lookup[inverse.reshape(-1)]
+            if (codes == -2).any():
+                row = int(np.argmax(codes == -2))
+                raise InputError(
+                    f"{header.path.name} line {_line_of(header.path, row)}, column activity: {cells[row].strip()!r} "
+                    f"is not one of the dataset's labels {list(self.classes)}; add it to labels in dataset.toml "
+                    f"or fix the cell ({header.path})."
+                )
+            activity[:] = codes
+        return Chunk(self.client_id, t, data, self.channels, activity, hr, self.classes)
+
+    def chunks(self, max_samples: int = 4096) -> Iterator[Chunk]:
+        """Yield the file's samples in file order, at most ``max_samples`` a chunk."""
+        if max_samples < 1:
+            raise ConfigError(f"max_samples must be at least 1, got {max_samples}.")
+        whole = self.read()
+        for lo in range(0, len(whole), max_samples):
+            hi = lo + max_samples
+            yield Chunk(
+                client_id=self.client_id,
+                t=whole.t[lo:hi],
+                data=whole.data[lo:hi],
+                channels=self.channels,
+                activity=whole.activity[lo:hi],
+                hr_bpm=whole.hr_bpm[lo:hi],
+                classes=self.classes,
+            )
+
+
+class RecordingsDataset:
+    """A folder in the wearfl recording format (module docstring, docs/recordings.md)."""
+
+    holdout_fraction = HOLDOUT_FRACTION
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+        if not self.path.is_dir():
+            raise InputError(
+                f"the recordings folder {self.path} does not exist; point recordings:DIR at a folder with "
+                f"dataset.toml and one CSV per subject ({_DOCS})."
+            )
+        config = _read_config(self.path / "dataset.toml")
+        files = sorted(p for p in self.path.glob("*.csv") if p.is_file())
+        if not files:
+            raise InputError(f"{self.path} holds no .csv files; put one CSV per subject beside dataset.toml ({_DOCS}).")
+        self._headers = {p.stem: _read_header(p, config) for p in files}
+        first = next(iter(self._headers.values()))
+        for header in self._headers.values():
+            if header.sensors != first.sensors:
+                raise InputError(
+                    f"{header.path} has sensor columns {list(header.sensors)} but {first.path} has "
+                    f"{list(first.sensors)}; every file of a dataset needs the same sensor columns."
+                )
+        self.name = config.name or self.path.resolve().name
+        self.sampling_rate_hz = config.sampling_rate_hz
+        self.channels = first.sensors
+        self.has_heart_rate = any(h.index("hr_bpm") is not None for h in self._headers.values())
+        self.clients = tuple(self._headers)
+        self.train_clients = self.clients
+        self.test_clients = self.clients
+        self.classes = config.labels if config.labels is not None else self._found_classes()
+
+    def _found_classes(self) -> tuple[str, ...]:
+        """The sorted activity names found in all files (the classes when dataset.toml has no labels)."""
+        found: set[str] = set()
+        for header in self._headers.values():
+            i = header.index("activity")
+            if i is not None:
+                columns = _read_columns(header)
+                if columns[i]:
+                    found.update(str(s) for s in _activity_names(columns[i])[0])
+        found.discard("")
+        return tuple(sorted(found))
+
+    def source(self, client_id: str) -> RecordingSource:
+        """The stream of one client (a file stem)."""
+        if client_id not in self._headers:
+            raise ConfigError(
+                f"{self.path} has no client {client_id!r} (no {client_id}.csv); its clients are {list(self.clients)}."
+            )
+        return RecordingSource(self, self._headers[client_id])
+
+    def __repr__(self) -> str:
+        return f"RecordingsDataset({str(self.path)!r}, clients={len(self.clients)}, classes={list(self.classes)})"
+
+
+def write_recording(path: str | Path, t: Sequence[float] | np.ndarray, **columns: Sequence | np.ndarray) -> None:
+    """Write one client's file in the recording format (a helper for converters and tests).
+
+    ``columns`` are wearfl columns (``acc_x=...``, ``activity=[...]``); NaN and None
+    are written as empty cells.
+    """
+    unknown = sorted(set(columns) - set(COLUMNS))
+    if unknown:
+        raise ConfigError(f"unknown columns {unknown}; the wearfl columns are {list(COLUMNS)}.")
+    names = ["t", *(c for c in COLUMNS if c in columns)]
+    n = len(t)
+
+    def cell(value: object) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        return repr(float(value)) if isinstance(value, float | np.floating) else str(value)
+
+    cols = [np.asarray(t, np.float64).tolist(), *(np.asarray(columns[c]).tolist() for c in names[1:])]
+    for name, col in zip(names, cols, strict=True):
+        if len(col) != n:
+            raise ConfigError(f"column {name} has {len(col)} values but t has {n}.")
+    with Path(path).open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(names)
+        writer.writerows([cell(v) for v in row] for row in zip(*cols, strict=True))

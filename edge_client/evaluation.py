@@ -39,7 +39,7 @@ HEART_RATE_SENSORS = ("ppg", "acc_x", "acc_y", "acc_z")
 DEFAULT_WINDOW_S = {"activity": 2.56, "heart-rate": 8.0}
 
 CENTRAL_TRAINING = {
-    "activity": {"hop_fraction": 0.125, "schedule": [(3, 3e-3), (3, 1e-3), (3, 3e-4)], "batch_size": 64},
+    "activity": {"hop_fraction": 0.125, "schedule": [(5, 3e-3), (5, 1e-3), (5, 3e-4), (5, 1e-4)], "batch_size": 64},
     "heart-rate": {"hop_fraction": 0.125, "schedule": [(4, 3e-3), (4, 1e-3), (4, 3e-4)], "batch_size": 64},
 }
 """Training recipe per task: training windows overlap more than test windows (cheap

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,36 +37,33 @@ ResourceHook = Callable[[], str | None]
 
 @dataclass(frozen=True)
 class FineTunePolicy:
-    """How and when a gateway fine-tunes. A round's task config may override any field."""
+    """How and when a gateway fine-tunes: the training settings plus when to train at all.
 
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    prox_mu: float = 0.0
-    clip_norm: float = 0.0
+    A round's task config (a flat dict of scalars) may override any field of either,
+    e.g. ``{"lr": 5e-4, "prox_mu": 0.01, "cpu_seconds": 20}``.
+    """
+
+    train: TrainConfig = field(default_factory=TrainConfig)
     cpu_seconds: float = 60.0
     min_new_windows: int = 16
-    seed: int = 0
 
     def with_overrides(self, config: Mapping[str, Any]) -> FineTunePolicy:
-        known = {f.name: f.type for f in fields(self)}
-        updates = {}
-        for key, value in config.items():
-            if key in known:
-                current = getattr(self, key)
-                try:
-                    updates[key] = type(current)(value)
-                except (TypeError, ValueError) as exc:
-                    raise ConfigError(f"task config {key}={value!r} is not a valid {type(current).__name__}.") from exc
-        policy = replace(self, **updates)
+        own = {f.name for f in fields(self)} - {"train"}
+        train_fields = {f.name for f in fields(TrainConfig)}
+
+        def typed(holder: object, key: str, value: Any) -> Any:
+            current = getattr(holder, key)
+            try:
+                return type(current)(value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"task config {key}={value!r} is not a valid {type(current).__name__}.") from exc
+
+        train = replace(self.train, **{k: typed(self.train, k, v) for k, v in config.items() if k in train_fields})
+        policy = replace(self, train=train, **{k: typed(self, k, v) for k, v in config.items() if k in own})
+        train.validate()
         if policy.cpu_seconds <= 0 or policy.min_new_windows < 0:
             raise ConfigError("cpu_seconds must be > 0 and min_new_windows >= 0.")
         return policy
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
-                           prox_mu=self.prox_mu, clip_norm=self.clip_norm, seed=self.seed)
 
 
 def _read_first(paths: Sequence[str]) -> str | None:
@@ -159,8 +156,8 @@ class EdgeTrainer:
             budget_hit = time.process_time() - start > policy.cpu_seconds
             return budget_hit
 
-        result = fit(model, self.buffer.x, self.buffer.y, policy.train_config(),
-                     global_weights=weights if policy.prox_mu > 0 else None, on_step=on_step)
+        result = fit(model, self.buffer.x, self.buffer.y, policy.train,
+                     global_weights=weights if policy.train.prox_mu > 0 else None, on_step=on_step)
         self.buffer.mark_trained()
         metrics = {"train_loss": result.epoch_losses[-1], "steps": result.steps,
                    "cpu_seconds": time.process_time() - start, "budget_exhausted": budget_hit,

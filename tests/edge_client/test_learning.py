@@ -10,7 +10,7 @@ from edge_client.finetune import EdgeTrainer, FineTunePolicy, battery_hook, temp
 from edge_client.labels import label_windows
 from edge_client.replay import ReplayBuffer
 from edge_client.windowing import Windows
-from models import ConfigError, Model, ModelFormatError, activity_spec, heart_rate_spec
+from models import ConfigError, Model, ModelFormatError, TrainConfig, activity_spec, heart_rate_spec
 from models.inference import open_model
 
 
@@ -105,7 +105,7 @@ def _trainer(policy: FineTunePolicy | None = None, hooks=()):
 
 
 def test_fit_improves_the_held_out_metric_and_consumes_new_windows():
-    trainer, weights = _trainer(FineTunePolicy(epochs=4, lr=3e-3))
+    trainer, weights = _trainer(FineTunePolicy(TrainConfig(epochs=4, lr=3e-3)))
     loss_before, n, before = trainer.evaluate(weights, {})
     new_weights, examples, metrics = trainer.fit(weights, {})
     loss_after, _, after = trainer.evaluate(new_weights, {})
@@ -123,7 +123,7 @@ def test_a_resource_hook_vetoes_training():
 
 
 def test_the_cpu_budget_stops_training_early():
-    trainer, weights = _trainer(FineTunePolicy(epochs=50))
+    trainer, weights = _trainer(FineTunePolicy(TrainConfig(epochs=50)))
     _, examples, metrics = trainer.fit(weights, {"cpu_seconds": 1e-9})
     assert metrics["budget_exhausted"] and metrics["steps"] == 1 and examples == 32
 
@@ -131,7 +131,7 @@ def test_the_cpu_budget_stops_training_early():
 def test_task_config_overrides_are_type_checked():
     with pytest.raises(ConfigError, match="epochs"):
         FineTunePolicy().with_overrides({"epochs": "many"})
-    assert FineTunePolicy().with_overrides({"lr": "0.5", "unknown": 1}).lr == 0.5
+    assert FineTunePolicy().with_overrides({"lr": "0.5", "unknown": 1}).train.lr == 0.5
 
 
 def test_battery_and_temperature_hooks_read_sysfs(tmp_path):

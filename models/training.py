@@ -6,12 +6,14 @@ seeded generators.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
-from models.engine import SGD, Adam, AdamW, Optimizer, clip_grad_norm
+from models.engine import SGD, Adam, AdamW, BatchNorm1D, Loss, Optimizer, clip_grad_norm
+from models.engine.layers import Parameter
 from models.errors import ConfigError, InputError
 from models.model import Model, check_input
 
@@ -33,6 +35,8 @@ class TrainConfig:
     clip_norm: float = 0.0
     prox_mu: float = 0.0
     seed: int = 0
+    train_only: tuple[str, ...] = ()
+    """Layer names to train (empty: all). The others stay fixed, BatchNorm statistics included."""
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -52,8 +56,19 @@ class TrainResult:
     examples: int
 
 
+def _trainable(model: Model, config: TrainConfig) -> list[Parameter]:
+    if not config.train_only:
+        return model.network.trainable()
+    names = {name for name, _ in model.network.layers}
+    unknown = sorted(set(config.train_only) - names)
+    if unknown:
+        raise ConfigError(f"train_only names unknown layers {unknown}; the model has {sorted(names)}.")
+    return [p for name, layer in model.network.layers if name in config.train_only
+            for p in layer.params.values() if p.trainable]
+
+
 def make_optimizer(model: Model, config: TrainConfig) -> Optimizer:
-    params = model.network.trainable()
+    params = _trainable(model, config)
     if config.optimizer == "sgd":
         return SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
@@ -90,7 +105,31 @@ def fit(
     anchor = None
     if config.prox_mu > 0:
         source = global_weights if global_weights is not None else model.network.state_dict()
-        anchor = {k: np.asarray(source[k], dtype=F32) for k, p in params.items() if p.trainable}
+        anchor = {k: np.asarray(source[k], dtype=F32) for k, p in params.items()
+                  if any(p is q for q in optimizer.params)}
+    with _fixed_statistics(model, config):
+        return _loop(model, x, target, config, optimizer, loss_fn, anchor, on_step)
+
+
+@contextmanager
+def _fixed_statistics(model: Model, config: TrainConfig) -> Iterator[None]:
+    """BatchNorm layers outside ``train_only`` keep their running statistics while training."""
+    fixed = [layer for name, layer in model.network.layers
+             if config.train_only and name not in config.train_only and isinstance(layer, BatchNorm1D)]
+    for layer in fixed:
+        layer.frozen = True
+    try:
+        yield
+    finally:
+        for layer in fixed:
+            layer.frozen = False
+
+
+def _loop(
+    model: Model, x: np.ndarray, target: np.ndarray, config: TrainConfig, optimizer: Optimizer, loss_fn: Loss,
+    anchor: dict[str, np.ndarray] | None, on_step: Callable[[int, float], bool | None] | None,
+) -> TrainResult:
+    params = model.network.parameters()
     mu = F32(config.prox_mu)
     rng = np.random.default_rng(config.seed)
     losses, step, examples, stop = [], 0, 0, False

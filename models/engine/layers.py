@@ -170,6 +170,7 @@ class BatchNorm1D(Layer):
             raise ConfigError(f"BatchNorm1D momentum must be in (0, 1], got {momentum}.")
         self.momentum = F32(momentum)
         self.eps = F32(eps)
+        self.frozen = False  # True: training uses (and keeps) the running statistics
         self.params = {
             "gamma": Parameter(np.ones(channels)),
             "beta": Parameter(np.zeros(channels)),
@@ -185,9 +186,12 @@ class BatchNorm1D(Layer):
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         p = self.params
-        if not training:
+        if not training or self.frozen:
             scale, shift = self.scale_shift()
+            if training:
+                self._frozen_x, self._frozen_scale = x, scale
             return x * scale[None, :, None] + shift[None, :, None]
+        self._frozen_x = None
         n, c, t = x.shape
         # Statistics over a (channels, batch*time) view: Conv1D hands over channel-major
         # memory, so this reshape is free and every reduction runs over contiguous rows.
@@ -206,6 +210,8 @@ class BatchNorm1D(Layer):
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
         p = self.params
+        if self.frozen and self._frozen_x is not None:
+            return self._backward_frozen(dout)
         n, c, t = self._shape
         d = dout.transpose(1, 0, 2).reshape(c, n * t)
         xhat = self._xhat
@@ -218,6 +224,15 @@ class BatchNorm1D(Layer):
         k = (p["gamma"].value * self._inv_std)[:, None]
         dx = k * (d - (dbeta / m)[:, None] - xhat * (dgamma / m)[:, None])
         return dx.reshape(c, n, t).transpose(1, 0, 2)
+
+    def _backward_frozen(self, dout: np.ndarray) -> np.ndarray:
+        """Gradients of the fixed affine map y = gamma * (x - mean) / std + beta."""
+        p = self.params
+        inv_std = F32(1.0) / np.sqrt(p["running_var"].value + self.eps)
+        xhat = (self._frozen_x - p["running_mean"].value[None, :, None]) * inv_std[None, :, None]
+        p["gamma"].grad += np.sum(dout * xhat, axis=(0, 2), dtype=F32)
+        p["beta"].grad += np.sum(dout, axis=(0, 2), dtype=F32)
+        return dout * self._frozen_scale[None, :, None]
 
 
 class Conv1D(Layer):

@@ -159,3 +159,14 @@ def test_weighted_cross_entropy_equals_the_weighted_mean_of_per_sample_losses():
     nll = np.log(np.exp(z).sum(1)) - z[np.arange(5), labels]
     w = weights[labels]
     assert value == pytest.approx((w * nll).sum() / w.sum(), rel=1e-5)
+
+
+def test_batchnorm_with_fixed_statistics_gradients_match_finite_differences():
+    layer = BatchNorm1D(3)
+    layer.params["running_mean"].value[:] = [0.2, -0.1, 0.5]
+    layer.params["running_var"].value[:] = [0.5, 2.0, 1.5]
+    layer.params["gamma"].value[:] = [0.5, 1.5, -1.0]
+    layer.frozen = True
+    before = layer.params["running_mean"].value.copy()
+    check_layer(layer, _x(4, 3, 6))
+    np.testing.assert_array_equal(layer.params["running_mean"].value, before)

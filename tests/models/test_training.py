@@ -119,3 +119,15 @@ def test_bad_training_input_is_rejected_clearly():
         fit(model, x, y)
     with pytest.raises(ConfigError):
         fit(model, x[:2], y[:2], TrainConfig(epochs=0))
+
+
+def test_train_only_updates_the_named_layers_and_keeps_norm_statistics():
+    model = Model(activity_spec(), seed=0)
+    before = model.network.state_dict()
+    x, y = synthetic_activity(64, seed=5)
+    fit(model, x, y, TrainConfig(epochs=1, train_only=("fc",)))
+    after = model.network.state_dict()
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed == {"fc.weight", "fc.bias"}
+    with pytest.raises(ConfigError, match="unknown layers"):
+        fit(model, x, y, TrainConfig(train_only=("nope",)))

@@ -26,6 +26,7 @@ from models.training import TrainConfig, fit
 __all__ = [
     "CENTRAL_TRAINING",
     "ClientData",
+    "head_layers",
     "load_clients",
     "personalize",
     "spectral_peak_bpm",
@@ -150,6 +151,14 @@ def train_central(
     return model
 
 
+def head_layers(spec: ModelSpec) -> tuple[str, ...]:
+    """The dense layers after the last pooling layer: what personalization adapts."""
+    names = [layer["name"] for layer in spec.architecture]
+    kinds = [layer["type"] for layer in spec.architecture]
+    last_pool = max((i for i, k in enumerate(kinds) if k == "global_avg_pool1d"), default=-1)
+    return tuple(n for n, k in zip(names[last_pool + 1 :], kinds[last_pool + 1 :], strict=True) if k == "dense")
+
+
 def spectral_peak_bpm(x: np.ndarray, rate_hz: float, low_hz: float = 0.5, high_hz: float = 4.0) -> np.ndarray:
     """The classic baseline: the strongest PPG frequency in the HR band, per window (channel 0)."""
     n = x.shape[-1]
@@ -179,7 +188,9 @@ def personalize(
     """Fine-tune a copy of ``model`` per client on the first ``fraction`` of its windows; evaluate on the rest."""
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"--personalize-fraction must be between 0 and 1, got {fraction}.")
-    config = config or TrainConfig(epochs=5, batch_size=32, lr=5e-4, prox_mu=0.01)
+    # Only the dense head adapts, BatchNorm statistics fixed: a few hundred windows of one
+    # wearer are too few to retrain the feature extractor without forgetting.
+    config = config or TrainConfig(epochs=10, batch_size=32, lr=1e-3, train_only=head_layers(model.spec))
     weights = model.network.state_dict()
     before, after, per_client = [], [], {}
     for i, client in enumerate(data):
@@ -207,16 +218,16 @@ def personalize(
         return task_metrics(model.spec, np.concatenate([p for p, _ in pairs]), np.concatenate([t for _, t in pairs]))
 
     key = "accuracy" if model.spec.is_classifier else "mae_bpm"
-    better = [
-        (c["after"][key] > c["before"][key]) if model.spec.is_classifier else (c["after"][key] < c["before"][key])
-        for c in per_client.values()
-    ]
+    sign = 1.0 if model.spec.is_classifier else -1.0  # accuracy up is better, MAE down is better
     deltas = np.array([c["after"][key] - c["before"][key] for c in per_client.values()])
+    gains = sign * deltas
     return {
         "metrics_before": pooled(before),
         "metrics_after": pooled(after),
         "clients": per_client,
-        "improved_clients": int(sum(better)),
+        "improved_clients": int((gains > 0).sum()),
+        "unchanged_clients": int((gains == 0).sum()),
+        "worse_clients": int((gains < 0).sum()),
         "personalized_clients": len(per_client),
         "delta_" + key: {"min": float(deltas.min()), "median": float(np.median(deltas)), "max": float(deltas.max())},
     }

@@ -1,0 +1,203 @@
+"""The messages of the protocol: signed updates and models, and the JSON ones.
+
+Updates and global models are signed safetensors (:mod:`models.protocol.signed`);
+task, receipt, status and metrics messages are small JSON objects. Builders and
+parsers live side by side so the edge and the hub cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from models.model import Model
+from models.package import FORMAT as PACKAGE_FORMAT
+from models.protocol.signed import SignedMessage, SigningError, sign_tensors, verify_and_parse
+from models.spec import ModelSpec
+
+__all__ = [
+    "MAX_JSON_BYTES",
+    "MAX_MODEL_BYTES",
+    "REJECT_REASONS",
+    "ModelMessage",
+    "Receipt",
+    "Task",
+    "UpdateMeta",
+    "build_model",
+    "build_update",
+    "model_hash",
+    "parse_json",
+    "parse_model",
+    "parse_update_meta",
+]
+
+MAX_MODEL_BYTES = 16 * 1024 * 1024
+MAX_JSON_BYTES = 64 * 1024
+UPDATE_FORMAT = "wearfl-update/1"
+
+REJECT_REASONS = (
+    "oversize", "malformed", "bad_signature", "key_mismatch", "unknown_client", "client_mismatch",
+    "stale", "wrong_shape", "non_finite", "norm_bound", "round_closed",
+)
+"""Why an update can be refused; every receipt and counter uses these names."""
+
+
+def model_hash(message: bytes) -> str:
+    """The id edges quote as ``base_hash``: SHA-256 of the signed model message."""
+    return hashlib.sha256(message).hexdigest()
+
+
+# -- updates -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpdateMeta:
+    """What travels with an update's tensors, all of it covered by the signature."""
+
+    client: str
+    round: int
+    base_version: int
+    base_hash: str
+    num_examples: int
+    sequence: int
+    codec: dict[str, Any]
+    timestamp: float = field(default_factory=time.time)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def build_update(meta: UpdateMeta, tensors: Mapping[str, np.ndarray], key: Ed25519PrivateKey) -> bytes:
+    return sign_tensors(tensors, {"format": UPDATE_FORMAT, **asdict(meta)}, key)
+
+
+def parse_update_meta(message: SignedMessage) -> UpdateMeta:
+    """Typed metadata of a verified update; :class:`SigningError` ``malformed`` when it is not."""
+    m = message.metadata
+    try:
+        if m.get("format") != UPDATE_FORMAT:
+            raise ValueError(f"format {m.get('format')!r} is not {UPDATE_FORMAT}")
+        meta = UpdateMeta(
+            client=str(m["client"]), round=int(m["round"]), base_version=int(m["base_version"]),
+            base_hash=str(m["base_hash"]), num_examples=int(m["num_examples"]), sequence=int(m["sequence"]),
+            codec=dict(m["codec"]), timestamp=float(m["timestamp"]),
+            metrics={str(k): float(v) for k, v in dict(m.get("metrics", {})).items()},
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SigningError("malformed", f"update metadata is invalid ({exc})") from None
+    if meta.num_examples < 1 or meta.sequence < 0 or meta.round < 0 or not math.isfinite(meta.timestamp):
+        raise SigningError("malformed", "num_examples must be >= 1, sequence and round >= 0")
+    return meta
+
+
+# -- global models -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelMessage:
+    """A verified global model and who signed it."""
+
+    model: Model
+    round: int
+    public_key: bytes
+    hash: str
+
+
+def build_model(model: Model, round_number: int, key: Ed25519PrivateKey) -> bytes:
+    """The retained ``model`` message: a package (plain safetensors) plus the hub's signature."""
+    meta = {"format": PACKAGE_FORMAT, "task": model.spec.task, "version": int(model.version),
+            "spec": model.spec.to_json(), "round": int(round_number)}
+    return sign_tensors(model.network.state_dict(), meta, key)
+
+
+def parse_model(data: bytes, expected_key: bytes | None = None) -> ModelMessage:
+    """Verify and load a model message; :class:`SigningError` or ModelFormatError when it is bad."""
+    message = verify_and_parse(data, MAX_MODEL_BYTES, expected_key)
+    m = message.metadata
+    try:
+        if m.get("format") != PACKAGE_FORMAT:
+            raise ValueError("not a wearfl model package")
+        spec = ModelSpec.from_json(m["spec"])
+        model = Model(spec, version=int(m["version"]))
+        model.network.load_state_dict(message.tensors)
+        round_number = int(m["round"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SigningError("malformed", f"model message is invalid ({exc})") from None
+    return ModelMessage(model, round_number, message.public_key, model_hash(data))
+
+
+# -- JSON messages -------------------------------------------------------------------
+
+
+def parse_json(data: bytes, what: str) -> dict[str, Any]:
+    """A bounded JSON object; :class:`SigningError` ``oversize``/``malformed`` otherwise."""
+    if len(data) > MAX_JSON_BYTES:
+        raise SigningError("oversize", f"{what} of {len(data)} bytes exceeds {MAX_JSON_BYTES}")
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SigningError("malformed", f"{what} is not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise SigningError("malformed", f"{what} is not a JSON object")
+    return value
+
+
+@dataclass(frozen=True)
+class Task:
+    """The retained ``task``: the round the edges should train for, and its flat config."""
+
+    round: int
+    model_version: int
+    config: dict[str, float | int | str | bool] = field(default_factory=dict)
+    deadline: float | None = None
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Task:
+        d = parse_json(data, "task")
+        try:
+            return cls(int(d["round"]), int(d["model_version"]), dict(d.get("config", {})),
+                       None if d.get("deadline") is None else float(d["deadline"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SigningError("malformed", f"task is invalid ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The hub's answer to one update: ``accepted``, ``duplicate`` (stored before) or ``rejected``."""
+
+    client: str
+    sequence: int
+    status: str
+    reason: str | None = None
+    detail: str | None = None
+    round: int | None = None
+    model_version: int | None = None
+
+    @property
+    def final(self) -> bool:
+        """The hub stored the update (or refused it for good): the edge may drop it from its outbox."""
+        return self.status in ("accepted", "duplicate", "rejected")
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Receipt:
+        d = parse_json(data, "receipt")
+        try:
+            receipt = cls(str(d["client"]), int(d["sequence"]), str(d["status"]), d.get("reason"), d.get("detail"),
+                          d.get("round"), d.get("model_version"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SigningError("malformed", f"receipt is invalid ({exc})") from None
+        if receipt.status not in ("accepted", "duplicate", "rejected"):
+            raise SigningError("malformed", f"receipt status {receipt.status!r} is unknown")
+        return receipt

@@ -1,0 +1,117 @@
+"""Signed safetensors: one message format for models and updates, checkable before parsing.
+
+A signed message is an ordinary safetensors file (so any safetensors reader can load
+it) whose last tensor, ``~signature`` (uint8, 96 bytes), holds the signer's Ed25519
+public key (32 bytes) and a signature (64 bytes) over every byte before the
+signature itself: header, metadata, all tensors and the key. Safetensors stores
+uint8 tensors last and sorts them by name, and ``~`` sorts after every other name
+wearfl uses, so the key and signature are the file's last 96 bytes. A receiver can
+therefore bound the size, find the key and verify the signature by slicing bytes,
+and only then parse anything.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+__all__ = ["SIGNATURE_TENSOR", "TRAILER_BYTES", "SignedMessage", "SigningError", "sign_tensors", "verify_and_parse"]
+
+SIGNATURE_TENSOR = "~signature"
+KEY_BYTES, SIG_BYTES = 32, 64
+TRAILER_BYTES = KEY_BYTES + SIG_BYTES
+MAX_HEADER_BYTES = 1 << 20
+
+
+class SigningError(ValueError):
+    """A message that is not a well-formed signed safetensors file; ``reason`` is a short code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class SignedMessage:
+    """A verified message: the signer's raw public key, its metadata and its tensors."""
+
+    public_key: bytes
+    metadata: dict[str, Any]
+    tensors: dict[str, np.ndarray]
+
+
+def public_key_bytes(key: Ed25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def sign_tensors(
+    tensors: Mapping[str, np.ndarray], metadata: Mapping[str, Any], key: Ed25519PrivateKey, meta_key: str = "wearfl"
+) -> bytes:
+    """Serialize ``tensors`` with ``metadata`` (JSON under ``meta_key``) and sign them with ``key``."""
+    if SIGNATURE_TENSOR in tensors:
+        raise ValueError(f"{SIGNATURE_TENSOR!r} is reserved")
+    placeholder = np.zeros(TRAILER_BYTES, np.uint8)
+    data = bytearray(st_save({**tensors, SIGNATURE_TENSOR: placeholder},
+                             metadata={meta_key: json.dumps(metadata, sort_keys=True, separators=(",", ":"))}))
+    _check_trailer_is_last(bytes(data))
+    data[-TRAILER_BYTES:-SIG_BYTES] = public_key_bytes(key)
+    data[-SIG_BYTES:] = key.sign(bytes(data[:-SIG_BYTES]))
+    return bytes(data)
+
+
+def _check_trailer_is_last(data: bytes) -> None:
+    (n,) = struct.unpack("<Q", data[:8])
+    entry = json.loads(data[8 : 8 + n])[SIGNATURE_TENSOR]
+    if entry["data_offsets"][1] != len(data) - 8 - n or entry["data_offsets"][0] != len(data) - 8 - n - TRAILER_BYTES:
+        raise RuntimeError("the signature tensor is not the last 96 bytes; safetensors changed its layout")
+
+
+def read_public_key(data: bytes, max_bytes: int) -> bytes:
+    """The signer's claimed key, from the trailer alone (nothing is parsed)."""
+    if len(data) > max_bytes:
+        raise SigningError("oversize", f"{len(data)} bytes exceeds the {max_bytes}-byte bound")
+    if len(data) < 8 + TRAILER_BYTES + 2:
+        raise SigningError("malformed", f"{len(data)} bytes is too short to be a signed message")
+    return bytes(data[-TRAILER_BYTES:-SIG_BYTES])
+
+
+def verify_and_parse(
+    data: bytes, max_bytes: int, expected_key: bytes | None = None, meta_key: str = "wearfl"
+) -> SignedMessage:
+    """Bound the size, verify the signature (against ``expected_key`` when given), then parse.
+
+    Raises :class:`SigningError` with reason ``oversize``, ``malformed``,
+    ``key_mismatch`` or ``bad_signature``.
+    """
+    key = read_public_key(data, max_bytes)
+    if expected_key is not None and key != expected_key:
+        raise SigningError("key_mismatch", "the message is signed by another key than the one pinned for its sender")
+    try:
+        Ed25519PublicKey.from_public_bytes(key).verify(bytes(data[-SIG_BYTES:]), bytes(data[:-SIG_BYTES]))
+    except InvalidSignature:
+        raise SigningError("bad_signature", "the signature does not match the message") from None
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > min(MAX_HEADER_BYTES, len(data) - 8):
+        raise SigningError("malformed", "the header length is out of bounds")
+    try:
+        header = json.loads(data[8 : 8 + n])
+        metadata = json.loads(header["__metadata__"][meta_key])
+        tensors = st_load(bytes(data))
+    except (ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise SigningError("malformed", f"not a readable signed safetensors message ({exc})") from None
+    if not isinstance(metadata, dict):
+        raise SigningError("malformed", "the metadata is not a JSON object")
+    tensors.pop(SIGNATURE_TENSOR, None)
+    return SignedMessage(key, metadata, tensors)

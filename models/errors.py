@@ -6,7 +6,8 @@
     ├── ConfigError             a setting or command-line value that cannot work
     ├── InputError              input data (a file, an array) that cannot be used
     ├── ModelFormatError        a model package or exported model that cannot be read
-    └── BackendUnavailable      an inference runtime that is not installed
+    ├── BackendUnavailable      an inference runtime that is not installed
+    └── BrokerUnavailable       an MQTT broker that cannot be reached, refuses, or does not answer in time
 
 Messages are whole sentences that say what went wrong, where, and what to do.
 The CLI prints ``error: <message>`` and exits 2 for any of them.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendUnavailable",
+    "BrokerUnavailable",
     "ConfigError",
     "InputError",
     "ModelFormatError",
@@ -41,3 +43,14 @@ class ModelFormatError(WearflError):
 
 class BackendUnavailable(WearflError):
     """An inference runtime that is not installed on this machine."""
+
+
+class BrokerUnavailable(WearflError):
+    """An MQTT broker that cannot be reached, refuses a request, or does not answer in time.
+
+    ``url`` is the broker's address (``mqtt://host:port``) when known.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None) -> None:
+        super().__init__(message)
+        self.url = url

@@ -57,20 +57,24 @@ def trained_heart_rate() -> tuple[Model, np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def mqtt_broker(tmp_path_factory):
-    """A broker for the whole session: real Mosquitto; amqtt only off CI when Mosquitto is missing."""
-    from broker import AmqttThread, Broker, MosquittoProcess, mosquitto_binary
+    """A broker for the whole session: real Mosquitto; amqtt only off CI when Mosquitto is missing.
 
-    forced_embedded = os.environ.get("WEARFL_TEST_BROKER") == "amqtt"  # to exercise the laptop fallback
-    if mosquitto_binary() is not None and not (forced_embedded and os.environ.get("CI", "").lower() != "true"):
-        proc = MosquittoProcess(tmp_path_factory.mktemp("mosquitto"))
-        yield Broker("127.0.0.1", proc.port, "mosquitto")
-        proc.stop()
-        return
-    if os.environ.get("CI", "").lower() == "true":
+    Yields a started :class:`models.protocol.broker.MosquittoBroker` or ``EmbeddedBroker``
+    (``.host``, ``.port``, ``.url``, ``.kind``). ``WEARFL_TEST_BROKER=amqtt`` forces the
+    fallback off CI.
+    """
+    from models.protocol.broker import EmbeddedBroker, MosquittoBroker, mosquitto_binary
+
+    on_ci = os.environ.get("CI", "").lower() == "true"
+    forced_embedded = os.environ.get("WEARFL_TEST_BROKER") == "amqtt" and not on_ci
+    if mosquitto_binary() is not None and not forced_embedded:
+        broker = MosquittoBroker(workdir=tmp_path_factory.mktemp("mosquitto"))
+    elif on_ci:
         pytest.fail("CI=true but mosquitto is not installed: `apt-get install -y mosquitto` (see .ci/run).")
-    embedded = AmqttThread()
-    yield Broker("127.0.0.1", embedded.port, "amqtt")
-    embedded.stop()
+    else:
+        broker = EmbeddedBroker()
+    with broker:
+        yield broker
 
 
 @pytest.fixture

@@ -1,0 +1,804 @@
+"""One MQTT session on asyncio, many sessions on one event loop: the transport of hub and edges.
+
+:class:`MqttSession` wraps a paho-mqtt 2.x client the way aiomqtt v2 does: paho's socket
+callbacks register the client's socket with the asyncio loop (``add_reader`` ->
+``loop_read``, ``add_writer`` -> ``loop_write``) and a small task calls ``loop_misc`` once a
+second for keepalive. No paho thread and no ``select()``: paho's own loop helpers call
+``select()``, which cannot watch descriptors past ``FD_SETSIZE`` (1024), and each threaded paho
+client holds three of them, so a process stops near 340 clients. Here a session costs one
+descriptor and one loop drives thousands (2000 measured on a 2-core laptop). The loop must
+support ``add_reader`` (any selector loop; not Windows' default proactor loop).
+
+Rules the code keeps:
+
+- paho callbacks only hand data to the loop (futures, an ``asyncio.Queue``); all logic runs in
+  coroutines. The blocking TCP connect runs in the loop's executor; callbacks paho makes
+  from that thread are forwarded with ``call_soon_threadsafe`` in order.
+- Every wait has a timeout and ends in :class:`~models.errors.BrokerUnavailable`.
+- Sessions are persistent by default (MQTT 5 ``clean_start=False`` plus a session expiry;
+  3.1.1 ``clean_session=False``), so QoS 1 messages queued while a client was away arrive
+  when it returns. ``protocol="auto"`` falls back to 3.1.1 when the broker refuses MQTT 5
+  or does not answer an MQTT 5 CONNECT within ``AUTO_PROBE_S`` (amqtt hangs on one).
+- Reconnection is one loop with exponential backoff (0.5 s doubling to 30 s, jittered).
+  Subscriptions are re-sent when the broker did not resume the session; unacknowledged
+  QoS 1 publishes are re-sent by paho on every reconnect.
+- With ``manual_ack=True`` a QoS 1 message is acknowledged only by :meth:`MqttSession.ack`,
+  which the application calls after it has persisted the message; a message never acked is
+  redelivered by the broker on the next connection of the same persistent session.
+- A publish larger than the packet size the broker announced is refused before it is sent
+  (paho 2.2 would send it, the broker would disconnect, paho would re-send it forever).
+
+Example::
+
+    session = MqttSession(BrokerAddress.parse("mqtt://127.0.0.1:1883"), "hub-1", manual_ack=True)
+    await session.connect()
+    await session.subscribe("$share/hub/wearfl/v1/fed/update/+")
+    async for message in session.messages():
+        store(message)
+        session.ack(message)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import random
+import socket
+import ssl
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from models.errors import BrokerUnavailable, ConfigError
+
+__all__ = ["BrokerAddress", "Message", "MqttSession", "Will"]
+
+log = logging.getLogger(__name__)
+
+SCHEMES = {"mqtt": False, "tcp": False, "mqtts": True, "ssl": True, "tls": True}
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+ATTEMPT_TIMEOUT_S = 10.0  # one connect attempt inside the reconnect loop
+AUTO_PROBE_S = 3.0  # protocol="auto": wait this long for an MQTT 5 CONNACK before trying 3.1.1
+TCP_CONNECT_TIMEOUT_S = 5.0  # the blocking TCP (+TLS) connect in the executor; paho's default
+MISC_INTERVAL_S = 1.0
+UNSUPPORTED_PROTOCOL = (0x01, 0x84)  # CONNACK: 3.1.1 return code, MQTT 5 reason code
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where a broker listens: ``mqtt://[user[:password]@]host[:port]`` (``mqtts://`` for TLS).
+
+    ``ssl_context`` is the hook for TLS beyond the system defaults (client certificates,
+    private CAs); with ``tls=True`` and no context, the system trust store verifies the broker.
+    """
+
+    host: str
+    port: int = 1883
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """Read ``mqtt://host:port``, ``mqtts://host``, ``host:port`` or ``host``; ConfigError otherwise."""
+        text = url.strip()
+        if not text:
+            raise ConfigError("the broker URL is empty; use e.g. mqtt://127.0.0.1:1883.")
+        if "://" not in text:
+            text = f"mqtt://{text}"
+        try:
+            parts = urlsplit(text)
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"cannot read broker URL {url!r} ({exc}); use e.g. mqtt://127.0.0.1:1883.") from None
+        scheme = parts.scheme.lower()
+        if scheme not in SCHEMES:
+            raise ConfigError(f"broker URL {url!r} has scheme {scheme!r}; use mqtt:// or mqtts://.")
+        if not parts.hostname:
+            raise ConfigError(f"broker URL {url!r} names no host; use e.g. mqtt://127.0.0.1:1883.")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError(f"broker URL {url!r} has a path or query; give only scheme, host and port.")
+        tls = SCHEMES[scheme]
+        if port == 0:
+            raise ConfigError(f"broker URL {url!r} has port 0; give the port the broker listens on.")
+        return cls(
+            host=parts.hostname,
+            port=port or (8883 if tls else 1883),
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            tls=tls,
+        )
+
+    @property
+    def url(self) -> str:
+        """The address as a URL, without credentials."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.url
+
+
+@dataclass(frozen=True)
+class Message:
+    """One received PUBLISH. ``connection`` counts the session's connections; an ack goes
+    back only on the connection that delivered the message (the broker redelivers otherwise)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    mid: int
+    dup: bool = False
+    connection: int = field(default=0, compare=False)
+
+
+class Will(NamedTuple):
+    """The last will: published by the broker when the connection ends without DISCONNECT."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class _AttemptFailed(Exception):
+    """One connect attempt did not end in an accepted CONNACK (``refused``: the broker said no)."""
+
+    def __init__(self, reason: str, *, refused: bool = False, unsupported_protocol: bool = False) -> None:
+        super().__init__(reason)
+        self.refused = refused
+        self.unsupported_protocol = unsupported_protocol
+
+
+class MqttSession:
+    """An MQTT client session driven by the running asyncio loop; see the module docstring.
+
+    - ``client_id`` keys the broker-side session; ``clean_start=False`` resumes it, and the
+      broker keeps it ``session_expiry_s`` seconds after the connection ends (MQTT 5).
+    - ``will``: published by the broker (e.g. ``status/<client>`` offline, retained) when the
+      connection ends without DISCONNECT.
+    - ``manual_ack``: QoS 1 messages are acknowledged only by :meth:`ack`. The broker then
+      holds at most its inflight limit unacknowledged; without it, received messages queue
+      in memory until :meth:`messages` takes them.
+    - ``protocol``: ``"5"``, ``"3.1.1"`` or ``"auto"`` (5, else 3.1.1).
+    - ``max_inflight`` / ``max_queued``: paho's bounds on outgoing QoS 1 messages awaiting
+      PUBACK / waiting in all (0 = unbounded).
+
+    One consumer should iterate :meth:`messages`. All methods must be called from the loop
+    that ran :meth:`connect`.
+    """
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        client_id: str,
+        *,
+        clean_start: bool = False,
+        session_expiry_s: int = 3600,
+        will: Will | tuple[str, bytes, int, bool] | None = None,
+        manual_ack: bool = False,
+        protocol: Literal["auto", "5", "3.1.1"] = "auto",
+        keepalive: int = 30,
+        max_inflight: int = 20,
+        max_queued: int = 0,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if not client_id:
+            raise ConfigError("an MQTT session needs a non-empty client id (persistent sessions are keyed by it).")
+        if protocol not in ("auto", "5", "3.1.1"):
+            raise ConfigError(f"unknown MQTT protocol {protocol!r}; use 'auto', '5' or '3.1.1'.")
+        if keepalive < 0 or session_expiry_s < 0 or max_inflight < 0 or max_queued < 0:
+            raise ConfigError("keepalive, session_expiry_s, max_inflight and max_queued must be non-negative.")
+        self.address = address
+        self.client_id = client_id
+        self.clean_start = clean_start
+        self.session_expiry_s = session_expiry_s
+        self.will = Will(*will) if will is not None else None
+        self.manual_ack = manual_ack
+        self.keepalive = keepalive
+        self.max_inflight = max_inflight
+        self.max_queued = max_queued
+        self.log = logger or log
+        self._protocol_choice = protocol
+        self._mqtt_version = paho.MQTTv311 if protocol == "3.1.1" else paho.MQTTv5
+        self._client: paho.Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._connected = False
+        self._connected_event = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._closing = False
+        self._connecting = False
+        self._connack: asyncio.Future[tuple[ReasonCode, bool, int | None]] | None = None
+        self._generation = 0
+        self._messages: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._publishes: dict[int, asyncio.Future[ReasonCode]] = {}
+        self._subscriptions: dict[str, int] = {}
+        self._sub_waiters: dict[str, asyncio.Future[ReasonCode]] = {}
+        self._sub_mids: dict[int, str] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._disconnect_waiter: asyncio.Future[None] | None = None
+        self._ever_connected = False
+        self._closed: asyncio.Future[None] | None = None  # resolved when disconnect() or abort() ends it
+        self.session_present = False
+        self.max_packet_size: int | None = None  # announced by an MQTT 5 broker in CONNACK
+
+    # -- public API --------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker has accepted the current connection."""
+        return self._connected
+
+    @property
+    def connected_event(self) -> asyncio.Event:
+        """Set while connected; cleared when the connection drops."""
+        return self._connected_event
+
+    @property
+    def protocol(self) -> str:
+        """The MQTT version in use: ``"5"`` or ``"3.1.1"`` (after a fallback, the latter)."""
+        return "5" if self._mqtt_version == paho.MQTTv5 else "3.1.1"
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        """Connect, retrying with backoff until ``timeout``; then keep reconnecting in the background.
+
+        Raises BrokerUnavailable when no attempt succeeds in time, or at once when the broker
+        refuses the session (bad credentials, client id rejected).
+        """
+        if self._closing:
+            raise BrokerUnavailable(f"session {self.client_id!r} was closed; create a new one.", url=self.address.url)
+        if self._tasks:  # connected before: the reconnect loop owns the connection
+            await self._wait_connected(self._running_loop().time() + timeout, "connect")
+            return
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._closed = self._loop.create_future()
+        deadline = self._loop.time() + timeout
+        delay = BACKOFF_FIRST_S
+        while True:
+            remaining = deadline - self._loop.time()
+            try:
+                await self._attempt(min(remaining, ATTEMPT_TIMEOUT_S))
+                break
+            except _AttemptFailed as exc:
+                if exc.refused or deadline - self._loop.time() <= 0:
+                    raise BrokerUnavailable(
+                        f"cannot connect {self.client_id!r} to the MQTT broker at {self.address.url}: {exc}. "
+                        "Check that the broker runs and the URL is right.",
+                        url=self.address.url,
+                    ) from None
+                self.log.debug("%s: connect attempt failed (%s); retrying", self.client_id, exc)
+            await asyncio.sleep(min(_jitter(delay), max(0.0, deadline - self._loop.time())))
+            delay = min(delay * 2, BACKOFF_MAX_S)
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._reconnect_loop(), name=f"mqtt-reconnect-{self.client_id}"),
+                asyncio.create_task(self._misc_loop(), name=f"mqtt-misc-{self.client_id}"),
+            ]
+
+    async def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0) -> None:
+        """Subscribe and wait for the SUBACK; kept across reconnects. ``$share/<group>/...`` needs MQTT 5."""
+        if qos not in (0, 1, 2):
+            raise ConfigError(f"QoS must be 0, 1 or 2, not {qos}.")
+        if topic.startswith("$share/") and self._mqtt_version != paho.MQTTv5:
+            raise ConfigError(
+                f"shared subscription {topic!r} needs MQTT 5, but {self.address.url} speaks only 3.1.1; "
+                "use a broker with MQTT 5 (Mosquitto) or subscribe to the plain topic with one worker."
+            )
+        loop = self._running_loop()
+        deadline = loop.time() + timeout
+        self._subscriptions[topic] = qos
+        waiter = self._sub_waiters.get(topic)
+        if waiter is None:
+            waiter = self._sub_waiters[topic] = loop.create_future()
+            await self._wait_connected(deadline, f"subscribe to {topic!r}")
+            if not waiter.done() and topic not in self._sub_mids.values():  # a reconnect may have sent it
+                self._send_subscribe(topic, qos)
+        try:
+            reason = await asyncio.wait_for(asyncio.shield(waiter), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"the broker at {self.address.url} did not confirm the subscription to {topic!r} in {timeout:g} s.",
+                url=self.address.url,
+            ) from None
+        finally:
+            if waiter.done() and self._sub_waiters.get(topic) is waiter:
+                del self._sub_waiters[topic]
+        if reason.is_failure:
+            self._subscriptions.pop(topic, None)
+            raise BrokerUnavailable(
+                f"the broker at {self.address.url} refused the subscription to {topic!r} ({reason}).",
+                url=self.address.url,
+            )
+
+    async def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 30.0
+    ) -> None:
+        """Publish; with QoS 1 or 2, return once the broker acknowledged (PUBACK / PUBCOMP).
+
+        Waits for a connection first. On a timeout the message may still reach the broker
+        later (paho keeps it and re-sends it on reconnect); callers that need certainty keep
+        their own copy until an application-level receipt arrives.
+        """
+        if qos not in (0, 1, 2):
+            raise ConfigError(f"QoS must be 0, 1 or 2, not {qos}.")
+        loop = self._running_loop()
+        deadline = loop.time() + timeout
+        await self._wait_connected(deadline, f"publish on {topic!r}")
+        size = _publish_packet_size(topic, payload, qos, self._mqtt_version == paho.MQTTv5)
+        if self.max_packet_size is not None and size > self.max_packet_size:
+            # paho 2.2 sends it anyway; the broker would disconnect us, and paho would re-send it forever
+            raise ConfigError(
+                f"a {len(payload)}-byte message on {topic!r} makes a {size}-byte packet, over the "
+                f"{self.max_packet_size} bytes the broker at {self.address.url} accepts; raise its max_packet_size."
+            )
+        client = self._require_client()
+        try:
+            info = client.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError as exc:  # bad topic, payload over MQTT's 256 MiB
+            raise ConfigError(f"cannot publish on {topic!r}: {exc}.") from None
+        if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+            raise BrokerUnavailable(
+                f"{self.client_id}: {self.max_queued} messages already wait for the broker; publish later.",
+                url=self.address.url,
+            )
+        if info.rc == paho.MQTT_ERR_PAYLOAD_SIZE:
+            raise ConfigError(f"a {len(payload)}-byte message on {topic!r} exceeds the broker's maximum packet size.")
+        if qos == 0:
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                raise BrokerUnavailable(f"QoS 0 message on {topic!r} was not sent ({info.rc}).", url=self.address.url)
+            return
+        future: asyncio.Future[ReasonCode] = loop.create_future()
+        self._publishes[info.mid] = future
+        try:
+            reason = await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"the broker at {self.address.url} did not acknowledge a message on {topic!r} in {timeout:g} s.",
+                url=self.address.url,
+            ) from None
+        finally:
+            if self._publishes.get(info.mid) is future:
+                del self._publishes[info.mid]
+        if reason.is_failure:
+            raise BrokerUnavailable(
+                f"the broker at {self.address.url} refused a {len(payload)}-byte message on {topic!r} ({reason}); "
+                "check its message_size_limit and access rules.",
+                url=self.address.url,
+            )
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Received messages in arrival order; ends after :meth:`disconnect` or :meth:`abort`."""
+        while True:
+            message = await self._messages.get()
+            if message is None:
+                self._messages.put_nowait(None)  # let any other iterator end too
+                return
+            yield message
+
+    def ack(self, message: Message) -> None:
+        """Acknowledge a QoS 1/2 message (manual-ack sessions only): call after persisting it.
+
+        A message delivered on an earlier connection is not acked here; the broker redelivers
+        it on the current one (the application deduplicates).
+        """
+        if not self.manual_ack or message.qos == 0:
+            return
+        client = self._client
+        if client is None or client.socket() is None or message.connection != self._generation:
+            self.log.debug("%s: not acking mid %d from an earlier connection", self.client_id, message.mid)
+            return
+        client.ack(message.mid, message.qos)
+
+    async def disconnect(self, timeout: float = 5.0) -> None:
+        """Send DISCONNECT (no last will), stop reconnecting, end :meth:`messages`.
+
+        The broker keeps a persistent session for ``session_expiry_s``: QoS 1 messages for it
+        are queued until the same client id connects again.
+        """
+        self._closing = True
+        await self._stop_tasks()
+        client = self._client
+        if client is not None and self._connected and client.socket() is not None:
+            gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._disconnect_waiter = gone
+            client.disconnect()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gone, timeout)
+        self._close_socket()
+        self._finish("the session was disconnected")
+
+    async def abort(self) -> None:
+        """Drop the TCP connection without DISCONNECT, as a crash would (the broker publishes the will)."""
+        self._closing = True
+        await self._stop_tasks()
+        self._close_socket()
+        self._finish("the session was aborted")
+
+    # -- connecting --------------------------------------------------------------------------
+
+    async def _attempt(self, timeout: float) -> None:
+        """One TCP connect + CONNACK. On success: connected, subscriptions restored if needed."""
+        loop = self._running_loop()
+        deadline = loop.time() + max(timeout, 0.1)
+        if self._client is None:
+            self._client = self._new_client()
+        client = self._client
+        # "auto" before the first success: a broker that never answers an MQTT 5 CONNECT (amqtt
+        # misreads its properties and waits for bytes that never come) gets a 3.1.1 try soon
+        probing = self._protocol_choice == "auto" and self._mqtt_version == paho.MQTTv5 and not self._ever_connected
+        self._connack = loop.create_future()
+        self._connecting = True
+        try:
+            try:
+                await loop.run_in_executor(None, functools.partial(client.connect, **self._connect_args()))
+            except (OSError, ValueError) as exc:  # refused, unreachable, DNS; paho closes its socket itself
+                raise _AttemptFailed(f"{type(exc).__name__}: {exc}") from None
+            wait = deadline - loop.time()
+            try:
+                reason, session_present, max_packet_size = await asyncio.wait_for(
+                    asyncio.shield(self._connack), max(0.0, min(wait, AUTO_PROBE_S) if probing else wait)
+                )
+            except TimeoutError:
+                self._close_socket()
+                if not probing or deadline - loop.time() <= 0:
+                    raise _AttemptFailed("no CONNACK in time") from None
+                reason, session_present, max_packet_size = ReasonCode(PacketTypes.CONNACK, identifier=0x84), False, None
+                self.log.info("%s: no answer to an MQTT 5 CONNECT from %s", self.client_id, self.address.url)
+        finally:
+            self._connecting = False
+        if reason.value != 0:
+            self._close_socket()
+            unsupported = reason.value in UNSUPPORTED_PROTOCOL
+            if unsupported and probing:
+                self.log.info("%s: %s does not speak MQTT 5; trying 3.1.1", self.client_id, self.address.url)
+                self._mqtt_version, self._client = paho.MQTTv311, None
+                try:
+                    return await self._attempt(max(0.1, deadline - loop.time()))
+                except _AttemptFailed:
+                    self._mqtt_version, self._client = paho.MQTTv5, None  # maybe it was just slow: 5 next time
+                    raise
+            # "server unavailable / busy" is worth retrying; the rest is a configuration problem
+            retry = reason.value in (0x03, 0x88, 0x89, 0x97, 0x9F)
+            raise _AttemptFailed(f"CONNACK {reason}", refused=not retry, unsupported_protocol=unsupported)
+        if client.socket() is None:  # accepted, then dropped before this coroutine resumed
+            raise _AttemptFailed("connection closed right after CONNACK")
+        self.session_present = session_present
+        self.max_packet_size = max_packet_size
+        self._connected = self._ever_connected = True
+        restore = set(self._sub_waiters) if session_present else set(self._subscriptions)
+        self._sub_mids.clear()
+        for topic in sorted(restore):
+            if topic in self._subscriptions:
+                self._send_subscribe(topic, self._subscriptions[topic])
+        self._connected_event.set()
+        self.log.debug(
+            "%s: connected to %s (MQTT %s, session %s)",
+            self.client_id,
+            self.address.url,
+            self.protocol,
+            "resumed" if session_present else "new",
+        )
+
+    def _connect_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"host": self.address.host, "port": self.address.port, "keepalive": self.keepalive}
+        if self._mqtt_version == paho.MQTTv5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = self.session_expiry_s
+            args.update(clean_start=self.clean_start, properties=properties)
+        return args
+
+    def _new_client(self) -> paho.Client:
+        v5 = self._mqtt_version == paho.MQTTv5
+        client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=None if v5 else self.clean_start,
+            protocol=self._mqtt_version,
+            reconnect_on_failure=False,
+            manual_ack=self.manual_ack,
+        )
+        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        client.connect_timeout = TCP_CONNECT_TIMEOUT_S
+        client.max_inflight_messages_set(self.max_inflight)
+        client.max_queued_messages_set(self.max_queued)
+        if self.address.username is not None:
+            client.username_pw_set(self.address.username, self.address.password)
+        if self.address.tls:
+            client.tls_set_context(self.address.ssl_context or ssl.create_default_context())
+        if self.will is not None:
+            client.will_set(self.will.topic, self.will.payload, qos=self.will.qos, retain=self.will.retain)
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        return client
+
+    async def _reconnect_loop(self) -> None:
+        """The one place that reconnects: wait for a drop, then retry with backoff until connected."""
+        loop = self._running_loop()
+        while not self._closing:
+            await self._lost.wait()
+            self._lost.clear()
+            delay, attempts, started = BACKOFF_FIRST_S, 0, loop.time()
+            while not self._closing and not self._connected:
+                await asyncio.sleep(_jitter(delay))
+                attempts += 1
+                try:
+                    await self._attempt(ATTEMPT_TIMEOUT_S)
+                except _AttemptFailed as exc:
+                    self.log.debug("%s: reconnect attempt %d failed: %s", self.client_id, attempts, exc)
+                    delay = min(delay * 2, BACKOFF_MAX_S)
+                    continue
+                except Exception:  # a bug, but the loop must go on: log it and keep retrying
+                    self.log.exception("%s: reconnect attempt %d crashed", self.client_id, attempts)
+                    delay = min(delay * 2, BACKOFF_MAX_S)
+                    continue
+                self.log.info(
+                    "%s: reconnected to %s after %d attempt(s), %.1f s",
+                    self.client_id,
+                    self.address.url,
+                    attempts,
+                    loop.time() - started,
+                )
+
+    async def _misc_loop(self) -> None:
+        """Keepalive pings and their timeouts: paho's ``loop_misc`` about once a second."""
+        await asyncio.sleep(random.uniform(0, MISC_INTERVAL_S))  # spread a thousand sessions over the second
+        while True:
+            client = self._client
+            if client is not None and not self._connecting and client.socket() is not None:
+                try:
+                    client.loop_misc()
+                except Exception:
+                    self.log.exception("%s: paho loop_misc failed; dropping the connection", self.client_id)
+                    self._close_socket()
+            await asyncio.sleep(MISC_INTERVAL_S)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError(f"session {self.client_id!r} is not connected; await connect() first")
+        return self._loop
+
+    def _require_client(self) -> paho.Client:
+        if self._client is None:
+            raise BrokerUnavailable(f"session {self.client_id!r} has no connection.", url=self.address.url)
+        return self._client
+
+    async def _wait_connected(self, deadline: float, what: str) -> None:
+        """Return once connected; BrokerUnavailable at ``deadline`` or when the session closes first."""
+        if self._connected and not self._closing:
+            return
+        loop = self._running_loop()
+        if not self._closing and self._closed is not None:
+            connected = asyncio.ensure_future(self._connected_event.wait())
+            try:
+                await asyncio.wait(
+                    (connected, self._closed), timeout=max(0.0, deadline - loop.time()), return_when="FIRST_COMPLETED"
+                )
+            finally:
+                connected.cancel()
+        if self._closing:
+            raise BrokerUnavailable(f"cannot {what}: session {self.client_id!r} is closed.", url=self.address.url)
+        if not self._connected:
+            raise BrokerUnavailable(
+                f"cannot {what}: not connected to the broker at {self.address.url}; is it running?",
+                url=self.address.url,
+            )
+
+    def _send_subscribe(self, topic: str, qos: int) -> None:
+        rc, mid = self._require_client().subscribe(topic, qos)
+        if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
+            self._sub_mids[mid] = topic
+        else:  # not connected after all; the next connection re-sends it
+            self.log.debug("%s: SUBSCRIBE %s not sent (%s)", self.client_id, topic, rc)
+
+    def _close_socket(self) -> None:
+        """Close the TCP connection now, without DISCONNECT; paho cleans up through its own path."""
+        client = self._client
+        sock = client.socket() if client is not None else None
+        if client is None or sock is None:
+            return
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        for _ in range(100):  # read to EOF: paho closes the socket and reports the disconnect
+            if client.socket() is not sock:
+                return
+            try:
+                client.loop_read()
+            except Exception:  # a half-closed TLS socket may raise anything
+                break
+        if client.socket() is sock:  # paho did not let go: stop watching; its keepalive check closes it
+            self.log.error("%s: could not close the connection cleanly", self.client_id)
+            self._unwatch(sock)
+
+    async def _stop_tasks(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _finish(self, why: str) -> None:
+        self._connected = False
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+        self._connected_event.clear()
+        for future in [*self._publishes.values(), *self._sub_waiters.values()]:
+            if not future.done():
+                future.set_exception(BrokerUnavailable(f"{self.client_id}: {why}.", url=self.address.url))
+                future.exception()  # retrieved: nobody may be waiting any more
+        self._messages.put_nowait(None)
+
+    def _call_in_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` in the loop: now when already there, else queued in order (executor connects)."""
+        loop = self._loop
+        if loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            with contextlib.suppress(RuntimeError):  # loop closed: nothing left to hand over to
+                loop.call_soon_threadsafe(fn, *args)
+
+    # -- socket callbacks (paho -> loop) -----------------------------------------------------
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._call_in_loop(self._watch_reads, client, sock)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._call_in_loop(self._unwatch, sock)
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._call_in_loop(self._watch_writes, client, sock)
+
+    def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._call_in_loop(self._unwatch_writes, sock)
+
+    def _watch_reads(self, client: paho.Client, sock: Any) -> None:
+        if client.socket() is sock and sock.fileno() != -1:  # still the live socket of this client
+            self._generation += 1  # a new connection: acks for older deliveries are void
+            self._running_loop().add_reader(sock, self._readable, client, sock)
+            if self._closing:  # connected from the executor after disconnect(): let paho read EOF and close
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _watch_writes(self, client: paho.Client, sock: Any) -> None:
+        if client.socket() is sock and sock.fileno() != -1:
+            self._running_loop().add_writer(sock, self._writable, client)
+
+    def _unwatch_writes(self, sock: Any) -> None:
+        self._running_loop().remove_writer(sock)
+
+    def _unwatch(self, sock: Any) -> None:
+        loop = self._running_loop()
+        loop.remove_reader(sock)
+        loop.remove_writer(sock)
+
+    def _readable(self, client: paho.Client, sock: Any) -> None:
+        try:
+            client.loop_read()
+            # TLS: decrypted bytes can wait inside the SSL object while the socket is not readable
+            while client.socket() is sock and getattr(sock, "pending", None) and sock.pending():
+                client.loop_read()
+        except Exception:
+            self.log.exception("%s: reading from the broker failed; dropping the connection", self.client_id)
+            self._close_socket()
+
+    def _writable(self, client: paho.Client) -> None:
+        try:
+            client.loop_write()
+        except Exception:
+            self.log.exception("%s: writing to the broker failed; dropping the connection", self.client_id)
+            self._close_socket()
+
+    # -- protocol callbacks (paho -> loop) ---------------------------------------------------
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags, reason: ReasonCode, properties: Any
+    ) -> None:
+        max_packet_size = getattr(properties, "MaximumPacketSize", None)
+        self._call_in_loop(self._connack_arrived, reason, flags.session_present, max_packet_size)
+
+    def _connack_arrived(self, reason: ReasonCode, session_present: bool, max_packet_size: int | None) -> None:
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_result((reason, session_present, max_packet_size))
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags, reason: ReasonCode, properties: Any
+    ) -> None:
+        self._call_in_loop(self._connection_ended, client, reason, flags.is_disconnect_packet_from_server)
+
+    def _connection_ended(self, client: paho.Client, reason: ReasonCode, from_broker: bool) -> None:
+        if client is not self._client:
+            return
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_exception(_AttemptFailed(f"connection closed before CONNACK ({reason})"))
+            self._connack.exception()
+        was_connected, self._connected = self._connected, False
+        self._connected_event.clear()
+        waiter = self._disconnect_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if was_connected and not self._closing:
+            self.log.warning(
+                "%s: lost the connection to %s (%s); reconnecting",
+                self.client_id,
+                self.address.url,
+                f"the broker sent DISCONNECT: {reason}" if from_broker else _why_closed(reason),
+            )
+            self._lost.set()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        message = Message(
+            topic=msg.topic,
+            payload=bytes(msg.payload),
+            qos=msg.qos,
+            retain=bool(msg.retain),
+            mid=msg.mid,
+            dup=bool(msg.dup),
+            connection=self._generation,
+        )
+        self._call_in_loop(self._messages.put_nowait, message)
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Any) -> None:
+        self._call_in_loop(self._publish_acked, mid, reason)
+
+    def _publish_acked(self, mid: int, reason: ReasonCode) -> None:
+        future = self._publishes.pop(mid, None)
+        if future is not None and not future.done():
+            future.set_result(reason)
+
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], properties: Any
+    ) -> None:
+        reason = reasons[0] if reasons else ReasonCode(PacketTypes.SUBACK, identifier=0x80)
+        self._call_in_loop(self._subscribe_acked, mid, reason)
+
+    def _subscribe_acked(self, mid: int, reason: ReasonCode) -> None:
+        topic = self._sub_mids.pop(mid, None)
+        if topic is None:
+            return
+        if reason.is_failure:
+            self.log.warning("%s: broker refused subscription %s (%s)", self.client_id, topic, reason)
+        future = self._sub_waiters.get(topic)
+        if future is not None and not future.done():
+            future.set_result(reason)
+
+
+def _publish_packet_size(topic: str, payload: bytes, qos: int, v5: bool) -> int:
+    """Bytes of the PUBLISH packet paho will send (no properties): fixed header + remaining length."""
+    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + (1 if v5 else 0) + len(payload)
+    length_bytes = 1 if remaining < 128 else 2 if remaining < 16_384 else 3 if remaining < 2_097_152 else 4
+    return 1 + length_bytes + remaining
+
+
+def _why_closed(reason: ReasonCode) -> str:
+    """paho reports a plain socket close as "Unspecified error"; say what happened instead."""
+    return "the connection closed" if reason.value == 0x80 else str(reason)
+
+
+def _jitter(delay: float) -> float:
+    """Between half and all of ``delay``: reconnecting clients spread out instead of stampeding."""
+    return random.uniform(delay / 2, delay)

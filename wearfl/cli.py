@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from edge_client.commands import add_commands as add_edge_commands
+from hub.commands import add_commands as add_hub_commands
 from models.commands import add_commands as add_model_commands
 from models.errors import WearflError
 from wearfl import __version__
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     add_model_commands(sub)
     add_edge_commands(sub)
+    add_hub_commands(sub)
     return parser
 
 

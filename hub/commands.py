@@ -1,0 +1,197 @@
+"""The hub commands of the ``wearfl`` CLI: ``wearfl hub`` (run a hub) and ``wearfl status``.
+
+``wearfl hub`` takes its settings from flags, from a TOML file (``--config``) with the
+same keys (``broker``, ``federation``, ``state``, ``keyring``, ``model``, ``task``,
+``min_clients``, ``clients_per_round``, ``round_timeout``, ``rounds``, ``quantize``,
+``norm_bound``, ``max_update_bytes``, ``server_lr``; dashes or underscores) and a
+``[task_config]`` table of scalars for the edges, or both: flags override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from hub.rounds import RoundSummary
+from hub.service import HubConfig, HubService, task_config_from
+from hub.store import HubStore
+from models.errors import ConfigError
+from models.model import Model
+from models.package import load_package
+from models.protocol.codec import SCHEMES
+from models.protocol.identity import load_or_create_key, public_hex
+from models.spec import TASKS, default_spec
+
+__all__ = ["add_commands", "cmd_hub", "cmd_status", "hub_config_from_args"]
+
+CONFIG_KEYS = {
+    "broker": str, "federation": str, "state": str, "keyring": str, "model": str, "task": str,
+    "min_clients": int, "clients_per_round": int, "round_timeout": float, "rounds": int, "quantize": str,
+    "norm_bound": float, "max_update_bytes": int, "server_lr": float,
+}
+
+
+def add_commands(sub: Any) -> None:
+    """Register ``hub`` and ``status`` on the ``wearfl`` subparsers."""
+    p = sub.add_parser("hub", help="run the aggregation hub of a federation",
+                       description="Run the hub: take signed updates over MQTT, close rounds, publish new models.")
+    p.add_argument("--broker", help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883")
+    p.add_argument("--federation", help="federation name (letters, digits, _ . -)")
+    p.add_argument("--state", metavar="DIR", help="state directory (database, model registry, hub key)")
+    p.add_argument("--config", metavar="FILE", help="TOML file with the same settings; flags override it")
+    p.add_argument("--keyring", metavar="FILE", help="accept only these clients' keys ('client_id key_hex' lines)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--model", metavar="PKG", help="initial model package (when the state holds none)")
+    start.add_argument("--task", choices=TASKS, help="start from a fresh default model of this task")
+    p.add_argument("--min-clients", type=int, metavar="N", help="fewest clients a round closes with (default 2)")
+    p.add_argument("--clients-per-round", type=int, metavar="N",
+                   help="close a round once N clients sent an update (default: every edge online)")
+    p.add_argument("--round-timeout", type=float, metavar="S", help="seconds before a round closes early (default 60)")
+    p.add_argument("--rounds", type=int, metavar="R", help="stop after R completed rounds (default: run forever)")
+    p.add_argument("--quantize", choices=SCHEMES, help="update encoding the edges use (default int8)")
+    p.add_argument("--norm-bound", type=float, metavar="L2", help="reject updates with a larger L2 norm")
+    p.add_argument("--max-update-bytes", type=int, metavar="B", help="reject larger updates (default 4 MiB)")
+    p.add_argument("--server-lr", type=float, metavar="LR", help="server learning rate of FedAvg (default 1.0)")
+    p.set_defaults(func=cmd_hub)
+
+    s = sub.add_parser("status", help="show a hub's counters and clients",
+                       description="Show the hub's model version, rounds, update counters and clients.")
+    s.add_argument("--state", metavar="DIR", required=True, help="the hub's state directory")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_status)
+
+
+def _read_config(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(settings, task_config) from a TOML file, keys normalized to underscores and checked."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read hub config {path}: {exc.strerror}.") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"hub config {path} is not valid TOML ({exc}).") from exc
+    task_config = data.pop("task_config", {})
+    if not isinstance(task_config, dict):
+        raise ConfigError(f"{path}: task_config must be a table of scalars.")
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        kind = CONFIG_KEYS.get(name)
+        if kind is None:
+            raise ConfigError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(CONFIG_KEYS))}.")
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigError(f"{path}: {key} must be a {kind.__name__}, got {value!r}.")
+        settings[name] = value
+    return settings, task_config_from(task_config)
+
+
+def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | None]:
+    """The hub's config and initial model from parsed flags (and ``--config``)."""
+    settings, task_config = _read_config(args.config) if args.config else ({}, {})
+    flags = {
+        "broker": args.broker, "federation": args.federation, "state": args.state, "keyring": args.keyring,
+        "model": args.model, "task": args.task, "min_clients": args.min_clients,
+        "clients_per_round": args.clients_per_round, "round_timeout": args.round_timeout, "rounds": args.rounds,
+        "quantize": args.quantize, "norm_bound": args.norm_bound, "max_update_bytes": args.max_update_bytes,
+        "server_lr": args.server_lr,
+    }
+    if args.model or args.task:  # the flags' choice of initial model replaces the file's
+        settings.pop("model", None)
+        settings.pop("task", None)
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    missing = [f"--{k}" for k in ("broker", "federation", "state") if k not in settings]
+    if missing:
+        raise ConfigError(f"wearfl hub needs {', '.join(missing)} (as flags or in --config).")
+    if "model" in settings and "task" in settings:
+        raise ConfigError("give either model or task as the initial model, not both.")
+    if "quantize" in settings:
+        task_config["quantize"] = settings["quantize"]
+    config = HubConfig(
+        broker=settings["broker"], federation=settings["federation"], state_dir=Path(settings["state"]),
+        min_clients=settings.get("min_clients", 2), clients_per_round=settings.get("clients_per_round"),
+        round_timeout_s=settings.get("round_timeout", 60.0), rounds=settings.get("rounds"),
+        keyring=Path(settings["keyring"]) if "keyring" in settings else None,
+        norm_bound=settings.get("norm_bound"), task_config=task_config,
+        server_lr=settings.get("server_lr", 1.0),
+        **({"max_update_bytes": settings["max_update_bytes"]} if "max_update_bytes" in settings else {}),
+    )
+    initial: Model | None = None
+    if "model" in settings:
+        initial = load_package(settings["model"])
+    elif "task" in settings:
+        if settings["task"] not in TASKS:
+            raise ConfigError(f"unknown task {settings['task']!r}; use one of {', '.join(TASKS)}.")
+        initial = Model(default_spec(settings["task"]), seed=0)
+    return config, initial
+
+
+def cmd_hub(args: argparse.Namespace) -> int:
+    config, initial = hub_config_from_args(args)
+    service = HubService(config, initial)
+    key = load_or_create_key(config.state_dir / "keys" / "hub.key")
+    print(f"hub for federation {config.federation} on {config.broker}; hub public key {public_hex(key)} "
+          "(edges pin it to trust the models)", flush=True)
+
+    def report(summary: RoundSummary) -> None:
+        print(f"round {summary.round} closed: {summary.participants} clients, {summary.updates_accepted} updates "
+              f"accepted, {summary.updates_rejected} rejected, model v{summary.model_version} "
+              f"({summary.duration_s:.1f} s)", flush=True)
+
+    service.on_round_closed = report
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows / not main thread
+                loop.add_signal_handler(sig, stop.set)
+        await service.run(stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with HubStore(args.state, create=False) as store:
+        status = store.status()
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(status: dict[str, Any], now: float | None = None) -> str:
+    """The status as a short text report with a table of clients."""
+    now = time.time() if now is None else now
+    rejected = {k: v for k, v in status["updates_rejected"].items() if v}
+    lines = [
+        f"model version       {status['model_version']}",
+        f"rounds completed    {status['rounds_completed']}",
+        f"updates accepted    {status['updates_accepted']}",
+        f"updates rejected    {sum(rejected.values())}"
+        + (f" ({', '.join(f'{k} {v}' for k, v in sorted(rejected.items()))})" if rejected else ""),
+        f"duplicates dropped  {status['duplicates_dropped']}",
+        f"clients             {len(status['clients'])}",
+    ]
+    if status["clients"]:
+        width = max(6, *(len(c) for c in status["clients"]))
+        lines += ["", f"{'client':<{width}}  {'accepted':>8}  {'last seq':>8}  last seen"]
+        for client, c in sorted(status["clients"].items()):
+            seq = "-" if c["last_sequence"] is None else str(c["last_sequence"])
+            seen = "-" if c["last_seen"] is None else f"{max(0.0, now - c['last_seen']):.0f} s ago"
+            lines.append(f"{client:<{width}}  {c['accepted']:>8}  {seq:>8}  {seen}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover - the lead wires add_commands into wearfl.cli
+    sys.exit("use `wearfl hub` or `wearfl status`")

@@ -1,0 +1,252 @@
+"""Update intake: every message on ``update/<client>`` becomes a receipt, and at most one stored update.
+
+Why one pipeline: an update comes from an untrusted network, so each step only runs
+once the cheaper, safer ones passed, and every refusal is a typed reason
+(:data:`models.protocol.messages.REJECT_REASONS`) that is counted and answered. The
+order:
+
+1. client id from the topic (``malformed`` if unreadable);
+2. size bound (``oversize``), before a byte is parsed; safetensors framing (``malformed``):
+   the header length must fit and the header start with ``{``;
+3. signature, against the key pinned for the client (trust on first use) or the
+   keyring's (``unknown_client`` for a client it lacks); ``bad_signature``,
+   ``key_mismatch``, ``malformed``. Tensors are parsed only after this check;
+4. update metadata (``malformed``); its client must be the topic's (``client_mismatch``);
+   the key is pinned here, for a verified, self-consistent message only;
+5. (client, sequence) already stored: receipt ``duplicate``, counted apart, not accepted;
+6. base model version must be the open round's (``stale``), the round open and the
+   update's own (``round_closed``);
+7. decode the tensors (``wrong_shape``, ``non_finite``, ``malformed``), optional L2
+   norm bound (``norm_bound``);
+8. persist, then the receipt ``accepted``.
+
+Receipts for a message whose sequence cannot be read carry ``sequence = -1``; one whose
+topic names no valid client carries ``client = ""`` (there is no topic to answer on).
+:meth:`Intake.process_batch` runs many messages in one store transaction (one commit);
+nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hub.store import HubStore
+from models.protocol.codec import CodecError, UpdateCodec
+from models.protocol.messages import REJECT_REASONS, Receipt, UpdateMeta, parse_update_meta
+from models.protocol.signed import TRAILER_BYTES, SigningError, verify_and_parse
+from models.protocol.topics import Topics
+
+__all__ = ["DEFAULT_MAX_UPDATE_BYTES", "AcceptedUpdate", "Intake"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPDATE_BYTES = 4 * 1024 * 1024
+MAX_COUNTER = 1 << 62  # sequence, round, version and example counts must fit SQLite's INTEGER
+
+
+@dataclass(frozen=True)
+class AcceptedUpdate:
+    """An update that passed every check and is stored: its metadata and its decoded delta."""
+
+    meta: UpdateMeta
+    delta: dict[str, np.ndarray]
+    size: int
+    norm: float | None = None  # the delta's L2 norm, computed when a norm bound is set
+
+    @property
+    def client(self) -> str:
+        return self.meta.client
+
+    @property
+    def num_examples(self) -> int:
+        return self.meta.num_examples
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, detail: str, sequence: int = -1) -> None:
+        super().__init__(detail)
+        self.reason = reason if reason in REJECT_REASONS else "malformed"
+        self.detail, self.sequence = detail, sequence
+
+
+class Intake:
+    """Validates and stores updates for the open round of one federation.
+
+    ``keyring`` (``{client: raw public key}``) limits intake to those clients and keys;
+    without one, the first verified update of a client pins its key. Call
+    :meth:`open_round` before the first update; updates for any other round or base
+    model version are refused.
+    """
+
+    def __init__(
+        self,
+        store: HubStore,
+        topics: Topics,
+        codec: UpdateCodec,
+        *,
+        max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES,
+        norm_bound: float | None = None,
+        keyring: Mapping[str, bytes] | None = None,
+    ) -> None:
+        if max_update_bytes < 1024:
+            raise ValueError(f"max_update_bytes must be at least 1024, got {max_update_bytes}")
+        if norm_bound is not None and not (math.isfinite(norm_bound) and norm_bound > 0):
+            raise ValueError(f"norm_bound must be finite and > 0, got {norm_bound}")
+        self.store, self.topics, self.codec = store, topics, codec
+        self.max_update_bytes = int(max_update_bytes)
+        self.norm_bound = norm_bound
+        self.keyring = dict(keyring) if keyring is not None else None
+        self.round = -1
+        self.model_version = -1
+        self.is_open = False
+        self._keys = store.pinned_keys()
+
+    # -- the round ------------------------------------------------------------------
+
+    def open_round(self, round_number: int, model_version: int) -> None:
+        self.round, self.model_version, self.is_open = int(round_number), int(model_version), True
+
+    def close_round(self) -> None:
+        """Refuse updates (``round_closed``) until the next :meth:`open_round`."""
+        self.is_open = False
+
+    # -- processing -----------------------------------------------------------------
+
+    def process(
+        self, topic: str, payload: bytes, received_at: float | None = None
+    ) -> tuple[Receipt, AcceptedUpdate | None]:
+        """One message: its receipt, and the accepted update when it was stored."""
+        return self.process_batch([(topic, payload)], received_at)[0]
+
+    def process_batch(
+        self, messages: Sequence[tuple[str, bytes]], received_at: float | None = None
+    ) -> list[tuple[Receipt, AcceptedUpdate | None]]:
+        """Many messages in one store transaction: everything is durable when this returns."""
+        now = time.time() if received_at is None else received_at
+        try:
+            with self.store.transaction():
+                return [self._process(topic, bytes(payload), now) for topic, payload in messages]
+        except BaseException:
+            self._keys = self.store.pinned_keys()  # keys pinned in the rolled-back transaction are gone
+            raise
+
+    def _process(self, topic: str, payload: bytes, now: float) -> tuple[Receipt, AcceptedUpdate | None]:
+        client = self.topics.client_from(topic, "update")
+        if client is None:
+            return self._rejected("", _Reject("malformed", f"topic {topic[:200]!r} names no valid client"))
+        try:
+            meta, tensors = self._verified(client, payload, now)
+        except _Reject as rej:
+            return self._rejected(client, rej)
+        if self.store.has_update(client, meta.sequence):
+            self.store.touch(client, now)
+            self.store.count_duplicate()
+            log.debug("duplicate update %s/%d dropped", client, meta.sequence)
+            return self._receipt(client, meta.sequence, "duplicate"), None
+        try:
+            accepted = self._checked(meta, tensors, len(payload))
+        except _Reject as rej:
+            self.store.touch(client, now)  # verified: the client is alive, its update just unusable
+            return self._rejected(client, rej)
+        self.store.record_update(client, meta.sequence, meta.round, meta.base_version, meta.num_examples, payload, now)
+        return self._receipt(client, meta.sequence, "accepted"), accepted
+
+    def _verified(self, client: str, payload: bytes, now: float) -> tuple[UpdateMeta, Mapping[str, np.ndarray]]:
+        """Steps 2-4: size, signature, metadata, client; pins the key of a new client."""
+        if len(payload) > self.max_update_bytes:
+            raise _Reject("oversize", f"{len(payload)} bytes exceeds the {self.max_update_bytes}-byte bound")
+        if not _looks_like_safetensors(payload):
+            raise _Reject("malformed", "the payload is not a signed safetensors message")
+        if self.keyring is not None:
+            expected = self.keyring.get(client)
+            if expected is None:
+                raise _Reject("unknown_client", f"client {client!r} is not in the hub's keyring")
+        else:
+            expected = self._keys.get(client)
+        try:
+            message = verify_and_parse(payload, self.max_update_bytes, expected)
+            meta = parse_update_meta(message)
+        except SigningError as exc:
+            raise _Reject(exc.reason, exc.detail) from None
+        except (ValueError, TypeError, OverflowError, KeyError) as exc:  # hostile metadata the parser missed
+            raise _Reject("malformed", f"update metadata is invalid ({type(exc).__name__})") from None
+        if not all(0 <= v < MAX_COUNTER for v in (meta.sequence, meta.round, meta.base_version, meta.num_examples)):
+            raise _Reject("malformed", "sequence, round, base_version and num_examples must be below 2**62")
+        if meta.client != client:
+            raise _Reject("client_mismatch", f"the update names client {meta.client[:64]!r}, the topic {client!r}",
+                          meta.sequence)
+        if self._keys.get(client) != message.public_key:
+            self.store.pin_key(client, message.public_key, now)
+            self._keys[client] = message.public_key
+        return meta, message.tensors
+
+    def _checked(self, meta: UpdateMeta, tensors: Mapping[str, np.ndarray], size: int) -> AcceptedUpdate:
+        """Steps 6-7: round and version, then the tensors themselves."""
+        seq = meta.sequence
+        if meta.base_version != self.model_version:
+            raise _Reject("stale", f"the update is based on model v{meta.base_version}, the round on "
+                          f"v{self.model_version}", seq)
+        if not self.is_open or meta.round != self.round:
+            state = f"round {self.round} is open" if self.is_open else f"round {self.round} is closed"
+            raise _Reject("round_closed", f"the update is for round {meta.round}; {state}", seq)
+        try:
+            delta = self.codec.decode(tensors, meta.codec)
+        except CodecError as exc:
+            raise _Reject(exc.reason, exc.detail, seq) from None
+        except (ValueError, TypeError, OverflowError, KeyError) as exc:  # hostile codec metadata
+            raise _Reject("malformed", f"the update does not decode ({type(exc).__name__})", seq) from None
+        norm = None
+        if self.norm_bound is not None:
+            norm = l2_norm(delta)
+            if not norm <= self.norm_bound:
+                raise _Reject("norm_bound", f"the update's L2 norm {norm:.4g} exceeds the bound {self.norm_bound:g}",
+                              seq)
+        return AcceptedUpdate(meta, delta, size, norm)
+
+    def decode_stored(self, payload: bytes) -> AcceptedUpdate | None:
+        """An update stored earlier, verified and decoded again (to rebuild a round); None if it fails."""
+        try:
+            message = verify_and_parse(payload, max(self.max_update_bytes, len(payload)))
+            meta = parse_update_meta(message)
+            expected = (self.keyring if self.keyring is not None else self._keys).get(meta.client)
+            if expected is not None and expected != message.public_key:
+                return None
+            delta = self.codec.decode(message.tensors, meta.codec)
+        except (SigningError, CodecError, ValueError, TypeError, OverflowError, KeyError):
+            return None
+        return AcceptedUpdate(meta, delta, len(payload))
+
+    # -- receipts -------------------------------------------------------------------
+
+    def _receipt(self, client: str, sequence: int, status: str, reason: str | None = None,
+                 detail: str | None = None) -> Receipt:
+        return Receipt(client, sequence, status, reason, detail, self.round, self.model_version)
+
+    def _rejected(self, client: str, rej: _Reject) -> tuple[Receipt, None]:
+        self.store.count_rejection(rej.reason)
+        log.info("rejected update from %s (sequence %d): %s: %s", client or "?", rej.sequence, rej.reason, rej.detail)
+        return self._receipt(client, rej.sequence, "rejected", rej.reason, rej.detail), None
+
+
+def l2_norm(delta: Mapping[str, np.ndarray]) -> float:
+    """The L2 norm of all of a delta's values together, summed in float64."""
+    flat = np.concatenate([np.asarray(v, np.float64).reshape(-1) for v in delta.values()])
+    return math.sqrt(float(np.dot(flat, flat)))
+
+
+def _looks_like_safetensors(data: bytes) -> bool:
+    """A framing sniff, nothing parsed: a little-endian header length that fits, then ``{``.
+
+    Garbage fails here as ``malformed`` instead of reaching the signature check as
+    ``bad_signature``, which is kept for messages that look right but were altered.
+    """
+    if len(data) < 8 + 2 + TRAILER_BYTES:
+        return False
+    n = int.from_bytes(data[:8], "little")
+    return 2 <= n <= len(data) - 8 - TRAILER_BYTES and data[8] == 0x7B

@@ -1,0 +1,335 @@
+"""Round logic: when a round closes, and what closing it does.
+
+A round starts from global model vN. Accepted updates are summed as they arrive
+(:class:`hub.aggregation.StreamingAverage`) for a streaming strategy; a non-streaming
+one gets the round's deltas decoded again from the store at close. The round closes
+(:class:`RoundPolicy`) when ``clients_per_round`` distinct clients have sent an
+accepted update (default: as many as edges are online, from their retained
+``status/<client>`` messages), or at the deadline once ``min_clients`` have; with
+fewer at the deadline, the deadline moves on by the timeout and the round waits. A
+round never closes with fewer than ``min_clients``.
+
+Closing (:meth:`RoundManager.close`): mean delta, the strategy's server step, model
+vN+1 in the registry (package, ONNX, TFLite), then the round is recorded in the store
+together with the new current round and version. Publishing the new model and task
+is the service's part. :class:`RoundManager.resume` rebuilds all of this from the
+state directory after a restart, and finishes a close that a crash interrupted
+between the registry write and the store record.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from hub.aggregation import StreamingAverage
+from hub.intake import AcceptedUpdate, Intake
+from hub.registry import ModelRegistry
+from hub.store import HubStore, RoundRecord
+from hub.strategies.base import Strategy
+from models.errors import ConfigError, WearflError
+from models.model import Model
+from models.protocol.messages import parse_json
+from models.protocol.signed import SigningError
+
+__all__ = ["MetricsCollector", "OpenRound", "RoundManager", "RoundPolicy", "RoundSummary"]
+
+log = logging.getLogger(__name__)
+
+Decision = Literal["close", "extend", "wait"]
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """When rounds close: ``clients_per_round`` None means every edge currently online."""
+
+    min_clients: int = 2
+    clients_per_round: int | None = None
+    timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.min_clients < 1:
+            raise ConfigError(f"--min-clients must be at least 1, got {self.min_clients}.")
+        if self.clients_per_round is not None and self.clients_per_round < 1:
+            raise ConfigError(f"--clients-per-round must be at least 1, got {self.clients_per_round}.")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ConfigError(f"--round-timeout must be > 0 seconds, got {self.timeout_s}.")
+
+    def target(self, online: int) -> int:
+        """How many distinct clients close a round early."""
+        wanted = self.clients_per_round if self.clients_per_round is not None else online
+        return max(self.min_clients, wanted)
+
+    def decide(self, participants: int, online: int, now: float, deadline: float) -> Decision:
+        if participants >= self.target(online):
+            return "close"
+        if now >= deadline:
+            return "close" if participants >= self.min_clients else "extend"
+        return "wait"
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """What happened in one closed round, for ``on_round_closed`` hooks and reports.
+
+    ``bytes_up``: payload bytes of every update received during the round (accepted,
+    duplicate and rejected). ``bytes_down``: bytes of the model and task messages the
+    hub published when the round closed, times the number of edges online then (the
+    broker sends each retained message to every subscribed edge); when no edge reports
+    its status, times the number of participants. ``metrics``: federated evaluation of
+    the round's base model, the example-weighted mean of what edges published on
+    ``metrics/<client>`` for this round, plus ``eval_clients`` and ``eval_examples``
+    (empty when no edge reported). ``model``: the new global model (version
+    ``model_version``); treat it as read-only.
+    """
+
+    round: int
+    model_version: int
+    participants: int
+    updates_accepted: int
+    updates_rejected: int
+    bytes_up: int
+    bytes_down: int
+    duration_s: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    model: Model | None = field(default=None, repr=False, compare=False)
+
+
+class MetricsCollector:
+    """Federated-evaluation reports by round: the latest report of each client counts."""
+
+    def __init__(self) -> None:
+        self._reports: dict[int, dict[str, tuple[int, dict[str, float]]]] = {}
+
+    def add(self, client: str, payload: bytes) -> bool:
+        """Parse ``{"round", "model_version", "num_examples", "metrics": {...}}``; False when unusable."""
+        try:
+            d = parse_json(payload, "metrics")
+            round_number, n = int(d["round"]), int(d["num_examples"])
+            metrics = {str(k): float(v) for k, v in dict(d["metrics"]).items()}
+        except (SigningError, KeyError, TypeError, ValueError, OverflowError) as exc:
+            log.info("ignored metrics from %s: %s", client, exc)
+            return False
+        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        if n < 1 or round_number < 0:
+            log.info("ignored metrics from %s: num_examples must be >= 1 and round >= 0", client)
+            return False
+        self._reports.setdefault(round_number, {})[client] = (n, metrics)
+        return True
+
+    def result(self, round_number: int) -> dict[str, float]:
+        """Example-weighted means of each metric for ``round_number``."""
+        reports = self._reports.get(round_number, {})
+        if not reports:
+            return {}
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        for n, metrics in reports.values():
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + n * v
+                weights[k] = weights.get(k, 0.0) + n
+        out = {k: sums[k] / weights[k] for k in sorted(sums)}
+        out["eval_clients"] = float(len(reports))
+        out["eval_examples"] = float(sum(n for n, _ in reports.values()))
+        return out
+
+    def forget_before(self, round_number: int) -> None:
+        for r in [r for r in self._reports if r < round_number]:
+            del self._reports[r]
+
+
+@dataclass
+class OpenRound:
+    """The round in progress: its running sum and counters."""
+
+    round: int
+    base_version: int
+    opened_at: float
+    deadline: float  # time.monotonic()
+    deadline_at: float  # the same deadline as Unix time (ms precision), for the task message
+    aggregate: StreamingAverage | None
+    participants: set[str] = field(default_factory=set)
+    updates_accepted: int = 0
+    updates_rejected: int = 0
+    num_examples: int = 0
+    bytes_up: int = 0
+
+    def set_deadline(self, at: float) -> None:
+        """Set the deadline to Unix time ``at`` (kept to the millisecond)."""
+        self.deadline_at = round(at, 3)
+        self.deadline = time.monotonic() + (self.deadline_at - time.time())
+
+
+class RoundManager:
+    """The current model and open round of one hub, over its store and registry."""
+
+    def __init__(self, store: HubStore, registry: ModelRegistry, strategy: Strategy, policy: RoundPolicy) -> None:
+        self.store, self.registry, self.strategy, self.policy = store, registry, strategy, policy
+        self.model: Model | None = None
+        self.current: OpenRound | None = None
+
+    # -- start and resume -----------------------------------------------------------
+
+    def resume(self, initial_model: Model | None) -> Model:
+        """Load (or create) the current model and round from the state directory."""
+        entry = self.registry.latest()
+        if entry is None:
+            if self.store.rounds_completed():
+                raise ConfigError(f"the hub database records {self.store.rounds_completed()} rounds but the model "
+                                  f"registry {self.registry.root} is empty; restore it from a backup.")
+            if initial_model is None:
+                raise ConfigError("the hub's state directory holds no model yet; start the hub with --model PKG "
+                                  "or --task TASK.")
+            model = initial_model
+            self.registry.save(model, 0)
+            round_number = 1
+            with self.store.transaction():
+                self.store.put("round", round_number)
+                self.store.put("model_version", int(model.version))
+            log.info("new federation state: model v%d, round %d", model.version, round_number)
+        else:
+            model = entry.load()
+            if initial_model is not None and initial_model.spec != model.spec:
+                log.warning("ignoring the given initial model: the state directory already holds a %s model v%d",
+                            model.spec.task, model.version)
+            stored_version = self.store.get("model_version")
+            round_number = self.store.get("round")
+            if stored_version is None or round_number is None:
+                round_number = entry.round + 1
+                log.warning("no round state in the store; continuing from the registry at v%d, round %d",
+                            entry.version, round_number)
+            elif entry.version == stored_version + 1 and entry.round == round_number:
+                self._finish_interrupted_close(entry.version, round_number)
+                round_number += 1
+            elif entry.version != stored_version:
+                raise ConfigError(f"the registry's latest model is v{entry.version} but the hub database says "
+                                  f"v{stored_version}; the state directory is inconsistent, restore it from a backup.")
+            with self.store.transaction():
+                self.store.put("round", round_number)
+                self.store.put("model_version", int(model.version))
+        self.model = model
+        return model
+
+    def _finish_interrupted_close(self, version: int, round_number: int) -> None:
+        updates = self.store.round_updates(round_number)
+        log.warning("round %d was closed into model v%d but not recorded (the hub stopped in between); "
+                    "recording it now", round_number, version)
+        self.store.record_round(
+            RoundRecord(round_number, version - 1, version, None, time.time(), len({u.client for u in updates}),
+                        sum(u.num_examples for u in updates)),
+            round_number + 1,
+        )
+
+    def open(self, round_number: int, intake: Intake | None = None, deadline_at: float | None = None) -> OpenRound:
+        """Start ``round_number`` on the current model; re-add the updates already stored for it.
+
+        ``deadline_at`` (Unix time) defaults to one timeout from now.
+        """
+        assert self.model is not None, "resume() first"
+        aggregate = StreamingAverage.like(self.model.network.state_dict()) if self.strategy.streaming else None
+        now = time.time()
+        self.current = OpenRound(round_number, int(self.model.version), now, 0.0, 0.0, aggregate)
+        self.current.set_deadline(now + self.policy.timeout_s if deadline_at is None else deadline_at)
+        if intake is not None:
+            intake.open_round(round_number, int(self.model.version))
+            for stored in self.store.round_updates(round_number):
+                if stored.payload is None:
+                    continue
+                update = intake.decode_stored(stored.payload)
+                if update is None:
+                    log.error("stored update %s/%d no longer verifies; left out of the aggregate",
+                              stored.client, stored.sequence)
+                    continue
+                self.add(update)
+            if self.current.updates_accepted:
+                log.info("round %d resumed with %d stored updates from %d clients", round_number,
+                         self.current.updates_accepted, len(self.current.participants))
+        return self.current
+
+    # -- during the round -----------------------------------------------------------
+
+    def add(self, update: AcceptedUpdate) -> None:
+        """Count an accepted update into the open round."""
+        cur = self._open()
+        if cur.aggregate is not None:
+            cur.aggregate.add(update.delta, self.strategy.client_weight(update.num_examples))
+        cur.participants.add(update.client)
+        cur.updates_accepted += 1
+        cur.num_examples += update.num_examples
+        cur.bytes_up += update.size
+
+    def count_received(self, size: int, rejected: bool) -> None:
+        """Count a message that was not accepted (rejected or duplicate) into the round's bytes."""
+        cur = self._open()
+        cur.bytes_up += size
+        cur.updates_rejected += int(rejected)
+
+    def decide(self, online: int, now: float | None = None) -> Decision:
+        cur = self._open()
+        return self.policy.decide(len(cur.participants), online, time.monotonic() if now is None else now, cur.deadline)
+
+    def extend(self) -> float:
+        """Move the deadline on by one timeout; returns the new deadline as Unix time."""
+        cur = self._open()
+        cur.set_deadline(time.time() + self.policy.timeout_s)
+        log.info("round %d: %d of at least %d clients by the deadline; waiting %g s more",
+                 cur.round, len(cur.participants), self.policy.min_clients, self.policy.timeout_s)
+        return cur.deadline_at
+
+    # -- closing --------------------------------------------------------------------
+
+    def build_next_model(self, intake: Intake | None = None) -> Model:
+        """Aggregate, server step, register vN+1 (CPU and disk work: run it in a thread)."""
+        cur, model = self._open(), self.model
+        assert model is not None
+        avg = cur.aggregate.mean() if cur.aggregate is not None else self._aggregate_from_store(cur.round, intake)
+        weights = self.strategy.server_step(model.network.state_dict(), avg)
+        bad = sorted(k for k, v in weights.items() if not np.all(np.isfinite(v)))
+        if bad:
+            raise WearflError(f"round {cur.round} produced non-finite weights ({', '.join(bad[:5])}); the model is "
+                              f"kept at v{model.version}. Bound update norms with --norm-bound.")
+        new = Model(model.spec, version=int(model.version) + 1)
+        new.network.load_state_dict(weights)
+        self.registry.save(new, cur.round)
+        return new
+
+    def _aggregate_from_store(self, round_number: int, intake: Intake | None) -> dict[str, np.ndarray]:
+        if intake is None:
+            raise ValueError("a non-streaming strategy needs the intake to decode stored updates")
+        deltas: list[Mapping[str, np.ndarray]] = []
+        weights: list[float] = []
+        for stored in self.store.round_updates(round_number):
+            update = intake.decode_stored(stored.payload) if stored.payload is not None else None
+            if update is not None:
+                deltas.append(update.delta)
+                weights.append(self.strategy.client_weight(update.num_examples))
+        return self.strategy.aggregate(deltas, weights)
+
+    def record_close(self, new_model: Model, bytes_down: int, metrics: Mapping[str, float]) -> RoundSummary:
+        """Record the closed round and make ``new_model`` current (the next round is opened apart)."""
+        cur = self._open()
+        closed_at = time.time()
+        record = RoundRecord(cur.round, cur.base_version, int(new_model.version), cur.opened_at, closed_at,
+                             len(cur.participants), cur.num_examples, cur.updates_rejected, cur.bytes_up, bytes_down,
+                             dict(metrics))
+        self.store.record_round(record, cur.round + 1)
+        self.model = new_model
+        self.current = None
+        summary = RoundSummary(cur.round, int(new_model.version), len(cur.participants), cur.updates_accepted,
+                               cur.updates_rejected, cur.bytes_up, bytes_down, closed_at - cur.opened_at, dict(metrics),
+                               new_model)
+        log.info("round %d closed: %d clients, %d updates, model v%d", cur.round, summary.participants,
+                 summary.updates_accepted, summary.model_version)
+        return summary
+
+    def _open(self) -> OpenRound:
+        if self.current is None:
+            raise RuntimeError("no round is open")
+        return self.current
+

@@ -1,0 +1,438 @@
+"""The hub service: MQTT intake, rounds and publishing, resumable from its state directory.
+
+One asyncio task reads the session's messages into a queue; the main loop drains it in
+batches. For a batch of updates the intake (signature checks, decoding, SQLite) runs in
+a worker thread in one transaction; only when it has committed are the messages
+acknowledged to the broker (``manual_ack``), then the receipts go out. A message never
+acknowledged (the hub stopped first) is redelivered to the same persistent session
+and deduplicated by (client, sequence).
+
+Between batches the round policy decides whether the round closes; closing builds the
+next model (in a thread), records the round, opens the next one and publishes the new
+model and task, both retained. ``on_round_closed`` hooks receive a
+:class:`hub.rounds.RoundSummary`.
+
+State lives in ``state_dir``: ``hub.db`` (:mod:`hub.store`), ``models/``
+(:mod:`hub.registry`) and ``keys/hub.key`` (the hub's signing key). A restarted hub
+takes its model from the registry, its counters and pinned keys from the database, and
+re-aggregates the open round's stored updates; the round's deadline starts anew.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hub.intake import DEFAULT_MAX_UPDATE_BYTES, Intake
+from hub.registry import ModelRegistry
+from hub.rounds import MetricsCollector, RoundManager, RoundPolicy, RoundSummary
+from hub.store import HubStore
+from hub.strategies import STRATEGIES, Strategy, make_strategy
+from models.errors import ConfigError
+from models.model import Model
+from models.protocol.codec import CodecConfig, UpdateCodec
+from models.protocol.identity import load_keyring, load_or_create_key, public_hex
+from models.protocol.messages import Receipt, Task, build_model, parse_json
+from models.protocol.signed import SigningError
+from models.protocol.topics import Topics, check_name
+
+__all__ = ["DEFAULT_TASK_CONFIG", "HubConfig", "HubService"]
+
+log = logging.getLogger(__name__)
+
+Scalar = float | int | str | bool
+
+DEFAULT_TASK_CONFIG: dict[str, Scalar] = {
+    "epochs": 1,
+    "lr": 0.001,
+    "batch_size": 32,
+    "prox_mu": 0.0,
+    "quantize": "int8",
+    "block": 256,
+    "topk_fraction": 0.04,
+    "clip_norm": 0.0,
+}
+"""What edges are told to do in a round unless ``task_config`` says otherwise."""
+
+
+@dataclass
+class HubConfig:
+    """Everything a hub needs; ``wearfl hub`` fills it from flags and an optional TOML file.
+
+    ``clients_per_round`` None: every edge currently online. ``rounds`` None: run until
+    stopped. ``task_config`` is merged over :data:`DEFAULT_TASK_CONFIG` and sent to edges
+    in each task (a flat dict of scalars). ``strategy`` names the aggregation rule
+    (:data:`hub.strategies.STRATEGIES`). ``client_id`` defaults to
+    ``wearfl-hub-<federation>``; give each of several hub workers its own.
+    ``topic_prefix`` replaces ``wearfl/v1`` (tests give each run its own).
+    ``max_batch`` bounds how many queued messages one intake transaction takes.
+    """
+
+    broker: str
+    federation: str
+    state_dir: Path
+    min_clients: int = 2
+    clients_per_round: int | None = None
+    round_timeout_s: float = 60.0
+    max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES
+    norm_bound: float | None = None
+    keyring: Path | None = None
+    rounds: int | None = None
+    task_config: dict[str, Scalar] = field(default_factory=dict)
+    server_lr: float = 1.0
+    strategy: str = "fedavg"
+    client_id: str | None = None
+    protocol: str = "auto"
+    topic_prefix: str = "wearfl/v1"
+    max_batch: int = 256
+    synchronous: str = "FULL"
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir)
+        if self.keyring is not None:
+            self.keyring = Path(self.keyring)
+        check_name("federation", self.federation)
+        if self.rounds is not None and self.rounds < 1:
+            raise ConfigError(f"--rounds must be at least 1, got {self.rounds}.")
+        if self.max_update_bytes < 1024:
+            raise ConfigError(f"max_update_bytes must be at least 1024, got {self.max_update_bytes}.")
+        if self.norm_bound is not None and not (math.isfinite(self.norm_bound) and self.norm_bound > 0):
+            raise ConfigError(f"norm_bound must be a finite number > 0, got {self.norm_bound}.")
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise ConfigError(f"server_lr must be a finite number > 0, got {self.server_lr}.")
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}.")
+        self.policy()  # validates the round settings
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r}; use one of {', '.join(sorted(STRATEGIES))}.")
+        if self.protocol not in ("auto", "5", "3.1.1"):
+            raise ConfigError(f"unknown MQTT protocol {self.protocol!r}; use auto, 5 or 3.1.1.")
+        self.task_config = self.full_task_config()
+
+    def policy(self) -> RoundPolicy:
+        return RoundPolicy(self.min_clients, self.clients_per_round, self.round_timeout_s)
+
+    def full_task_config(self) -> dict[str, Scalar]:
+        """:data:`DEFAULT_TASK_CONFIG` overridden by ``task_config``, checked."""
+        config = {**DEFAULT_TASK_CONFIG, **self.task_config}
+        for key, value in config.items():
+            if not isinstance(value, float | int | str | bool):
+                raise ConfigError(f"task_config[{key!r}] must be a number, string or boolean, got {value!r}.")
+        try:
+            CodecConfig(scheme=str(config["quantize"]), block=int(config["block"]),
+                        topk_fraction=float(config["topk_fraction"]), clip_norm=float(config["clip_norm"]))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"task_config has an invalid codec setting ({exc}).") from exc
+        return config
+
+
+RoundHook = Callable[[RoundSummary], Any]
+
+
+class HubService:
+    """One hub: ``await HubService(config, initial_model).run(stop)``.
+
+    ``initial_model`` is used only when the state directory holds no model yet;
+    ``strategy`` (an instance) overrides ``config.strategy``.
+    ``ready`` is set once the hub is subscribed and has published the current model and
+    task. ``on_round_closed`` (a function or coroutine function of a RoundSummary) runs
+    after each round is recorded and its model published; ``summaries`` keeps them.
+    """
+
+    def __init__(self, config: HubConfig, initial_model: Model | None = None,
+                 strategy: Strategy | None = None) -> None:
+        self.config = config
+        self.topics = Topics(config.federation, config.topic_prefix)
+        self.initial_model = initial_model
+        self.strategy = strategy if strategy is not None else make_strategy(config.strategy, server_lr=config.server_lr)
+        self.on_round_closed: RoundHook | None = None
+        self.summaries: list[RoundSummary] = []
+        self.ready = asyncio.Event()
+        self.online: set[str] = set()
+        self._store: HubStore | None = None
+        self._rounds: RoundManager | None = None
+        self._intake: Intake | None = None
+        self._metrics = MetricsCollector()
+        self._session: Any = None
+        self._key: Any = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- accessors ------------------------------------------------------------------
+
+    @property
+    def current_model(self) -> Model | None:
+        """The global model the open round trains from (None before ``run`` loaded it)."""
+        return self._rounds.model if self._rounds is not None else None
+
+    @property
+    def current_round(self) -> int | None:
+        return self._rounds.current.round if self._rounds is not None and self._rounds.current else None
+
+    def status(self) -> dict[str, Any]:
+        """The ``wearfl status --json`` contract, from the live store or the state directory."""
+        if self._store is not None:
+            return self._store.status()
+        with HubStore(self.config.state_dir, create=False) as store:
+            return store.status()
+
+    # -- running --------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Serve until ``stop`` is set or ``config.rounds`` rounds are complete."""
+        from models.protocol.mqtt import BrokerAddress, MqttSession
+
+        stop = stop if stop is not None else asyncio.Event()
+        cfg = self.config
+        address = BrokerAddress.parse(cfg.broker)
+        keyring = load_keyring(cfg.keyring) if cfg.keyring is not None else None
+        self._key = load_or_create_key(cfg.state_dir / "keys" / "hub.key")
+        store = self._store = HubStore(cfg.state_dir, synchronous=cfg.synchronous)
+        try:
+            rounds = self._rounds = RoundManager(store, ModelRegistry(cfg.state_dir / "models"), self.strategy,
+                                                 cfg.policy())
+            model = await asyncio.to_thread(rounds.resume, self.initial_model)
+            codec = UpdateCodec.for_weights(model.network.state_dict())
+            intake = self._intake = Intake(store, self.topics, codec, max_update_bytes=cfg.max_update_bytes,
+                                           norm_bound=cfg.norm_bound, keyring=keyring)
+            round_number = int(store.get("round"))
+            await asyncio.to_thread(rounds.open, round_number, intake)
+            if self._finished():
+                log.info("the federation already completed %d rounds; nothing to do", cfg.rounds)
+                return
+            session = self._session = MqttSession(
+                address, cfg.client_id or f"wearfl-hub-{cfg.federation}", manual_ack=True,
+                protocol=cfg.protocol,  # type: ignore[arg-type]
+            )
+            await session.connect()
+            try:
+                await self._serve(session, stop)
+            finally:
+                await self._drain_background(5.0)
+                await session.disconnect()
+        finally:
+            self._store = None
+            store.close()
+
+    async def _serve(self, session: Any, stop: asyncio.Event) -> None:
+        cfg, rounds = self.config, self._require_rounds()
+        shared = session.protocol == "5"
+        await session.subscribe(self.topics.shared_updates() if shared else self.topics.all_of("update"), qos=1)
+        await session.subscribe(self.topics.all_of("status"), qos=1)
+        await session.subscribe(self.topics.all_of("metrics"), qos=1)
+        await self._publish_model_and_task()
+        model = rounds.model
+        assert model is not None
+        log.info("hub %s for federation %s on %s (MQTT %s%s): model v%d, round %d, hub key %s", session.client_id,
+                 cfg.federation, session.address.url, session.protocol, ", shared subscription" if shared else "",
+                 model.version, self.current_round, public_hex(self._key))
+        self.ready.set()
+
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        pump = asyncio.create_task(self._pump(session, queue), name="hub-pump")
+        stopper = asyncio.create_task(self._wake_on(stop, queue), name="hub-stop")
+        try:
+            while not stop.is_set():
+                cur = rounds.current
+                assert cur is not None
+                try:
+                    first = await asyncio.wait_for(queue.get(), max(0.0, cur.deadline - time.monotonic()))
+                except TimeoutError:
+                    first = ...
+                if first is None:
+                    break
+                batch = [] if first is ... else [first]
+                while len(batch) < cfg.max_batch and not queue.empty():
+                    item = queue.get_nowait()
+                    if item is None:
+                        queue.put_nowait(None)
+                        break
+                    batch.append(item)
+                if batch:
+                    await self._handle(session, batch)
+                if await self._maybe_close() and self._finished():
+                    log.info("completed %d rounds; stopping", cfg.rounds)
+                    break
+        finally:
+            for task in (pump, stopper):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    @staticmethod
+    async def _pump(session: Any, queue: asyncio.Queue[Any]) -> None:
+        async for message in session.messages():
+            queue.put_nowait(message)
+        queue.put_nowait(None)
+
+    @staticmethod
+    async def _wake_on(stop: asyncio.Event, queue: asyncio.Queue[Any]) -> None:
+        await stop.wait()
+        queue.put_nowait(None)
+
+    # -- messages -------------------------------------------------------------------
+
+    async def _handle(self, session: Any, batch: list[Any]) -> None:
+        updates = []
+        update_prefix = self.topics.all_of("update")[:-1]  # "<root>/update/": invalid client ids go to intake too
+        for message in batch:
+            if message.topic.startswith(update_prefix):
+                updates.append(message)
+            elif (client := self.topics.client_from(message.topic, "status")) is not None:
+                self._on_status(client, message.payload)
+                session.ack(message)
+            elif (client := self.topics.client_from(message.topic, "metrics")) is not None:
+                self._metrics.add(client, message.payload)
+                session.ack(message)
+            else:
+                log.debug("ignored a message on %s", message.topic)
+                session.ack(message)
+        if not updates:
+            return
+        intake, rounds = self._require_intake(), self._require_rounds()
+        started = time.perf_counter()
+        results = await asyncio.to_thread(intake.process_batch, [(m.topic, m.payload) for m in updates])
+        log.debug("intake: %d updates in %.1f ms", len(updates), 1000 * (time.perf_counter() - started))
+        receipts: list[Receipt] = []
+        for message, (receipt, accepted) in zip(updates, results, strict=True):
+            session.ack(message)  # persisted (or refused for good) by the committed batch
+            if accepted is not None:
+                rounds.add(accepted)
+            else:
+                rounds.count_received(len(message.payload), rejected=receipt.status == "rejected")
+            if receipt.client:
+                receipts.append(receipt)
+        self._spawn(self._publish_receipts(session, receipts))
+
+    def _on_status(self, client: str, payload: bytes) -> None:
+        if not payload:  # a cleared retained status
+            self.online.discard(client)
+            return
+        try:
+            state = parse_json(payload, "status").get("state")
+        except SigningError as exc:
+            log.info("ignored status of %s: %s", client, exc)
+            return
+        if state == "online":
+            self.online.add(client)
+        elif state == "offline":
+            self.online.discard(client)
+
+    async def _publish_receipts(self, session: Any, receipts: list[Receipt]) -> None:
+        results = await asyncio.gather(
+            *(session.publish(self.topics.receipt(r.client), r.to_bytes(), qos=1) for r in receipts),
+            return_exceptions=True,
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            log.warning("%d of %d receipts were not confirmed by the broker: %s", len(failed), len(receipts), failed[0])
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _drain_background(self, timeout: float) -> None:
+        if self._background:
+            _, pending = await asyncio.wait(set(self._background), timeout=timeout)
+            for task in pending:
+                task.cancel()
+
+    # -- rounds ---------------------------------------------------------------------
+
+    def _finished(self) -> bool:
+        store = self._store
+        return self.config.rounds is not None and store is not None and store.rounds_completed() >= self.config.rounds
+
+    async def _maybe_close(self) -> bool:
+        """Close or extend the round when the policy says so; True when a round closed."""
+        rounds = self._require_rounds()
+        decision = rounds.decide(len(self.online))
+        if decision == "extend":
+            rounds.extend()
+            await self._publish_task()
+            return False
+        if decision == "wait":
+            return False
+        intake = self._require_intake()
+        cur = rounds.current
+        assert cur is not None
+        intake.close_round()
+        new_model = await asyncio.to_thread(rounds.build_next_model, intake)
+        next_round = cur.round + 1
+        model_message = build_model(new_model, next_round, self._key)
+        task = Task(next_round, int(new_model.version), dict(self.config.task_config),
+                    round(time.time() + self.config.round_timeout_s, 3))
+        recipients = len(self.online) or len(cur.participants)
+        summary = rounds.record_close(new_model, (len(model_message) + len(task.to_bytes())) * recipients,
+                                      self._metrics.result(cur.round))
+        await asyncio.to_thread(rounds.open, next_round, intake, task.deadline)
+        self._metrics.forget_before(next_round)
+        # After the last round of a run with ``rounds`` set, only the model goes out: a task would
+        # set the edges training for a round no hub takes. A restarted hub publishes it.
+        await self._publish_model_and_task(model_message, task=not self._finished())
+        self.summaries.append(summary)
+        await self._run_hook(summary)
+        return True
+
+    async def _run_hook(self, summary: RoundSummary) -> None:
+        hook = self.on_round_closed
+        if hook is None:
+            return
+        try:
+            result = hook(summary)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("on_round_closed hook failed for round %d", summary.round)
+
+    def _task(self) -> Task:
+        rounds = self._require_rounds()
+        cur, model = rounds.current, rounds.model
+        assert cur is not None and model is not None
+        return Task(cur.round, int(model.version), dict(self.config.task_config), cur.deadline_at)
+
+    async def _publish_task(self) -> None:
+        await self._session.publish(self.topics.task, self._task().to_bytes(), qos=1, retain=True)
+
+    async def _publish_model_and_task(self, model_message: bytes | None = None, task: bool = True) -> None:
+        """Publish the current model (retained, signed) and then the task that points at it."""
+        rounds = self._require_rounds()
+        model, cur = rounds.model, rounds.current
+        assert model is not None and cur is not None
+        if model_message is None:
+            model_message = build_model(model, cur.round, self._key)
+        await self._session.publish(self.topics.model, model_message, qos=1, retain=True)
+        if task:
+            await self._publish_task()
+            log.info("published model v%d (%d bytes) and the task for round %d", model.version, len(model_message),
+                     cur.round)
+        else:
+            log.info("published the final model v%d (%d bytes)", model.version, len(model_message))
+
+    def _require_rounds(self) -> RoundManager:
+        if self._rounds is None:
+            raise RuntimeError("the hub is not running")
+        return self._rounds
+
+    def _require_intake(self) -> Intake:
+        if self._intake is None:
+            raise RuntimeError("the hub is not running")
+        return self._intake
+
+
+def task_config_from(mapping: Mapping[str, Any]) -> dict[str, Scalar]:
+    """A flat scalar dict from a parsed TOML table (nested tables are refused)."""
+    out: dict[str, Scalar] = {}
+    for key, value in mapping.items():
+        if not isinstance(value, float | int | str | bool):
+            raise ConfigError(f"task setting {key!r} must be a number, string or boolean, got {type(value).__name__}.")
+        out[str(key)] = value
+    return out

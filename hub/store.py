@@ -1,0 +1,351 @@
+"""The hub's durable state: one SQLite database (WAL) in the state directory.
+
+Why SQLite: the hub must persist an accepted update before it acknowledges it, survive
+a restart with its counters, pinned keys and open round intact, and let ``wearfl
+status`` read all of it while the hub runs. WAL mode lets readers in during writes;
+every write is in a transaction, and :meth:`HubStore.transaction` groups the writes of
+a whole batch of messages into one commit (one fsync), which is what lets intake keep
+up with the broker.
+
+Tables::
+
+    clients     id, public_key, accepted, last_sequence, last_seen
+    updates     (client, sequence) primary key, round, base_version, num_examples,
+                received_at, size, sha256, payload (the raw signed bytes, kept while
+                the round is open so a restarted hub can rebuild its aggregate)
+    rejections  reason -> count
+    counters    name -> count (duplicates_dropped)
+    rounds      one row per closed round: versions, participants, bytes, metrics
+    kv          small JSON values: current round and model version, strategy state
+
+``status()`` is the contract of ``wearfl status --json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.errors import ConfigError
+from models.protocol.messages import REJECT_REASONS
+
+__all__ = ["DB_NAME", "HubStore", "RoundRecord", "StoredUpdate"]
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "hub.db"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS clients (
+    id TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL,
+    accepted INTEGER NOT NULL DEFAULT 0,
+    last_sequence INTEGER,
+    last_seen REAL
+);
+CREATE TABLE IF NOT EXISTS updates (
+    client TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    base_version INTEGER NOT NULL,
+    num_examples INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    payload BLOB,
+    PRIMARY KEY (client, sequence)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS updates_by_round ON updates (round);
+CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    base_version INTEGER NOT NULL,
+    model_version INTEGER NOT NULL,
+    opened_at REAL,
+    closed_at REAL NOT NULL,
+    participants INTEGER NOT NULL,
+    num_examples INTEGER NOT NULL,
+    updates_rejected INTEGER NOT NULL,
+    bytes_up INTEGER NOT NULL,
+    bytes_down INTEGER NOT NULL,
+    metrics TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    """One accepted update as stored (``payload`` None once its round has closed)."""
+
+    client: str
+    sequence: int
+    round: int
+    base_version: int
+    num_examples: int
+    received_at: float
+    payload: bytes | None
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What is kept of a closed round."""
+
+    round: int
+    base_version: int
+    model_version: int
+    opened_at: float | None
+    closed_at: float
+    participants: int
+    num_examples: int
+    updates_rejected: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class HubStore:
+    """The SQLite state of one hub; safe to call from one thread at a time (a lock guards it).
+
+    ``synchronous`` is SQLite's durability level: ``FULL`` (default) fsyncs every commit,
+    so an acknowledged update survives power loss; ``NORMAL`` survives a crash of the hub
+    process only.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str], *, synchronous: str = "FULL", create: bool = True) -> None:
+        if synchronous not in ("FULL", "NORMAL", "EXTRA"):
+            raise ConfigError(f"synchronous must be FULL, NORMAL or EXTRA, got {synchronous!r}.")
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / DB_NAME
+        if not create and not self.path.is_file():
+            raise ConfigError(f"no hub state in {self.state_dir} ({DB_NAME} is missing); is --state right?")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(
+                f"cannot open the hub database {self.path}: {exc}; restore it or use another --state."
+            ) from exc
+        self._lock = threading.RLock()
+        self._depth = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> HubStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transactions ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Everything inside commits together or not at all; nested uses join the outer one."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+            finally:
+                self._depth = 0
+
+    # -- clients and keys ------------------------------------------------------------
+
+    def pinned_keys(self) -> dict[str, bytes]:
+        """``{client: raw public key}`` of every client seen so far."""
+        with self._lock:
+            return {c: bytes(k) for c, k in self._db.execute("SELECT id, public_key FROM clients")}
+
+    def pin_key(self, client: str, public_key: bytes, now: float | None = None) -> bool:
+        """Record ``client``'s key; True (and a warning in the log) when the client is new."""
+        now = time.time() if now is None else now
+        with self.transaction():
+            cur = self._db.execute("INSERT INTO clients (id, public_key, last_seen) VALUES (?, ?, ?)"
+                                   " ON CONFLICT (id) DO NOTHING", (client, public_key, now))
+            if cur.rowcount == 1:
+                log.warning("pinned key for client %s (%s...)", client, public_key.hex()[:16])
+                return True
+            cur = self._db.execute("UPDATE clients SET public_key = ? WHERE id = ? AND public_key != ?",
+                                   (public_key, client, public_key))
+            if cur.rowcount:
+                log.info("key of client %s replaced from the keyring", client)
+            return False
+
+    def touch(self, client: str, now: float | None = None) -> None:
+        """Note that a verified message from ``client`` arrived."""
+        with self.transaction():
+            self._db.execute("UPDATE clients SET last_seen = ? WHERE id = ?",
+                             (time.time() if now is None else now, client))
+
+    # -- updates ---------------------------------------------------------------------
+
+    def has_update(self, client: str, sequence: int) -> bool:
+        with self._lock:
+            return self._db.execute(
+                "SELECT 1 FROM updates WHERE client = ? AND sequence = ?", (client, sequence)
+            ).fetchone() is not None
+
+    def record_update(
+        self, client: str, sequence: int, round_number: int, base_version: int, num_examples: int,
+        payload: bytes, received_at: float | None = None,
+    ) -> None:
+        """Store an accepted update and count it for its client, atomically.
+
+        The client must have a pinned key. ``sqlite3.IntegrityError`` when (client,
+        sequence) is already stored: check :meth:`has_update` first.
+        """
+        now = time.time() if received_at is None else received_at
+        digest = hashlib.sha256(payload).hexdigest()
+        with self.transaction():
+            self._db.execute(
+                "INSERT INTO updates (client, sequence, round, base_version, num_examples, received_at, size, sha256,"
+                " payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (client, sequence, round_number, base_version, num_examples, now, len(payload), digest, payload),
+            )
+            cur = self._db.execute(
+                "UPDATE clients SET accepted = accepted + 1, last_seen = ?,"
+                " last_sequence = MAX(COALESCE(last_sequence, -1), ?) WHERE id = ?",
+                (now, sequence, client),
+            )
+            if cur.rowcount != 1:
+                raise ValueError(f"client {client!r} has no pinned key; pin it before recording its updates")
+
+    def round_updates(self, round_number: int) -> list[StoredUpdate]:
+        """The accepted updates of ``round_number``, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT client, sequence, round, base_version, num_examples, received_at, payload FROM updates"
+                " WHERE round = ? ORDER BY received_at, client, sequence", (round_number,)
+            ).fetchall()
+        return [StoredUpdate(c, s, r, b, n, t, None if p is None else bytes(p)) for c, s, r, b, n, t, p in rows]
+
+    # -- counters --------------------------------------------------------------------
+
+    def count_rejection(self, reason: str, n: int = 1) -> None:
+        if reason not in REJECT_REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}")
+        with self.transaction():
+            self._db.execute(
+                "INSERT INTO rejections (reason, count) VALUES (?, ?)"
+                " ON CONFLICT (reason) DO UPDATE SET count = count + excluded.count", (reason, n)
+            )
+
+    def count_duplicate(self, n: int = 1) -> None:
+        with self.transaction():
+            self._db.execute(
+                "INSERT INTO counters (name, value) VALUES ('duplicates_dropped', ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value", (n,)
+            )
+
+    # -- rounds and small values ----------------------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A JSON value from ``kv``."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def put(self, key: str, value: Any) -> None:
+        with self.transaction():
+            self._db.execute("INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE"
+                             " SET value = excluded.value", (key, json.dumps(value)))
+
+    def record_round(self, record: RoundRecord, next_round: int, keep_payloads: bool = False) -> None:
+        """Record a closed round and move the current round and model version on, atomically.
+
+        The stored payloads of the closed round are dropped (their metadata and sha256 stay)
+        unless ``keep_payloads``: only the open round's are needed to resume.
+        """
+        d = asdict(record)
+        d["metrics"] = json.dumps(record.metrics, sort_keys=True)
+        with self.transaction():
+            self._db.execute(
+                "INSERT INTO rounds (round, base_version, model_version, opened_at, closed_at, participants,"
+                " num_examples, updates_rejected, bytes_up, bytes_down, metrics) VALUES (:round, :base_version,"
+                " :model_version, :opened_at, :closed_at, :participants, :num_examples, :updates_rejected, :bytes_up,"
+                " :bytes_down, :metrics)", d,
+            )
+            if not keep_payloads:
+                self._db.execute("UPDATE updates SET payload = NULL WHERE round = ?", (record.round,))
+            self.put("round", next_round)
+            self.put("model_version", record.model_version)
+
+    def rounds_completed(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0])
+
+    def rounds(self) -> list[RoundRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT round, base_version, model_version, opened_at, closed_at, participants, num_examples,"
+                " updates_rejected, bytes_up, bytes_down, metrics FROM rounds ORDER BY round"
+            ).fetchall()
+        return [RoundRecord(*row[:10], metrics=json.loads(row[10])) for row in rows]
+
+    # -- status ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The contract of ``wearfl status --json``.
+
+        ``{"model_version", "rounds_completed", "updates_accepted", "updates_rejected":
+        {reason: count} (every reason, 0 included), "duplicates_dropped", "clients": {id:
+        {"accepted", "last_sequence" (None before the first accepted update),
+        "last_seen" (Unix time of its last verified update)}}}``. Read in one transaction,
+        so ``updates_accepted`` always equals the sum of the clients' ``accepted``.
+        """
+        with self._lock:
+            outer = self._depth == 0
+            if outer:
+                self._db.execute("BEGIN")  # deferred: a read snapshot, no write lock
+            try:
+                version = self._db.execute("SELECT value FROM kv WHERE key = 'model_version'").fetchone()
+                rounds = self._db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+                accepted = self._db.execute("SELECT COUNT(*) FROM updates").fetchone()[0]
+                rejected = dict.fromkeys(REJECT_REASONS, 0)
+                rejected.update(self._db.execute("SELECT reason, count FROM rejections").fetchall())
+                dup = self._db.execute("SELECT value FROM counters WHERE name = 'duplicates_dropped'").fetchone()
+                clients = {
+                    c: {"accepted": a, "last_sequence": s, "last_seen": t}
+                    for c, a, s, t in self._db.execute(
+                        "SELECT id, accepted, last_sequence, last_seen FROM clients ORDER BY id")
+                }
+            finally:
+                if outer:
+                    self._db.execute("COMMIT")
+        return {
+            "model_version": None if version is None else json.loads(version[0]),
+            "rounds_completed": rounds,
+            "updates_accepted": accepted,
+            "updates_rejected": rejected,
+            "duplicates_dropped": 0 if dup is None else dup[0],
+            "clients": clients,
+        }

@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""Benchmark hub intake: N edges' signed int8 updates through a real Mosquitto into one hub.
+
+Why: the hub must keep up with the broker (DESIGN.md: 1000 updates of ~25k parameters
+in about a second on a laptop), since a slow intake leaves updates queued in the broker
+and rounds late. This measures the whole path an update takes: publish, broker, hub
+session, size bound, signature check, decode, SQLite commit, ack, receipt back.
+
+How:
+
+1. Start Mosquitto on a free loopback port (:mod:`models.protocol.broker`).
+2. Pre-build N signed updates of the heart-rate model (18k parameters, int8, one Ed25519
+   key per edge), so building them is not timed.
+3. Start the hub in a child process (this file with ``--hub-worker``), so its peak RSS
+   is its own, with ``clients_per_round = N`` and ``rounds = 1``.
+4. In this process, ``--publishers`` MQTT sessions (default 4) publish the N updates
+   concurrently on the N edges' ``update/<client>`` topics (the hub only sees topics and
+   signatures, so a few sockets stand in for N edges), and one session subscribed to
+   ``receipt/+`` counts receipts.
+5. Wall time runs from the first publish to the last receipt. The hub worker reports its
+   peak RSS (``ru_maxrss``) and its RSS when ready (before intake).
+
+Usage, from the repository root::
+
+    python scripts/bench_hub_intake.py                 # 1000 edges
+    python scripts/bench_hub_intake.py --edges 200 --publishers 2
+    python scripts/bench_hub_intake.py --profile       # cProfile of the hub worker, to stderr
+
+A summary goes to stdout, the figures to ``--out`` (default ``bench-results/hub_intake.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if (REPO_ROOT / "hub" / "__init__.py").is_file() and str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+FEDERATION = "bench-intake"
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# -- the hub, in its own process ---------------------------------------------------------------
+
+
+def hub_worker(args: argparse.Namespace) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.ERROR, format="%(relativeCreated)d %(name)s %(message)s")
+    if args.verbose:
+        logging.getLogger("hub.service").setLevel(logging.DEBUG)
+    from hub.service import HubConfig, HubService
+    from models import Model, heart_rate_spec
+
+    config = HubConfig(broker=args.broker, federation=FEDERATION, state_dir=Path(args.state), min_clients=args.edges,
+                       clients_per_round=args.edges, round_timeout_s=600, rounds=1,
+                       task_config={"quantize": "int8"}, synchronous=args.synchronous, max_batch=args.max_batch)
+    service = HubService(config, Model(heart_rate_spec(), seed=0))
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        run = asyncio.create_task(service.run())
+        await asyncio.wait_for(service.ready.wait(), 60)
+        result["rss_ready_mb"] = _rss_mb()
+        await asyncio.wait_for(run, 600)
+
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler:
+        profiler.enable()
+    asyncio.run(main())
+    if profiler:
+        profiler.disable()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(35)
+        print(out.getvalue(), file=sys.stderr)
+    summary = service.summaries[0]
+    status = service.status()
+    result.update(
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        updates_accepted=status["updates_accepted"],
+        updates_rejected=sum(status["updates_rejected"].values()),
+        round_duration_s=summary.duration_s,
+        bytes_up=summary.bytes_up,
+    )
+    Path(args.result).write_text(json.dumps(result))
+
+
+# -- the edges, in this process ----------------------------------------------------------------
+
+
+def build_updates(n: int) -> tuple[list[tuple[str, bytes]], int]:
+    """N (client, signed int8 update) pairs for round 1 on model v0, and the model's parameter count."""
+    import numpy as np
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from models import Model, heart_rate_spec
+    from models.protocol.codec import CodecConfig, UpdateCodec
+    from models.protocol.messages import UpdateMeta, build_update
+
+    weights = Model(heart_rate_spec(), seed=0).network.state_dict()
+    codec = UpdateCodec.for_weights(weights, CodecConfig(scheme="int8"))
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        client = f"edge-{i:04d}"
+        delta = {k: (0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in weights.items()}
+        tensors, meta, _ = codec.encode(delta, rng)
+        update = UpdateMeta(client=client, round=1, base_version=0, base_hash="0" * 64,
+                            num_examples=int(rng.integers(16, 256)), sequence=0, codec=meta)
+        out.append((client, build_update(update, tensors, Ed25519PrivateKey.generate())))
+    return out, codec.size
+
+
+async def drive(url: str, updates: list[tuple[str, bytes]], publishers: int, timeout: float) -> dict[str, float]:
+    from models.protocol.messages import Receipt
+    from models.protocol.mqtt import BrokerAddress, MqttSession
+    from models.protocol.topics import Topics
+
+    topics = Topics(FEDERATION)
+    address = BrokerAddress.parse(url)
+    watcher = MqttSession(address, "bench-receipts", clean_start=True, session_expiry_s=0)
+    await watcher.connect()
+    await watcher.subscribe(topics.task)
+    await watcher.subscribe(topics.all_of("receipt"))
+    senders = [MqttSession(address, f"bench-edges-{i}", clean_start=True, session_expiry_s=0, max_inflight=100)
+               for i in range(publishers)]
+    for s in senders:
+        await s.connect()
+
+    messages = watcher.messages()
+    deadline = time.monotonic() + 120
+    while True:  # the retained task says the hub is subscribed and ready
+        m = await asyncio.wait_for(anext(messages), max(0.1, deadline - time.monotonic()))
+        if m.topic == topics.task:
+            break
+
+    statuses: dict[str, int] = {}
+    done = asyncio.get_running_loop().create_future()
+    last = [0.0]
+
+    async def count() -> None:
+        seen = 0
+        async for m in messages:
+            if m.topic == topics.task:
+                continue
+            receipt = Receipt.from_bytes(m.payload)
+            statuses[receipt.status] = statuses.get(receipt.status, 0) + 1
+            seen += 1
+            last[0] = time.perf_counter()
+            if seen == len(updates) and not done.done():
+                done.set_result(None)
+
+    counter = asyncio.create_task(count())
+    shares = [updates[i::publishers] for i in range(publishers)]
+    t0 = time.perf_counter()
+    pubacks = await asyncio.gather(*(
+        asyncio.gather(*(s.publish(topics.update(client), payload, qos=1) for client, payload in share))
+        for s, share in zip(senders, shares, strict=True)
+    ))
+    t_published = time.perf_counter()
+    await asyncio.wait_for(done, timeout)
+    counter.cancel()
+    for s in [*senders, watcher]:
+        await s.disconnect()
+    del pubacks
+    return {"wall_s": last[0] - t0, "publish_s": t_published - t0, **{f"receipts_{k}": v for k, v in statuses.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--edges", type=int, default=1000)
+    parser.add_argument("--publishers", type=int, default=4, help="MQTT sessions that publish the updates")
+    parser.add_argument("--synchronous", default="FULL", choices=("FULL", "NORMAL"), help="hub SQLite durability")
+    parser.add_argument("--max-batch", type=int, default=256, help="hub: messages per intake transaction")
+    parser.add_argument("--profile", action="store_true", help="cProfile the hub worker (to stderr)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "bench-results" / "hub_intake.json"))
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--verbose", action="store_true", help="log each intake batch of the hub (to stderr)")
+    parser.add_argument("--hub-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--broker", help=argparse.SUPPRESS)
+    parser.add_argument("--state", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.hub_worker:
+        hub_worker(args)
+        return 0
+
+    from models.protocol.broker import MosquittoBroker
+
+    print(f"building {args.edges} signed int8 updates ...", file=sys.stderr)
+    updates, parameters = build_updates(args.edges)
+    sizes = [len(p) for _, p in updates]
+    with tempfile.TemporaryDirectory(prefix="wearfl-bench-hub-") as tmp, MosquittoBroker(workdir=tmp) as broker:
+        result_path = Path(tmp) / "hub.json"
+        cmd = [sys.executable, __file__, "--hub-worker", "--broker", broker.url, "--state", str(Path(tmp) / "hub"),
+               "--result", str(result_path), "--edges", str(args.edges), "--synchronous", args.synchronous,
+               "--max-batch", str(args.max_batch)]
+        cmd += ["--profile"] if args.profile else []
+        cmd += ["--verbose"] if args.verbose else []
+        hub = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        try:
+            edge = asyncio.run(drive(broker.url, updates, args.publishers, args.timeout))
+            hub.wait(timeout=120)
+        finally:
+            if hub.poll() is None:
+                hub.terminate()
+                hub.wait(10)
+        if hub.returncode != 0:
+            print(f"the hub worker failed with exit code {hub.returncode}", file=sys.stderr)
+            return 1
+        hub_result = json.loads(result_path.read_text())
+
+    report = {
+        "benchmark": "hub_intake",
+        "edges": args.edges,
+        "publishers": args.publishers,
+        "model": "heart-rate",
+        "parameters": parameters,
+        "quantize": "int8",
+        "update_bytes": sum(sizes) // len(sizes),
+        "sqlite_synchronous": args.synchronous,
+        "hub_max_batch": args.max_batch,
+        "wall_s_first_publish_to_last_receipt": round(edge["wall_s"], 4),
+        "publish_s_until_last_puback": round(edge["publish_s"], 4),
+        "updates_per_s": round(args.edges / edge["wall_s"], 1),
+        "receipts": {k[len("receipts_"):]: v for k, v in edge.items() if k.startswith("receipts_")},
+        "hub_updates_accepted": hub_result["updates_accepted"],
+        "hub_peak_rss_mb": round(hub_result["peak_rss_mb"], 1),
+        "hub_rss_ready_mb": round(hub_result["rss_ready_mb"], 1),
+        "hub_round_duration_s": round(hub_result["round_duration_s"], 3),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    ok = hub_result["updates_accepted"] == args.edges
+    print(f"{args.edges} updates ({report['update_bytes']} B, int8, {parameters} parameters) from "
+          f"{args.publishers} sessions: {report['wall_s_first_publish_to_last_receipt']:.3f} s first publish -> last "
+          f"receipt ({report['updates_per_s']:.0f}/s); all accepted: {ok}; hub peak RSS "
+          f"{report['hub_peak_rss_mb']:.0f} MB ({report['hub_rss_ready_mb']:.0f} MB when ready); wrote {out}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

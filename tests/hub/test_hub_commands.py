@@ -1,0 +1,99 @@
+"""``wearfl hub`` and ``wearfl status`` through an argparse parser built like the CLI's."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from hub.commands import add_commands, hub_config_from_args
+from hub.store import HubStore
+from models import Model, activity_spec, save_package
+from models.errors import ConfigError
+from models.protocol.messages import REJECT_REASONS
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="wearfl")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_status_json_is_the_store_contract(tmp_path, capsys):
+    with HubStore(tmp_path) as store:
+        store.pin_key("edge-a", b"k" * 32, now=1.0)
+        store.record_update("edge-a", 2, 1, 0, 10, b"x", received_at=5.0)
+        store.count_rejection("stale")
+        store.put("model_version", 0)
+    args = parse("status", "--state", str(tmp_path), "--json")
+
+    assert args.func(args) == 0
+
+    out = json.loads(capsys.readouterr().out)
+    assert out == {
+        "model_version": 0, "rounds_completed": 0, "updates_accepted": 1,
+        "updates_rejected": {**dict.fromkeys(REJECT_REASONS, 0), "stale": 1}, "duplicates_dropped": 0,
+        "clients": {"edge-a": {"accepted": 1, "last_sequence": 2, "last_seen": 5.0}},
+    }
+
+
+def test_status_text_shows_counters_and_a_client_table(tmp_path, capsys):
+    with HubStore(tmp_path) as store:
+        store.pin_key("edge-a", b"k" * 32)
+        store.record_update("edge-a", 0, 1, 0, 10, b"x")
+        store.count_rejection("norm_bound", 2)
+    args = parse("status", "--state", str(tmp_path))
+    args.func(args)
+    text = capsys.readouterr().out
+    assert "updates accepted    1" in text and "norm_bound 2" in text
+    assert any(line.startswith("edge-a") for line in text.splitlines())
+
+
+def test_status_of_a_directory_without_state_is_a_config_error(tmp_path):
+    args = parse("status", "--state", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="no hub state"):
+        args.func(args)
+
+
+def test_hub_settings_come_from_the_toml_file_and_flags_override_it(tmp_path):
+    config_file = tmp_path / "hub.toml"
+    config_file.write_text(
+        'broker = "mqtt://127.0.0.1:1999"\nfederation = "ward-3"\nstate = "%s"\nmin-clients = 4\n'
+        "round_timeout = 15\nrounds = 9\ntask = \"heart-rate\"\nnorm_bound = 5.0\n"
+        '[task_config]\nepochs = 2\nlr = 0.01\nquantize = "int4"\n' % (tmp_path / "state")
+    )
+    args = parse("hub", "--config", str(config_file), "--min-clients", "3", "--quantize", "topk")
+
+    config, initial = hub_config_from_args(args)
+
+    assert (config.broker, config.federation, config.state_dir) == ("mqtt://127.0.0.1:1999", "ward-3",
+                                                                   tmp_path / "state")
+    assert (config.min_clients, config.round_timeout_s, config.rounds, config.norm_bound) == (3, 15.0, 9, 5.0)
+    assert config.clients_per_round is None
+    assert config.task_config["epochs"] == 2 and config.task_config["quantize"] == "topk"
+    assert config.task_config["batch_size"] == 32  # defaults fill the rest
+    assert initial is not None and initial.spec.task == "heart-rate"
+
+
+def test_hub_takes_an_initial_model_package(tmp_path):
+    save_package(Model(activity_spec(), version=0), tmp_path / "m.safetensors")
+    args = parse("hub", "--broker", "mqtt://127.0.0.1:1", "--federation", "f", "--state", str(tmp_path / "s"),
+                 "--model", str(tmp_path / "m.safetensors"), "--clients-per-round", "5")
+    config, initial = hub_config_from_args(args)
+    assert initial is not None and initial.spec.task == "activity" and config.clients_per_round == 5
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ('federation = "f"\nstate = "s"\n', "--broker"),
+    ('broker = "mqtt://h"\nfederation = "f"\nstate = "s"\ncolour = "red"\n', "unknown setting"),
+    ('broker = "mqtt://h"\nfederation = "f"\nstate = "s"\nrounds = "many"\n', "rounds must be"),
+    ('broker = "mqtt://h"\nfederation = "bad name"\nstate = "s"\n', "federation"),
+    ('broker = "mqtt://h"\nfederation = "f"\nstate = "s"\n[task_config]\nquantize = "int3"\n', "quantization"),
+    ("not toml [", "not valid TOML"),
+])
+def test_bad_hub_settings_are_config_errors(tmp_path, toml, message):
+    path = tmp_path / "hub.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        hub_config_from_args(parse("hub", "--config", str(path)))

@@ -1,0 +1,269 @@
+"""The hub end to end through a real broker: fake edges, two rounds, retained model and task, restart.
+
+The edges here are written with the protocol alone (MqttSession + build_update), so these
+tests check the hub against the wire format, not against the edge runtime. Every wait has
+a timeout; nothing asserts on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hub_helpers import delta_of, make_update
+from safetensors.numpy import load as st_load
+
+from hub.registry import ModelRegistry
+from hub.rounds import RoundSummary
+from hub.service import HubConfig, HubService
+from hub.store import HubStore
+from models import Model, activity_spec
+from models.protocol.messages import Receipt, Task, parse_model
+from models.protocol.mqtt import BrokerAddress, MqttSession
+from models.protocol.topics import Topics
+
+T = TypeVar("T")
+WAIT_S = 20.0
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def federation_of(topic_prefix: str) -> str:
+    return "t-" + topic_prefix.split("/")[1]
+
+
+class FakeEdge:
+    """An edge reduced to the protocol: it reads task, model and receipts and sends given deltas."""
+
+    def __init__(self, broker: Any, topics: Topics, client: str) -> None:
+        self.topics, self.client, self.key = topics, client, Ed25519PrivateKey.generate()
+        self.session = MqttSession(BrokerAddress.parse(broker.url), f"{client}-{topics.federation}",
+                                   protocol=getattr(broker, "protocol", "auto"))
+        self.tasks: asyncio.Queue[Task] = asyncio.Queue()
+        self.receipts: asyncio.Queue[Receipt] = asyncio.Queue()
+        self.models: list[bytes] = []
+
+    async def start(self, online: bool = True) -> None:
+        await self.session.connect(timeout=WAIT_S)
+        for topic in (self.topics.task, self.topics.model, self.topics.receipt(self.client)):
+            await self.session.subscribe(topic, qos=1)
+        self._pump = asyncio.create_task(self._read())
+        if online:
+            await self.session.publish(self.topics.status(self.client), json.dumps({"state": "online"}).encode(),
+                                       qos=1, retain=True)
+
+    async def _read(self) -> None:
+        async for m in self.session.messages():
+            if m.topic == self.topics.task:
+                self.tasks.put_nowait(Task.from_bytes(m.payload))
+            elif m.topic == self.topics.model:
+                self.models.append(m.payload)
+            elif m.topic == self.topics.receipt(self.client):
+                self.receipts.put_nowait(Receipt.from_bytes(m.payload))
+            # anything else is a broker quirk (the amqtt fallback delivers a few stray messages): ignored
+
+    async def task_for(self, round_number: int) -> Task:
+        while True:
+            task = await asyncio.wait_for(self.tasks.get(), WAIT_S)
+            if task.round >= round_number:
+                return task
+
+    async def send(self, payload: bytes) -> Receipt:
+        await self.session.publish(self.topics.update(self.client), payload, qos=1)
+        return await asyncio.wait_for(self.receipts.get(), WAIT_S)
+
+    async def report(self, round_number: int, version: int, n: int, accuracy: float) -> None:
+        body = {"round": round_number, "model_version": version, "num_examples": n, "metrics": {"accuracy": accuracy}}
+        await self.session.publish(self.topics.metrics(self.client), json.dumps(body).encode(), qos=1)
+
+    async def stop(self) -> None:
+        await self.session.publish(self.topics.status(self.client), b"", qos=1, retain=True)
+        await self.session.disconnect()
+        self._pump.cancel()
+
+
+def retained_model(broker: Any, topic: str) -> bytes:
+    """The retained model as any MQTT client sees it: plain paho, no wearfl code."""
+    received: queue.Queue[bytes] = queue.Queue()
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2,
+                         protocol=paho.MQTTv5 if broker.kind == "mosquitto" else paho.MQTTv311)
+    client.on_message = lambda c, u, msg: received.put(msg.payload) if msg.topic == topic else None
+    client.on_connect = lambda c, u, flags, rc, props=None: c.subscribe(topic, qos=1)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        return received.get(timeout=WAIT_S)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def hub_config(broker: Any, topic_prefix: str, state_dir: Any, **kw: Any) -> HubConfig:
+    return HubConfig(broker=broker.url, federation=federation_of(topic_prefix), state_dir=state_dir,
+                     topic_prefix=topic_prefix, task_config={"quantize": "none"}, **kw)
+
+
+def test_two_rounds_through_the_broker_publish_retained_models(mqtt_broker, topic_prefix, tmp_path):
+    initial = Model(activity_spec(), seed=0)
+    w0 = initial.network.state_dict()
+    shapes = {k: v.shape for k, v in w0.items()}
+    # clients_per_round unset: the round waits for every edge online (3), at least min_clients (2)
+    config = hub_config(mqtt_broker, topic_prefix, tmp_path / "hub", min_clients=2, round_timeout_s=30, rounds=2)
+    topics = Topics(config.federation, topic_prefix)
+    service = HubService(config, initial)
+    closed: list[RoundSummary] = []
+    service.on_round_closed = closed.append
+    expected = {k: v.astype(np.float64) for k, v in w0.items()}
+
+    async def scenario() -> tuple[list[list[Receipt]], list[Receipt], list[Task]]:
+        hub_task = asyncio.create_task(service.run())
+        await asyncio.wait_for(service.ready.wait(), WAIT_S)
+        edges = [FakeEdge(mqtt_broker, topics, f"edge-{i}") for i in range(3)]
+        for edge in edges:
+            await edge.start()
+        receipts: list[list[Receipt]] = []
+        extra: list[Receipt] = []
+        tasks: list[Task] = []
+        for r in (1, 2):
+            round_tasks = [await edge.task_for(r) for edge in edges]
+            tasks.append(round_tasks[0])
+            if r == 1:
+                extra.append(await edges[0].send(b"\x00not an update" * 16))
+            deltas = [delta_of(shapes, seed=10 * r + i, scale=0.01) for i in range(3)]
+            weights = [10.0 * (i + 1) for i in range(3)]
+            for i, edge in enumerate(edges):
+                await edge.report(r, round_tasks[i].model_version, n=int(weights[i]), accuracy=0.1 * (i + 1))
+            payloads = [make_update(edge.key, edge.client, sequence=r, round_number=round_tasks[i].round,
+                                    base_version=round_tasks[i].model_version, num_examples=int(weights[i]),
+                                    delta=deltas[i], shapes=shapes) for i, edge in enumerate(edges)]
+            receipts.append([await edge.send(p) for edge, p in zip(edges, payloads, strict=True)])
+            if r == 1:
+                extra.append(await edges[0].send(payloads[0]))  # the outbox re-sends: a duplicate
+            for k in expected:
+                expected[k] += sum(w * d[k] for w, d in zip(weights, deltas, strict=True)) / sum(weights)
+        await asyncio.wait_for(hub_task, WAIT_S)  # rounds=2: the hub stops by itself
+        for edge in edges:
+            await edge.stop()
+        return receipts, extra, tasks
+
+    receipts, extra, tasks = run(scenario())
+
+    assert [[(x.status, x.sequence) for x in rs] for rs in receipts] == [[("accepted", 1)] * 3, [("accepted", 2)] * 3]
+    assert (extra[0].status, extra[0].reason, extra[0].sequence) == ("rejected", "malformed", -1)
+    assert (extra[1].status, extra[1].sequence) == ("duplicate", 1)
+    assert [(t.round, t.model_version, t.config["quantize"]) for t in tasks] == [(1, 0, "none"), (2, 1, "none")]
+    assert [(s.round, s.model_version, s.participants, s.updates_accepted) for s in closed] == [(1, 1, 3, 3),
+                                                                                              (2, 2, 3, 3)]
+    assert closed[0].updates_rejected == 1 and closed[0].bytes_up > 0 and closed[0].bytes_down > 0
+    assert closed[0].metrics["accuracy"] == pytest.approx(np.average([0.1, 0.2, 0.3], weights=[10, 20, 30]))
+    assert closed[0].metrics["eval_clients"] == 3
+
+    message = retained_model(mqtt_broker, topics.model)
+    tensors = st_load(message)  # plain safetensors: no wearfl code needed to read the weights
+    assert set(tensors) == set(w0) | {"~signature"}
+    for k in w0:
+        np.testing.assert_allclose(tensors[k], expected[k], rtol=1e-5, atol=1e-6)
+    parsed = parse_model(message)
+    assert parsed.model.version == 2 and parsed.round == 3
+
+    status = service.status()
+    assert status["model_version"] == 2 and status["rounds_completed"] == 2
+    assert status["updates_accepted"] == 6 == sum(c["accepted"] for c in status["clients"].values())
+    assert status["duplicates_dropped"] == 1 and status["updates_rejected"]["malformed"] == 1
+    latest = ModelRegistry(tmp_path / "hub" / "models").latest()
+    assert latest is not None and latest.version == 2
+    assert set(latest.manifest["files"]) == {"model.safetensors", "model.onnx", "model.tflite"}
+
+
+def test_a_restarted_hub_resumes_the_open_round_from_its_state(mqtt_broker, topic_prefix, tmp_path):
+    initial = Model(activity_spec(), seed=1)
+    w0 = initial.network.state_dict()
+    shapes = {k: v.shape for k, v in w0.items()}
+    config = hub_config(mqtt_broker, topic_prefix, tmp_path / "hub", min_clients=2, clients_per_round=2,
+                        round_timeout_s=30, rounds=1)
+    topics = Topics(config.federation, topic_prefix)
+    deltas = [delta_of(shapes, seed=s, scale=0.02) for s in (1, 2)]
+
+    async def scenario() -> tuple[Receipt, Receipt, RoundSummary]:
+        edges = [FakeEdge(mqtt_broker, topics, f"edge-{i}") for i in range(2)]
+        first, stop = HubService(config, initial), asyncio.Event()
+        first_run = asyncio.create_task(first.run(stop))
+        await asyncio.wait_for(first.ready.wait(), WAIT_S)
+        for edge in edges:
+            await edge.start(online=False)
+        task = await edges[0].task_for(1)
+        a = await edges[0].send(make_update(edges[0].key, "edge-0", sequence=0, base_version=task.model_version,
+                                            num_examples=30, delta=deltas[0], shapes=shapes))
+        stop.set()
+        await asyncio.wait_for(first_run, WAIT_S)
+        late = make_update(edges[1].key, "edge-1", sequence=0, base_version=task.model_version, num_examples=10,
+                           delta=deltas[1], shapes=shapes)
+        queued = mqtt_broker.kind == "mosquitto"  # the amqtt fallback keeps no offline sessions
+        if queued:  # sent while no hub runs: the broker keeps it for the hub's persistent session
+            await edges[1].session.publish(topics.update("edge-1"), late, qos=1)
+
+        second = HubService(config)  # no initial model: everything comes from the state directory
+        closed: list[RoundSummary] = []
+        second.on_round_closed = closed.append
+        second_run = asyncio.create_task(second.run())
+        await asyncio.wait_for(second.ready.wait(), WAIT_S)
+        if not queued:
+            await edges[1].session.publish(topics.update("edge-1"), late, qos=1)
+        b = await asyncio.wait_for(edges[1].receipts.get(), WAIT_S)
+        await asyncio.wait_for(second_run, WAIT_S)
+        for edge in edges:
+            await edge.stop()
+        return a, b, closed[0]
+
+    a, b, summary = run(scenario())
+
+    assert a.status == b.status == "accepted"
+    assert (summary.round, summary.model_version, summary.participants) == (1, 1, 2)
+    assert summary.model is not None
+    for k in w0:
+        np.testing.assert_allclose(summary.model.network.state_dict()[k], w0[k] + (30 * deltas[0][k] +
+                                   10 * deltas[1][k]) / 40, rtol=1e-5, atol=1e-6)
+    with HubStore(tmp_path / "hub", create=False) as store:
+        status = store.status()
+    assert status["updates_accepted"] == 2 and status["model_version"] == 1
+    assert ModelRegistry(tmp_path / "hub" / "models").versions() == [0, 1]
+
+
+def test_a_round_short_of_min_clients_at_the_deadline_waits_and_closes_later(mqtt_broker, topic_prefix, tmp_path):
+    initial = Model(activity_spec(), seed=2)
+    shapes = {k: v.shape for k, v in initial.network.state_dict().items()}
+    config = hub_config(mqtt_broker, topic_prefix, tmp_path / "hub", min_clients=2, clients_per_round=5,
+                        round_timeout_s=0.5, rounds=1)
+    topics = Topics(config.federation, topic_prefix)
+
+    async def scenario() -> tuple[Task, Task, RoundSummary]:
+        service = HubService(config, initial)
+        run_task = asyncio.create_task(service.run())
+        await asyncio.wait_for(service.ready.wait(), WAIT_S)
+        edges = [FakeEdge(mqtt_broker, topics, f"edge-{i}") for i in range(2)]
+        for edge in edges:
+            await edge.start(online=False)
+        first = await edges[0].task_for(1)
+        await edges[0].send(make_update(edges[0].key, "edge-0", shapes=shapes))
+        extended = first
+        while extended.deadline == first.deadline:  # the deadline passes with one client: a new task
+            extended = await edges[1].task_for(1)
+        await edges[1].send(make_update(edges[1].key, "edge-1", shapes=shapes))
+        await asyncio.wait_for(run_task, WAIT_S)  # closes at the next deadline with min_clients
+        for edge in edges:
+            await edge.stop()
+        return first, extended, service.summaries[0]
+
+    first, extended, summary = run(scenario())
+
+    assert extended.round == first.round == 1 and extended.deadline > first.deadline
+    assert (summary.round, summary.participants, summary.model_version) == (1, 2, 1)

@@ -1,0 +1,209 @@
+"""Intake: every way an update can be refused gets a typed, counted reason and a receipt."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hub_helpers import SHAPES, delta_of, make_update
+
+from hub.intake import Intake
+from hub.store import HubStore
+from models.protocol.codec import UpdateCodec
+from models.protocol.identity import public_hex
+from models.protocol.signed import sign_tensors
+from models.protocol.topics import Topics
+
+TOPICS = Topics("fed")
+
+
+@pytest.fixture
+def store(tmp_path):
+    with HubStore(tmp_path) as s:
+        yield s
+
+
+def _intake(store, **kw) -> Intake:
+    intake = Intake(store, TOPICS, UpdateCodec(SHAPES), **kw)
+    intake.open_round(1, 0)
+    return intake
+
+
+def _reject_reason(intake, topic, payload):
+    receipt, accepted = intake.process(topic, payload)
+    assert accepted is None and receipt.status == "rejected"
+    return receipt
+
+
+def test_a_good_update_is_accepted_stored_and_decoded(store):
+    intake, key = _intake(store), Ed25519PrivateKey.generate()
+    delta = delta_of(SHAPES, seed=4)
+
+    receipt, accepted = intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=3, delta=delta))
+
+    assert (receipt.client, receipt.sequence, receipt.status, receipt.reason) == ("edge-a", 3, "accepted", None)
+    assert (receipt.round, receipt.model_version) == (1, 0)
+    assert accepted is not None and accepted.num_examples == 10
+    for k in SHAPES:
+        np.testing.assert_array_equal(accepted.delta[k], delta[k])
+    assert store.has_update("edge-a", 3)
+    assert store.status()["clients"]["edge-a"]["accepted"] == 1
+
+
+def test_garbage_bytes_are_malformed_with_sequence_minus_one(store):
+    receipt = _reject_reason(_intake(store), TOPICS.update("edge-a"), b"\x00garbage" * 20)
+    assert (receipt.reason, receipt.sequence, receipt.client) == ("malformed", -1, "edge-a")
+
+
+def test_a_topic_without_a_valid_client_is_malformed_and_has_no_receipt_address(store):
+    receipt = _reject_reason(_intake(store), TOPICS.root + "/update/bad client!", b"x" * 200)
+    assert (receipt.reason, receipt.sequence, receipt.client) == ("malformed", -1, "")
+
+
+def test_an_oversized_update_is_refused_before_parsing(store):
+    intake = _intake(store, max_update_bytes=2048)
+    payload = make_update(Ed25519PrivateKey.generate(), "edge-a", shapes={"w": (1000,)})
+    intake.codec = UpdateCodec({"w": (1000,)})
+    assert _reject_reason(intake, TOPICS.update("edge-a"), payload).reason == "oversize"
+
+
+def test_a_bad_signature_is_refused(store):
+    payload = bytearray(make_update(Ed25519PrivateKey.generate(), "edge-a"))
+    payload[len(payload) // 2] ^= 0xFF
+    receipt = _reject_reason(_intake(store), TOPICS.update("edge-a"), bytes(payload))
+    assert (receipt.reason, receipt.sequence) == ("bad_signature", -1)
+
+
+def test_another_key_after_pinning_is_a_key_mismatch(store):
+    intake = _intake(store)
+    intake.process(TOPICS.update("edge-a"), make_update(Ed25519PrivateKey.generate(), "edge-a", sequence=0))
+    receipt = _reject_reason(intake, TOPICS.update("edge-a"),
+                             make_update(Ed25519PrivateKey.generate(), "edge-a", sequence=1))
+    assert receipt.reason == "key_mismatch"
+
+
+def test_the_pin_survives_a_restart(store):
+    key = Ed25519PrivateKey.generate()
+    _intake(store).process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=0))
+    fresh = _intake(store)
+    assert _reject_reason(fresh, TOPICS.update("edge-a"),
+                          make_update(Ed25519PrivateKey.generate(), "edge-a", sequence=1)).reason == "key_mismatch"
+    assert fresh.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=1))[0].status == "accepted"
+
+
+def test_with_a_keyring_unknown_clients_and_foreign_keys_are_refused(store):
+    known = Ed25519PrivateKey.generate()
+    intake = _intake(store, keyring={"edge-a": bytes.fromhex(public_hex(known))})
+
+    assert _reject_reason(intake, TOPICS.update("edge-z"),
+                          make_update(Ed25519PrivateKey.generate(), "edge-z")).reason == "unknown_client"
+    assert _reject_reason(intake, TOPICS.update("edge-a"),
+                          make_update(Ed25519PrivateKey.generate(), "edge-a")).reason == "key_mismatch"
+    assert intake.process(TOPICS.update("edge-a"), make_update(known, "edge-a"))[0].status == "accepted"
+
+
+def test_an_update_naming_another_client_is_a_client_mismatch(store):
+    intake = _intake(store)
+    receipt = _reject_reason(intake, TOPICS.update("edge-a"),
+                             make_update(Ed25519PrivateKey.generate(), "edge-a", sequence=9, meta_client="edge-b"))
+    assert (receipt.reason, receipt.sequence) == ("client_mismatch", 9)
+    assert store.pinned_keys() == {}  # a key is pinned only for a self-consistent message
+
+
+def test_an_update_on_an_old_model_is_stale(store):
+    receipt = _reject_reason(_intake(store), TOPICS.update("edge-a"),
+                             make_update(Ed25519PrivateKey.generate(), "edge-a", base_version=7, sequence=2))
+    assert (receipt.reason, receipt.sequence) == ("stale", 2)
+
+
+def test_updates_for_another_or_a_closed_round_are_round_closed(store):
+    intake, key = _intake(store), Ed25519PrivateKey.generate()
+    assert _reject_reason(intake, TOPICS.update("edge-a"),
+                          make_update(key, "edge-a", sequence=0, round_number=2)).reason == "round_closed"
+    intake.close_round()
+    assert _reject_reason(intake, TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=1)).reason \
+        == "round_closed"
+
+
+def test_a_delta_of_another_layout_is_wrong_shape(store):
+    payload = make_update(Ed25519PrivateKey.generate(), "edge-a", shapes={"w": (5, 5)}, scheme="int8")
+    assert _reject_reason(_intake(store), TOPICS.update("edge-a"), payload).reason == "wrong_shape"
+
+
+def test_nan_values_are_non_finite(store):
+    delta = delta_of(SHAPES)
+    delta["fc.bias"][0] = np.nan
+    payload = make_update(Ed25519PrivateKey.generate(), "edge-a", delta=delta)
+    assert _reject_reason(_intake(store), TOPICS.update("edge-a"), payload).reason == "non_finite"
+
+
+def test_a_delta_over_the_norm_bound_is_refused(store):
+    intake = _intake(store, norm_bound=0.5)
+    big = {k: np.ones(s, np.float32) for k, s in SHAPES.items()}  # norm sqrt(78)
+    assert _reject_reason(intake, TOPICS.update("edge-a"),
+                          make_update(Ed25519PrivateKey.generate(), "edge-a", delta=big)).reason == "norm_bound"
+    small = make_update(Ed25519PrivateKey.generate(), "edge-b", delta=delta_of(SHAPES, scale=0.01))
+    assert intake.process(TOPICS.update("edge-b"), small)[0].status == "accepted"
+
+
+def test_a_repeated_update_is_a_duplicate_not_a_second_acceptance(store):
+    intake, payload = _intake(store), make_update(Ed25519PrivateKey.generate(), "edge-a", sequence=4)
+    first, _ = intake.process(TOPICS.update("edge-a"), payload)
+    again, accepted = intake.process(TOPICS.update("edge-a"), payload)
+    assert first.status == "accepted" and (again.status, again.sequence, again.reason) == ("duplicate", 4, None)
+    assert accepted is None
+    status = store.status()
+    assert status["updates_accepted"] == 1 and status["duplicates_dropped"] == 1
+    assert sum(status["updates_rejected"].values()) == 0
+
+
+def test_hostile_metadata_gives_a_receipt_not_a_traceback(store):
+    key = Ed25519PrivateKey.generate()
+    meta = {"format": "wearfl-update/1", "client": "edge-a", "round": float("inf"), "base_version": 0,
+            "base_hash": "", "num_examples": 1, "sequence": 10**30, "codec": {"scheme": "none", "n": float("nan")}}
+    payload = sign_tensors({"delta": np.zeros(78, np.float32)}, meta, key)
+    assert _reject_reason(_intake(store), TOPICS.update("edge-a"), payload).reason == "malformed"
+    meta.update(round=1, sequence=10**30)
+    payload = sign_tensors({"delta": np.zeros(78, np.float32)}, meta, key)
+    assert _reject_reason(_intake(store), TOPICS.update("edge-a"), payload).reason == "malformed"
+
+
+def test_every_rejection_is_counted_by_reason(store):
+    intake = _intake(store)
+    intake.process(TOPICS.update("edge-a"), b"junk" * 40)
+    intake.process(TOPICS.update("edge-a"), make_update(Ed25519PrivateKey.generate(), "edge-a", base_version=3))
+    intake.process(TOPICS.update("edge-a"), make_update(Ed25519PrivateKey.generate(), "edge-a", base_version=3))
+    rejected = store.status()["updates_rejected"]
+    assert rejected["malformed"] == 1 and rejected["stale"] == 1 and rejected["key_mismatch"] == 1
+    assert json.loads(intake.process(TOPICS.update("edge-a"), b"")[0].to_bytes())["status"] == "rejected"
+
+
+def test_a_batch_is_one_transaction_and_sees_its_own_writes(store):
+    intake, key = _intake(store), Ed25519PrivateKey.generate()
+    payload = make_update(key, "edge-a", sequence=1)
+    results = intake.process_batch([(TOPICS.update("edge-a"), payload)] * 3 +
+                                   [(TOPICS.update("edge-b"), make_update(key, "edge-b", sequence=1))])
+    assert [r.status for r, _ in results] == ["accepted", "duplicate", "duplicate", "accepted"]
+    assert store.status()["updates_accepted"] == 2
+
+
+def test_the_first_key_of_a_client_is_logged(store, caplog):
+    intake, key = _intake(store), Ed25519PrivateKey.generate()
+    with caplog.at_level(logging.WARNING):
+        intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=0))
+        intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=1))
+    assert sum("pinned key for client edge-a" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_stored_update_decodes_again_for_a_resumed_round(store):
+    intake, key = _intake(store), Ed25519PrivateKey.generate()
+    payload = make_update(key, "edge-a", sequence=0, delta=delta_of(SHAPES, seed=8))
+    _, accepted = intake.process(TOPICS.update("edge-a"), payload)
+    again = _intake(store).decode_stored(payload)
+    assert again is not None and accepted is not None
+    for k in SHAPES:
+        np.testing.assert_array_equal(again.delta[k], accepted.delta[k])
+    assert _intake(store).decode_stored(b"junk" * 50) is None

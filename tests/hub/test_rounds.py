@@ -1,0 +1,55 @@
+"""Round policy and federated-evaluation metrics: pure decisions, no broker."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hub.rounds import MetricsCollector, RoundPolicy
+from models.errors import ConfigError
+
+
+def test_a_round_closes_when_clients_per_round_have_sent():
+    policy = RoundPolicy(min_clients=2, clients_per_round=3, timeout_s=60)
+    assert policy.decide(2, online=10, now=0, deadline=60) == "wait"
+    assert policy.decide(3, online=10, now=0, deadline=60) == "close"
+
+
+def test_by_default_a_round_waits_for_every_online_edge_but_at_least_min_clients():
+    policy = RoundPolicy(min_clients=2, timeout_s=60)
+    assert policy.decide(3, online=4, now=0, deadline=60) == "wait"
+    assert policy.decide(4, online=4, now=0, deadline=60) == "close"
+    assert policy.decide(1, online=0, now=0, deadline=60) == "wait"
+    assert policy.decide(2, online=0, now=0, deadline=60) == "close"
+
+
+def test_at_the_deadline_min_clients_close_and_fewer_extend():
+    policy = RoundPolicy(min_clients=2, clients_per_round=5, timeout_s=60)
+    assert policy.decide(2, online=5, now=60, deadline=60) == "close"
+    assert policy.decide(1, online=5, now=61, deadline=60) == "extend"
+
+
+def test_bad_settings_are_config_errors():
+    with pytest.raises(ConfigError):
+        RoundPolicy(min_clients=0)
+    with pytest.raises(ConfigError):
+        RoundPolicy(timeout_s=0)
+
+
+def test_metrics_are_weighted_by_examples_and_kept_per_round():
+    collector = MetricsCollector()
+    report = lambda r, n, acc: json.dumps(  # noqa: E731
+        {"round": r, "model_version": 0, "num_examples": n, "metrics": {"accuracy": acc}}).encode()
+    assert collector.add("a", report(1, 30, 0.9))
+    assert collector.add("b", report(1, 10, 0.5))
+    assert collector.add("a", report(2, 5, 0.1))
+    assert not collector.add("c", b"not json")
+    assert not collector.add("c", report(1, 0, 0.5))
+
+    result = collector.result(1)
+
+    assert result["accuracy"] == pytest.approx((30 * 0.9 + 10 * 0.5) / 40)
+    assert result["eval_clients"] == 2 and result["eval_examples"] == 40
+    collector.forget_before(2)
+    assert collector.result(1) == {} and collector.result(2)["accuracy"] == pytest.approx(0.1)

@@ -18,16 +18,17 @@ import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hub.rounds import RoundSummary
-from hub.service import HubConfig, HubService, task_config_from
-from hub.store import HubStore
 from models.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hub.service import HubConfig
+
+# The service modules are imported inside the handlers: every `wearfl` command
+# (an edge on a Pi included) builds this parser, and should not pay for the hub.
 from models.model import Model
-from models.package import load_package
 from models.protocol.codec import SCHEMES
-from models.protocol.identity import load_or_create_key, public_hex
 from models.spec import TASKS, default_spec
 
 __all__ = ["add_commands", "cmd_hub", "cmd_status", "hub_config_from_args"]
@@ -91,10 +92,15 @@ def _read_config(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         if not isinstance(value, kind) or isinstance(value, bool):
             raise ConfigError(f"{path}: {key} must be a {kind.__name__}, got {value!r}.")
         settings[name] = value
+    from hub.service import task_config_from
+
     return settings, task_config_from(task_config)
 
 
 def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | None]:
+    from hub.service import HubConfig
+    from models.package import load_package
+
     """The hub's config and initial model from parsed flags (and ``--config``)."""
     settings, task_config = _read_config(args.config) if args.config else ({}, {})
     flags = {
@@ -135,6 +141,10 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
 
 
 def cmd_hub(args: argparse.Namespace) -> int:
+    from hub.rounds import RoundSummary
+    from hub.service import HubService
+    from models.protocol.identity import load_or_create_key, public_hex
+
     config, initial = hub_config_from_args(args)
     service = HubService(config, initial)
     key = load_or_create_key(config.state_dir / "keys" / "hub.key")
@@ -161,6 +171,8 @@ def cmd_hub(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from hub.store import HubStore
+
     with HubStore(args.state, create=False) as store:
         status = store.status()
     if args.json:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,7 +15,7 @@ from scipy import signal
 from edge_client.pipeline import Preprocessor, windows_from_chunks
 from edge_client.resampling import StreamingResampler
 from edge_client.sources.base import Chunk
-from edge_client.windowing import Windower, normalize_windows
+from edge_client.windowing import Windower, Windows, normalize_windows
 from models import activity_spec, heart_rate_spec
 
 CHANNELS = ("acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z", "ppg")
@@ -134,3 +138,47 @@ def test_a_missing_channel_is_a_clear_input_error():
     pre = Preprocessor(heart_rate_spec(), 50.0)
     with pytest.raises(InputError, match="ppg"):
         pre(Chunk("c", t, data[:, :6], CHANNELS[:6], act, hr))
+
+
+class _ScipySOS:
+    """The band-pass stage as the edge ran it on scipy (sosfilt with carried zi), for reference."""
+
+    def __init__(self, sos, channels):
+        self.sos, self._zi = sos, None
+
+    def reset(self):
+        self._zi = None
+
+    def __call__(self, x):
+        x64 = x.astype(np.float64)
+        if self._zi is None:
+            self._zi = signal.sosfilt_zi(self.sos)[:, :, None] * x64[0][None, None, :]
+        y, self._zi = signal.sosfilt(self.sos, x64, axis=0, zi=self._zi)
+        return y.astype(np.float32)
+
+
+def test_windows_match_the_scipy_band_pass(monkeypatch):
+    import edge_client.pipeline as pipeline
+
+    t, data, act, hr = _stream(60)
+    data[1200:1230, 6] = np.nan
+    t[2000:] += 3.0
+    ours, _ = _run(heart_rate_spec(), t, data, act, hr, [333])
+    monkeypatch.setattr(pipeline, "StreamingSOS", _ScipySOS)
+    theirs, _ = _run(heart_rate_spec(), t, data, act, hr, [333])
+    a, b = Windows.concat(ours), Windows.concat(theirs)
+    assert len(a) == len(b) > 5
+    np.testing.assert_allclose(a.x, b.x, rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(a.t_end, b.t_end)
+
+
+def test_the_edge_pipeline_does_not_import_scipy():
+    """import scipy.signal costs a gateway ~100 MB resident; the edge data path must not pull it in."""
+    code = (
+        "import sys, edge_client.pipeline\n"
+        "loaded = sorted(m for m in sys.modules if m == 'scipy' or m.startswith('scipy.'))\n"
+        "assert not loaded, loaded\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

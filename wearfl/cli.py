@@ -12,10 +12,12 @@ import sys
 from collections.abc import Sequence
 
 from edge_client.commands import add_commands as add_edge_commands
+from edge_client.edge_command import add_edge_command
 from hub.commands import add_commands as add_hub_commands
 from models.commands import add_commands as add_model_commands
 from models.errors import WearflError
 from wearfl import __version__
+from wearfl.simulate import add_commands as add_simulate_command
 
 __all__ = ["build_parser", "main"]
 
@@ -34,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(sub)
     add_edge_commands(sub)
     add_hub_commands(sub)
+    add_edge_command(sub)
+    add_simulate_command(sub)
     return parser
 
 

@@ -18,6 +18,7 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r["round"] for r in report["rounds"]]
     key = "accuracy" if report["task"] == "activity" else "mae_bpm"
@@ -35,6 +36,8 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     right.set_title(f"traffic, {report['quantization']} updates")
     right.legend()
     right.grid(alpha=0.3)
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(out / "report.png")
     plt.close(fig)

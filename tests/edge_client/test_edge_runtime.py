@@ -1,0 +1,499 @@
+"""The edge runtime against a real broker and a scripted hub: updates, receipts, restarts, bad models.
+
+The fake hub below speaks the hub's side of the protocol with the shared code (signed model,
+retained task, receipts) and checks what the edge sends with the same parsers the real hub
+uses. Sources are three simulated minutes, so a round trains in well under a second. No test
+asserts on timing: every wait is bounded, and a timeout is a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from safetensors.numpy import load as st_load
+
+from edge_client.edge_command import add_edge_command, resolve_source
+from edge_client.evaluation import task_spec
+from edge_client.finetune import FineTunePolicy
+from edge_client.outbox import Outbox
+from edge_client.runtime import EdgeClient, EdgeConfig, run_edges
+from edge_client.sources.simulator import SimulatedDataset
+from models.errors import BrokerUnavailable, ConfigError
+from models.model import Model
+from models.protocol.broker import free_port
+from models.protocol.codec import CodecConfig, UpdateCodec
+from models.protocol.identity import load_or_create_key, public_hex
+from models.protocol.messages import (
+    MAX_MODEL_BYTES,
+    Receipt,
+    Task,
+    UpdateMeta,
+    build_model,
+    model_hash,
+    parse_update_meta,
+)
+from models.protocol.mqtt import BrokerAddress, Message, MqttSession
+from models.protocol.signed import SignedMessage, verify_and_parse
+from models.protocol.topics import Topics
+from models.training import TrainConfig
+
+T = TypeVar("T")
+WAIT_S = 20.0
+TASK_CONFIG = {"quantize": "int8", "epochs": 1, "batch_size": 32, "lr": 1e-3}
+DATASET = SimulatedDataset(seed=0, wearers=2, minutes=3, test_wearers=0)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def url_of(broker: Any) -> str:
+    return f"mqtt://{broker.host}:{broker.port}"
+
+
+def protocol_of(broker: Any) -> str:
+    """The MQTT version the test broker speaks (no probing: the amqtt fallback speaks 3.1.1 only)."""
+    return "5" if broker.kind == "mosquitto" else "3.1.1"
+
+
+def federation() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+def global_model(version: int = 1, seed: int = 0) -> Model:
+    return Model(task_spec("activity", DATASET), version=version, seed=seed)
+
+
+def edge_config(broker: Any, fed: str, state_dir: Path, client: str = "wearer-00", **overrides: Any) -> EdgeConfig:
+    policy = FineTunePolicy(train=TrainConfig(epochs=1, batch_size=32))
+    return EdgeConfig(broker=url_of(broker), federation=fed, client_id=client, state_dir=state_dir, policy=policy,
+                      protocol=protocol_of(broker), **overrides)
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class FakeHub:
+    """The hub's side of the protocol, scripted by a test."""
+
+    def __init__(self, broker: Any, fed: str) -> None:
+        self.topics = Topics(fed)
+        self.key = Ed25519PrivateKey.generate()
+        self.session = MqttSession(BrokerAddress.parse(url_of(broker)), f"fake-hub-{fed}", clean_start=True,
+                                   protocol=protocol_of(broker))
+        self.inbox: dict[str, asyncio.Queue[Message]] = {k: asyncio.Queue() for k in ("update", "status", "metrics")}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> FakeHub:
+        await self.session.connect()
+        for kind in self.inbox:
+            await self.session.subscribe(self.topics.all_of(kind))
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.session.disconnect()
+        if self._reader is not None:
+            await asyncio.wait_for(self._reader, WAIT_S)
+
+    async def _read(self) -> None:
+        async for message in self.session.messages():
+            for kind, queue in self.inbox.items():
+                if self.topics.client_from(message.topic, kind) is not None:
+                    queue.put_nowait(message)  # (amqtt has delivered retained messages of other topics)
+
+    async def publish_model(self, model: Model, round_number: int = 0, key: Ed25519PrivateKey | None = None) -> bytes:
+        data = build_model(model, round_number, key or self.key)
+        await self.session.publish(self.topics.model, data, retain=True)
+        return data
+
+    async def publish_raw_model(self, data: bytes) -> None:
+        await self.session.publish(self.topics.model, data, retain=True)
+
+    async def publish_task(self, task: Task) -> None:
+        await self.session.publish(self.topics.task, task.to_bytes(), retain=True)
+
+    async def next(self, kind: str, where: Callable[[Message], bool] = lambda m: True) -> Message:
+        async def wait() -> Message:
+            while True:
+                message = await self.inbox[kind].get()
+                if where(message):
+                    return message
+
+        return await asyncio.wait_for(wait(), WAIT_S)
+
+    async def next_update(self) -> tuple[SignedMessage, UpdateMeta, bytes]:
+        message = await self.next("update")
+        signed = verify_and_parse(message.payload, MAX_MODEL_BYTES)
+        return signed, parse_update_meta(signed), message.payload
+
+    async def receipt(self, meta: UpdateMeta, status: str = "accepted", reason: str | None = None) -> None:
+        receipt = Receipt(meta.client, meta.sequence, status, reason, round=meta.round)
+        await self.session.publish(self.topics.receipt(meta.client), receipt.to_bytes())
+
+    async def status_where(self, state: str, client: str = "wearer-00") -> dict[str, Any]:
+        def matches(m: Message) -> bool:
+            body = json.loads(m.payload) if m.payload else {}
+            return body.get("state") == state and body.get("client") == client
+
+        return json.loads((await self.next("status", matches)).payload)
+
+
+class RunningEdge:
+    """An EdgeClient running in the background of a test, stopped (and awaited) on exit."""
+
+    def __init__(self, config: EdgeConfig, client: str = "wearer-00") -> None:
+        self.edge = EdgeClient(config, DATASET.source(client))
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> EdgeClient:
+        self.task = asyncio.create_task(self.edge.run(self.stop))
+        return self.edge
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, WAIT_S)
+
+
+# -- one round ---------------------------------------------------------------------------------
+
+
+def test_edge_sends_a_signed_update_and_keeps_it_until_the_receipt(mqtt_broker, tmp_path):
+    fed, state = federation(), tmp_path / "edge"
+    model = global_model(version=1)
+
+    async def scenario() -> dict[str, Any]:
+        async with FakeHub(mqtt_broker, fed) as hub:
+            model_bytes = await hub.publish_model(model, round_number=0)
+            await hub.publish_task(Task(round=1, model_version=1, config=TASK_CONFIG))
+            async with RunningEdge(edge_config(mqtt_broker, fed, state)) as edge:
+                signed, meta, _ = await hub.next_update()
+                pending_before = [e.sequence for e in edge.outbox.pending()]
+                replay_windows = edge.replay_windows
+                await hub.receipt(meta)
+                await until(lambda: edge.outbox_stats.entries == 0, "the outbox to empty after the receipt")
+                metrics = json.loads((await hub.next("metrics")).payload)
+                live = await hub.next("status", lambda m: json.loads(m.payload).get("prediction") is not None)
+            offline = await hub.status_where("offline")
+        return locals()
+
+    r = run(scenario())
+
+    signed, meta = r["signed"], r["meta"]
+    assert (meta.client, meta.round, meta.base_version) == ("wearer-00", 1, 1)
+    assert meta.base_hash == model_hash(r["model_bytes"])
+    assert meta.codec["scheme"] == "int8"
+    assert meta.num_examples == r["replay_windows"] > 100  # one epoch over the whole replayed stream, not its start
+    assert signed.public_key.hex() == public_hex(load_or_create_key(state / "device.key"))
+    delta = UpdateCodec.for_weights(model.network.state_dict(), CodecConfig("int8")).decode(signed.tensors, meta.codec)
+    assert any(np.abs(v).max() > 0 for v in delta.values())
+    assert r["pending_before"] == [meta.sequence]
+    assert r["metrics"]["model_version"] == 1 and r["metrics"]["num_examples"] > 0
+    assert "accuracy" in r["metrics"]["metrics"]
+    assert json.loads(r["live"].payload)["prediction"]["activity"] in DATASET.classes
+    assert r["offline"]["outbox"]["entries"] == 0
+    with Outbox(state) as outbox:
+        assert outbox.pending() == []
+        assert outbox.get("last_round") == b"1"
+
+
+def test_a_rejected_update_also_leaves_the_outbox_and_its_reason_is_logged(mqtt_broker, tmp_path, caplog):
+    fed = federation()
+
+    async def scenario() -> None:
+        async with FakeHub(mqtt_broker, fed) as hub:
+            await hub.publish_model(global_model(version=1))
+            await hub.publish_task(Task(round=1, model_version=1, config=TASK_CONFIG))
+            async with RunningEdge(edge_config(mqtt_broker, fed, tmp_path / "edge")) as edge:
+                _, meta, _ = await hub.next_update()
+                await hub.receipt(meta, status="rejected", reason="stale")
+                await until(lambda: edge.outbox_stats.entries == 0, "the rejected update to leave the outbox")
+                assert edge.counters["receipts_rejected"] == 1
+
+    with caplog.at_level(logging.WARNING, logger="edge_client.runtime"):
+        run(scenario())
+
+    assert any("rejected update" in r.getMessage() and "stale" in r.getMessage() for r in caplog.records)
+
+
+def test_top_k_updates_keep_their_residual_for_error_feedback(mqtt_broker, tmp_path):
+    fed, state = federation(), tmp_path / "edge"
+    model = global_model(version=1)
+    config = {**TASK_CONFIG, "quantize": "topk", "topk_fraction": 0.05}
+
+    async def scenario() -> dict[str, Any]:
+        async with FakeHub(mqtt_broker, fed) as hub:
+            await hub.publish_model(model)
+            await hub.publish_task(Task(round=1, model_version=1, config=config))
+            async with RunningEdge(edge_config(mqtt_broker, fed, state)):
+                signed, meta, _ = await hub.next_update()
+        return locals()
+
+    r = run(scenario())
+
+    codec = UpdateCodec.for_weights(model.network.state_dict(), CodecConfig("topk", topk_fraction=0.05))
+    delta = codec.decode(r["signed"].tensors, r["meta"].codec)
+    assert sum(int(np.count_nonzero(v)) for v in delta.values()) <= r["meta"].codec["k"] == round(0.05 * codec.size)
+    with Outbox(state) as outbox:
+        residual = st_load(outbox.get("residual"))["residual"]
+    assert residual.shape == (codec.size,) and np.abs(residual).max() > 0
+
+
+def test_a_full_outbox_pauses_training_until_a_receipt_frees_it(mqtt_broker, tmp_path):
+    fed = federation()
+
+    async def scenario() -> dict[str, Any]:
+        async with FakeHub(mqtt_broker, fed) as hub:
+            await hub.publish_model(global_model(version=1))
+            await hub.publish_task(Task(round=1, model_version=1, config=TASK_CONFIG))
+            config = edge_config(mqtt_broker, fed, tmp_path / "edge", outbox_max_entries=1)
+            async with RunningEdge(config) as edge:
+                _, first, _ = await hub.next_update()
+                await hub.publish_task(Task(round=2, model_version=1, config={**TASK_CONFIG, "min_new_windows": 0}))
+                await until(lambda: edge.training_state == "paused: outbox full", "training to pause")
+                await hub.receipt(first)
+                _, second, _ = await hub.next_update()
+        return locals()
+
+    r = run(scenario())
+
+    assert (r["first"].round, r["second"].round) == (1, 2)
+    assert r["second"].sequence == r["first"].sequence + 1
+
+
+# -- restarts ----------------------------------------------------------------------------------
+
+
+def test_a_restarted_edge_redelivers_its_pending_update_and_does_not_train_that_round_again(mqtt_broker, tmp_path):
+    fed, state = federation(), tmp_path / "edge"
+
+    async def scenario() -> dict[str, Any]:
+        async with FakeHub(mqtt_broker, fed) as hub:
+            await hub.publish_model(global_model(version=1))
+            await hub.publish_task(Task(round=1, model_version=1, config=TASK_CONFIG))
+            async with RunningEdge(edge_config(mqtt_broker, fed, state)):
+                _, first, first_bytes = await hub.next_update()
+            await hub.status_where("offline")  # stopped after publishing, before any receipt
+
+            async with RunningEdge(edge_config(mqtt_broker, fed, state)) as restarted:
+                _, again, again_bytes = await hub.next_update()
+                await hub.publish_task(Task(round=2, model_version=1, config={**TASK_CONFIG, "min_new_windows": 0}))
+                later = []
+                while not later or later[-1].round != 2:
+                    later.append((await hub.next_update())[1])
+                trained_windows = restarted.replay_windows
+        return locals()
+
+    r = run(scenario())
+
+    first, again = r["first"], r["again"]
+    assert (again.sequence, again.round) == (first.sequence, 1)
+    assert r["again_bytes"] == r["first_bytes"]
+    round_one = [m for m in r["later"] if m.round == 1]
+    assert all(m.sequence == first.sequence for m in round_one)  # redeliveries only, never a new round-1 update
+    assert r["later"][-1].sequence == first.sequence + 1
+    assert r["trained_windows"] > 0  # the replay buffer came back from the checkpoint
+
+
+def test_an_edge_stopped_during_a_fit_publishes_nothing_and_trains_that_round_after_restart(mqtt_broker, tmp_path):
+    fed, state = federation(), tmp_path / "edge"
+    slow = {**TASK_CONFIG, "epochs": 100000, "cpu_seconds": 1.0}  # a fit that runs for its whole CPU budget
+
+    async def scenario() -> dict[str, Any]:
+        async with FakeHub(mqtt_broker, fed) as hub:
+            await hub.publish_model(global_model(version=1))
+            await hub.publish_task(Task(round=1, model_version=1, config=slow))
+            async with RunningEdge(edge_config(mqtt_broker, fed, state)) as edge:
+                await until(lambda: edge.training_state == "training round 1", "the fit to start")
+            with Outbox(state) as outbox:
+                pending_after_stop, last_round = outbox.pending(), outbox.get("last_round")
+            async with RunningEdge(edge_config(mqtt_broker, fed, state)):
+                _, meta, _ = await hub.next_update()
+        return locals()
+
+    r = run(scenario())
+
+    assert r["pending_after_stop"] == [] and r["last_round"] is None
+    assert (r["meta"].round, r["meta"].sequence) == (1, 1)
+
+
+# -- models -----------------------------------------------------------------------------------
+
+
+def test_a_tampered_or_foreign_model_is_refused_and_the_previous_one_kept(mqtt_broker, tmp_path):
+    fed, state = federation(), tmp_path / "edge"
+
+    async def scenario() -> dict[str, Any]:
+        async with FakeHub(mqtt_broker, fed) as hub:
+            v1 = await hub.publish_model(global_model(version=1), round_number=0)
+            async with RunningEdge(edge_config(mqtt_broker, fed, state)) as edge:
+                await until(lambda: edge.model_version == 1, "model v1 to be accepted")
+                tampered = bytearray(build_model(global_model(version=2, seed=1), 1, hub.key))
+                tampered[len(tampered) // 2] ^= 0xFF
+                await hub.publish_raw_model(bytes(tampered))
+                await until(lambda: edge.counters["models_refused"] == 1, "the tampered model to be refused")
+                await hub.publish_model(global_model(version=2, seed=1), 1, key=Ed25519PrivateKey.generate())
+                await until(lambda: edge.counters["models_refused"] == 2, "the foreign model to be refused")
+                kept = edge.model_version
+                stored_after_refusals = (state / "model.msg").read_bytes()
+                v2 = await hub.publish_model(global_model(version=2, seed=1), round_number=1)
+                await until(lambda: edge.model_version == 2, "the genuine model v2 to be accepted")
+            pinned = (state / "hub.pub").read_text().strip()
+            hub_key = public_hex(hub.key)
+        return locals()
+
+    r = run(scenario())
+
+    assert r["kept"] == 1
+    assert r["stored_after_refusals"] == r["v1"]
+    assert (state / "model.msg").read_bytes() == r["v2"]
+    assert r["pinned"] == r["hub_key"]
+
+
+# -- many edges in one loop ----------------------------------------------------------------------
+
+
+def test_run_edges_hosts_several_edges_in_one_loop_and_stops_them_cleanly(mqtt_broker, tmp_path):
+    fed = federation()
+    clients = DATASET.clients
+
+    async def scenario() -> dict[str, Any]:
+        async with FakeHub(mqtt_broker, fed) as hub:
+            await hub.publish_model(global_model(version=1))
+            await hub.publish_task(Task(round=1, model_version=1, config=TASK_CONFIG))
+            stop = asyncio.Event()
+            edges = [(edge_config(mqtt_broker, fed, tmp_path / c, client=c), DATASET.source(c)) for c in clients]
+            running = asyncio.create_task(run_edges(edges, stop))
+            senders: set[str] = set()
+            while senders != set(clients):
+                senders.add((await hub.next_update())[1].client)
+            stop.set()
+            failures = await asyncio.wait_for(running, WAIT_S)
+            offline: set[str] = set()
+            while offline != set(clients):
+                body = json.loads((await hub.next("status")).payload)
+                if body.get("state") == "offline":
+                    offline.add(body["client"])
+        return locals()
+
+    r = run(scenario())
+
+    assert r["senders"] == set(clients) == r["offline"]
+    assert r["failures"] == {}
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+def edge_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wearfl")
+    add_edge_command(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_source_spec_names_the_client_after_the_last_slash_or_takes_the_client_id():
+    assert resolve_source("sim:0/wearer-03", "gateway-7").client_id == "wearer-03"
+    assert resolve_source("sim:0", "wearer-05").client_id == "wearer-05"
+    with pytest.raises(ConfigError, match="no client 'nobody'"):
+        resolve_source("sim:0/nobody", "gateway-7")
+    with pytest.raises(ConfigError, match="names no client"):
+        resolve_source("sim:0", "gateway-7")
+    with pytest.raises(ConfigError):
+        resolve_source("tape:0/wearer-03", "wearer-03")
+
+
+def test_recordings_spec_with_a_folder_path(tmp_path):
+    from edge_client.sources.recordings import write_recording
+
+    folder = tmp_path / "ward"
+    folder.mkdir()
+    (folder / "dataset.toml").write_text("sampling_rate_hz = 50\n")
+    t = np.arange(100) / 50.0
+    write_recording(folder / "subject1.csv", t, acc_x=np.zeros(100), acc_y=np.zeros(100), acc_z=np.ones(100))
+
+    assert resolve_source(f"recordings:{folder}/subject1", "gw").client_id == "subject1"
+    assert resolve_source(f"recordings:{folder}", "subject1").client_id == "subject1"
+
+
+def test_edge_command_fails_with_broker_unavailable_when_no_broker_listens(tmp_path):
+    args = edge_parser().parse_args([
+        "edge", "--broker", f"mqtt://127.0.0.1:{free_port()}", "--federation", "f1", "--client-id", "wearer-00",
+        "--source", "sim:0/wearer-00", "--state", str(tmp_path / "edge"), "--connect-timeout", "1",
+    ])
+
+    with pytest.raises(BrokerUnavailable):
+        args.func(args)
+
+
+def test_edge_command_rejects_a_bad_client_id_before_connecting(tmp_path):
+    args = edge_parser().parse_args([
+        "edge", "--broker", "mqtt://127.0.0.1:1", "--federation", "f1", "--client-id", "a/b",
+        "--source", "sim:0/wearer-00", "--state", str(tmp_path / "edge"),
+    ])
+
+    with pytest.raises(ConfigError):
+        args.func(args)
+
+
+EDGE_MAIN = """
+import argparse, sys
+from edge_client.edge_command import add_edge_command
+parser = argparse.ArgumentParser(prog="wearfl")
+add_edge_command(parser.add_subparsers(dest="command", required=True))
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.func(args))
+"""
+
+
+def test_sigterm_stops_the_edge_process_cleanly_with_its_outbox_intact(mqtt_broker, tmp_path):
+    fed, state = federation(), tmp_path / "edge"
+
+    async def scenario() -> dict[str, Any]:
+        async with FakeHub(mqtt_broker, fed) as hub:
+            await hub.publish_model(global_model(version=1))
+            await hub.publish_task(Task(round=1, model_version=1, config=TASK_CONFIG))
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", EDGE_MAIN, "edge", "--broker", url_of(mqtt_broker), "--federation", fed,
+                "--client-id", "wearer-00", "--source", "sim:0/wearer-00", "--state", str(state),
+                cwd=ROOT, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+            try:
+                _, meta, _ = await hub.next_update()
+                proc.send_signal(signal.SIGTERM)
+                _, stderr = await asyncio.wait_for(proc.communicate(), WAIT_S)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            offline = await hub.status_where("offline")
+        return {"meta": meta, "code": proc.returncode, "stderr": stderr.decode(), "offline": offline}
+
+    r = run(scenario())
+
+    assert r["code"] == 0, r["stderr"]
+    assert r["offline"]["reason"] == "stopped"
+    with Outbox(state) as outbox:
+        assert [e.sequence for e in outbox.pending()] == [r["meta"].sequence]

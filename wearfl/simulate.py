@@ -1,0 +1,186 @@
+"""``wearfl simulate``: a whole federation on one machine, through a real MQTT broker.
+
+It starts a broker (Mosquitto on a free loopback port when installed, else the
+in-process one) unless ``--broker`` names one, runs a hub and N edges in one event
+loop (each edge its own MQTT session and state directory), evaluates every new
+global model on held-out data, and writes ``report.json``, ``report.png`` and the
+final model as a package, ONNX and TFLite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from models.errors import ConfigError
+from models.files import write_atomic
+from models.model import Model
+from models.protocol.codec import SCHEMES, CodecConfig, UpdateCodec
+from models.protocol.messages import UpdateMeta, build_update
+
+__all__ = ["add_commands", "float32_update_bytes"]
+
+log = logging.getLogger(__name__)
+
+
+def float32_update_bytes(model: Model) -> int:
+    """The size of one unquantized signed update of ``model``: the yardstick for compression."""
+    weights = model.network.state_dict()
+    codec = UpdateCodec.for_weights(weights, CodecConfig(scheme="none"))
+    tensors, meta, _ = codec.encode({k: np.zeros_like(v) for k, v in weights.items()}, np.random.default_rng(0))
+    meta_full = UpdateMeta("client-000", 0, 0, "0" * 64, 1, 0, meta)
+    return len(build_update(meta_full, tensors, Ed25519PrivateKey.generate()))
+
+
+def _out_dir(path: str | None) -> Path:
+    if path:
+        return Path(path)
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
+    from edge_client.evaluation import load_clients, summarize, task_spec
+    from edge_client.finetune import FineTunePolicy
+    from edge_client.runtime import EdgeClient, EdgeConfig, run_edges
+    from edge_client.sources.datasets import open_dataset
+    from hub.service import HubConfig, HubService
+    from models.package import load_package
+    from models.protocol.broker import start_broker
+
+    if not args.verbose:
+        logging.getLogger("hub.store").setLevel(logging.ERROR)  # one "pinned key" line per simulated edge
+    dataset = open_dataset(args.dataset)
+    holdout = float(getattr(dataset, "holdout_fraction", 0.0) or 0.0)
+    if args.model:
+        model = load_package(args.model)
+        if model.spec.task != args.task:
+            raise ConfigError(f"{args.model} is a {model.spec.task} model, not {args.task}.")
+    else:
+        model = Model(task_spec(args.task, dataset, args.window_s), seed=args.seed)
+    pool = dataset.clients if holdout > 0 else dataset.train_clients
+    n = args.clients if args.clients is not None else min(8, len(pool))
+    if not 1 <= n <= len(pool):
+        raise ConfigError(f"--clients {n}: {dataset.name} has {len(pool)} training clients.")
+    clients = pool[:n]
+    held_out = load_clients(dataset, dataset.clients if holdout > 0 else dataset.test_clients, model.spec)
+    if holdout > 0:
+        held_out = [c.split(1.0 - holdout)[1] for c in held_out]
+
+    out = _out_dir(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    broker = None if args.broker else start_broker(workdir=out)
+    url = args.broker or broker.url
+    federation = f"sim-{int(time.time())}"
+    report: dict[str, Any] = {
+        "task": args.task, "dataset": args.dataset, "clients": n, "strategy": args.strategy,
+        "quantization": args.quantize, "float32_update_bytes": float32_update_bytes(model), "rounds": [],
+    }
+    print(f"simulating {n} edges x {args.rounds} rounds of {args.task} on {dataset.name} "
+          f"({args.quantize} updates) through {url}", file=sys.stderr)
+    start = time.monotonic()
+
+    def on_round(summary: Any) -> None:
+        metrics = summarize(summary.model, held_out)["metrics"]
+        row = {"round": summary.round, "model_version": summary.model_version, "participants": summary.participants,
+               "updates_accepted": summary.updates_accepted, "updates_rejected": summary.updates_rejected,
+               "bytes_up": summary.bytes_up, "bytes_down": summary.bytes_down,
+               "duration_s": round(summary.duration_s, 3), "metrics": metrics,
+               "federated_metrics": summary.metrics}
+        report["rounds"].append(row)
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        print(f"round {summary.round:>3}/{args.rounds}  {summary.participants:>3} updates  "
+              f"{summary.bytes_up / 1024:8.1f} KiB up  {shown}  ({time.monotonic() - start:.0f} s)", file=sys.stderr)
+
+    task_config = {"quantize": args.quantize, "epochs": args.local_epochs, "batch_size": 32, "lr": args.lr}
+    hub_config = HubConfig(
+        broker=url, federation=federation, state_dir=out / "hub", min_clients=n, clients_per_round=n,
+        round_timeout_s=args.round_timeout, rounds=args.rounds, task_config=task_config, strategy=args.strategy,
+    )
+    hub = HubService(hub_config, initial_model=model)
+    hub.on_round_closed = on_round
+    policy = FineTunePolicy(min_new_windows=0)
+    edges = [
+        (EdgeConfig(broker=url, federation=federation, client_id=client, state_dir=out / "edges" / client,
+                    policy=replace(policy, train=replace(policy.train, seed=args.seed + i)), seed=args.seed + i),
+         dataset.source(client))
+        for i, client in enumerate(clients)
+    ]
+    stop = asyncio.Event()
+    try:
+        edge_task = asyncio.create_task(run_edges([(EdgeClient(c, s)) for c, s in edges], stop))
+        await hub.run()
+        stop.set()
+        await asyncio.wait_for(edge_task, 60)
+    finally:
+        stop.set()
+        if broker is not None:
+            broker.stop()
+    final = hub.current_model
+    report["final_metrics"] = summarize(final, held_out)["metrics"]
+    per_update = [r["bytes_up"] / r["updates_accepted"] for r in report["rounds"] if r["updates_accepted"]]
+    # The median round: a round where an edge re-sent an unreceipted update carries its bytes twice.
+    report["update_bytes"] = float(np.median(per_update)) if per_update else None
+    if per_update:
+        report["update_bytes_ratio"] = report["update_bytes"] / report["float32_update_bytes"]
+    from models.onnx_export import export_onnx
+    from models.package import save_package
+    from models.tflite_export import export_tflite
+
+    save_package(final, out / "model.safetensors")
+    write_atomic(out / "model.onnx", export_onnx(final))
+    write_atomic(out / "model.tflite", export_tflite(final))
+    from wearfl.report import write_report
+
+    write_report(out, report)
+    report["out"] = str(out)
+    return report
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    report = asyncio.run(_simulate(args))
+    key = "accuracy" if args.task == "activity" else "mae_bpm"
+    print(f"{'round':>5} {'updates':>8} {'KiB up':>9} {key:>9}")
+    for r in report["rounds"]:
+        print(f"{r['round']:>5} {r['updates_accepted']:>8} {r['bytes_up'] / 1024:>9.1f} {r['metrics'][key]:>9.4f}")
+    ratio = ""
+    if report.get("update_bytes"):
+        ratio = f", {report['update_bytes']:.0f} bytes per update = {report['update_bytes_ratio']:.3f}x float32"
+    print(f"final {key}: {report['final_metrics'][key]:.4f}{ratio}")
+    print(f"wrote {report['out']}/report.json, report.png, model.safetensors, model.onnx, model.tflite")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("simulate", help="run a whole federation on this machine")
+    p.add_argument("--task", choices=("activity", "heart-rate"), default="activity")
+    p.add_argument("--dataset", default=None, help="sim[:SEED] (default sim:SEED), hapt:DIR or recordings:DIR")
+    p.add_argument("--clients", type=int, help="number of edges (default 8, at most the training clients)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--quantize", choices=SCHEMES, default="int8")
+    p.add_argument("--strategy", default="fedavg")
+    p.add_argument("--broker", help="use this broker (mqtt://host:port) instead of starting one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", help="start from this package instead of a fresh model")
+    p.add_argument("--window-s", type=float)
+    p.add_argument("--round-timeout", type=float, default=120.0)
+    p.add_argument("--local-epochs", type=int, default=2, help="epochs each edge trains per round")
+    p.add_argument("--lr", type=float, default=2e-3, help="the edges' learning rate")
+    p.add_argument("--out", help="output folder (default: a new folder under ./runs/)")
+    p.set_defaults(func=_with_default_dataset)
+
+
+def _with_default_dataset(args: argparse.Namespace) -> int:
+    if args.dataset is None:
+        args.dataset = f"sim:{args.seed}"
+    if args.rounds < 1:
+        raise ConfigError("--rounds must be >= 1.")
+    return cmd_simulate(args)

@@ -128,6 +128,7 @@ class EdgeConfig:
     replay_policy: str = "reservoir"
     holdout_max_windows: int = 256
     eval_fraction: float = 0.2
+    window_hop_fraction: float = 0.5
     pseudo_threshold: float | None = None
     seed: int = 0
     hub_key: str | None = None
@@ -262,7 +263,8 @@ class _Ingest:
                 f"{config.client_id}: the global model needs channels {missing}, which the source "
                 f"{source.client_id!r} does not have (it has {list(source.channels)})."
             )
-        self.preprocessor = Preprocessor(spec, source.sampling_rate_hz)
+        hop = max(1, round(spec.window * config.window_hop_fraction))
+        self.preprocessor = Preprocessor(spec, source.sampling_rate_hz, hop=hop)
         self.class_table = _class_table(tuple(source.classes), spec.classes) if spec.is_classifier else None
         self.replay = self._new_replay()
         self.holdout = self._new_holdout()

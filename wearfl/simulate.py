@@ -110,7 +110,8 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     policy = FineTunePolicy(min_new_windows=0)
     edges = [
         (EdgeConfig(broker=url, federation=federation, client_id=client, state_dir=out / "edges" / client,
-                    policy=replace(policy, train=replace(policy.train, seed=args.seed + i)), seed=args.seed + i),
+                    policy=replace(policy, train=replace(policy.train, seed=args.seed + i)), seed=args.seed + i,
+                    window_hop_fraction=args.window_hop),
          dataset.source(client))
         for i, client in enumerate(clients)
     ]
@@ -174,6 +175,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--round-timeout", type=float, default=120.0)
     p.add_argument("--local-epochs", type=int, default=2, help="epochs each edge trains per round")
     p.add_argument("--lr", type=float, default=2e-3, help="the edges' learning rate")
+    p.add_argument("--window-hop", type=float, default=0.25,
+                   help="hop between the edges' training windows, as a fraction of a window (default 0.25)")
     p.add_argument("--out", help="output folder (default: a new folder under ./runs/)")
     p.set_defaults(func=_with_default_dataset)
 

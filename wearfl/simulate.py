@@ -84,6 +84,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
         "task": args.task, "dataset": args.dataset, "clients": n, "strategy": args.strategy,
         "quantization": args.quantize, "float32_update_bytes": float32_update_bytes(model), "rounds": [],
     }
+    report["initial_metrics"] = summarize(model, held_out)["metrics"]
     print(f"simulating {n} edges x {args.rounds} rounds of {args.task} on {dataset.name} "
           f"({args.quantize} updates) through {url}", file=sys.stderr)
     start = time.monotonic()
@@ -150,6 +151,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     report = asyncio.run(_simulate(args))
     key = "accuracy" if args.task == "activity" else "mae_bpm"
     print(f"{'round':>5} {'updates':>8} {'KiB up':>9} {key:>9}")
+    print(f"{0:>5} {'':>8} {'':>9} {report['initial_metrics'][key]:>9.4f}  (initial model)")
     for r in report["rounds"]:
         print(f"{r['round']:>5} {r['updates_accepted']:>8} {r['bytes_up'] / 1024:>9.1f} {r['metrics'][key]:>9.4f}")
     ratio = ""

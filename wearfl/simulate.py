@@ -105,6 +105,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     hub_config = HubConfig(
         broker=url, federation=federation, state_dir=out / "hub", min_clients=n, clients_per_round=n,
         round_timeout_s=args.round_timeout, rounds=args.rounds, task_config=task_config, strategy=args.strategy,
+        server_lr=args.server_lr,
     )
     hub = HubService(hub_config, initial_model=model)
     hub.on_round_closed = on_round
@@ -177,6 +178,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--round-timeout", type=float, default=120.0)
     p.add_argument("--local-epochs", type=int, default=2, help="epochs each edge trains per round")
     p.add_argument("--lr", type=float, default=2e-3, help="the edges' learning rate")
+    p.add_argument("--server-lr", type=float, default=1.0, help="the hub's step along the averaged update")
     p.add_argument("--window-hop", type=float, default=0.25,
                    help="hop between the edges' training windows, as a fraction of a window (default 0.25)")
     p.add_argument("--out", help="output folder (default: a new folder under ./runs/)")

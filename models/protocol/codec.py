@@ -149,7 +149,7 @@ class UpdateCodec:
         """The float32 delta, or :class:`CodecError` for anything inconsistent."""
         try:
             scheme, n, block = str(meta["scheme"]), int(meta["n"]), int(meta["block"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise CodecError("malformed", f"codec metadata is incomplete ({exc})") from None
         if scheme not in SCHEMES:
             raise CodecError("malformed", f"unknown quantization {scheme!r}")
@@ -183,7 +183,10 @@ class UpdateCodec:
                     raise CodecError("malformed", "int4 values must lie in [-7, 7]")
             flat = self._dequantize_with(q, scales, block, n)
         else:
-            k = int(meta.get("k", -1))
+            try:
+                k = int(meta.get("k", -1))
+            except (TypeError, ValueError, OverflowError):
+                k = -1
             if not 1 <= k <= n:
                 raise CodecError("malformed", f"top-k count {k} is out of range")
             index_dtype = np.uint16 if n <= 65536 else np.uint32

@@ -89,7 +89,7 @@ def parse_update_meta(message: SignedMessage) -> UpdateMeta:
             codec=dict(m["codec"]), timestamp=float(m["timestamp"]),
             metrics={str(k): float(v) for k, v in dict(m.get("metrics", {})).items()},
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise SigningError("malformed", f"update metadata is invalid ({exc})") from None
     if meta.num_examples < 1 or meta.sequence < 0 or meta.round < 0 or not math.isfinite(meta.timestamp):
         raise SigningError("malformed", "num_examples must be >= 1, sequence and round >= 0")
@@ -127,7 +127,7 @@ def parse_model(data: bytes, expected_key: bytes | None = None) -> ModelMessage:
         model = Model(spec, version=int(m["version"]))
         model.network.load_state_dict(message.tensors)
         round_number = int(m["round"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise SigningError("malformed", f"model message is invalid ({exc})") from None
     return ModelMessage(model, round_number, message.public_key, model_hash(data))
 
@@ -166,7 +166,7 @@ class Task:
         try:
             return cls(int(d["round"]), int(d["model_version"]), dict(d.get("config", {})),
                        None if d.get("deadline") is None else float(d["deadline"]))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise SigningError("malformed", f"task is invalid ({exc})") from None
 
 
@@ -196,7 +196,7 @@ class Receipt:
         try:
             receipt = cls(str(d["client"]), int(d["sequence"]), str(d["status"]), d.get("reason"), d.get("detail"),
                           d.get("round"), d.get("model_version"))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise SigningError("malformed", f"receipt is invalid ({exc})") from None
         if receipt.status not in ("accepted", "duplicate", "rejected"):
             raise SigningError("malformed", f"receipt status {receipt.status!r} is unknown")

@@ -122,3 +122,18 @@ def test_the_signed_model_is_plain_safetensors():
     np.testing.assert_array_equal(plain["conv1.weight"], model.network.state_dict()["conv1.weight"])
     parsed = parse_model(data)
     assert parsed.model.version == 4 and parsed.round == 4 and parsed.model.spec == model.spec
+
+
+def test_infinite_numbers_in_metadata_are_malformed_not_crashes():
+    key = Ed25519PrivateKey.generate()
+    codec = UpdateCodec(SHAPES, CodecConfig(scheme="topk", block=8))
+    tensors, codec_meta, _ = codec.encode(_delta(), np.random.default_rng(0))
+    data = build_update(UpdateMeta("edge-1", 3, 2, "ab" * 32, 120, 7, codec_meta), tensors, key)
+    message = verify_and_parse(data, 1 << 20)
+    message.metadata["round"] = float("inf")
+    with pytest.raises(SigningError, match="malformed"):
+        parse_update_meta(message)
+    for field in ("n", "k"):
+        with pytest.raises(CodecError) as info:
+            codec.decode(message.tensors, {**codec_meta, field: float("inf")})
+        assert info.value.reason == "malformed"

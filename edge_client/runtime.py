@@ -190,17 +190,14 @@ def spec_key(spec: ModelSpec) -> str:
 
 
 def codec_config(config: Mapping[str, Any]) -> CodecConfig:
-    """The update encoding a task's config asks for (``quantize``, ``block``, ``topk_fraction``, clip norm).
-
-    The update clip norm is ``update_clip_norm`` when given, else ``clip_norm`` (which the
-    trainer also reads as its gradient clip norm).
-    """
+    """The update encoding a task's config asks for (``quantize``, ``block``, ``topk_fraction``,
+    ``update_clip_norm``); ``clip_norm`` is the trainer's gradient clip, not this."""
     try:
         return CodecConfig(
             scheme=str(config.get("quantize", "int8")),
             block=int(config.get("block", 256)),
             topk_fraction=float(config.get("topk_fraction", 0.04)),
-            clip_norm=float(config.get("update_clip_norm", config.get("clip_norm", 0.0))),
+            clip_norm=float(config.get("update_clip_norm", 0.0)),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"the task's update encoding settings are invalid ({exc}).") from exc

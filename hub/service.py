@@ -34,6 +34,7 @@ from typing import Any
 from hub.intake import DEFAULT_MAX_UPDATE_BYTES, Intake
 from hub.registry import ModelRegistry
 from hub.rounds import MetricsCollector, RoundManager, RoundPolicy, RoundSummary
+from hub.schedule import check_schedule, round_task_config
 from hub.store import HubStore
 from hub.strategies import STRATEGIES, Strategy, make_strategy
 from models.errors import ConfigError
@@ -58,7 +59,9 @@ DEFAULT_TASK_CONFIG: dict[str, Scalar] = {
     "quantize": "int8",
     "block": 256,
     "topk_fraction": 0.04,
-    "clip_norm": 0.0,
+    "update_clip_norm": 0.0,
+    "lr_schedule": "constant",
+    "lr_min_factor": 0.05,
 }
 """What edges are told to do in a round unless ``task_config`` says otherwise."""
 
@@ -128,9 +131,10 @@ class HubConfig:
                 raise ConfigError(f"task_config[{key!r}] must be a number, string or boolean, got {value!r}.")
         try:
             CodecConfig(scheme=str(config["quantize"]), block=int(config["block"]),
-                        topk_fraction=float(config["topk_fraction"]), clip_norm=float(config["clip_norm"]))
+                        topk_fraction=float(config["topk_fraction"]), clip_norm=float(config["update_clip_norm"]))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"task_config has an invalid codec setting ({exc}).") from exc
+        check_schedule(config, self.rounds)
         return config
 
 
@@ -368,7 +372,7 @@ class HubService:
         new_model = await asyncio.to_thread(rounds.build_next_model, intake)
         next_round = cur.round + 1
         model_message = build_model(new_model, next_round, self._key)
-        task = Task(next_round, int(new_model.version), dict(self.config.task_config),
+        task = Task(next_round, int(new_model.version), self._round_config(next_round),
                     round(time.time() + self.config.round_timeout_s, 3))
         recipients = len(self.online) or len(cur.participants)
         summary = rounds.record_close(new_model, (len(model_message) + len(task.to_bytes())) * recipients,
@@ -397,7 +401,10 @@ class HubService:
         rounds = self._require_rounds()
         cur, model = rounds.current, rounds.model
         assert cur is not None and model is not None
-        return Task(cur.round, int(model.version), dict(self.config.task_config), cur.deadline_at)
+        return Task(cur.round, int(model.version), self._round_config(cur.round), cur.deadline_at)
+
+    def _round_config(self, round_number: int) -> dict[str, Scalar]:
+        return round_task_config(self.config.task_config, round_number, self.config.rounds)
 
     async def _publish_task(self) -> None:
         await self._session.publish(self.topics.task, self._task().to_bytes(), qos=1, retain=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.augment import rotate_windows, sensor_triads
 from models.engine import SGD, Adam, AdamW, BatchNorm1D, Loss, Optimizer, clip_grad_norm
 from models.engine.layers import Parameter
 from models.errors import ConfigError, InputError
@@ -37,12 +38,16 @@ class TrainConfig:
     seed: int = 0
     train_only: tuple[str, ...] = ()
     """Layer names to train (empty: all). The others stay fixed, BatchNorm statistics included."""
+    rotation_deg: float = 0.0
+    """Std of a random rotation (degrees) applied to each window's three-axis sensors (0: none)."""
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be >= 1.")
         if self.clip_norm < 0 or self.prox_mu < 0:
             raise ConfigError("clip_norm and prox_mu must be >= 0.")
+        if not 0 <= self.rotation_deg <= 180:
+            raise ConfigError(f"rotation_deg must be 0..180 degrees, got {self.rotation_deg}.")
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; use sgd, adam or adamw.")
 
@@ -132,6 +137,8 @@ def _loop(
     params = model.network.parameters()
     mu = F32(config.prox_mu)
     rng = np.random.default_rng(config.seed)
+    augment_rng = np.random.default_rng([config.seed, 1])
+    triads = sensor_triads(model.spec.channels) if config.rotation_deg > 0 else []
     losses, step, examples, stop = [], 0, 0, False
     for _ in range(config.epochs):
         order = rng.permutation(len(x))
@@ -139,7 +146,8 @@ def _loop(
         for start in range(0, len(x), config.batch_size):
             idx = order[start : start + config.batch_size]
             optimizer.zero_grad()
-            out = model.forward_raw(x[idx], training=True)
+            batch = rotate_windows(x[idx], triads, config.rotation_deg, augment_rng)
+            out = model.forward_raw(batch, training=True)
             loss, dout = loss_fn(out, target[idx])
             model.network.backward(dout)
             if anchor is not None:

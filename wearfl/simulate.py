@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from hub.schedule import LR_SCHEDULES
 from models.errors import ConfigError
 from models.files import write_atomic
 from models.model import Model
@@ -101,7 +102,8 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
         print(f"round {summary.round:>3}/{args.rounds}  {summary.participants:>3} updates  "
               f"{summary.bytes_up / 1024:8.1f} KiB up  {shown}  ({time.monotonic() - start:.0f} s)", file=sys.stderr)
 
-    task_config = {"quantize": args.quantize, "epochs": args.local_epochs, "batch_size": 32, "lr": args.lr}
+    task_config = {"quantize": args.quantize, "epochs": args.local_epochs, "batch_size": 32, "lr": args.lr,
+                   "lr_schedule": args.lr_schedule, "rotation_deg": args.rotation}
     hub_config = HubConfig(
         broker=url, federation=federation, state_dir=out / "hub", min_clients=n, clients_per_round=n,
         round_timeout_s=args.round_timeout, rounds=args.rounds, task_config=task_config, strategy=args.strategy,
@@ -177,7 +179,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--window-s", type=float)
     p.add_argument("--round-timeout", type=float, default=120.0)
     p.add_argument("--local-epochs", type=int, default=2, help="epochs each edge trains per round")
-    p.add_argument("--lr", type=float, default=2e-3, help="the edges' learning rate")
+    p.add_argument("--lr", type=float, default=3e-3, help="the edges' learning rate in the first round")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
+                   help="how the edges' learning rate changes over the rounds (default cosine decay to 5%%)")
+    p.add_argument("--rotation", type=float, default=10.0,
+                   help="std (degrees) of the random rotation of three-axis sensors in training (0: off)")
     p.add_argument("--server-lr", type=float, default=1.0, help="the hub's step along the averaged update")
     p.add_argument("--window-hop", type=float, default=0.25,
                    help="hop between the edges' training windows, as a fraction of a window (default 0.25)")

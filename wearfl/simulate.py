@@ -151,7 +151,12 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    report = asyncio.run(_simulate(args))
+    from threadpoolctl import threadpool_limits
+
+    # Every edge trains in its own thread; a multi-threaded BLAS under each of them
+    # oversubscribes the cores (a 2-core laptop ran twice as slow).
+    with threadpool_limits(limits=1, user_api="blas"):
+        report = asyncio.run(_simulate(args))
     key = "accuracy" if args.task == "activity" else "mae_bpm"
     print(f"{'round':>5} {'updates':>8} {'KiB up':>9} {key:>9}")
     print(f"{0:>5} {'':>8} {'':>9} {report['initial_metrics'][key]:>9.4f}  (initial model)")

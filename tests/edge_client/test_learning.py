@@ -132,6 +132,10 @@ def test_task_config_overrides_are_type_checked():
     with pytest.raises(ConfigError, match="epochs"):
         FineTunePolicy().with_overrides({"epochs": "many"})
     assert FineTunePolicy().with_overrides({"lr": "0.5", "unknown": 1}).train.lr == 0.5
+    policy = FineTunePolicy().with_overrides({"rotation_deg": 10, "lr_schedule": "cosine"})
+    assert policy.train.rotation_deg == 10.0  # the schedule itself is the hub's: edges get the round's lr
+    with pytest.raises(ConfigError, match="rotation_deg"):
+        FineTunePolicy().with_overrides({"rotation_deg": -5})
 
 
 def test_battery_and_temperature_hooks_read_sysfs(tmp_path):

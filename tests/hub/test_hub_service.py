@@ -108,8 +108,9 @@ def retained_model(broker: Any, topic: str) -> bytes:
 
 
 def hub_config(broker: Any, topic_prefix: str, state_dir: Any, **kw: Any) -> HubConfig:
+    kw["task_config"] = {"quantize": "none", **kw.get("task_config", {})}
     return HubConfig(broker=broker.url, federation=federation_of(topic_prefix), state_dir=state_dir,
-                     topic_prefix=topic_prefix, task_config={"quantize": "none"}, **kw)
+                     topic_prefix=topic_prefix, **kw)
 
 
 def test_two_rounds_through_the_broker_publish_retained_models(mqtt_broker, topic_prefix, tmp_path):
@@ -117,7 +118,8 @@ def test_two_rounds_through_the_broker_publish_retained_models(mqtt_broker, topi
     w0 = initial.network.state_dict()
     shapes = {k: v.shape for k, v in w0.items()}
     # clients_per_round unset: the round waits for every edge online (3), at least min_clients (2)
-    config = hub_config(mqtt_broker, topic_prefix, tmp_path / "hub", min_clients=2, round_timeout_s=30, rounds=2)
+    config = hub_config(mqtt_broker, topic_prefix, tmp_path / "hub", min_clients=2, round_timeout_s=30, rounds=2,
+                        task_config={"lr": 0.004, "lr_schedule": "cosine"})
     topics = Topics(config.federation, topic_prefix)
     service = HubService(config, initial)
     closed: list[RoundSummary] = []
@@ -161,6 +163,8 @@ def test_two_rounds_through_the_broker_publish_retained_models(mqtt_broker, topi
     assert (extra[0].status, extra[0].reason, extra[0].sequence) == ("rejected", "malformed", -1)
     assert (extra[1].status, extra[1].sequence) == ("duplicate", 1)
     assert [(t.round, t.model_version, t.config["quantize"]) for t in tasks] == [(1, 0, "none"), (2, 1, "none")]
+    # cosine over 2 rounds with the default 5% floor: round 2 is halfway, 0.05 + 0.95 / 2 of the rate
+    assert [t.config["lr"] for t in tasks] == pytest.approx([0.004, 0.004 * 0.525])
     assert [(s.round, s.model_version, s.participants, s.updates_accepted) for s in closed] == [(1, 1, 3, 3),
                                                                                               (2, 2, 3, 3)]
     assert closed[0].updates_rejected == 1 and closed[0].bytes_up > 0 and closed[0].bytes_down > 0

@@ -3,8 +3,9 @@
 ``wearfl hub`` takes its settings from flags, from a TOML file (``--config``) with the
 same keys (``broker``, ``federation``, ``state``, ``keyring``, ``model``, ``task``,
 ``min_clients``, ``clients_per_round``, ``round_timeout``, ``rounds``, ``quantize``,
-``norm_bound``, ``max_update_bytes``, ``server_lr``; dashes or underscores) and a
-``[task_config]`` table of scalars for the edges, or both: flags override the file.
+``norm_bound``, ``max_update_bytes``, ``server_lr``, ``strategy``; dashes or underscores),
+a ``[task_config]`` table of scalars for the edges and a ``[strategy_args]`` table for the
+aggregation rule, or both: flags override the file.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = ["add_commands", "cmd_hub", "cmd_status", "hub_config_from_args"]
 CONFIG_KEYS = {
     "broker": str, "federation": str, "state": str, "keyring": str, "model": str, "task": str,
     "min_clients": int, "clients_per_round": int, "round_timeout": float, "rounds": int, "quantize": str,
-    "norm_bound": float, "max_update_bytes": int, "server_lr": float,
+    "norm_bound": float, "max_update_bytes": int, "server_lr": float, "strategy": str,
 }
 
 
@@ -61,6 +62,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--norm-bound", type=float, metavar="L2", help="reject updates with a larger L2 norm")
     p.add_argument("--max-update-bytes", type=int, metavar="B", help="reject larger updates (default 4 MiB)")
     p.add_argument("--server-lr", type=float, metavar="LR", help="server learning rate of FedAvg (default 1.0)")
+    add_strategy_flags(p)
     p.set_defaults(func=cmd_hub)
 
     s = sub.add_parser("status", help="show a hub's counters and clients",
@@ -70,8 +72,17 @@ def add_commands(sub: Any) -> None:
     s.set_defaults(func=cmd_status)
 
 
-def _read_config(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(settings, task_config) from a TOML file, keys normalized to underscores and checked."""
+def add_strategy_flags(p: argparse.ArgumentParser) -> None:
+    """``--strategy NAME`` and repeatable ``--strategy-arg KEY=VALUE`` (shared with ``wearfl simulate``)."""
+    p.add_argument("--strategy", metavar="NAME",
+                   help="aggregation rule: fedavg (default), fedavgm, fedprox, fedadam, fedyogi, fedadagrad, "
+                        "fedmedian, fedtrimmedavg, krum, multikrum, bulyan, fedbuff")
+    p.add_argument("--strategy-arg", action="append", metavar="KEY=VALUE",
+                   help="a setting of the rule, e.g. f=2, beta=0.1, server_opt=adam, eta=0.01 (repeatable)")
+
+
+def _read_config(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(settings, task_config, strategy_args) from a TOML file, keys normalized to underscores and checked."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except OSError as exc:
@@ -81,6 +92,9 @@ def _read_config(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     task_config = data.pop("task_config", {})
     if not isinstance(task_config, dict):
         raise ConfigError(f"{path}: task_config must be a table of scalars.")
+    strategy_args = data.pop("strategy_args", {})
+    if not isinstance(strategy_args, dict) or any(isinstance(v, dict | list) for v in strategy_args.values()):
+        raise ConfigError(f"{path}: strategy_args must be a table of scalars.")
     settings: dict[str, Any] = {}
     for key, value in data.items():
         name = key.replace("-", "_")
@@ -94,21 +108,23 @@ def _read_config(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         settings[name] = value
     from hub.service import task_config_from
 
-    return settings, task_config_from(task_config)
+    return settings, task_config_from(task_config), dict(strategy_args)
 
 
 def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | None]:
+    """The hub's config and initial model from parsed flags (and ``--config``)."""
     from hub.service import HubConfig
+    from hub.strategies import parse_strategy_args
     from models.package import load_package
 
-    """The hub's config and initial model from parsed flags (and ``--config``)."""
-    settings, task_config = _read_config(args.config) if args.config else ({}, {})
+    settings, task_config, strategy_args = _read_config(args.config) if args.config else ({}, {}, {})
+    strategy_args.update(parse_strategy_args(args.strategy_arg))
     flags = {
         "broker": args.broker, "federation": args.federation, "state": args.state, "keyring": args.keyring,
         "model": args.model, "task": args.task, "min_clients": args.min_clients,
         "clients_per_round": args.clients_per_round, "round_timeout": args.round_timeout, "rounds": args.rounds,
         "quantize": args.quantize, "norm_bound": args.norm_bound, "max_update_bytes": args.max_update_bytes,
-        "server_lr": args.server_lr,
+        "server_lr": args.server_lr, "strategy": args.strategy,
     }
     if args.model or args.task:  # the flags' choice of initial model replaces the file's
         settings.pop("model", None)
@@ -127,7 +143,8 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         round_timeout_s=settings.get("round_timeout", 60.0), rounds=settings.get("rounds"),
         keyring=Path(settings["keyring"]) if "keyring" in settings else None,
         norm_bound=settings.get("norm_bound"), task_config=task_config,
-        server_lr=settings.get("server_lr", 1.0),
+        server_lr=settings.get("server_lr", 1.0), strategy=settings.get("strategy", "fedavg"),
+        strategy_args=strategy_args,
         **({"max_update_bytes": settings["max_update_bytes"]} if "max_update_bytes" in settings else {}),
     )
     initial: Model | None = None

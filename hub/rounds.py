@@ -33,6 +33,7 @@ from hub.intake import AcceptedUpdate, Intake
 from hub.registry import ModelRegistry
 from hub.store import HubStore, RoundRecord
 from hub.strategies.base import Strategy
+from hub.strategy_state import StrategyState
 from models.errors import ConfigError, WearflError
 from models.model import Model
 from models.protocol.messages import parse_json
@@ -169,8 +170,10 @@ class OpenRound:
 class RoundManager:
     """The current model and open round of one hub, over its store and registry."""
 
-    def __init__(self, store: HubStore, registry: ModelRegistry, strategy: Strategy, policy: RoundPolicy) -> None:
+    def __init__(self, store: HubStore, registry: ModelRegistry, strategy: Strategy, policy: RoundPolicy,
+                 strategy_state: StrategyState | None = None) -> None:
         self.store, self.registry, self.strategy, self.policy = store, registry, strategy, policy
+        self.strategy_state = strategy_state
         self.model: Model | None = None
         self.current: OpenRound | None = None
 
@@ -213,6 +216,8 @@ class RoundManager:
             with self.store.transaction():
                 self.store.put("round", round_number)
                 self.store.put("model_version", int(model.version))
+        if self.strategy_state is not None and self.strategy_state.load(self.strategy, int(model.version)):
+            log.info("restored the %s server-optimizer state of model v%d", self.strategy.name, model.version)
         self.model = model
         return model
 
@@ -258,7 +263,7 @@ class RoundManager:
         """Count an accepted update into the open round."""
         cur = self._open()
         if cur.aggregate is not None:
-            cur.aggregate.add(update.delta, self.strategy.client_weight(update.num_examples))
+            cur.aggregate.add(self.strategy.prepare(update.delta), self.strategy.client_weight(update.num_examples))
         cur.participants.add(update.client)
         cur.updates_accepted += 1
         cur.num_examples += update.num_examples
@@ -289,14 +294,23 @@ class RoundManager:
         cur, model = self._open(), self.model
         assert model is not None
         avg = cur.aggregate.mean() if cur.aggregate is not None else self._aggregate_from_store(cur.round, intake)
-        weights = self.strategy.server_step(model.network.state_dict(), avg)
-        bad = sorted(k for k, v in weights.items() if not np.all(np.isfinite(v)))
-        if bad:
-            raise WearflError(f"round {cur.round} produced non-finite weights ({', '.join(bad[:5])}); the model is "
-                              f"kept at v{model.version}. Bound update norms with --norm-bound.")
-        new = Model(model.spec, version=int(model.version) + 1)
-        new.network.load_state_dict(weights)
-        self.registry.save(new, cur.round)
+        before = {k: v.copy() for k, v in self.strategy.state_dict().items()}
+        try:
+            weights = self.strategy.server_step(model.network.state_dict(), avg)
+            bad = sorted(k for k, v in weights.items() if not np.all(np.isfinite(v)))
+            if bad:
+                raise WearflError(f"round {cur.round} produced non-finite weights ({', '.join(bad[:5])}); the model "
+                                  f"is kept at v{model.version}. Bound update norms with --norm-bound.")
+            new = Model(model.spec, version=int(model.version) + 1)
+            new.network.load_state_dict(weights)
+            if self.strategy_state is not None:
+                self.strategy_state.save(self.strategy, int(new.version))
+            self.registry.save(new, cur.round)
+        except BaseException:
+            self.strategy.load_state_dict(before)  # the optimizer steps only with the model
+            raise
+        if self.strategy_state is not None:
+            self.strategy_state.prune(keep=int(new.version))
         return new
 
     def _aggregate_from_store(self, round_number: int, intake: Intake | None) -> dict[str, np.ndarray]:

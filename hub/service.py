@@ -36,7 +36,8 @@ from hub.registry import ModelRegistry
 from hub.rounds import MetricsCollector, RoundManager, RoundPolicy, RoundSummary
 from hub.schedule import check_schedule, round_task_config
 from hub.store import HubStore
-from hub.strategies import STRATEGIES, Strategy, make_strategy
+from hub.strategies import Strategy, make_strategy
+from hub.strategy_state import StrategyState
 from models.errors import ConfigError
 from models.model import Model
 from models.protocol.codec import CodecConfig, UpdateCodec
@@ -92,6 +93,7 @@ class HubConfig:
     task_config: dict[str, Scalar] = field(default_factory=dict)
     server_lr: float = 1.0
     strategy: str = "fedavg"
+    strategy_args: dict[str, Any] = field(default_factory=dict)
     client_id: str | None = None
     protocol: str = "auto"
     topic_prefix: str = "wearfl/v1"
@@ -114,18 +116,27 @@ class HubConfig:
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}.")
         self.policy()  # validates the round settings
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {self.strategy!r}; use one of {', '.join(sorted(STRATEGIES))}.")
+        rule = self.build_strategy()
+        if self.min_clients < rule.min_updates():
+            raise ConfigError(f"strategy {self.strategy} as configured needs at least {rule.min_updates()} updates "
+                              f"a round; set --min-clients {rule.min_updates()} or more (it is {self.min_clients}).")
         if self.protocol not in ("auto", "5", "3.1.1"):
             raise ConfigError(f"unknown MQTT protocol {self.protocol!r}; use auto, 5 or 3.1.1.")
         self.task_config = self.full_task_config()
+
+    def build_strategy(self) -> Strategy:
+        """A fresh instance of the configured rule (``server_lr`` applies unless the args set it)."""
+        args = dict(self.strategy_args)
+        if self.server_lr != 1.0:
+            args.setdefault("server_lr", self.server_lr)
+        return make_strategy(self.strategy, args)
 
     def policy(self) -> RoundPolicy:
         return RoundPolicy(self.min_clients, self.clients_per_round, self.round_timeout_s)
 
     def full_task_config(self) -> dict[str, Scalar]:
         """:data:`DEFAULT_TASK_CONFIG` overridden by ``task_config``, checked."""
-        config = {**DEFAULT_TASK_CONFIG, **self.task_config}
+        config = {**DEFAULT_TASK_CONFIG, **self.task_config, **self.build_strategy().task_config()}
         for key, value in config.items():
             if not isinstance(value, float | int | str | bool):
                 raise ConfigError(f"task_config[{key!r}] must be a number, string or boolean, got {value!r}.")
@@ -156,7 +167,7 @@ class HubService:
         self.config = config
         self.topics = Topics(config.federation, config.topic_prefix)
         self.initial_model = initial_model
-        self.strategy = strategy if strategy is not None else make_strategy(config.strategy, server_lr=config.server_lr)
+        self.strategy = strategy if strategy is not None else config.build_strategy()
         self.on_round_closed: RoundHook | None = None
         self.summaries: list[RoundSummary] = []
         self.ready = asyncio.Event()
@@ -201,7 +212,7 @@ class HubService:
         store = self._store = HubStore(cfg.state_dir, synchronous=cfg.synchronous)
         try:
             rounds = self._rounds = RoundManager(store, ModelRegistry(cfg.state_dir / "models"), self.strategy,
-                                                 cfg.policy())
+                                                 cfg.policy(), StrategyState(cfg.state_dir / "strategy"))
             model = await asyncio.to_thread(rounds.resume, self.initial_model)
             codec = UpdateCodec.for_weights(model.network.state_dict())
             intake = self._intake = Intake(store, self.topics, codec, max_update_bytes=cfg.max_update_bytes,

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from hub.commands import add_strategy_flags
 from hub.schedule import LR_SCHEDULES
 from models.errors import ConfigError
 from models.files import write_atomic
@@ -54,6 +55,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     from edge_client.runtime import EdgeClient, EdgeConfig, run_edges
     from edge_client.sources.datasets import open_dataset
     from hub.service import HubConfig, HubService
+    from hub.strategies import parse_strategy_args
     from models.package import load_package
     from models.protocol.broker import start_broker
 
@@ -83,6 +85,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     federation = f"sim-{int(time.time())}"
     report: dict[str, Any] = {
         "task": args.task, "dataset": args.dataset, "clients": n, "strategy": args.strategy,
+        "strategy_args": parse_strategy_args(args.strategy_arg),
         "quantization": args.quantize, "float32_update_bytes": float32_update_bytes(model), "rounds": [],
     }
     report["initial_metrics"] = summarize(model, held_out)["metrics"]
@@ -107,6 +110,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     hub_config = HubConfig(
         broker=url, federation=federation, state_dir=out / "hub", min_clients=n, clients_per_round=n,
         round_timeout_s=args.round_timeout, rounds=args.rounds, task_config=task_config, strategy=args.strategy,
+        strategy_args=parse_strategy_args(args.strategy_arg),
         server_lr=args.server_lr,
     )
     hub = HubService(hub_config, initial_model=model)
@@ -177,7 +181,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--clients", type=int, help="number of edges (default 8, at most the training clients)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quantize", choices=SCHEMES, default="int8")
-    p.add_argument("--strategy", default="fedavg")
+    add_strategy_flags(p)
     p.add_argument("--broker", help="use this broker (mqtt://host:port) instead of starting one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="start from this package instead of a fresh model")
@@ -199,6 +203,7 @@ def add_commands(sub: Any) -> None:
 def _with_default_dataset(args: argparse.Namespace) -> int:
     if args.dataset is None:
         args.dataset = f"sim:{args.seed}"
+    args.strategy = args.strategy or "fedavg"
     if args.rounds < 1:
         raise ConfigError("--rounds must be >= 1.")
     return cmd_simulate(args)

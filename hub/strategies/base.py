@@ -1,52 +1,108 @@
-"""The contract of an aggregation rule: deltas and weights in, a new global model out.
+"""The contract of an aggregation rule: deltas and weights in, one delta out, then a server step.
 
-Why a separate base: rules (FedAvg now, robust and adaptive ones later) are pure math
-over arrays, kept apart from orchestration (rounds, persistence, MQTT), which calls
-them. A rule never does I/O or logging.
+Why a separate base: rules are pure math over arrays, kept apart from orchestration
+(rounds, persistence, MQTT), which calls them. A rule never does I/O or logging.
 
-A rule with ``streaming = True`` is a weighted mean of the deltas, so the hub can sum
-updates as they arrive in one model-sized buffer
-(:class:`hub.aggregation.StreamingAverage`) and call only :meth:`Strategy.server_step`
-at the end. A rule with ``streaming = False`` (a median, a trimmed mean) gets every
-delta of the round at once through :meth:`Strategy.aggregate`.
+A rule is two parts that compose: :meth:`Strategy.aggregate` combines the round's
+deltas (a weighted mean, a median, Krum, ...) after bounding each one's norm
+(``clip_norm``, server-side norm bounding), and a :class:`ServerOptimizer` steps the
+global weights along the result (SGD, momentum, Adam, Yogi, Adagrad), keeping its
+state in the object. So a trimmed mean followed by FedAdam is
+``FedTrimmedAvg(beta=0.1, optimizer=Adam())``.
+
+A rule with ``streaming = True`` is a weighted mean, so the hub sums updates as they
+arrive in one model-sized buffer (:class:`hub.aggregation.StreamingAverage`) after
+:meth:`Strategy.prepare`. A rule with ``streaming = False`` (median, trimmed mean,
+Krum, Bulyan) needs every delta of the round at once: the hub keeps them in its store
+and calls :meth:`Strategy.aggregate` at the close.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["Strategy"]
+from hub.strategies.optimizers import OPTIMIZERS, ServerOptimizer
+
+__all__ = ["Strategy", "check_round", "stack", "unstack"]
+
+F32 = np.float32
 
 
 class Strategy:
-    """Base of aggregation rules; subclasses write ``aggregate`` and, when needed, ``server_step``."""
+    """Base of aggregation rules: a weighted mean, norm bounding, and a server optimizer."""
 
     name: ClassVar[str] = "strategy"
-    streaming: ClassVar[bool] = False
+    streaming: ClassVar[bool] = True
+    default_optimizer: ClassVar[str] = "sgd"
+    params: ClassVar[dict[str, type]] = {}
+    """The rule's own parameters (``--strategy-arg KEY=VALUE``) and their types."""
 
-    def client_weight(self, num_examples: int) -> float:
-        """How much one update counts in the mean; by default its number of training examples."""
+    def __init__(self, optimizer: ServerOptimizer | None = None, clip_norm: float = 0.0) -> None:
+        clip_norm = float(clip_norm)
+        if not (math.isfinite(clip_norm) and clip_norm >= 0):
+            raise ValueError(f"clip_norm must be a finite number >= 0, got {clip_norm}")
+        self.optimizer = optimizer if optimizer is not None else OPTIMIZERS[self.default_optimizer]()
+        self.clip_norm = clip_norm
+
+    def describe(self) -> dict[str, Any]:
+        """The rule's name, parameters and optimizer, for reports and state files."""
+        opt = self.optimizer
+        return {"strategy": self.name, "optimizer": opt.name, "clip_norm": self.clip_norm,
+                **{k: getattr(self, k) for k in self.params},
+                **{k: v for k, v in vars(opt).items() if isinstance(v, int | float)}}
+
+    def min_updates(self) -> int:
+        """The fewest updates a round must have for this rule to be defined."""
+        return 1
+
+    def client_weight(self, num_examples: int, staleness: int = 0) -> float:
+        """How much one update counts in a weighted mean; by default its number of training examples."""
         return float(num_examples)
 
+    def task_config(self) -> dict[str, float | int | str | bool]:
+        """Settings the rule needs the edges to use (FedProx's ``prox_mu``); merged into every task."""
+        return {}
+
+    def prepare(self, delta: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        """Server-side norm bounding: ``delta`` scaled down to L2 norm ``clip_norm`` (0: unchanged)."""
+        if self.clip_norm <= 0:
+            return delta
+        norm = math.sqrt(sum(float(np.vdot(v, v)) for v in delta.values()))
+        if norm <= self.clip_norm:
+            return delta
+        scale = F32(self.clip_norm / norm)
+        return {k: (np.asarray(v, F32) * scale) for k, v in delta.items()}
+
     def aggregate(self, deltas: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
-        """One delta from the round's deltas (same names and shapes) and their weights."""
-        raise NotImplementedError
+        """One delta from the round's deltas (same names and shapes) and their weights: the weighted mean."""
+        check_round(deltas, weights, self.min_updates())
+        names, shapes, x = stack([self.prepare(d) for d in deltas])
+        w = np.asarray(weights, np.float64)
+        return unstack(names, shapes, (w @ x) / w.sum())
 
     def server_step(
         self, weights: Mapping[str, np.ndarray], avg_delta: Mapping[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
-        """New global weights from the current ones and the aggregated delta: ``w + Δ`` by default."""
-        return {k: (np.asarray(w, np.float32) + np.asarray(avg_delta[k], np.float32)).astype(np.float32)
-                for k, w in weights.items()}
+        """New global weights from the current ones and the aggregated delta."""
+        current = {k: np.asarray(w, F32) for k, w in weights.items()}
+        return self.optimizer.step(current, {k: np.asarray(avg_delta[k], F32) for k in current})
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The server optimizer's state, to persist with the hub's."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        self.optimizer.load_state_dict(state)
 
 
-def check_round(deltas: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> None:
-    """ValueError unless there is at least one delta, one finite positive weight per delta, one layout."""
-    if not deltas:
-        raise ValueError("a round needs at least one delta")
+def check_round(deltas: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], need: int = 1) -> None:
+    """ValueError unless there are enough deltas, one finite positive weight per delta, one layout."""
+    if len(deltas) < max(need, 1):
+        raise ValueError(f"the rule needs at least {max(need, 1)} updates in a round, got {len(deltas)}")
     if len(deltas) != len(weights):
         raise ValueError(f"{len(deltas)} deltas but {len(weights)} weights")
     w = np.asarray(weights, np.float64)
@@ -55,3 +111,21 @@ def check_round(deltas: Sequence[Mapping[str, np.ndarray]], weights: Sequence[fl
     names = set(deltas[0])
     if any(set(d) != names for d in deltas[1:]):
         raise ValueError("every delta must have the same tensor names")
+
+
+def stack(deltas: Sequence[Mapping[str, np.ndarray]]) -> tuple[list[str], dict[str, tuple[int, ...]], np.ndarray]:
+    """(names, shapes, matrix): the deltas flattened in name order, one float64 row each."""
+    names = sorted(deltas[0])
+    shapes = {k: np.shape(deltas[0][k]) for k in names}
+    x = np.stack([np.concatenate([np.asarray(d[k], np.float64).reshape(-1) for k in names]) for d in deltas])
+    return names, shapes, x
+
+
+def unstack(names: Sequence[str], shapes: Mapping[str, tuple[int, ...]], flat: np.ndarray) -> dict[str, np.ndarray]:
+    """The inverse of one row of :func:`stack`, as float32 tensors."""
+    out, offset = {}, 0
+    for k in names:
+        size = math.prod(shapes[k])
+        out[k] = flat[offset : offset + size].reshape(shapes[k]).astype(F32)
+        offset += size
+    return out

@@ -1,44 +1,78 @@
-"""FedAvg (McMahan et al., 2017): the example-weighted mean of client deltas, times a server rate.
+"""The mean-based rules: FedAvg, FedAvgM, FedProx, and the adaptive FedAdam, FedYogi, FedAdagrad.
 
-``w_new = w + server_lr * Σ n_i Δ_i / Σ n_i``. With ``server_lr = 1`` this is plain
-FedAvg; other rates are the simplest server optimizer (SGD on the pseudo-gradient).
+All aggregate by the example-weighted mean of the deltas (streaming, O(model) memory)
+and differ in the server optimizer (Reddi et al. 2021) or, for FedProx (Li et al.
+2020), in what the edges are told to do: the proximal term ``mu/2 ||w - w_global||²``
+is added on the edge, and ``mu`` travels in the task as ``prox_mu``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-import numpy as np
+from hub.strategies.base import Strategy
+from hub.strategies.optimizers import OPTIMIZERS, SGD, Momentum, ServerOptimizer
 
-from hub.aggregation import StreamingAverage
-from hub.strategies.base import Strategy, check_round
-
-__all__ = ["FedAvg"]
+__all__ = ["FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedProx", "FedYogi"]
 
 
 class FedAvg(Strategy):
-    """Weighted mean of deltas; ``server_lr`` scales the step the server takes along it."""
+    """Weighted mean of deltas (McMahan et al. 2017); ``server_lr`` scales the server's step."""
 
     name: ClassVar[str] = "fedavg"
-    streaming: ClassVar[bool] = True
 
-    def __init__(self, server_lr: float = 1.0) -> None:
-        if not (math.isfinite(server_lr) and server_lr > 0):
-            raise ValueError(f"server_lr must be finite and > 0, got {server_lr}")
-        self.server_lr = float(server_lr)
+    def __init__(self, server_lr: float = 1.0, optimizer: ServerOptimizer | None = None,
+                 clip_norm: float = 0.0) -> None:
+        if optimizer is None:
+            cls = OPTIMIZERS[self.default_optimizer]
+            optimizer = cls(lr=server_lr) if cls in (SGD, Momentum) else cls()
+        super().__init__(optimizer, clip_norm)
 
-    def aggregate(self, deltas: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
-        check_round(deltas, weights)
-        total = StreamingAverage.like(deltas[0])
-        for delta, weight in zip(deltas, weights, strict=True):
-            total.add(delta, weight)
-        return total.mean()
+    @property
+    def server_lr(self) -> float:
+        return float(getattr(self.optimizer, "lr", 1.0))
 
-    def server_step(
-        self, weights: Mapping[str, np.ndarray], avg_delta: Mapping[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
-        lr = np.float32(self.server_lr)
-        return {k: (np.asarray(w, np.float32) + lr * np.asarray(avg_delta[k], np.float32)).astype(np.float32)
-                for k, w in weights.items()}
+
+class FedAvgM(FedAvg):
+    """FedAvg with server momentum (Hsu et al. 2019): ``server_lr`` and ``momentum``."""
+
+    name: ClassVar[str] = "fedavgm"
+    default_optimizer: ClassVar[str] = "momentum"
+
+
+class FedProx(FedAvg):
+    """FedAvg whose edges add a proximal term of strength ``mu`` to their local loss."""
+
+    name: ClassVar[str] = "fedprox"
+    params: ClassVar[dict[str, type]] = {"mu": float}
+
+    def __init__(self, mu: float = 0.01, optimizer: ServerOptimizer | None = None, clip_norm: float = 0.0) -> None:
+        super().__init__(optimizer=optimizer, clip_norm=clip_norm)
+        if not (math.isfinite(mu) and mu >= 0):
+            raise ValueError(f"mu must be a finite number >= 0, got {mu}")
+        self.mu = float(mu)
+
+    def task_config(self) -> dict[str, float | int | str | bool]:
+        return {"prox_mu": self.mu}
+
+
+class FedAdam(FedAvg):
+    """Mean delta, then Adam on the server (``eta``, ``beta1``, ``beta2``, ``tau``)."""
+
+    name: ClassVar[str] = "fedadam"
+    default_optimizer: ClassVar[str] = "adam"
+
+
+class FedYogi(FedAvg):
+    """Mean delta, then Yogi on the server: Adam with an additive second moment, steadier late on."""
+
+    name: ClassVar[str] = "fedyogi"
+    default_optimizer: ClassVar[str] = "yogi"
+
+
+class FedAdagrad(FedAvg):
+    """Mean delta, then Adagrad on the server: steps shrink where updates have been large."""
+
+    name: ClassVar[str] = "fedadagrad"
+    default_optimizer: ClassVar[str] = "adagrad"

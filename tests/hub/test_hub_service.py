@@ -25,6 +25,7 @@ from hub.rounds import RoundSummary
 from hub.service import HubConfig, HubService
 from hub.store import HubStore
 from models import Model, activity_spec
+from models.errors import ConfigError
 from models.protocol.messages import Receipt, Task, parse_model
 from models.protocol.mqtt import BrokerAddress, MqttSession
 from models.protocol.topics import Topics
@@ -271,3 +272,51 @@ def test_a_round_short_of_min_clients_at_the_deadline_waits_and_closes_later(mqt
 
     assert extended.round == first.round == 1 and extended.deadline > first.deadline
     assert (summary.round, summary.participants, summary.model_version) == (1, 2, 1)
+
+
+@pytest.mark.parametrize("strategy, args", [("fedmedian", {}), ("fedavgm", {"server_lr": "1.0", "momentum": "0.5"})])
+def test_buffered_and_stateful_rules_run_in_the_hub(mqtt_broker, topic_prefix, tmp_path, strategy, args):
+    initial = Model(activity_spec(), seed=3)
+    w0 = initial.network.state_dict()
+    shapes = {k: v.shape for k, v in w0.items()}
+    config = hub_config(mqtt_broker, topic_prefix, tmp_path / "hub", min_clients=3, clients_per_round=3,
+                        round_timeout_s=30, rounds=1, strategy=strategy, strategy_args=args)
+    topics = Topics(config.federation, topic_prefix)
+    service = HubService(config, initial)
+    deltas = [delta_of(shapes, seed=40 + i, scale=0.01) for i in range(3)]
+
+    async def scenario() -> list[Receipt]:
+        hub_task = asyncio.create_task(service.run())
+        await asyncio.wait_for(service.ready.wait(), WAIT_S)
+        edges = [FakeEdge(mqtt_broker, topics, f"edge-{i}") for i in range(3)]
+        for edge in edges:
+            await edge.start()
+        tasks = [await edge.task_for(1) for edge in edges]
+        receipts = [await edge.send(make_update(edge.key, edge.client, sequence=1, round_number=1,
+                                                base_version=task.model_version, num_examples=10 * (i + 1),
+                                                delta=deltas[i], shapes=shapes))
+                    for i, (edge, task) in enumerate(zip(edges, tasks, strict=True))]
+        await asyncio.wait_for(hub_task, WAIT_S)
+        for edge in edges:
+            await edge.stop()
+        return receipts
+
+    receipts = run(scenario())
+    assert [r.status for r in receipts] == ["accepted"] * 3
+    latest = ModelRegistry(tmp_path / "hub" / "models").latest()
+    assert latest is not None and latest.version == 1
+    got = latest.load().network.state_dict()
+    for k in w0:
+        stacked = np.stack([d[k] for d in deltas])
+        if strategy == "fedmedian":
+            want = w0[k] + np.median(stacked, axis=0)
+        else:  # the first momentum step is the weighted mean
+            want = w0[k] + np.average(stacked, axis=0, weights=[10, 20, 30])
+        np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-6)
+    saved = sorted(p.name for p in (tmp_path / "hub" / "strategy").glob("*")) if strategy == "fedavgm" else []
+    assert saved == (["v1.safetensors"] if strategy == "fedavgm" else [])
+
+
+def test_a_rule_that_needs_more_updates_than_min_clients_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="needs at least 7 updates"):
+        HubConfig("mqtt://127.0.0.1:1883", "fed", tmp_path, min_clients=5, strategy="krum", strategy_args={"f": 2})

@@ -63,7 +63,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -94,6 +94,9 @@ from models.spec import ModelSpec
 __all__ = ["EdgeClient", "EdgeConfig", "run_edges"]
 
 log = logging.getLogger(__name__)
+
+WeightsHook = Callable[[int, dict[str, np.ndarray], Mapping[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
+"""(round, base weights, trained weights) -> the weights to send instead."""
 
 CONNECTION_POLL_S = 0.5  # how often a connected edge checks whether its connection dropped
 STATUS_MIN_SPACING_S = 1.0  # at most one event-driven status message a second
@@ -441,6 +444,8 @@ class EdgeClient:
         self.latest_prediction: dict[str, Any] | None = None
         self.training_state = "waiting for a model"
         self.source_ended = False
+        self.weights_hook: WeightsHook | None = None
+        """Simulation seam: turns each round's trained weights into others (the attack harness)."""
         self.counters = {"updates_built": 0, "updates_published": 0, "receipts_accepted": 0,
                          "receipts_duplicate": 0, "receipts_rejected": 0, "models_accepted": 0,
                          "models_refused": 0, "rounds_skipped": 0, "metrics_published": 0}
@@ -1026,6 +1031,9 @@ class EdgeClient:
                 self._set_state(f"skipped round {task.round}: {metrics.get('skipped', 'no examples')}")
                 log.info("%s: round %d skipped: %s", self.client_id, task.round, metrics.get("skipped"))
                 return
+            trained = weights
+            if self.weights_hook is not None:
+                weights = await self.weights_hook(task.round, base, weights)
             sequence: int | None = None
             try:
                 sequence, payload = await self._store_update(task, current, base, weights, n, metrics, codec)
@@ -1038,12 +1046,12 @@ class EdgeClient:
             return
         if self.model is current:  # live inference on the personalized weights until the next model
             local = Model(current.model.spec, version=version)
-            local.network.load_state_dict(weights)
+            local.network.load_state_dict(trained)
             self._predictor = NumpyPredictor(local)
         self._set_state("idle")
         log.info("%s: round %d trained on %d examples (loss %.4f); update %d, %d bytes", self.client_id, task.round,
                  n, float(metrics.get("train_loss", float("nan"))), sequence, len(payload))
-        await self._evaluate_and_publish(current, weights, task.round)  # the round's metrics before its update
+        await self._evaluate_and_publish(current, trained, task.round)  # the round's metrics before its update
         await self._send(sequence, payload)
 
     async def _store_update(

@@ -28,6 +28,7 @@ from models.files import write_atomic
 from models.model import Model
 from models.protocol.codec import SCHEMES, CodecConfig, UpdateCodec
 from models.protocol.messages import UpdateMeta, build_update
+from wearfl.attacks import ATTACKS
 
 __all__ = ["add_commands", "float32_update_bytes"]
 
@@ -41,6 +42,11 @@ def float32_update_bytes(model: Model) -> int:
     tensors, meta, _ = codec.encode({k: np.zeros_like(v) for k, v in weights.items()}, np.random.default_rng(0))
     meta_full = UpdateMeta("client-000", 0, 0, "0" * 64, 1, 0, meta)
     return len(build_update(meta_full, tensors, Ed25519PrivateKey.generate()))
+
+
+def backdoor_success(model: Model, triggered: np.ndarray, target: int = 0) -> float:
+    """The share of triggered held-out windows (none of the target class) classified as the target."""
+    return float(np.mean(np.argmax(model.predict(triggered), axis=1) == target))
 
 
 def _out_dir(path: str | None) -> Path:
@@ -58,6 +64,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     from hub.strategies import parse_strategy_args
     from models.package import load_package
     from models.protocol.broker import start_broker
+    from wearfl.attacks import BACKDOOR_TARGET, AttackPlan, Collusion, PoisonedSource, add_trigger, weights_hook
 
     if not args.verbose:
         logging.getLogger("hub.store").setLevel(logging.ERROR)  # one "pinned key" line per simulated edge
@@ -89,12 +96,18 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
         "quantization": args.quantize, "float32_update_bytes": float32_update_bytes(model), "rounds": [],
     }
     report["initial_metrics"] = summarize(model, held_out)["metrics"]
+    backdoor_probe = None
+    if args.attack == "backdoor" and model.spec.is_classifier:
+        x = np.concatenate([c.x[c.y != BACKDOOR_TARGET] for c in held_out])
+        backdoor_probe = add_trigger(x)
     print(f"simulating {n} edges x {args.rounds} rounds of {args.task} on {dataset.name} "
           f"({args.quantize} updates) through {url}", file=sys.stderr)
     start = time.monotonic()
 
     def on_round(summary: Any) -> None:
         metrics = summarize(summary.model, held_out)["metrics"]
+        if backdoor_probe is not None:
+            metrics["backdoor_success"] = backdoor_success(summary.model, backdoor_probe)
         row = {"round": summary.round, "model_version": summary.model_version, "participants": summary.participants,
                "updates_accepted": summary.updates_accepted, "updates_rejected": summary.updates_rejected,
                "bytes_up": summary.bytes_up, "bytes_down": summary.bytes_down,
@@ -116,16 +129,30 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     hub = HubService(hub_config, initial_model=model)
     hub.on_round_closed = on_round
     policy = FineTunePolicy(min_new_windows=0)
-    edges = [
-        (EdgeConfig(broker=url, federation=federation, client_id=client, state_dir=out / "edges" / client,
-                    policy=replace(policy, train=replace(policy.train, seed=args.seed + i)), seed=args.seed + i,
-                    window_hop_fraction=args.window_hop),
-         dataset.source(client))
-        for i, client in enumerate(clients)
-    ]
+    plan = None
+    if args.attack:
+        plan = AttackPlan.choose(args.attack, args.malicious, clients, args.seed, args.attack_scale)
+    collusion = Collusion(plan.malicious, n) if plan and plan.kind == "alie" else None
+    if plan:
+        report["attack"] = plan.describe()
+        print(f"attack: {plan.kind} by {len(plan.malicious)} of {n} edges ({', '.join(plan.malicious)})",
+              file=sys.stderr)
+    edge_clients = []
+    for i, client in enumerate(clients):
+        config = EdgeConfig(broker=url, federation=federation, client_id=client, state_dir=out / "edges" / client,
+                            policy=replace(policy, train=replace(policy.train, seed=args.seed + i)),
+                            seed=args.seed + i, window_hop_fraction=args.window_hop)
+        hostile = plan is not None and client in plan.malicious
+        source = dataset.source(client)
+        if hostile and plan.kind in ("label-flip", "backdoor"):
+            source = PoisonedSource(source, plan.kind)
+        edge = EdgeClient(config, source)
+        if hostile:
+            edge.weights_hook = weights_hook(plan, client, collusion)
+        edge_clients.append(edge)
     stop = asyncio.Event()
     try:
-        edge_task = asyncio.create_task(run_edges([(EdgeClient(c, s)) for c, s in edges], stop))
+        edge_task = asyncio.create_task(run_edges(edge_clients, stop))
         await hub.run()
         stop.set()
         await asyncio.wait_for(edge_task, 60)
@@ -135,6 +162,8 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
             broker.stop()
     final = hub.current_model
     report["final_metrics"] = summarize(final, held_out)["metrics"]
+    if backdoor_probe is not None:
+        report["final_metrics"]["backdoor_success"] = backdoor_success(final, backdoor_probe)
     per_update = [r["bytes_up"] / r["updates_accepted"] for r in report["rounds"] if r["updates_accepted"]]
     # The median round: a round where an edge re-sent an unreceipted update carries its bytes twice.
     report["update_bytes"] = float(np.median(per_update)) if per_update else None
@@ -196,6 +225,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--server-lr", type=float, default=1.0, help="the hub's step along the averaged update")
     p.add_argument("--window-hop", type=float, default=0.25,
                    help="hop between the edges' training windows, as a fraction of a window (default 0.25)")
+    p.add_argument("--attack", choices=ATTACKS, help="make some edges hostile with this attack")
+    p.add_argument("--malicious", type=float, default=0.2, metavar="FRACTION",
+                   help="the fraction of edges that attack (default 0.2; with --attack)")
+    p.add_argument("--attack-scale", type=float, default=10.0,
+                   help="s of the scale (s * delta) and sign-flip (-s * delta) attacks (default 10)")
     p.add_argument("--out", help="output folder (default: a new folder under ./runs/)")
     p.set_defaults(func=_with_default_dataset)
 

@@ -89,7 +89,9 @@ class Strategy:
     ) -> dict[str, np.ndarray]:
         """New global weights from the current ones and the aggregated delta."""
         current = {k: np.asarray(w, F32) for k, w in weights.items()}
-        return self.optimizer.step(current, {k: np.asarray(avg_delta[k], F32) for k in current})
+        new = self.optimizer.step(current, {k: np.asarray(avg_delta[k], F32) for k in current})
+        # A variance cannot be negative; hostile or extreme deltas must not make it so (NaN outputs).
+        return {k: np.maximum(v, F32(0.0)) if k.endswith("running_var") else v for k, v in new.items()}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The server optimizer's state, to persist with the hub's."""

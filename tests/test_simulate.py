@@ -1,0 +1,51 @@
+"""``wearfl simulate`` end to end through a real broker: the report contract, strategies, attacks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from wearfl.cli import main
+
+ROUND_KEYS = {"round", "model_version", "participants", "updates_accepted", "updates_rejected", "bytes_up",
+              "bytes_down", "duration_s", "metrics"}
+
+
+def simulate(mqtt_broker, out, *extra: str) -> dict:
+    code = main(["simulate", "--broker", mqtt_broker.url, "--out", str(out), "--seed", "1", *extra])
+    assert code == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def test_the_report_holds_the_contract_and_the_model_files(mqtt_broker, tmp_path, capsys):
+    report = simulate(mqtt_broker, tmp_path / "run", "--clients", "3", "--rounds", "2")
+    assert {"task", "dataset", "clients", "strategy", "quantization", "float32_update_bytes", "rounds",
+            "final_metrics"} <= set(report)
+    assert (report["clients"], report["strategy"], report["quantization"]) == (3, "fedavg", "int8")
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert all(set(r) >= ROUND_KEYS and r["updates_accepted"] == 3 for r in report["rounds"])
+    assert report["final_metrics"]["accuracy"] > report["initial_metrics"]["accuracy"]
+    for name in ("report.png", "model.safetensors", "model.onnx", "model.tflite"):
+        assert (tmp_path / "run" / name).stat().st_size > 0
+    assert "final accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedmedian"])
+def test_a_sign_flipping_edge_is_recorded_and_a_median_resists_it(mqtt_broker, tmp_path, strategy):
+    report = simulate(mqtt_broker, tmp_path / strategy, "--clients", "5", "--rounds", "2", "--strategy", strategy,
+                      "--attack", "sign-flip", "--malicious", "0.2")
+    attack = report["attack"]
+    assert attack["kind"] == "sign-flip" and len(attack["malicious_clients"]) == 1 and attack["scale"] == 10.0
+    accuracy = report["final_metrics"]["accuracy"]
+    if strategy == "fedmedian":
+        assert accuracy > 0.6  # four honest edges out of five carry the median
+    else:
+        assert accuracy < 0.4  # -10x one edge's delta outweighs four honest ones in a mean
+
+
+def test_strategy_args_reach_the_hub_and_bad_ones_fail_cleanly(mqtt_broker, tmp_path, capsys):
+    code = main(["simulate", "--broker", mqtt_broker.url, "--out", str(tmp_path / "bad"), "--clients", "4",
+                 "--strategy", "krum", "--strategy-arg", "f=1"])
+    assert code == 2
+    assert "needs at least 5 updates" in capsys.readouterr().err

@@ -117,7 +117,9 @@ class EdgeConfig:
     replayable sources: simulator, recordings); turn it off for live sources whose stream
     starts anew. ``chunk_samples``: samples read from the source at a time (live inference
     latency). Intervals are seconds; ``resend_interval_s`` 0 turns periodic re-publishing
-    off (pending updates are still re-published after every reconnect).
+    off (pending updates are still re-published after every reconnect). ``train_delay_s``:
+    the mean of a random (exponential) wait before each round's training, so a fleet does
+    not all train and send at once; simulations use it for gateways that come and go.
     """
 
     broker: str
@@ -142,6 +144,7 @@ class EdgeConfig:
     status_interval_s: float = 30.0
     resend_interval_s: float = 120.0
     checkpoint_interval_s: float = 30.0
+    train_delay_s: float = 0.0
     retry_interval_s: float = 30.0
     connect_timeout_s: float = 10.0
     publish_timeout_s: float = 30.0
@@ -444,6 +447,8 @@ class EdgeClient:
         self.latest_prediction: dict[str, Any] | None = None
         self.training_state = "waiting for a model"
         self.source_ended = False
+        self._train_due: dict[int, float] = {}
+        self._stop_wake = asyncio.Event()
         self.weights_hook: WeightsHook | None = None
         """Simulation seam: turns each round's trained weights into others (the attack harness)."""
         self.counters = {"updates_built": 0, "updates_published": 0, "receipts_accepted": 0,
@@ -599,6 +604,7 @@ class EdgeClient:
             await asyncio.wait([stopped, failure], return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._stopping = True
+            self._stop_wake.set()
             stopped.cancel()
             for task in workers:
                 task.cancel()
@@ -977,6 +983,19 @@ class EdgeClient:
             self.training_state = state
             self._status_wake.set()
 
+    async def _delay(self, round_number: int) -> bool:
+        """Wait out this round's random start delay; False when a stop or a newer task came first."""
+        if self.config.train_delay_s <= 0:
+            return True
+        wait = np.random.default_rng([self.config.seed, round_number, 17]).exponential(self.config.train_delay_s)
+        due = self._train_due.setdefault(round_number, time.monotonic() + float(wait))
+        while (left := due - time.monotonic()) > 0:
+            self._set_state(f"waiting {left:.0f} s before round {round_number}")
+            await _wait(self._stop_wake, left)
+            if self._stopping or self.task is None or self.task.round != round_number:
+                return False
+        return True
+
     async def _maybe_train(self) -> None:
         task, current, ingest = self.task, self.model, self._ingest
         if task is None or current is None or ingest is None or self._stopping:
@@ -1002,6 +1021,8 @@ class EdgeClient:
             self._set_state(f"waiting: {reason}")
             self._note(f"veto:{task.round}:{reason.split(' ')[-1]}", logging.INFO,
                        "%s: not training round %d yet: %s", self.client_id, task.round, reason)
+            return
+        if not await self._delay(task.round):
             return
         config = dict(task.config)
         config.setdefault("seed", policy.train.seed + task.round)

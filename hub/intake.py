@@ -58,6 +58,7 @@ class AcceptedUpdate:
     delta: dict[str, np.ndarray]
     size: int
     norm: float | None = None  # the delta's L2 norm, computed when a norm bound is set
+    staleness: int = 0  # how many model versions behind the hub's the update's base is
 
     @property
     def client(self) -> str:
@@ -81,7 +82,8 @@ class Intake:
     ``keyring`` (``{client: raw public key}``) limits intake to those clients and keys;
     without one, the first verified update of a client pins its key. Call
     :meth:`open_round` before the first update; updates for any other round or base
-    model version are refused.
+    model version are refused, except that with ``max_staleness`` > 0 (asynchronous
+    aggregation) an update up to that many versions behind, from an earlier round, is taken.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class Intake:
         max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES,
         norm_bound: float | None = None,
         keyring: Mapping[str, bytes] | None = None,
+        max_staleness: int = 0,
     ) -> None:
         if max_update_bytes < 1024:
             raise ValueError(f"max_update_bytes must be at least 1024, got {max_update_bytes}")
@@ -102,6 +105,7 @@ class Intake:
         self.max_update_bytes = int(max_update_bytes)
         self.norm_bound = norm_bound
         self.keyring = dict(keyring) if keyring is not None else None
+        self.max_staleness = int(max_staleness)
         self.round = -1
         self.model_version = -1
         self.is_open = False
@@ -154,7 +158,8 @@ class Intake:
         except _Reject as rej:
             self.store.touch(client, now)  # verified: the client is alive, its update just unusable
             return self._rejected(client, rej)
-        self.store.record_update(client, meta.sequence, meta.round, meta.base_version, meta.num_examples, payload, now)
+        # Filed under the hub's open round: an asynchronous hub takes updates from earlier rounds.
+        self.store.record_update(client, meta.sequence, self.round, meta.base_version, meta.num_examples, payload, now)
         return self._receipt(client, meta.sequence, "accepted"), accepted
 
     def _verified(self, client: str, payload: bytes, now: float) -> tuple[UpdateMeta, Mapping[str, np.ndarray]]:
@@ -189,10 +194,13 @@ class Intake:
     def _checked(self, meta: UpdateMeta, tensors: Mapping[str, np.ndarray], size: int) -> AcceptedUpdate:
         """Steps 6-7: round and version, then the tensors themselves."""
         seq = meta.sequence
-        if meta.base_version != self.model_version:
+        staleness = self.model_version - meta.base_version
+        if not 0 <= staleness <= self.max_staleness:
+            allowed = f" (at most {self.max_staleness} versions behind)" if self.max_staleness else ""
             raise _Reject("stale", f"the update is based on model v{meta.base_version}, the round on "
-                          f"v{self.model_version}", seq)
-        if not self.is_open or meta.round != self.round:
+                          f"v{self.model_version}{allowed}", seq)
+        in_round = meta.round == self.round if not self.max_staleness else meta.round <= self.round
+        if not self.is_open or not in_round:
             state = f"round {self.round} is open" if self.is_open else f"round {self.round} is closed"
             raise _Reject("round_closed", f"the update is for round {meta.round}; {state}", seq)
         try:
@@ -207,7 +215,7 @@ class Intake:
             if not norm <= self.norm_bound:
                 raise _Reject("norm_bound", f"the update's L2 norm {norm:.4g} exceeds the bound {self.norm_bound:g}",
                               seq)
-        return AcceptedUpdate(meta, delta, size, norm)
+        return AcceptedUpdate(meta, delta, size, norm, staleness)
 
     def decode_stored(self, payload: bytes) -> AcceptedUpdate | None:
         """An update stored earlier, verified and decoded again (to rebuild a round); None if it fails."""
@@ -220,7 +228,7 @@ class Intake:
             delta = self.codec.decode(message.tensors, meta.codec)
         except (SigningError, CodecError, ValueError, TypeError, OverflowError, KeyError):
             return None
-        return AcceptedUpdate(meta, delta, len(payload))
+        return AcceptedUpdate(meta, delta, len(payload), staleness=max(self.model_version - meta.base_version, 0))
 
     # -- receipts -------------------------------------------------------------------
 

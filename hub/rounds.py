@@ -33,6 +33,7 @@ from hub.intake import AcceptedUpdate, Intake
 from hub.registry import ModelRegistry
 from hub.store import HubStore, RoundRecord
 from hub.strategies.base import Strategy
+from hub.strategies.optimizers import is_statistic
 from hub.strategy_state import StrategyState
 from models.errors import ConfigError, WearflError
 from models.model import Model
@@ -174,6 +175,7 @@ class RoundManager:
                  strategy_state: StrategyState | None = None) -> None:
         self.store, self.registry, self.strategy, self.policy = store, registry, strategy, policy
         self.strategy_state = strategy_state
+        self._base_statistics: dict[int, dict[str, np.ndarray]] = {}
         self.model: Model | None = None
         self.current: OpenRound | None = None
 
@@ -263,11 +265,31 @@ class RoundManager:
         """Count an accepted update into the open round."""
         cur = self._open()
         if cur.aggregate is not None:
-            cur.aggregate.add(self.strategy.prepare(update.delta), self.strategy.client_weight(update.num_examples))
+            cur.aggregate.add(self.strategy.prepare(self._rebased(update), update.staleness),
+                              self.strategy.client_weight(update.num_examples))
         cur.participants.add(update.client)
         cur.updates_accepted += 1
         cur.num_examples += update.num_examples
         cur.bytes_up += update.size
+
+    def _rebased(self, update: AcceptedUpdate) -> Mapping[str, np.ndarray]:
+        """The delta with its BatchNorm statistics re-based from its (older) base model onto the current one.
+
+        Statistics are estimates of the data, not steps: a stale update's local estimate is
+        ``base + Δ``, and as a delta from the current model that is ``Δ + base - current``.
+        Adding the stale Δ itself could drive a variance below zero.
+        """
+        if update.staleness <= 0 or self.model is None:
+            return update.delta
+        version = update.meta.base_version
+        base = self._base_statistics.get(version)
+        if base is None:
+            state = self.registry.get(version).load().network.state_dict()
+            base = {k: v for k, v in state.items() if is_statistic(k)}
+            self._base_statistics = {v: s for v, s in self._base_statistics.items() if v > version - 8}
+            self._base_statistics[version] = base
+        current = self.model.network.state_dict()
+        return {k: (v + base[k] - current[k]).astype(np.float32) if k in base else v for k, v in update.delta.items()}
 
     def count_received(self, size: int, rejected: bool) -> None:
         """Count a message that was not accepted (rejected or duplicate) into the round's bytes."""
@@ -277,7 +299,14 @@ class RoundManager:
 
     def decide(self, online: int, now: float | None = None) -> Decision:
         cur = self._open()
-        return self.policy.decide(len(cur.participants), online, time.monotonic() if now is None else now, cur.deadline)
+        now = time.monotonic() if now is None else now
+        if self.strategy.asynchronous:  # a release every buffer_size updates, whoever sent them
+            if cur.updates_accepted >= self.strategy.buffer_size:
+                return "close"
+            if now >= cur.deadline:
+                return "close" if cur.updates_accepted >= self.policy.min_clients else "extend"
+            return "wait"
+        return self.policy.decide(len(cur.participants), online, now, cur.deadline)
 
     def extend(self) -> float:
         """Move the deadline on by one timeout; returns the new deadline as Unix time."""
@@ -321,7 +350,7 @@ class RoundManager:
         for stored in self.store.round_updates(round_number):
             update = intake.decode_stored(stored.payload) if stored.payload is not None else None
             if update is not None:
-                deltas.append(update.delta)
+                deltas.append(self._rebased(update))
                 weights.append(self.strategy.client_weight(update.num_examples))
         return self.strategy.aggregate(deltas, weights)
 

@@ -216,7 +216,8 @@ class HubService:
             model = await asyncio.to_thread(rounds.resume, self.initial_model)
             codec = UpdateCodec.for_weights(model.network.state_dict())
             intake = self._intake = Intake(store, self.topics, codec, max_update_bytes=cfg.max_update_bytes,
-                                           norm_bound=cfg.norm_bound, keyring=keyring)
+                                           norm_bound=cfg.norm_bound, keyring=keyring,
+                                           max_staleness=self.strategy.max_staleness)
             round_number = int(store.get("round"))
             await asyncio.to_thread(rounds.open, round_number, intake)
             if self._finished():

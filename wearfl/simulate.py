@@ -141,7 +141,8 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     for i, client in enumerate(clients):
         config = EdgeConfig(broker=url, federation=federation, client_id=client, state_dir=out / "edges" / client,
                             policy=replace(policy, train=replace(policy.train, seed=args.seed + i)),
-                            seed=args.seed + i, window_hop_fraction=args.window_hop)
+                            seed=args.seed + i, window_hop_fraction=args.window_hop,
+                            train_delay_s=args.edge_delay)
         hostile = plan is not None and client in plan.malicious
         source = dataset.source(client)
         if hostile and plan.kind in ("label-flip", "backdoor"):
@@ -225,6 +226,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--server-lr", type=float, default=1.0, help="the hub's step along the averaged update")
     p.add_argument("--window-hop", type=float, default=0.25,
                    help="hop between the edges' training windows, as a fraction of a window (default 0.25)")
+    p.add_argument("--edge-delay", type=float, default=0.0, metavar="S",
+                   help="mean of a random (exponential) wait before each edge's training in a round: "
+                        "gateways that come and go (default 0)")
     p.add_argument("--attack", choices=ATTACKS, help="make some edges hostile with this attack")
     p.add_argument("--malicious", type=float, default=0.2, metavar="FRACTION",
                    help="the fraction of edges that attack (default 0.2; with --attack)")

@@ -37,6 +37,10 @@ class Strategy:
 
     name: ClassVar[str] = "strategy"
     streaming: ClassVar[bool] = True
+    asynchronous: ClassVar[bool] = False
+    """True: versions are released every ``buffer_size`` updates and stale updates are taken."""
+    buffer_size: int = 0
+    max_staleness: int = 0
     default_optimizer: ClassVar[str] = "sgd"
     params: ClassVar[dict[str, type]] = {}
     """The rule's own parameters (``--strategy-arg KEY=VALUE``) and their types."""
@@ -59,7 +63,7 @@ class Strategy:
         """The fewest updates a round must have for this rule to be defined."""
         return 1
 
-    def client_weight(self, num_examples: int, staleness: int = 0) -> float:
+    def client_weight(self, num_examples: int) -> float:
         """How much one update counts in a weighted mean; by default its number of training examples."""
         return float(num_examples)
 
@@ -67,8 +71,10 @@ class Strategy:
         """Settings the rule needs the edges to use (FedProx's ``prox_mu``); merged into every task."""
         return {}
 
-    def prepare(self, delta: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-        """Server-side norm bounding: ``delta`` scaled down to L2 norm ``clip_norm`` (0: unchanged)."""
+    def prepare(self, delta: Mapping[str, np.ndarray], staleness: int = 0) -> Mapping[str, np.ndarray]:
+        """Server-side norm bounding: ``delta`` scaled down to L2 norm ``clip_norm`` (0: unchanged).
+
+        ``staleness`` (versions behind) matters only to asynchronous rules."""
         if self.clip_norm <= 0:
             return delta
         norm = math.sqrt(sum(float(np.vdot(v, v)) for v in delta.values()))

@@ -320,3 +320,53 @@ def test_buffered_and_stateful_rules_run_in_the_hub(mqtt_broker, topic_prefix, t
 def test_a_rule_that_needs_more_updates_than_min_clients_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="needs at least 7 updates"):
         HubConfig("mqtt://127.0.0.1:1883", "fed", tmp_path, min_clients=5, strategy="krum", strategy_args={"f": 2})
+
+
+def test_fedbuff_releases_every_k_updates_and_discounts_stale_ones(mqtt_broker, topic_prefix, tmp_path):
+    initial = Model(activity_spec(), seed=5)
+    w0 = initial.network.state_dict()
+    shapes = {k: v.shape for k, v in w0.items()}
+    config = hub_config(mqtt_broker, topic_prefix, tmp_path / "hub", min_clients=2, round_timeout_s=60, rounds=2,
+                        strategy="fedbuff", strategy_args={"buffer_size": 2, "max_staleness": 1})
+    topics = Topics(config.federation, topic_prefix)
+    service = HubService(config, initial)
+    deltas = [delta_of(shapes, seed=60 + i, scale=0.01) for i in range(5)]
+
+    async def scenario() -> list[Receipt]:
+        hub_task = asyncio.create_task(service.run())
+        await asyncio.wait_for(service.ready.wait(), WAIT_S)
+        edges = [FakeEdge(mqtt_broker, topics, f"edge-{i}") for i in range(3)]
+        for edge in edges:
+            await edge.start()
+        for edge in edges:
+            await edge.task_for(1)
+
+        def update(i: int, edge: FakeEdge, seq: int, round_number: int, base: int) -> bytes:
+            return make_update(edge.key, edge.client, sequence=seq, round_number=round_number, base_version=base,
+                               num_examples=10 * (i + 1), delta=deltas[i], shapes=shapes)
+
+        receipts = [await edges[0].send(update(0, edges[0], 1, 1, 0)),
+                    await edges[1].send(update(1, edges[1], 1, 1, 0))]  # two updates: v1 is released
+        await edges[2].task_for(2)
+        receipts.append(await edges[2].send(update(2, edges[2], 1, 1, 0)))  # trained on v0: one version stale
+        receipts.append(await edges[0].send(update(3, edges[0], 2, 2, 1)))  # fresh: v2 is released
+        await asyncio.wait_for(hub_task, WAIT_S)
+        for edge in edges:
+            await edge.stop()
+        return receipts
+
+    receipts = run(scenario())
+    assert [r.status for r in receipts] == ["accepted"] * 4
+    registry = ModelRegistry(tmp_path / "hub" / "models")
+    v1, v2 = registry.get(1).load().network.state_dict(), registry.get(2).load().network.state_dict()
+    discount = 1 / np.sqrt(2)
+    for k in w0:
+        want1 = w0[k] + (10 * deltas[0][k] + 20 * deltas[1][k]) / 30
+        np.testing.assert_allclose(v1[k], want1, rtol=1e-5, atol=1e-6)
+        if k.endswith(("running_mean", "running_var")):  # re-based on v1, not discounted
+            stale = deltas[2][k] + w0[k] - v1[k]
+            want2 = v1[k] + (30 * stale + 40 * deltas[3][k]) / 70
+        else:
+            want2 = v1[k] + (30 * discount * deltas[2][k] + 40 * deltas[3][k]) / 70
+        np.testing.assert_allclose(v2[k], np.maximum(want2, 0) if k.endswith("running_var") else want2,
+                                   rtol=1e-5, atol=1e-6)

@@ -199,3 +199,17 @@ def test_every_rule_of_identical_deltas_is_that_delta(row, n, weights):
     for rule in [r for r in [*RULES, Krum(f=max((n - 3) // 2, 0))] if r.min_updates() <= n]:
         out = rule.aggregate(deltas_of(*([row] * n)), weights[:n])["w"]
         assert np.allclose(out, row, atol=1e-5), rule.name
+
+
+def test_fedbuff_discounts_stale_parameters_but_not_statistics():
+    from hub.strategies import FedBuff
+
+    rule = FedBuff(buffer_size=3, max_staleness=2)
+    assert rule.asynchronous and rule.discount(0) == 1.0 and rule.discount(3) == pytest.approx(0.5)
+    delta = {"conv.weight": np.ones(2, np.float32), "bn.running_mean": np.ones(2, np.float32)}
+    out = rule.prepare(delta, staleness=3)
+    assert np.allclose(out["conv.weight"], 0.5) and np.allclose(out["bn.running_mean"], 1.0)
+    assert FedBuff(staleness="constant").discount(8) == 1.0
+    for bad in ({"buffer_size": "0"}, {"max_staleness": "-1"}, {"staleness": "exp"}):
+        with pytest.raises(ConfigError):
+            make_strategy("fedbuff", bad)

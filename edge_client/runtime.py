@@ -1150,6 +1150,8 @@ class EdgeClient:
         version = current.model.version
         task = self.task
         config = dict(task.config) if task is not None else {}
+        if config.get("evaluate") is False:
+            return  # the hub asks for federated evaluation only every few rounds
         async with self._lock:
             if self._ingest is not ingest or len(ingest.holdout) < MIN_EVAL_WINDOWS:
                 return

@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -108,6 +108,7 @@ class MetricsCollector:
 
     def __init__(self) -> None:
         self._reports: dict[int, dict[str, tuple[int, dict[str, float]]]] = {}
+        self._personal: dict[str, dict[str, Any]] = {}
 
     def add(self, client: str, payload: bytes) -> bool:
         """Parse ``{"round", "model_version", "num_examples", "metrics": {...}}``; False when unusable."""
@@ -123,7 +124,17 @@ class MetricsCollector:
             log.info("ignored metrics from %s: num_examples must be >= 1 and round >= 0", client)
             return False
         self._reports.setdefault(round_number, {})[client] = (n, metrics)
+        personalized = {k[len("local_"):]: v for k, v in metrics.items() if k.startswith("local_")}
+        if personalized:
+            shown = {k: v for k, v in metrics.items() if not k.startswith("local_")}
+            self._personal[client] = {"round": round_number, "examples": n,
+                                      "global": {k: v for k, v in shown.items() if k in personalized},
+                                      "personalized": personalized}
         return True
+
+    def personalization(self) -> dict[str, dict[str, Any]]:
+        """Each client's latest report of the global model vs its own fine-tuned weights, on its held-out data."""
+        return {c: dict(v) for c, v in sorted(self._personal.items())}
 
     def result(self, round_number: int) -> dict[str, float]:
         """Example-weighted means of each metric for ``round_number``."""

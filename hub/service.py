@@ -74,7 +74,9 @@ class HubConfig:
     ``clients_per_round`` None: every edge currently online. ``rounds`` None: run until
     stopped. ``task_config`` is merged over :data:`DEFAULT_TASK_CONFIG` and sent to edges
     in each task (a flat dict of scalars). ``strategy`` names the aggregation rule
-    (:data:`hub.strategies.STRATEGIES`). ``client_id`` defaults to
+    (:data:`hub.strategies.STRATEGIES`) and ``strategy_args`` configures it (``--strategy-arg``).
+    ``evaluate_every`` K: edges run federated evaluation in every K-th round (and the last).
+    ``client_id`` defaults to
     ``wearfl-hub-<federation>``; give each of several hub workers its own.
     ``topic_prefix`` replaces ``wearfl/v1`` (tests give each run its own).
     ``max_batch`` bounds how many queued messages one intake transaction takes.
@@ -94,6 +96,7 @@ class HubConfig:
     server_lr: float = 1.0
     strategy: str = "fedavg"
     strategy_args: dict[str, Any] = field(default_factory=dict)
+    evaluate_every: int = 1
     client_id: str | None = None
     protocol: str = "auto"
     topic_prefix: str = "wearfl/v1"
@@ -113,6 +116,8 @@ class HubConfig:
             raise ConfigError(f"norm_bound must be a finite number > 0, got {self.norm_bound}.")
         if not (math.isfinite(self.server_lr) and self.server_lr > 0):
             raise ConfigError(f"server_lr must be a finite number > 0, got {self.server_lr}.")
+        if self.evaluate_every < 1:
+            raise ConfigError(f"evaluate_every must be at least 1 round, got {self.evaluate_every}.")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}.")
         self.policy()  # validates the round settings
@@ -197,6 +202,11 @@ class HubService:
             return self._store.status()
         with HubStore(self.config.state_dir, create=False) as store:
             return store.status()
+
+    def _store_personalization(self) -> None:
+        personal = self._metrics.personalization()
+        if personal and self._store is not None:
+            self._store.put("personalization", personal)
 
     # -- running --------------------------------------------------------------------
 
@@ -389,6 +399,7 @@ class HubService:
         recipients = len(self.online) or len(cur.participants)
         summary = rounds.record_close(new_model, (len(model_message) + len(task.to_bytes())) * recipients,
                                       self._metrics.result(cur.round))
+        await asyncio.to_thread(self._store_personalization)
         await asyncio.to_thread(rounds.open, next_round, intake, task.deadline)
         self._metrics.forget_before(next_round)
         # After the last round of a run with ``rounds`` set, only the model goes out: a task would
@@ -416,7 +427,11 @@ class HubService:
         return Task(cur.round, int(model.version), self._round_config(cur.round), cur.deadline_at)
 
     def _round_config(self, round_number: int) -> dict[str, Scalar]:
-        return round_task_config(self.config.task_config, round_number, self.config.rounds)
+        cfg = self.config
+        config = round_task_config(cfg.task_config, round_number, cfg.rounds)
+        if cfg.evaluate_every > 1:
+            config["evaluate"] = round_number % cfg.evaluate_every == 0 or round_number == cfg.rounds
+        return config
 
     async def _publish_task(self) -> None:
         await self._session.publish(self.topics.task, self._task().to_bytes(), qos=1, retain=True)

@@ -319,8 +319,11 @@ class HubStore:
         ``{"model_version", "rounds_completed", "updates_accepted", "updates_rejected":
         {reason: count} (every reason, 0 included), "duplicates_dropped", "clients": {id:
         {"accepted", "last_sequence" (None before the first accepted update),
-        "last_seen" (Unix time of its last verified update)}}}``. Read in one transaction,
-        so ``updates_accepted`` always equals the sum of the clients' ``accepted``.
+        "last_seen" (Unix time of its last verified update)}}, "personalization": {id: {"round",
+        "examples", "global": metrics, "personalized": metrics}}}``: the last is each client's
+        latest federated evaluation of the global model and of its own fine-tuned weights.
+        Read in one transaction, so ``updates_accepted`` always equals the sum of the clients'
+        ``accepted``.
         """
         with self._lock:
             outer = self._depth == 0
@@ -348,4 +351,5 @@ class HubStore:
             "updates_rejected": rejected,
             "duplicates_dropped": 0 if dup is None else dup[0],
             "clients": clients,
+            "personalization": self.get("personalization", {}),
         }

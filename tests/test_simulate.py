@@ -18,14 +18,31 @@ def simulate(mqtt_broker, out, *extra: str) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
+def run_status(state) -> str:
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main(["status", "--state", str(state), "--json"]) == 0
+    return buffer.getvalue()
+
+
 def test_the_report_holds_the_contract_and_the_model_files(mqtt_broker, tmp_path, capsys):
-    report = simulate(mqtt_broker, tmp_path / "run", "--clients", "3", "--rounds", "2")
+    report = simulate(mqtt_broker, tmp_path / "run", "--clients", "3", "--rounds", "2", "--eval-every", "2")
     assert {"task", "dataset", "clients", "strategy", "quantization", "float32_update_bytes", "rounds",
             "final_metrics"} <= set(report)
     assert (report["clients"], report["strategy"], report["quantization"]) == (3, "fedavg", "int8")
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert all(set(r) >= ROUND_KEYS and r["updates_accepted"] == 3 for r in report["rounds"])
     assert report["final_metrics"]["accuracy"] > report["initial_metrics"]["accuracy"]
+    # federated evaluation every 2nd round only; each edge reports global vs its fine-tuned weights
+    assert report["rounds"][0]["federated_metrics"] == {} and report["rounds"][1]["federated_metrics"]["accuracy"] > 0
+    personal = report["personalization"]
+    assert personal["metric"] == "accuracy" and personal["reported"] == 3 and 0 <= personal["improved"] <= 3
+    assert all({"global", "personalized", "round"} <= set(v) for v in personal["clients"].values())
+    status = json.loads(run_status(tmp_path / "run" / "hub"))
+    assert set(status["personalization"]) == set(personal["clients"])
     for name in ("report.png", "model.safetensors", "model.onnx", "model.tflite"):
         assert (tmp_path / "run" / name).stat().st_size > 0
     assert "final accuracy" in capsys.readouterr().out

@@ -44,6 +44,20 @@ def float32_update_bytes(model: Model) -> int:
     return len(build_update(meta_full, tensors, Ed25519PrivateKey.generate()))
 
 
+def personalization_report(clients: dict[str, Any], task: str) -> dict[str, Any]:
+    """Global vs fine-tuned metrics per client (their own held-out windows) and how many improved."""
+    key, better = ("accuracy", 1.0) if task == "activity" else ("mae_bpm", -1.0)
+    pairs = {c: (v["global"].get(key), v["personalized"].get(key)) for c, v in clients.items()}
+    pairs = {c: p for c, p in pairs.items() if p[0] is not None and p[1] is not None}
+    out: dict[str, Any] = {"metric": key, "clients": clients}
+    if pairs:
+        out["improved"] = sum(1 for g, p in pairs.values() if better * (p - g) > 0)
+        out["reported"] = len(pairs)
+        out["mean_global"] = float(np.mean([g for g, _ in pairs.values()]))
+        out["mean_personalized"] = float(np.mean([p for _, p in pairs.values()]))
+    return out
+
+
 def backdoor_success(model: Model, triggered: np.ndarray, target: int = 0) -> float:
     """The share of triggered held-out windows (none of the target class) classified as the target."""
     return float(np.mean(np.argmax(model.predict(triggered), axis=1) == target))
@@ -123,7 +137,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     hub_config = HubConfig(
         broker=url, federation=federation, state_dir=out / "hub", min_clients=n, clients_per_round=n,
         round_timeout_s=args.round_timeout, rounds=args.rounds, task_config=task_config, strategy=args.strategy,
-        strategy_args=parse_strategy_args(args.strategy_arg),
+        strategy_args=parse_strategy_args(args.strategy_arg), evaluate_every=args.eval_every,
         server_lr=args.server_lr,
     )
     hub = HubService(hub_config, initial_model=model)
@@ -162,6 +176,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
         if broker is not None:
             broker.stop()
     final = hub.current_model
+    report["personalization"] = personalization_report(hub.status().get("personalization", {}), args.task)
     report["final_metrics"] = summarize(final, held_out)["metrics"]
     if backdoor_probe is not None:
         report["final_metrics"]["backdoor_success"] = backdoor_success(final, backdoor_probe)
@@ -226,6 +241,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--server-lr", type=float, default=1.0, help="the hub's step along the averaged update")
     p.add_argument("--window-hop", type=float, default=0.25,
                    help="hop between the edges' training windows, as a fraction of a window (default 0.25)")
+    p.add_argument("--eval-every", type=int, default=1, metavar="K",
+                   help="edges evaluate the global and their fine-tuned model every K rounds (default 1)")
     p.add_argument("--edge-delay", type=float, default=0.0, metavar="S",
                    help="mean of a random (exponential) wait before each edge's training in a round: "
                         "gateways that come and go (default 0)")

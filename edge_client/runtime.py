@@ -1002,6 +1002,9 @@ class EdgeClient:
             return
         if task.round <= self.last_round:
             return
+        if not task.selects(self.client_id):
+            self._set_state(f"not selected for round {task.round}")
+            return
         version = current.model.version
         if task.model_version != version:
             self._set_state(f"waiting for model v{task.model_version}")

@@ -38,6 +38,7 @@ CONFIG_KEYS = {
     "broker": str, "federation": str, "state": str, "keyring": str, "model": str, "task": str,
     "min_clients": int, "clients_per_round": int, "round_timeout": float, "rounds": int, "quantize": str,
     "norm_bound": float, "max_update_bytes": int, "server_lr": float, "strategy": str,
+    "fraction": float, "max_clients": int, "stragglers": str, "evaluate_every": int,
 }
 
 
@@ -62,6 +63,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--norm-bound", type=float, metavar="L2", help="reject updates with a larger L2 norm")
     p.add_argument("--max-update-bytes", type=int, metavar="B", help="reject larger updates (default 4 MiB)")
     p.add_argument("--server-lr", type=float, metavar="LR", help="server learning rate of FedAvg (default 1.0)")
+    p.add_argument("--fraction", type=float, metavar="F", help="select this fraction of online edges a round")
+    p.add_argument("--max-clients", type=int, metavar="N", help="select at most N edges a round")
+    p.add_argument("--stragglers", choices=("drop", "next-round"),
+                   help="a late update is refused (drop, default) or counted into the next round")
+    p.add_argument("--evaluate-every", type=int, metavar="K", help="federated evaluation every K rounds (default 1)")
     add_strategy_flags(p)
     p.set_defaults(func=cmd_hub)
 
@@ -124,7 +130,8 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         "model": args.model, "task": args.task, "min_clients": args.min_clients,
         "clients_per_round": args.clients_per_round, "round_timeout": args.round_timeout, "rounds": args.rounds,
         "quantize": args.quantize, "norm_bound": args.norm_bound, "max_update_bytes": args.max_update_bytes,
-        "server_lr": args.server_lr, "strategy": args.strategy,
+        "server_lr": args.server_lr, "strategy": args.strategy, "fraction": args.fraction,
+        "max_clients": args.max_clients, "stragglers": args.stragglers, "evaluate_every": args.evaluate_every,
     }
     if args.model or args.task:  # the flags' choice of initial model replaces the file's
         settings.pop("model", None)
@@ -144,7 +151,9 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         keyring=Path(settings["keyring"]) if "keyring" in settings else None,
         norm_bound=settings.get("norm_bound"), task_config=task_config,
         server_lr=settings.get("server_lr", 1.0), strategy=settings.get("strategy", "fedavg"),
-        strategy_args=strategy_args,
+        strategy_args=strategy_args, fraction=settings.get("fraction", 1.0),
+        max_clients=settings.get("max_clients"), stragglers=settings.get("stragglers", "drop"),
+        evaluate_every=settings.get("evaluate_every", 1),
         **({"max_update_bytes": settings["max_update_bytes"]} if "max_update_bytes" in settings else {}),
     )
     initial: Model | None = None

@@ -25,6 +25,7 @@ import contextlib
 import inspect
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -76,6 +77,10 @@ class HubConfig:
     in each task (a flat dict of scalars). ``strategy`` names the aggregation rule
     (:data:`hub.strategies.STRATEGIES`) and ``strategy_args`` configures it (``--strategy-arg``).
     ``evaluate_every`` K: edges run federated evaluation in every K-th round (and the last).
+    Client selection: ``fraction`` of the edges online (at least ``min_clients``, at most
+    ``max_clients``) are picked for each round, seeded by the round, and named in its task;
+    the others sit it out. ``stragglers``: ``drop`` refuses an update that arrives after
+    its round closed (``round_closed``); ``next-round`` counts it into the next round.
     ``client_id`` defaults to
     ``wearfl-hub-<federation>``; give each of several hub workers its own.
     ``topic_prefix`` replaces ``wearfl/v1`` (tests give each run its own).
@@ -97,6 +102,9 @@ class HubConfig:
     strategy: str = "fedavg"
     strategy_args: dict[str, Any] = field(default_factory=dict)
     evaluate_every: int = 1
+    fraction: float = 1.0
+    max_clients: int | None = None
+    stragglers: str = "drop"
     client_id: str | None = None
     protocol: str = "auto"
     topic_prefix: str = "wearfl/v1"
@@ -116,6 +124,12 @@ class HubConfig:
             raise ConfigError(f"norm_bound must be a finite number > 0, got {self.norm_bound}.")
         if not (math.isfinite(self.server_lr) and self.server_lr > 0):
             raise ConfigError(f"server_lr must be a finite number > 0, got {self.server_lr}.")
+        if not (math.isfinite(self.fraction) and 0.0 < self.fraction <= 1.0):
+            raise ConfigError(f"fraction (of online clients selected a round) must be in (0, 1], got {self.fraction}.")
+        if self.max_clients is not None and self.max_clients < self.min_clients:
+            raise ConfigError(f"max_clients ({self.max_clients}) must be at least min_clients ({self.min_clients}).")
+        if self.stragglers not in ("drop", "next-round"):
+            raise ConfigError(f"stragglers must be drop or next-round, got {self.stragglers!r}.")
         if self.evaluate_every < 1:
             raise ConfigError(f"evaluate_every must be at least 1 round, got {self.evaluate_every}.")
         if self.max_batch < 1:
@@ -177,6 +191,7 @@ class HubService:
         self.summaries: list[RoundSummary] = []
         self.ready = asyncio.Event()
         self.online: set[str] = set()
+        self._selected: dict[int, tuple[str, ...]] = {}
         self._store: HubStore | None = None
         self._rounds: RoundManager | None = None
         self._intake: Intake | None = None
@@ -227,7 +242,8 @@ class HubService:
             codec = UpdateCodec.for_weights(model.network.state_dict())
             intake = self._intake = Intake(store, self.topics, codec, max_update_bytes=cfg.max_update_bytes,
                                            norm_bound=cfg.norm_bound, keyring=keyring,
-                                           max_staleness=self.strategy.max_staleness)
+                                           max_staleness=max(self.strategy.max_staleness,
+                                                             int(cfg.stragglers == "next-round")))
             round_number = int(store.get("round"))
             await asyncio.to_thread(rounds.open, round_number, intake)
             if self._finished():
@@ -337,6 +353,10 @@ class HubService:
                 receipts.append(receipt)
         self._spawn(self._publish_receipts(session, receipts))
 
+    def _selection_pending(self) -> bool:
+        cur = self._rounds.current if self._rounds is not None else None
+        return cur is not None and self._selection(cur.round) == ()
+
     def _on_status(self, client: str, payload: bytes) -> None:
         if not payload:  # a cleared retained status
             self.online.discard(client)
@@ -347,7 +367,10 @@ class HubService:
             log.info("ignored status of %s: %s", client, exc)
             return
         if state == "online":
+            pending = self._selection_pending()
             self.online.add(client)
+            if pending and len(self.online) >= self.config.min_clients and self._session is not None:
+                self._spawn(self._publish_task())
         elif state == "offline":
             self.online.discard(client)
 
@@ -380,7 +403,8 @@ class HubService:
     async def _maybe_close(self) -> bool:
         """Close or extend the round when the policy says so; True when a round closed."""
         rounds = self._require_rounds()
-        decision = rounds.decide(len(self.online))
+        selected = self._selection(rounds.current.round) if rounds.current is not None else None
+        decision = rounds.decide(len(selected) if selected else len(self.online))
         if decision == "extend":
             rounds.extend()
             await self._publish_task()
@@ -395,7 +419,7 @@ class HubService:
         next_round = cur.round + 1
         model_message = build_model(new_model, next_round, self._key)
         task = Task(next_round, int(new_model.version), self._round_config(next_round),
-                    round(time.time() + self.config.round_timeout_s, 3))
+                    round(time.time() + self.config.round_timeout_s, 3), self._selection(next_round))
         recipients = len(self.online) or len(cur.participants)
         summary = rounds.record_close(new_model, (len(model_message) + len(task.to_bytes())) * recipients,
                                       self._metrics.result(cur.round))
@@ -424,7 +448,27 @@ class HubService:
         rounds = self._require_rounds()
         cur, model = rounds.current, rounds.model
         assert cur is not None and model is not None
-        return Task(cur.round, int(model.version), self._round_config(cur.round), cur.deadline_at)
+        return Task(cur.round, int(model.version), self._round_config(cur.round), cur.deadline_at,
+                    self._selection(cur.round))
+
+    def _selection(self, round_number: int) -> tuple[str, ...] | None:
+        """The clients picked for ``round_number`` (None: everyone; empty: too few online yet)."""
+        cfg = self.config
+        if cfg.fraction >= 1.0 and cfg.max_clients is None:
+            return None
+        chosen = self._selected.get(round_number)
+        if chosen is not None:
+            return chosen
+        online = sorted(self.online)
+        if len(online) < cfg.min_clients:
+            return ()  # re-selected (and the task re-published) as edges come online
+        k = max(math.ceil(cfg.fraction * len(online)), cfg.min_clients)
+        k = min(k, cfg.max_clients or k, len(online))
+        chosen = tuple(sorted(random.Random(round_number).sample(online, k)))
+        self._selected = {r: c for r, c in self._selected.items() if r >= round_number - 1}
+        self._selected[round_number] = chosen
+        log.info("round %d: selected %d of %d online clients", round_number, k, len(online))
+        return chosen
 
     def _round_config(self, round_number: int) -> dict[str, Scalar]:
         cfg = self.config

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import sys
 import time
 from dataclasses import replace
@@ -135,7 +136,9 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     task_config = {"quantize": args.quantize, "epochs": args.local_epochs, "batch_size": 32, "lr": args.lr,
                    "lr_schedule": args.lr_schedule, "rotation_deg": args.rotation}
     hub_config = HubConfig(
-        broker=url, federation=federation, state_dir=out / "hub", min_clients=n, clients_per_round=n,
+        broker=url, federation=federation, state_dir=out / "hub",
+        min_clients=n if args.fraction >= 1 else max(1, math.ceil(args.fraction * n)),
+        clients_per_round=n if args.fraction >= 1 else None, fraction=args.fraction,
         round_timeout_s=args.round_timeout, rounds=args.rounds, task_config=task_config, strategy=args.strategy,
         strategy_args=parse_strategy_args(args.strategy_arg), evaluate_every=args.eval_every,
         server_lr=args.server_lr,
@@ -241,6 +244,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--server-lr", type=float, default=1.0, help="the hub's step along the averaged update")
     p.add_argument("--window-hop", type=float, default=0.25,
                    help="hop between the edges' training windows, as a fraction of a window (default 0.25)")
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="the fraction of edges the hub selects for each round (default 1: all)")
     p.add_argument("--eval-every", type=int, default=1, metavar="K",
                    help="edges evaluate the global and their fine-tuned model every K rounds (default 1)")
     p.add_argument("--edge-delay", type=float, default=0.0, metavar="S",

@@ -150,12 +150,19 @@ def parse_json(data: bytes, what: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Task:
-    """The retained ``task``: the round the edges should train for, and its flat config."""
+    """The retained ``task``: the round the edges should train for, and its flat config.
+
+    ``clients``: the edges selected for this round (None: every edge).
+    """
 
     round: int
     model_version: int
     config: dict[str, float | int | str | bool] = field(default_factory=dict)
     deadline: float | None = None
+    clients: tuple[str, ...] | None = None
+
+    def selects(self, client: str) -> bool:
+        return self.clients is None or client in self.clients
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -164,8 +171,12 @@ class Task:
     def from_bytes(cls, data: bytes) -> Task:
         d = parse_json(data, "task")
         try:
+            clients = d.get("clients")
+            if clients is not None and not (isinstance(clients, list) and all(isinstance(c, str) for c in clients)):
+                raise TypeError("clients must be a list of client ids")
             return cls(int(d["round"]), int(d["model_version"]), dict(d.get("config", {})),
-                       None if d.get("deadline") is None else float(d["deadline"]))
+                       None if d.get("deadline") is None else float(d["deadline"]),
+                       None if clients is None else tuple(clients))
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise SigningError("malformed", f"task is invalid ({exc})") from None
 

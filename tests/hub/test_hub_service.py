@@ -370,3 +370,35 @@ def test_fedbuff_releases_every_k_updates_and_discounts_stale_ones(mqtt_broker, 
             want2 = v1[k] + (30 * discount * deltas[2][k] + 40 * deltas[3][k]) / 70
         np.testing.assert_allclose(v2[k], np.maximum(want2, 0) if k.endswith("running_var") else want2,
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_a_fraction_of_the_online_edges_is_selected_and_closes_the_round(mqtt_broker, topic_prefix, tmp_path):
+    initial = Model(activity_spec(), seed=7)
+    shapes = {k: v.shape for k, v in initial.network.state_dict().items()}
+    config = hub_config(mqtt_broker, topic_prefix, tmp_path / "hub", min_clients=2, round_timeout_s=60, rounds=1,
+                        fraction=0.5)
+    topics = Topics(config.federation, topic_prefix)
+    service = HubService(config, initial)
+
+    async def scenario() -> tuple[Task, list[Receipt]]:
+        hub_task = asyncio.create_task(service.run())
+        await asyncio.wait_for(service.ready.wait(), WAIT_S)
+        edges = {f"edge-{i}": FakeEdge(mqtt_broker, topics, f"edge-{i}") for i in range(4)}
+        for edge in edges.values():
+            await edge.start()
+        task = await edges["edge-0"].task_for(1)
+        while not task.clients:  # published as "nobody yet" until min_clients are online
+            task = await asyncio.wait_for(edges["edge-0"].tasks.get(), WAIT_S)
+        receipts = [await edges[c].send(make_update(edges[c].key, c, sequence=1, round_number=1, base_version=0,
+                                                    num_examples=5, delta=delta_of(shapes, seed=i, scale=0.01),
+                                                    shapes=shapes))
+                    for i, c in enumerate(task.clients)]
+        await asyncio.wait_for(hub_task, WAIT_S)  # the selected edges' updates close the round
+        for edge in edges.values():
+            await edge.stop()
+        return task, receipts
+
+    task, receipts = run(scenario())
+    assert len(task.clients) >= 2 and set(task.clients) <= {f"edge-{i}" for i in range(4)}
+    assert [r.status for r in receipts] == ["accepted"] * len(task.clients)
+    assert service.summaries[0].participants == len(task.clients)

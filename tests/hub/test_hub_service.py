@@ -402,3 +402,42 @@ def test_a_fraction_of_the_online_edges_is_selected_and_closes_the_round(mqtt_br
     assert len(task.clients) >= 2 and set(task.clients) <= {f"edge-{i}" for i in range(4)}
     assert [r.status for r in receipts] == ["accepted"] * len(task.clients)
     assert service.summaries[0].participants == len(task.clients)
+
+
+@pytest.mark.parametrize("stragglers", ["drop", "next-round"])
+def test_a_late_update_is_dropped_or_counted_into_the_next_round(mqtt_broker, topic_prefix, tmp_path, stragglers):
+    initial = Model(activity_spec(), seed=8)
+    shapes = {k: v.shape for k, v in initial.network.state_dict().items()}
+    config = hub_config(mqtt_broker, topic_prefix, tmp_path / "hub", min_clients=2, clients_per_round=2,
+                        round_timeout_s=60, rounds=2, stragglers=stragglers)
+    topics = Topics(config.federation, topic_prefix)
+    service = HubService(config, initial)
+
+    def update(edge: FakeEdge, seq: int, round_number: int, base: int, seed: int) -> bytes:
+        return make_update(edge.key, edge.client, sequence=seq, round_number=round_number, base_version=base,
+                           num_examples=5, delta=delta_of(shapes, seed=seed, scale=0.01), shapes=shapes)
+
+    async def scenario() -> Receipt:
+        hub_task = asyncio.create_task(service.run())
+        await asyncio.wait_for(service.ready.wait(), WAIT_S)
+        a, b, late = (FakeEdge(mqtt_broker, topics, f"edge-{i}") for i in range(3))
+        for edge in (a, b, late):
+            await edge.start()
+        await a.send(update(a, 1, 1, 0, 1))
+        await b.send(update(b, 1, 1, 0, 2))  # round 1 closes with two updates
+        await late.task_for(2)
+        straggler = await late.send(update(late, 1, 1, 0, 3))  # still trained on v0 for round 1
+        if stragglers == "drop":
+            await late.send(update(late, 2, 2, 1, 4))
+        await a.send(update(a, 2, 2, 1, 5))
+        await asyncio.wait_for(hub_task, WAIT_S)
+        for edge in (a, b, late):
+            await edge.stop()
+        return straggler
+
+    straggler = run(scenario())
+    if stragglers == "drop":
+        assert (straggler.status, straggler.reason) == ("rejected", "stale")
+    else:
+        assert straggler.status == "accepted"
+        assert service.summaries[1].participants == 2 and service.summaries[1].updates_accepted == 2

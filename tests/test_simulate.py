@@ -33,6 +33,7 @@ def test_the_report_holds_the_contract_and_the_model_files(mqtt_broker, tmp_path
     assert {"task", "dataset", "clients", "strategy", "quantization", "float32_update_bytes", "rounds",
             "final_metrics"} <= set(report)
     assert (report["clients"], report["strategy"], report["quantization"]) == (3, "fedavg", "int8")
+    assert report["strategy_config"]["optimizer"] == "sgd"
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert all(set(r) >= ROUND_KEYS and r["updates_accepted"] == 3 for r in report["rounds"])
     assert report["final_metrics"]["accuracy"] > report["initial_metrics"]["accuracy"]

@@ -144,6 +144,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
         server_lr=args.server_lr,
     )
     hub = HubService(hub_config, initial_model=model)
+    report["strategy_config"] = hub.strategy.describe()
     hub.on_round_closed = on_round
     policy = FineTunePolicy(min_new_windows=0)
     plan = None

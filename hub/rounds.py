@@ -30,7 +30,8 @@ import numpy as np
 
 from hub.aggregation import StreamingAverage
 from hub.intake import AcceptedUpdate, Intake
-from hub.registry import ModelRegistry
+from hub.ledger import Ledger
+from hub.registry import ModelRegistry, ModelVersion
 from hub.store import HubStore, RoundRecord
 from hub.strategies.base import Strategy
 from hub.strategies.optimizers import is_statistic
@@ -183,9 +184,10 @@ class RoundManager:
     """The current model and open round of one hub, over its store and registry."""
 
     def __init__(self, store: HubStore, registry: ModelRegistry, strategy: Strategy, policy: RoundPolicy,
-                 strategy_state: StrategyState | None = None) -> None:
+                 strategy_state: StrategyState | None = None, ledger: Ledger | None = None) -> None:
         self.store, self.registry, self.strategy, self.policy = store, registry, strategy, policy
         self.strategy_state = strategy_state
+        self.ledger = ledger
         self._base_statistics: dict[int, dict[str, np.ndarray]] = {}
         self.model: Model | None = None
         self.current: OpenRound | None = None
@@ -229,10 +231,25 @@ class RoundManager:
             with self.store.transaction():
                 self.store.put("round", round_number)
                 self.store.put("model_version", int(model.version))
+        self._catch_up_ledger()
         if self.strategy_state is not None and self.strategy_state.load(self.strategy, int(model.version)):
             log.info("restored the %s server-optimizer state of model v%d", self.strategy.name, model.version)
         self.model = model
         return model
+
+    def _catch_up_ledger(self) -> None:
+        """Enter registered versions the ledger lacks (the hub stopped between registering and logging)."""
+        if self.ledger is None:
+            return
+        for version in self.registry.versions():
+            if self.ledger.last_version is None or version > self.ledger.last_version:
+                self._log_version(self.registry.get(version))
+
+    def _log_version(self, entry: ModelVersion) -> None:
+        assert self.ledger is not None
+        files = {name: info["sha256"] for name, info in entry.manifest["files"].items()}
+        updates = self.store.round_update_digests(entry.round) if entry.round > 0 else []
+        self.ledger.append(entry.version, entry.round, files, updates, float(entry.manifest.get("created_at", 0.0)))
 
     def _finish_interrupted_close(self, version: int, round_number: int) -> None:
         updates = self.store.round_updates(round_number)
@@ -345,12 +362,14 @@ class RoundManager:
             new.network.load_state_dict(weights)
             if self.strategy_state is not None:
                 self.strategy_state.save(self.strategy, int(new.version))
-            self.registry.save(new, cur.round)
+            registered = self.registry.save(new, cur.round)
         except BaseException:
             self.strategy.load_state_dict(before)  # the optimizer steps only with the model
             raise
         if self.strategy_state is not None:
             self.strategy_state.prune(keep=int(new.version))
+        if self.ledger is not None:
+            self._log_version(registered)
         return new
 
     def _aggregate_from_store(self, round_number: int, intake: Intake | None) -> dict[str, np.ndarray]:

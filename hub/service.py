@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from hub.intake import DEFAULT_MAX_UPDATE_BYTES, Intake
+from hub.ledger import Ledger
 from hub.registry import ModelRegistry
 from hub.rounds import MetricsCollector, RoundManager, RoundPolicy, RoundSummary
 from hub.schedule import check_schedule, round_task_config
@@ -237,7 +238,8 @@ class HubService:
         store = self._store = HubStore(cfg.state_dir, synchronous=cfg.synchronous)
         try:
             rounds = self._rounds = RoundManager(store, ModelRegistry(cfg.state_dir / "models"), self.strategy,
-                                                 cfg.policy(), StrategyState(cfg.state_dir / "strategy"))
+                                                 cfg.policy(), StrategyState(cfg.state_dir / "strategy"),
+                                                 Ledger(cfg.state_dir / "ledger.jsonl"))
             model = await asyncio.to_thread(rounds.resume, self.initial_model)
             codec = UpdateCodec.for_weights(model.network.state_dict())
             intake = self._intake = Intake(store, self.topics, codec, max_update_bytes=cfg.max_update_bytes,

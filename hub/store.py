@@ -248,6 +248,13 @@ class HubStore:
             ).fetchall()
         return [StoredUpdate(c, s, r, b, n, t, None if p is None else bytes(p)) for c, s, r, b, n, t, p in rows]
 
+    def round_update_digests(self, round_number: int) -> list[str]:
+        """The sha256 of every update accepted into ``round_number`` (kept after the payloads go)."""
+        with self._lock:
+            rows = self._db.execute("SELECT sha256 FROM updates WHERE round = ? ORDER BY sha256",
+                                    (round_number,)).fetchall()
+        return [r[0] for r in rows]
+
     # -- counters --------------------------------------------------------------------
 
     def count_rejection(self, reason: str, n: int = 1) -> None:

@@ -102,10 +102,11 @@ class Krum(_Buffered):
     def min_updates(self) -> int:
         return 2 * self.f + 3  # n > 2f + 2
 
-    def select(self, x: np.ndarray, m: int) -> np.ndarray:
-        """Indices of the ``m`` rows with the lowest scores; ties go by the rows' bytes, not their order."""
+    def select(self, x: np.ndarray, m: int, weights: Sequence[float] | None = None) -> np.ndarray:
+        """Indices of the ``m`` rows with the lowest scores; ties go by the rows' bytes and weights, not order."""
         scores = krum_scores(pairwise_sq_distances(x), self.f)
-        return np.array(sorted(range(len(x)), key=lambda i: (scores[i], x[i].tobytes()))[:m], dtype=np.int64)
+        w = list(weights) if weights is not None else [0.0] * len(x)
+        return np.array(sorted(range(len(x)), key=lambda i: (scores[i], x[i].tobytes(), w[i]))[:m], dtype=np.int64)
 
     def aggregate(self, deltas: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
         names, shapes, x = self._rows(deltas, weights)
@@ -128,7 +129,7 @@ class MultiKrum(Krum):
 
     def aggregate(self, deltas: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
         names, shapes, x = self._rows(deltas, weights)
-        chosen = self.select(x, self.m or len(x) - self.f)
+        chosen = self.select(x, self.m or len(x) - self.f, weights)
         w = np.asarray(weights, np.float64)[chosen]
         return unstack(names, shapes, (w @ x[chosen]) / w.sum())
 

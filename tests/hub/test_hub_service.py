@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hub_helpers import delta_of, make_update
 from safetensors.numpy import load as st_load
 
+from hub.ledger import verify
 from hub.registry import ModelRegistry
 from hub.rounds import RoundSummary
 from hub.service import HubConfig, HubService
@@ -187,6 +188,12 @@ def test_two_rounds_through_the_broker_publish_retained_models(mqtt_broker, topi
     latest = ModelRegistry(tmp_path / "hub" / "models").latest()
     assert latest is not None and latest.version == 2
     assert set(latest.manifest["files"]) == {"model.safetensors", "model.onnx", "model.tflite"}
+    # the ledger holds v0, v1, v2, each with its files' and its updates' digests
+    ledger = verify(tmp_path / "hub" / "ledger.jsonl")
+    assert (ledger.entries, ledger.last_version) == (3, 2)
+    entries = [json.loads(line) for line in (tmp_path / "hub" / "ledger.jsonl").read_text().splitlines()]
+    assert [len(e["updates"]) for e in entries] == [0, 3, 3]
+    assert entries[2]["files"]["model.safetensors"] == latest.manifest["files"]["model.safetensors"]["sha256"]
 
 
 def test_a_restarted_hub_resumes_the_open_round_from_its_state(mqtt_broker, topic_prefix, tmp_path):

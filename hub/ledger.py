@@ -1,0 +1,136 @@
+"""The model ledger: an append-only, tamper-evident log of every released model version.
+
+Each line of ``<state>/ledger.jsonl`` is one JSON entry: the model version, the round
+that produced it, the sha256 of each registered file, the sha256 of every update
+aggregated into it, and ``prev``, the hash of the entry before. Its own ``hash`` is the
+SHA-256 of the entry's canonical JSON without ``hash``. Editing, dropping or reordering
+any entry breaks the chain at that entry, which :func:`verify` names. This is the audit
+trail of what went into each clinical model (HIPAA 164.312(b) asks for one).
+
+Appends are one ``write`` plus fsync; a line cut short by a crash (no newline) was never
+complete and is dropped when the hub next opens the ledger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.errors import WearflError
+
+__all__ = ["GENESIS", "Ledger", "LedgerError", "entry_hash", "verify"]
+
+log = logging.getLogger(__name__)
+
+GENESIS = "0" * 64
+FIELDS = ("index", "version", "round", "files", "updates", "prev", "time", "hash")
+
+
+class LedgerError(WearflError, ValueError):
+    """The ledger is broken at ``index`` (0-based line), for ``reason``."""
+
+    def __init__(self, index: int, reason: str, path: Path | None = None) -> None:
+        where = f"{path}: " if path is not None else ""
+        super().__init__(f"{where}ledger entry {index} {reason}")
+        self.index, self.reason = index, reason
+
+
+def entry_hash(entry: dict[str, Any]) -> str:
+    """SHA-256 of the entry's canonical JSON, ``hash`` left out."""
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class VerifiedLedger:
+    entries: int
+    head: str
+    last_version: int | None
+
+
+def verify(path: str | Path) -> VerifiedLedger:
+    """Check every entry's hash, link and order; :class:`LedgerError` names the first bad entry."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return VerifiedLedger(0, GENESIS, None)
+    try:
+        return _verify_lines(data)
+    except LedgerError as exc:
+        raise LedgerError(exc.index, exc.reason, path) from None
+
+
+def _verify_lines(data: bytes) -> VerifiedLedger:
+    prev, last_version = GENESIS, None
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for index, line in enumerate(lines):
+        try:
+            entry = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LedgerError(index, "is not a JSON object (the line was altered or cut)") from None
+        if not isinstance(entry, dict) or set(entry) != set(FIELDS):
+            raise LedgerError(index, f"must have exactly the fields {', '.join(FIELDS)}")
+        if entry["index"] != index:
+            raise LedgerError(index, f"says it is entry {entry['index']!r} (entries were dropped or reordered)")
+        if entry["hash"] != entry_hash(entry):
+            raise LedgerError(index, "its content does not match its hash (the entry was edited)")
+        if entry["prev"] != prev:
+            raise LedgerError(index, "does not link to the entry before it (an entry was changed, dropped or added)")
+        version = entry["version"]
+        if not isinstance(version, int) or (last_version is not None and version <= last_version):
+            raise LedgerError(index, f"model version {version!r} does not follow v{last_version}")
+        prev, last_version = entry["hash"], version
+    return VerifiedLedger(len(lines), prev, last_version)
+
+
+class Ledger:
+    """Appends entries to ``path`` (``<state>/ledger.jsonl``); verifies it on open."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._repair_tail()
+        state = verify(self.path)
+        self.count, self.head, self.last_version = state.entries, state.head, state.last_version
+
+    def _repair_tail(self) -> None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            log.warning("dropping an unfinished last line of %s (%d bytes): a crash cut it short",
+                        self.path, len(data) - keep)
+            with open(self.path, "r+b") as f:
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def append(self, version: int, round_number: int, files: dict[str, str], updates: Sequence[str],
+               time: float) -> dict[str, Any]:
+        """Add the entry of model ``version``: its files' sha256 and the sha256 of its updates."""
+        if self.last_version is not None and version <= self.last_version:
+            raise ValueError(f"the ledger already ends at v{self.last_version}; v{version} cannot follow it")
+        entry: dict[str, Any] = {"index": self.count, "version": int(version), "round": int(round_number),
+                                 "files": dict(sorted(files.items())), "updates": sorted(updates),
+                                 "prev": self.head, "time": round(float(time), 3)}
+        entry["hash"] = entry_hash(entry)
+        line = (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.count, self.head, self.last_version = self.count + 1, entry["hash"], int(version)
+        return entry

@@ -47,6 +47,7 @@ State directory::
     device.key            the device's Ed25519 key (load_or_create_key)
     hub.pub               the hub's public key, hex (pinned on first sight)
     model.msg             the current global model message, exactly as the hub signed it
+    ledger.head           version and hash of that model's ledger entry (the next must link to it)
     outbox.sqlite3        pending updates, sequence counter, last round, residual, stream position
     replay.safetensors    the replay buffer; holdout.safetensors the held-out windows
     lock                  flock: one runtime per state directory
@@ -83,8 +84,10 @@ from models.errors import BrokerUnavailable, ConfigError, InputError, ModelForma
 from models.files import write_atomic
 from models.inference import NumpyPredictor, Predictor
 from models.model import Model
+from models.package import package_bytes
 from models.protocol.codec import CodecConfig, UpdateCodec
 from models.protocol.identity import load_or_create_key, public_hex
+from models.protocol.ledger import check_entry
 from models.protocol.messages import ModelMessage, Receipt, Task, UpdateMeta, build_update, parse_model
 from models.protocol.mqtt import BrokerAddress, Message, MqttSession, Will
 from models.protocol.signed import SigningError
@@ -697,6 +700,12 @@ class EdgeClient:
                         parsed.model.version, current.model.version)
             return
         state = self.config.state_dir
+        refusal = await asyncio.to_thread(self._check_ledger, parsed)
+        if refusal:
+            self.counters["models_refused"] += 1
+            log.warning("%s: refused model v%d: %s; keeping model v%s", self.client_id, parsed.model.version,
+                        refusal, self.model_version)
+            return
         if self._pinned is None:
             self._pinned = parsed.public_key
             await asyncio.to_thread(write_atomic, state / "hub.pub", (parsed.public_key.hex() + "\n").encode())
@@ -708,12 +717,27 @@ class EdgeClient:
             log.error("%s: cannot use model v%d: %s", self.client_id, parsed.model.version, exc)
             return
         await asyncio.to_thread(write_atomic, state / "model.msg", message.payload)
+        if parsed.ledger is not None:
+            head = {"version": parsed.model.version, "hash": parsed.ledger["hash"]}
+            await asyncio.to_thread(write_atomic, state / "ledger.head", json.dumps(head).encode())
         self._install_model(parsed, fresh)
         self.counters["models_accepted"] += 1
         log.info("%s: model v%d (round %d) accepted", self.client_id, parsed.model.version, parsed.round)
         self._wake.set()
         self._eval_wake.set()
         self._status_wake.set()
+
+    def _check_ledger(self, parsed: ModelMessage) -> str | None:
+        """(worker thread) Why the model's ledger entry fails, or None; a model without one passes."""
+        if parsed.ledger is None:
+            return None
+        try:
+            previous = json.loads((self.config.state_dir / "ledger.head").read_text())
+        except (OSError, ValueError):
+            previous = None
+        digest = hashlib.sha256(package_bytes(parsed.model)).hexdigest()
+        return check_entry(parsed.ledger, int(parsed.model.version), digest,
+                           previous if isinstance(previous, dict) else None)
 
     def _prepare_ingest(self, spec: ModelSpec, current: _Ingest | None) -> _Ingest | None:
         """(worker thread) A new stream view when ``spec`` takes another input than ``current``, else None.

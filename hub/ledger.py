@@ -13,7 +13,6 @@ complete and is dropped when the hub next opens the ledger.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import WearflError
+from models.protocol.ledger import GENESIS, entry_hash
 
 __all__ = ["GENESIS", "Ledger", "LedgerError", "entry_hash", "verify"]
 
 log = logging.getLogger(__name__)
 
-GENESIS = "0" * 64
 FIELDS = ("index", "version", "round", "files", "updates", "prev", "time", "hash")
 
 
@@ -39,12 +38,6 @@ class LedgerError(WearflError, ValueError):
         where = f"{path}: " if path is not None else ""
         super().__init__(f"{where}ledger entry {index} {reason}")
         self.index, self.reason = index, reason
-
-
-def entry_hash(entry: dict[str, Any]) -> str:
-    """SHA-256 of the entry's canonical JSON, ``hash`` left out."""
-    body = {k: v for k, v in entry.items() if k != "hash"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -100,6 +93,9 @@ class Ledger:
         self._repair_tail()
         state = verify(self.path)
         self.count, self.head, self.last_version = state.entries, state.head, state.last_version
+        self.last_entry: dict[str, Any] | None = None
+        if state.entries:
+            self.last_entry = json.loads(self.path.read_bytes().rstrip(b"\n").rsplit(b"\n", 1)[-1])
 
     def _repair_tail(self) -> None:
         try:
@@ -133,4 +129,5 @@ class Ledger:
         finally:
             os.close(fd)
         self.count, self.head, self.last_version = self.count + 1, entry["hash"], int(version)
+        self.last_entry = entry
         return entry

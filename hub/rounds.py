@@ -237,6 +237,11 @@ class RoundManager:
         self.model = model
         return model
 
+    def ledger_entry(self, version: int) -> dict[str, Any] | None:
+        """The ledger entry of model ``version`` when it is the latest (what its model message carries)."""
+        entry = self.ledger.last_entry if self.ledger is not None else None
+        return entry if entry is not None and entry.get("version") == version else None
+
     def _catch_up_ledger(self) -> None:
         """Enter registered versions the ledger lacks (the hub stopped between registering and logging)."""
         if self.ledger is None:

@@ -419,7 +419,7 @@ class HubService:
         intake.close_round()
         new_model = await asyncio.to_thread(rounds.build_next_model, intake)
         next_round = cur.round + 1
-        model_message = build_model(new_model, next_round, self._key)
+        model_message = build_model(new_model, next_round, self._key, rounds.ledger_entry(int(new_model.version)))
         task = Task(next_round, int(new_model.version), self._round_config(next_round),
                     round(time.time() + self.config.round_timeout_s, 3), self._selection(next_round))
         recipients = len(self.online) or len(cur.participants)
@@ -488,7 +488,7 @@ class HubService:
         model, cur = rounds.model, rounds.current
         assert model is not None and cur is not None
         if model_message is None:
-            model_message = build_model(model, cur.round, self._key)
+            model_message = build_model(model, cur.round, self._key, rounds.ledger_entry(int(model.version)))
         await self._session.publish(self.topics.model, model_message, qos=1, retain=True)
         if task:
             await self._publish_task()

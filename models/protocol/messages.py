@@ -107,12 +107,19 @@ class ModelMessage:
     round: int
     public_key: bytes
     hash: str
+    ledger: dict[str, Any] | None = None
 
 
-def build_model(model: Model, round_number: int, key: Ed25519PrivateKey) -> bytes:
-    """The retained ``model`` message: a package (plain safetensors) plus the hub's signature."""
-    meta = {"format": PACKAGE_FORMAT, "task": model.spec.task, "version": int(model.version),
-            "spec": model.spec.to_json(), "round": int(round_number)}
+def build_model(model: Model, round_number: int, key: Ed25519PrivateKey,
+                ledger: dict[str, Any] | None = None) -> bytes:
+    """The retained ``model`` message: a package (plain safetensors) plus the hub's signature.
+
+    ``ledger``: the model's entry in the hub's ledger, which edges check on adopting it.
+    """
+    meta: dict[str, Any] = {"format": PACKAGE_FORMAT, "task": model.spec.task, "version": int(model.version),
+                            "spec": model.spec.to_json(), "round": int(round_number)}
+    if ledger is not None:
+        meta["ledger"] = ledger
     return sign_tensors(model.network.state_dict(), meta, key)
 
 
@@ -127,9 +134,12 @@ def parse_model(data: bytes, expected_key: bytes | None = None) -> ModelMessage:
         model = Model(spec, version=int(m["version"]))
         model.network.load_state_dict(message.tensors)
         round_number = int(m["round"])
+        ledger = m.get("ledger")
+        if ledger is not None and not isinstance(ledger, dict):
+            raise ValueError("its ledger entry is not an object")
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise SigningError("malformed", f"model message is invalid ({exc})") from None
-    return ModelMessage(model, round_number, message.public_key, model_hash(data))
+    return ModelMessage(model, round_number, message.public_key, model_hash(data), ledger)
 
 
 # -- JSON messages -------------------------------------------------------------------

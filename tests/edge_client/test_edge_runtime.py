@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -32,11 +33,14 @@ from edge_client.finetune import FineTunePolicy
 from edge_client.outbox import Outbox
 from edge_client.runtime import EdgeClient, EdgeConfig, run_edges
 from edge_client.sources.simulator import SimulatedDataset
+from hub.ledger import Ledger
 from models.errors import BrokerUnavailable, ConfigError
 from models.model import Model
+from models.package import package_bytes
 from models.protocol.broker import free_port
 from models.protocol.codec import CodecConfig, UpdateCodec
 from models.protocol.identity import load_or_create_key, public_hex
+from models.protocol.ledger import entry_hash
 from models.protocol.messages import (
     MAX_MODEL_BYTES,
     Receipt,
@@ -497,3 +501,31 @@ def test_sigterm_stops_the_edge_process_cleanly_with_its_outbox_intact(mqtt_brok
     assert r["offline"]["reason"] == "stopped"
     with Outbox(state) as outbox:
         assert [e.sequence for e in outbox.pending()] == [r["meta"].sequence]
+
+
+def test_a_model_whose_ledger_entry_rewrites_history_is_refused(mqtt_broker, tmp_path):
+    fed, state = federation(), tmp_path / "edge"
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    models = {v: global_model(version=v, seed=v) for v in (1, 2)}
+    digest = {v: hashlib.sha256(package_bytes(m)).hexdigest() for v, m in models.items()}
+    e1 = ledger.append(1, 0, {"model.safetensors": digest[1]}, [], time=1.0)
+    honest = ledger.append(2, 1, {"model.safetensors": digest[2]}, ["a" * 64], time=2.0)
+    forged = {**honest, "prev": "f" * 64}  # a hub rewriting v1's entry after this edge adopted it
+    forged["hash"] = entry_hash(forged)
+
+    async def scenario() -> dict[str, Any]:
+        async with FakeHub(mqtt_broker, fed) as hub:
+            await hub.publish_raw_model(build_model(models[1], 0, hub.key, e1))
+            async with RunningEdge(edge_config(mqtt_broker, fed, state)) as edge:
+                await until(lambda: edge.model_version == 1, "model v1 to be accepted")
+                await hub.publish_raw_model(build_model(models[2], 1, hub.key, forged))
+                await until(lambda: edge.counters["models_refused"] == 1, "the forged history to be refused")
+                kept = edge.model_version
+                await hub.publish_raw_model(build_model(models[2], 1, hub.key, honest))
+                await until(lambda: edge.model_version == 2, "the model with the true entry to be accepted")
+            head = json.loads((state / "ledger.head").read_text())
+        return locals()
+
+    r = run(scenario())
+    assert r["kept"] == 1
+    assert r["head"] == {"version": 2, "hash": honest["hash"]}

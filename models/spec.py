@@ -75,8 +75,8 @@ class ModelSpec:
                 head=dict(d["head"]),
                 preprocessing=dict(d.get("preprocessing", {})),
             )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ModelFormatError(f"the model spec in the package is malformed ({exc}).") from exc
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise ModelFormatError(f"the model spec in the package is malformed ({exc}).") from None
         spec.validate()
         return spec
 
@@ -95,12 +95,35 @@ class ModelSpec:
                 raise ConfigError(f"a classifier needs at least two unique class names, got {list(self.classes)}.")
         elif self.head.get("type") != "affine":
             raise ConfigError(f"unknown output head {self.head!r}.")
+        for key in ("bandpass", "normalization"):
+            if not isinstance(self.preprocessing.get(key, {}), dict):
+                raise ConfigError(f"preprocessing[{key!r}] must be a table, got {self.preprocessing[key]!r}.")
+        for layer in self.architecture:
+            for key in ("in_channels", "out_channels", "kernel_size", "stride", "channels", "in_features",
+                        "out_features", "dilation"):
+                value = layer.get(key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                    raise ConfigError(f"layer {layer.get('name')!r}: {key} must be a positive integer, got {value!r}.")
         for channel, band in self.preprocessing.get("bandpass", {}).items():
             if channel not in self.channels or len(band) != 2:
                 raise ConfigError(f"band-pass for {channel!r} needs an input channel and [low_hz, high_hz].")
         for key, mode in self.preprocessing.get("normalization", {}).items():
             if mode not in ("none", "center", "zscore"):
                 raise ConfigError(f"normalization {mode!r} for {key!r} is not one of none, center, zscore.")
+
+
+def declared_parameters(spec: ModelSpec) -> int:
+    """How many numbers the spec's layers hold (weights, biases, BatchNorm statistics), without building them."""
+    total = 0
+    for layer in spec.architecture:
+        kind = layer.get("type")
+        if kind == "conv1d":
+            total += layer["out_channels"] * (layer["in_channels"] * layer["kernel_size"] + 1)
+        elif kind == "dense":
+            total += layer["out_features"] * (layer["in_features"] + 1)
+        elif kind == "batchnorm1d":
+            total += 4 * layer["channels"]
+    return int(total)
 
 
 def _same_padding(length: int, kernel: int, stride: int) -> tuple[tuple[int, int], int]:

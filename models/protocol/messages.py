@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from models.model import Model
 from models.package import FORMAT as PACKAGE_FORMAT
 from models.protocol.signed import SignedMessage, SigningError, sign_tensors, verify_and_parse
-from models.spec import ModelSpec
+from models.spec import ModelSpec, declared_parameters
 
 __all__ = [
     "MAX_JSON_BYTES",
@@ -131,6 +131,9 @@ def parse_model(data: bytes, expected_key: bytes | None = None) -> ModelMessage:
         if m.get("format") != PACKAGE_FORMAT:
             raise ValueError("not a wearfl model package")
         spec = ModelSpec.from_json(m["spec"])
+        carried = sum(int(t.size) for t in message.tensors.values())
+        if declared_parameters(spec) != carried:  # checked before any layer is allocated
+            raise ValueError(f"its spec declares {declared_parameters(spec)} numbers, the message carries {carried}")
         model = Model(spec, version=int(m["version"]))
         model.network.load_state_dict(message.tensors)
         round_number = int(m["round"])
@@ -151,7 +154,7 @@ def parse_json(data: bytes, what: str) -> dict[str, Any]:
         raise SigningError("oversize", f"{what} of {len(data)} bytes exceeds {MAX_JSON_BYTES}")
     try:
         value = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise SigningError("malformed", f"{what} is not JSON ({exc})") from None
     if not isinstance(value, dict):
         raise SigningError("malformed", f"{what} is not a JSON object")

@@ -31,6 +31,25 @@ SIGNATURE_TENSOR = "~signature"
 KEY_BYTES, SIG_BYTES = 32, 64
 TRAILER_BYTES = KEY_BYTES + SIG_BYTES
 MAX_HEADER_BYTES = 1 << 20
+MAX_TENSORS = 256
+"""Tensors a message may hold (a model has a few dozen): bounds the objects a header makes."""
+
+# Small-order Ed25519 points (and non-canonical encodings of them), sign bit cleared, as in
+# libsodium: with such a key, a signature can be forged for any message without a secret.
+_SMALL_ORDER = frozenset(bytes.fromhex(h) for h in (
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+))
+
+
+def is_weak_key(key: bytes) -> bool:
+    """True for a public key of small order, under which anyone can forge signatures."""
+    return len(key) == 32 and (key[:31] + bytes([key[31] & 0x7F])) in _SMALL_ORDER
 
 
 class SigningError(ValueError):
@@ -96,6 +115,8 @@ def verify_and_parse(
     ``key_mismatch`` or ``bad_signature``.
     """
     key = read_public_key(data, max_bytes)
+    if is_weak_key(key):
+        raise SigningError("bad_signature", "the message is signed with a small-order key, which anyone can forge")
     if expected_key is not None and key != expected_key:
         raise SigningError("key_mismatch", "the message is signed by another key than the one pinned for its sender")
     try:
@@ -105,11 +126,13 @@ def verify_and_parse(
     (n,) = struct.unpack("<Q", data[:8])
     if n > min(MAX_HEADER_BYTES, len(data) - 8):
         raise SigningError("malformed", "the header length is out of bounds")
+    if data.count(b'"dtype"', 8, 8 + n) > MAX_TENSORS:
+        raise SigningError("malformed", f"the message lists more than {MAX_TENSORS} tensors")
     try:
         header = json.loads(data[8 : 8 + n])
         metadata = json.loads(header["__metadata__"][meta_key])
         tensors = st_load(bytes(data))
-    except (ValueError, KeyError, TypeError, SafetensorError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError, SafetensorError) as exc:
         raise SigningError("malformed", f"not a readable signed safetensors message ({exc})") from None
     if not isinstance(metadata, dict):
         raise SigningError("malformed", "the metadata is not a JSON object")

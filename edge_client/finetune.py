@@ -31,6 +31,9 @@ __all__ = [
     "temperature_hook",
 ]
 
+EVAL_BATCH = 64
+"""Held-out windows evaluated per forward pass."""
+
 ResourceHook = Callable[[], str | None]
 """Returns a reason to skip training now (low battery, hot CPU), or None to allow it."""
 
@@ -174,6 +177,7 @@ class EdgeTrainer:
             return float("nan"), 0, {}
         x, y = self.holdout
         model = self._model(weights)
-        outputs = model.predict(x)
-        loss, _ = model.default_loss()(model.forward_raw(x), model.encode_target(y))
-        return float(loss), len(x), task_metrics(self.spec, outputs, y)
+        # One forward pass in small batches: a gateway's activations stay a few MB.
+        raw = np.concatenate([model.forward_raw(x[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)])
+        loss, _ = model.default_loss()(raw, model.encode_target(y))
+        return float(loss), len(x), task_metrics(self.spec, model.apply_head(raw), y)

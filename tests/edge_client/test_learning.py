@@ -147,3 +147,14 @@ def test_battery_and_temperature_hooks_read_sysfs(tmp_path):
     (tmp_path / "temp").write_text("81000\n")
     assert "81 C" in temperature_hook(70, zone=str(tmp_path / "temp"))()
     assert battery_hook(supply=str(tmp_path / "none"))() is None
+
+
+def test_evaluation_in_batches_matches_one_pass_over_the_holdout():
+    trainer, weights = _trainer()  # 100 held-out windows: two batches
+    loss, n, metrics = trainer.evaluate(weights, {})
+    model = Model(activity_spec())
+    model.network.load_state_dict(weights)
+    x, y = trainer.holdout
+    whole, _ = model.default_loss()(model.forward_raw(x), model.encode_target(y))
+    assert n == 100 and loss == pytest.approx(float(whole), rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx(float(np.mean(model.predict(x).argmax(axis=1) == y)))

@@ -45,6 +45,7 @@ class VerifiedLedger:
     entries: int
     head: str
     last_version: int | None
+    last_entry: dict[str, Any] | None = None
 
 
 def verify(path: str | Path) -> VerifiedLedger:
@@ -61,7 +62,7 @@ def verify(path: str | Path) -> VerifiedLedger:
 
 
 def _verify_lines(data: bytes) -> VerifiedLedger:
-    prev, last_version = GENESIS, None
+    prev, last_version, entry = GENESIS, None, None
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -82,7 +83,7 @@ def _verify_lines(data: bytes) -> VerifiedLedger:
         if not isinstance(version, int) or (last_version is not None and version <= last_version):
             raise LedgerError(index, f"model version {version!r} does not follow v{last_version}")
         prev, last_version = entry["hash"], version
-    return VerifiedLedger(len(lines), prev, last_version)
+    return VerifiedLedger(len(lines), prev, last_version, entry)
 
 
 class Ledger:
@@ -93,9 +94,7 @@ class Ledger:
         self._repair_tail()
         state = verify(self.path)
         self.count, self.head, self.last_version = state.entries, state.head, state.last_version
-        self.last_entry: dict[str, Any] | None = None
-        if state.entries:
-            self.last_entry = json.loads(self.path.read_bytes().rstrip(b"\n").rsplit(b"\n", 1)[-1])
+        self.last_entry = state.last_entry
 
     def _repair_tail(self) -> None:
         try:

@@ -12,8 +12,8 @@ import json
 import logging
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.numpy import load, save
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save
 
 from hub.strategies.base import Strategy
 from models.files import write_atomic
@@ -47,9 +47,9 @@ class StrategyState:
                 log.warning("no %s server-optimizer state for model v%d; it starts afresh", strategy.name, version)
             return False
         try:
-            data = path.read_bytes()
-            meta = json.loads(_metadata(data).get("wearfl", "{}"))
-            state = load(data)
+            with safe_open(path, framework="numpy") as f:
+                meta = json.loads((f.metadata() or {}).get("wearfl", "{}"))
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         except (OSError, ValueError, SafetensorError) as exc:
             log.warning("ignoring unreadable strategy state %s (%s); the optimizer starts afresh", path, exc)
             return False
@@ -68,12 +68,3 @@ class StrategyState:
             if entry.name != self.path(keep).name:
                 entry.unlink(missing_ok=True)
 
-
-def _metadata(data: bytes) -> dict[str, str]:
-    if len(data) < 8:
-        raise ValueError("truncated file")
-    size = int.from_bytes(data[:8], "little")
-    if size > len(data) - 8:
-        raise ValueError("truncated header")
-    header = json.loads(data[8 : 8 + size])
-    return dict(header.get("__metadata__", {}))

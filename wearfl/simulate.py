@@ -83,6 +83,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
 
     if not args.verbose:
         logging.getLogger("hub.store").setLevel(logging.ERROR)  # one "pinned key" line per simulated edge
+    strategy_args = parse_strategy_args(args.strategy_arg)
     dataset = open_dataset(args.dataset)
     holdout = float(getattr(dataset, "holdout_fraction", 0.0) or 0.0)
     if args.model:
@@ -107,7 +108,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     federation = f"sim-{int(time.time())}"
     report: dict[str, Any] = {
         "task": args.task, "dataset": args.dataset, "clients": n, "strategy": args.strategy,
-        "strategy_args": parse_strategy_args(args.strategy_arg),
+        "strategy_args": strategy_args,
         "quantization": args.quantize, "float32_update_bytes": float32_update_bytes(model), "rounds": [],
     }
     report["initial_metrics"] = summarize(model, held_out)["metrics"]
@@ -140,7 +141,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
         min_clients=n if args.fraction >= 1 else max(1, math.ceil(args.fraction * n)),
         clients_per_round=n if args.fraction >= 1 else None, fraction=args.fraction,
         round_timeout_s=args.round_timeout, rounds=args.rounds, task_config=task_config, strategy=args.strategy,
-        strategy_args=parse_strategy_args(args.strategy_arg), evaluate_every=args.eval_every,
+        strategy_args=strategy_args, evaluate_every=args.eval_every,
         server_lr=args.server_lr,
     )
     hub = HubService(hub_config, initial_model=model)

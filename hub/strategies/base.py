@@ -27,7 +27,7 @@ import numpy as np
 
 from hub.strategies.optimizers import OPTIMIZERS, ServerOptimizer
 
-__all__ = ["Strategy", "check_round", "stack", "unstack"]
+__all__ = ["Strategy", "check_count", "check_round", "stack", "unstack"]
 
 F32 = np.float32
 
@@ -105,6 +105,13 @@ class Strategy:
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         self.optimizer.load_state_dict(state)
+
+
+def check_count(name: str, value: int, least: int = 0) -> int:
+    """``value`` as an int, or ValueError unless it is an integer >= ``least``."""
+    if isinstance(value, bool) or int(value) != value or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value}")
+    return int(value)
 
 
 def check_round(deltas: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], need: int = 1) -> None:

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from hub.strategies.base import Strategy
+from hub.strategies.base import Strategy, check_count
 from hub.strategies.optimizers import ServerOptimizer, is_statistic
 
 __all__ = ["STALENESS", "FedBuff"]
@@ -37,13 +37,11 @@ class FedBuff(Strategy):
     def __init__(self, buffer_size: int = 10, max_staleness: int = 4, staleness: str = "sqrt",
                  optimizer: ServerOptimizer | None = None, clip_norm: float = 0.0) -> None:
         super().__init__(optimizer, clip_norm)
-        if isinstance(buffer_size, bool) or int(buffer_size) != buffer_size or buffer_size < 1:
-            raise ValueError(f"buffer_size must be an integer >= 1, got {buffer_size}")
-        if isinstance(max_staleness, bool) or int(max_staleness) != max_staleness or max_staleness < 0:
-            raise ValueError(f"max_staleness must be an integer >= 0, got {max_staleness}")
         if staleness not in STALENESS:
             raise ValueError(f"staleness must be one of {', '.join(STALENESS)}, got {staleness!r}")
-        self.buffer_size, self.max_staleness, self.staleness = int(buffer_size), int(max_staleness), staleness
+        self.buffer_size = check_count("buffer_size", buffer_size, 1)
+        self.max_staleness = check_count("max_staleness", max_staleness)
+        self.staleness = staleness
 
     def discount(self, staleness: int) -> float:
         """The weight factor of an update ``staleness`` versions behind."""

@@ -21,16 +21,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from hub.strategies.base import Strategy, check_round, stack, unstack
+from hub.strategies.base import Strategy, check_count, check_round, stack, unstack
 from hub.strategies.optimizers import ServerOptimizer
 
 __all__ = ["Bulyan", "FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "krum_scores"]
-
-
-def _count(name: str, value: int, least: int = 0) -> int:
-    if isinstance(value, bool) or int(value) != value or value < least:
-        raise ValueError(f"{name} must be an integer >= {least}, got {value}")
-    return int(value)
 
 
 def pairwise_sq_distances(x: np.ndarray) -> np.ndarray:
@@ -89,15 +83,20 @@ class FedTrimmedAvg(_Buffered):
         return unstack(names, shapes, kept.mean(axis=0))
 
 
-class Krum(_Buffered):
-    """The single delta with the smallest Krum score, for at most ``f`` hostile edges."""
+class _Tolerant(_Buffered):
+    """A rule built to withstand at most ``f`` hostile edges."""
 
-    name: ClassVar[str] = "krum"
     params: ClassVar[dict[str, type]] = {"f": int}
 
     def __init__(self, f: int = 1, optimizer: ServerOptimizer | None = None, clip_norm: float = 0.0) -> None:
         super().__init__(optimizer, clip_norm)
-        self.f = _count("f", f)
+        self.f = check_count("f", f)
+
+
+class Krum(_Tolerant):
+    """The single delta with the smallest Krum score, for at most ``f`` hostile edges."""
+
+    name: ClassVar[str] = "krum"
 
     def min_updates(self) -> int:
         return 2 * self.f + 3  # n > 2f + 2
@@ -122,7 +121,7 @@ class MultiKrum(Krum):
     def __init__(self, f: int = 1, m: int = 0, optimizer: ServerOptimizer | None = None,
                  clip_norm: float = 0.0) -> None:
         super().__init__(f, optimizer, clip_norm)
-        self.m = _count("m", m)  # 0: n - f
+        self.m = check_count("m", m)  # 0: n - f
 
     def min_updates(self) -> int:
         return max(2 * self.f + 3, self.m)
@@ -134,15 +133,10 @@ class MultiKrum(Krum):
         return unstack(names, shapes, (w @ x[chosen]) / w.sum())
 
 
-class Bulyan(_Buffered):
+class Bulyan(_Tolerant):
     """Krum selection of ``n - 2f`` deltas, then a per-coordinate trimmed mean around the median."""
 
     name: ClassVar[str] = "bulyan"
-    params: ClassVar[dict[str, type]] = {"f": int}
-
-    def __init__(self, f: int = 1, optimizer: ServerOptimizer | None = None, clip_norm: float = 0.0) -> None:
-        super().__init__(optimizer, clip_norm)
-        self.f = _count("f", f)
 
     def min_updates(self) -> int:
         return 4 * self.f + 3

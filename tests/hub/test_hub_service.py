@@ -93,6 +93,16 @@ class FakeEdge:
         self._pump.cancel()
 
 
+async def start_federation(service: HubService, broker: Any, topics: Topics, n: int) -> tuple[Any, list[FakeEdge]]:
+    """The hub running and ready, and ``n`` fake edges (``edge-0``...) online."""
+    hub_task = asyncio.create_task(service.run())
+    await asyncio.wait_for(service.ready.wait(), WAIT_S)
+    edges = [FakeEdge(broker, topics, f"edge-{i}") for i in range(n)]
+    for edge in edges:
+        await edge.start()
+    return hub_task, edges
+
+
 def retained_model(broker: Any, topic: str) -> bytes:
     """The retained model as any MQTT client sees it: plain paho, no wearfl code."""
     received: queue.Queue[bytes] = queue.Queue()
@@ -293,11 +303,7 @@ def test_buffered_and_stateful_rules_run_in_the_hub(mqtt_broker, topic_prefix, t
     deltas = [delta_of(shapes, seed=40 + i, scale=0.01) for i in range(3)]
 
     async def scenario() -> list[Receipt]:
-        hub_task = asyncio.create_task(service.run())
-        await asyncio.wait_for(service.ready.wait(), WAIT_S)
-        edges = [FakeEdge(mqtt_broker, topics, f"edge-{i}") for i in range(3)]
-        for edge in edges:
-            await edge.start()
+        hub_task, edges = await start_federation(service, mqtt_broker, topics, 3)
         tasks = [await edge.task_for(1) for edge in edges]
         receipts = [await edge.send(make_update(edge.key, edge.client, sequence=1, round_number=1,
                                                 base_version=task.model_version, num_examples=10 * (i + 1),
@@ -340,11 +346,7 @@ def test_fedbuff_releases_every_k_updates_and_discounts_stale_ones(mqtt_broker, 
     deltas = [delta_of(shapes, seed=60 + i, scale=0.01) for i in range(5)]
 
     async def scenario() -> list[Receipt]:
-        hub_task = asyncio.create_task(service.run())
-        await asyncio.wait_for(service.ready.wait(), WAIT_S)
-        edges = [FakeEdge(mqtt_broker, topics, f"edge-{i}") for i in range(3)]
-        for edge in edges:
-            await edge.start()
+        hub_task, edges = await start_federation(service, mqtt_broker, topics, 3)
         for edge in edges:
             await edge.task_for(1)
 
@@ -388,11 +390,8 @@ def test_a_fraction_of_the_online_edges_is_selected_and_closes_the_round(mqtt_br
     service = HubService(config, initial)
 
     async def scenario() -> tuple[Task, list[Receipt]]:
-        hub_task = asyncio.create_task(service.run())
-        await asyncio.wait_for(service.ready.wait(), WAIT_S)
-        edges = {f"edge-{i}": FakeEdge(mqtt_broker, topics, f"edge-{i}") for i in range(4)}
-        for edge in edges.values():
-            await edge.start()
+        hub_task, started = await start_federation(service, mqtt_broker, topics, 4)
+        edges = {edge.client: edge for edge in started}
         task = await edges["edge-0"].task_for(1)
         while not task.clients:  # published as "nobody yet" until min_clients are online
             task = await asyncio.wait_for(edges["edge-0"].tasks.get(), WAIT_S)
@@ -425,11 +424,7 @@ def test_a_late_update_is_dropped_or_counted_into_the_next_round(mqtt_broker, to
                            num_examples=5, delta=delta_of(shapes, seed=seed, scale=0.01), shapes=shapes)
 
     async def scenario() -> Receipt:
-        hub_task = asyncio.create_task(service.run())
-        await asyncio.wait_for(service.ready.wait(), WAIT_S)
-        a, b, late = (FakeEdge(mqtt_broker, topics, f"edge-{i}") for i in range(3))
-        for edge in (a, b, late):
-            await edge.start()
+        hub_task, (a, b, late) = await start_federation(service, mqtt_broker, topics, 3)
         await a.send(update(a, 1, 1, 0, 1))
         await b.send(update(b, 1, 1, 0, 2))  # round 1 closes with two updates
         await late.task_for(2)

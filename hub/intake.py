@@ -7,13 +7,19 @@ order:
 
 1. client id from the topic (``malformed`` if unreadable);
 2. size bound (``oversize``), before a byte is parsed; safetensors framing (``malformed``):
-   the header length must fit and the header start with ``{``;
+   the header length must fit and the header start with ``{``; a header that names no
+   signature tensor (found by a byte search, nothing parsed) is ``unsigned``;
 3. signature, against the key pinned for the client (trust on first use) or the
-   keyring's (``unknown_client`` for a client it lacks); ``bad_signature``,
-   ``key_mismatch``, ``malformed``. Tensors are parsed only after this check;
+   keyring's (``unknown_client`` for a client it lacks); ``bad_signature`` (altered
+   bytes), ``key_mismatch`` (signed by another key: forged), ``malformed``. Tensors are
+   parsed only after this check;
 4. update metadata (``malformed``); its client must be the topic's (``client_mismatch``);
    the key is pinned here, for a verified, self-consistent message only;
-5. (client, sequence) already stored: receipt ``duplicate``, counted apart, not accepted;
+5. sequence numbers: each client's grow strictly, and the round they were stored in is
+   kept. The same bytes again while their round is open (a QoS 1 redelivery, an outbox
+   re-send): receipt ``duplicate``, counted apart, not accepted. A sequence number used
+   before in any other way (a copy from a closed round, other bytes under a used
+   number, a number below the client's last stored one): rejected ``replayed``;
 6. base model version must be the open round's (``stale``), the round open and the
    update's own (``round_closed``);
 7. decode the tensors (``wrong_shape``, ``non_finite``, ``malformed``), optional L2
@@ -28,6 +34,7 @@ nothing here touches the network.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -39,7 +46,7 @@ import numpy as np
 from hub.store import HubStore
 from models.protocol.codec import CodecError, UpdateCodec
 from models.protocol.messages import REJECT_REASONS, Receipt, UpdateMeta, parse_update_meta
-from models.protocol.signed import TRAILER_BYTES, SigningError, verify_and_parse
+from models.protocol.signed import SIGNATURE_TENSOR, TRAILER_BYTES, SigningError, verify_and_parse
 from models.protocol.topics import Topics
 
 __all__ = ["DEFAULT_MAX_UPDATE_BYTES", "AcceptedUpdate", "Intake"]
@@ -110,6 +117,7 @@ class Intake:
         self.model_version = -1
         self.is_open = False
         self._keys = store.pinned_keys()
+        self._last_sequence = store.last_sequences()
 
     # -- the round ------------------------------------------------------------------
 
@@ -137,7 +145,8 @@ class Intake:
             with self.store.transaction():
                 return [self._process(topic, bytes(payload), now) for topic, payload in messages]
         except BaseException:
-            self._keys = self.store.pinned_keys()  # keys pinned in the rolled-back transaction are gone
+            # keys pinned and sequences stored in the rolled-back transaction are gone
+            self._keys, self._last_sequence = self.store.pinned_keys(), self.store.last_sequences()
             raise
 
     def _process(self, topic: str, payload: bytes, now: float) -> tuple[Receipt, AcceptedUpdate | None]:
@@ -148,11 +157,15 @@ class Intake:
             meta, tensors = self._verified(client, payload, now)
         except _Reject as rej:
             return self._rejected(client, rej)
-        if self.store.has_update(client, meta.sequence):
+        try:
+            if self._is_duplicate(meta, payload):
+                self.store.touch(client, now)
+                self.store.count_duplicate()
+                log.debug("duplicate update %s/%d dropped", client, meta.sequence)
+                return self._receipt(client, meta.sequence, "duplicate"), None
+        except _Reject as rej:
             self.store.touch(client, now)
-            self.store.count_duplicate()
-            log.debug("duplicate update %s/%d dropped", client, meta.sequence)
-            return self._receipt(client, meta.sequence, "duplicate"), None
+            return self._rejected(client, rej)
         try:
             accepted = self._checked(meta, tensors, len(payload))
         except _Reject as rej:
@@ -160,7 +173,25 @@ class Intake:
             return self._rejected(client, rej)
         # Filed under the hub's open round: an asynchronous hub takes updates from earlier rounds.
         self.store.record_update(client, meta.sequence, self.round, meta.base_version, meta.num_examples, payload, now)
+        self._last_sequence[client] = max(self._last_sequence.get(client, -1), meta.sequence)
         return self._receipt(client, meta.sequence, "accepted"), accepted
+
+    def _is_duplicate(self, meta: UpdateMeta, payload: bytes) -> bool:
+        """True for a harmless re-send within its open round; raises ``replayed`` for any other reuse."""
+        seq = meta.sequence
+        stored = self.store.stored_update(meta.client, seq)
+        if stored is not None:
+            stored_round, digest = stored
+            if digest != hashlib.sha256(payload).hexdigest():
+                raise _Reject("replayed", f"sequence {seq} is already used by another stored update", seq)
+            if not (self.is_open and stored_round == self.round):
+                raise _Reject("replayed", f"sequence {seq} was stored in round {stored_round}, which is closed; "
+                              "this copy is dropped", seq)
+            return True
+        last = self._last_sequence.get(meta.client, -1)
+        if seq <= last:
+            raise _Reject("replayed", f"sequence {seq} is not above the client's last stored sequence {last}", seq)
+        return False
 
     def _verified(self, client: str, payload: bytes, now: float) -> tuple[UpdateMeta, Mapping[str, np.ndarray]]:
         """Steps 2-4: size, signature, metadata, client; pins the key of a new client."""
@@ -168,6 +199,8 @@ class Intake:
             raise _Reject("oversize", f"{len(payload)} bytes exceeds the {self.max_update_bytes}-byte bound")
         if not _looks_like_safetensors(payload):
             raise _Reject("malformed", "the payload is not a signed safetensors message")
+        if not _names_signature(payload):
+            raise _Reject("unsigned", "the update carries no signature; sign it with the device key")
         if self.keyring is not None:
             expected = self.keyring.get(client)
             if expected is None:
@@ -246,6 +279,12 @@ def l2_norm(delta: Mapping[str, np.ndarray]) -> float:
     """The L2 norm of all of a delta's values together, summed in float64."""
     flat = np.concatenate([np.asarray(v, np.float64).reshape(-1) for v in delta.values()])
     return math.sqrt(float(np.dot(flat, flat)))
+
+
+def _names_signature(data: bytes) -> bool:
+    """Whether the header mentions the signature tensor: a byte search, nothing parsed."""
+    n = int.from_bytes(data[:8], "little")
+    return f'"{SIGNATURE_TENSOR}"'.encode() in data[8 : 8 + n]
 
 
 def _looks_like_safetensors(data: bytes) -> bool:

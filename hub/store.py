@@ -209,10 +209,21 @@ class HubStore:
     # -- updates ---------------------------------------------------------------------
 
     def has_update(self, client: str, sequence: int) -> bool:
+        return self.stored_update(client, sequence) is not None
+
+    def stored_update(self, client: str, sequence: int) -> tuple[int, str] | None:
+        """``(round, sha256)`` of the stored update (client, sequence), or None."""
         with self._lock:
-            return self._db.execute(
-                "SELECT 1 FROM updates WHERE client = ? AND sequence = ?", (client, sequence)
-            ).fetchone() is not None
+            row = self._db.execute(
+                "SELECT round, sha256 FROM updates WHERE client = ? AND sequence = ?", (client, sequence)
+            ).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def last_sequences(self) -> dict[str, int]:
+        """``{client: highest sequence number stored}`` for every client with a stored update."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, last_sequence FROM clients WHERE last_sequence IS NOT NULL")
+            return {c: int(s) for c, s in rows}
 
     def record_update(
         self, client: str, sequence: int, round_number: int, base_version: int, num_examples: int,

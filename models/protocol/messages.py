@@ -44,8 +44,8 @@ MAX_JSON_BYTES = 64 * 1024
 UPDATE_FORMAT = "wearfl-update/1"
 
 REJECT_REASONS = (
-    "oversize", "malformed", "bad_signature", "key_mismatch", "unknown_client", "client_mismatch",
-    "stale", "wrong_shape", "non_finite", "norm_bound", "round_closed",
+    "oversize", "malformed", "unsigned", "bad_signature", "key_mismatch", "unknown_client", "client_mismatch",
+    "replayed", "stale", "wrong_shape", "non_finite", "norm_bound", "round_closed",
 )
 """Why an update can be refused; every receipt and counter uses these names."""
 

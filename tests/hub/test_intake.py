@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+from safetensors.numpy import save
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hub_helpers import SHAPES, delta_of, make_update
 
@@ -158,6 +159,58 @@ def test_a_repeated_update_is_a_duplicate_not_a_second_acceptance(store):
     status = store.status()
     assert status["updates_accepted"] == 1 and status["duplicates_dropped"] == 1
     assert sum(status["updates_rejected"].values()) == 0
+
+
+def test_an_unsigned_update_is_refused_as_unsigned(store):
+    payload = save({"delta": np.zeros(78, np.float32)}, metadata={"wearfl": json.dumps({"client": "edge-a"})})
+    receipt = _reject_reason(_intake(store), TOPICS.update("edge-a"), payload)
+    assert (receipt.reason, receipt.sequence) == ("unsigned", -1)
+
+
+def test_a_copy_of_an_update_from_a_closed_round_is_replayed(store):
+    intake, key = _intake(store), Ed25519PrivateKey.generate()
+    old = make_update(key, "edge-a", sequence=4)
+    assert intake.process(TOPICS.update("edge-a"), old)[0].status == "accepted"
+    intake.close_round()
+    intake.open_round(2, 1)
+    receipt = _reject_reason(intake, TOPICS.update("edge-a"), old)
+    assert (receipt.reason, receipt.sequence) == ("replayed", 4) and "round 1" in receipt.detail
+    status = store.status()
+    assert status["updates_accepted"] == 1 and status["updates_rejected"]["replayed"] == 1
+
+
+def test_a_used_or_lower_sequence_number_is_replayed_even_with_new_bytes(store):
+    intake, key = _intake(store), Ed25519PrivateKey.generate()
+    assert intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=7))[0].status == "accepted"
+    reused = _reject_reason(intake, TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=7, seed=1))
+    lower = _reject_reason(intake, TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=6, seed=2))
+    assert (reused.reason, lower.reason) == ("replayed", "replayed")
+    assert intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=8))[0].status == "accepted"
+    assert store.status()["updates_accepted"] == 2
+
+
+def test_the_sequence_floor_survives_a_restart(tmp_path):
+    key = Ed25519PrivateKey.generate()
+    with HubStore(tmp_path) as store:
+        _intake(store).process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=9))
+    with HubStore(tmp_path) as store:
+        receipt = _reject_reason(_intake(store), TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=3))
+    assert receipt.reason == "replayed"
+
+
+def test_forged_unsigned_replayed_and_tampered_updates_each_have_their_own_reason(store):
+    intake, key = _intake(store), Ed25519PrivateKey.generate()
+    good = make_update(key, "edge-a", sequence=1)
+    assert intake.process(TOPICS.update("edge-a"), good)[0].status == "accepted"
+    intake.close_round()
+    intake.open_round(2, 0)
+    forged = make_update(Ed25519PrivateKey.generate(), "edge-a", sequence=2, round_number=2)
+    tampered = bytearray(make_update(key, "edge-a", sequence=3, round_number=2))
+    tampered[100] ^= 0x01
+    unsigned = save({"delta": np.zeros(78, np.float32)})
+    reasons = [_reject_reason(intake, TOPICS.update("edge-a"), p).reason
+               for p in (forged, unsigned, good, bytes(tampered))]
+    assert reasons == ["key_mismatch", "unsigned", "replayed", "bad_signature"]
 
 
 def test_hostile_metadata_gives_a_receipt_not_a_traceback(store):

@@ -7,9 +7,9 @@ import logging
 
 import numpy as np
 import pytest
-from safetensors.numpy import save
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hub_helpers import SHAPES, delta_of, make_update
+from safetensors.numpy import save
 
 from hub.intake import Intake
 from hub.store import HubStore

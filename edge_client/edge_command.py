@@ -43,6 +43,9 @@ otherwise the whole SPEC is the dataset and --client-id names the client.
 """
 
 
+STORAGE_ADVICE = "The restarted edge sends its pending updates again."
+
+
 def _clients_hint(clients: tuple[str, ...]) -> str:
     return ", ".join(clients) if len(clients) <= 12 else f"{clients[0]} .. {clients[-1]} ({len(clients)} clients)"
 
@@ -107,19 +110,34 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from models.protocol.mqtt import BrokerAddress
 
     BrokerAddress.parse(args.broker)  # a malformed URL fails here, before anything starts
+    client_id = args.client_id
+    if args.credentials is not None:
+        from models.protocol.credentials import Credentials
+
+        username = Credentials.load(args.credentials, "device").username
+        if client_id is None:
+            client_id = username
+        elif client_id != username:
+            raise ConfigError(f"--client-id {client_id} does not match the credentials in {args.credentials}, "
+                              f"which are device {username!r}'s; drop --client-id or give that device's folder.")
+    if client_id is None:
+        raise ConfigError("wearfl edge needs --client-id (or --credentials, whose device id it takes).")
     policy = FineTunePolicy().with_overrides({"min_new_windows": args.min_new_windows,
                                               "cpu_seconds": args.cpu_seconds})  # validated
     return EdgeConfig(
-        broker=args.broker, federation=args.federation, client_id=args.client_id, state_dir=Path(args.state),
+        broker=args.broker, federation=args.federation, client_id=client_id, state_dir=Path(args.state),
         policy=policy, hooks=_hooks(args), replay_max_windows=args.replay_windows,
         replay_max_bytes=args.replay_mib * 1024 * 1024, replay_policy=args.replay_policy,
         eval_fraction=args.eval_fraction, pseudo_threshold=args.pseudo_threshold, seed=args.seed,
-        hub_key=args.hub_key, resume_stream=not args.realtime, connect_timeout_s=args.connect_timeout,
+        hub_key=args.hub_key, credentials=Path(args.credentials) if args.credentials else None,
+        resume_stream=not args.realtime, connect_timeout_s=args.connect_timeout,
     )
 
 
 async def _run(config: Any, source: Source) -> None:
+    from edge_client.outbox import DB_NAME
     from edge_client.runtime import EdgeClient
+    from models.files import state_dir_error
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -128,14 +146,22 @@ async def _run(config: Any, source: Source) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await EdgeClient(config, source).run(stop)
+    except OSError as exc:  # a full or read-only state directory: one clear line, not a traceback
+        error = state_dir_error(exc, config.state_dir, "edge", STORAGE_ADVICE, DB_NAME)
+        if error is None:
+            raise
+        raise error from exc
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
 
 
 def cmd_edge(args: argparse.Namespace) -> int:
+    from models.files import check_writable
+
     config = config_from_args(args)
-    source = resolve_source(args.source, args.client_id, realtime=args.realtime)
+    check_writable(config.state_dir, "edge state directory")  # read-only or full: one clear line, before any write
+    source = resolve_source(args.source, config.client_id, realtime=args.realtime)
     print(f"edge {config.client_id} of federation {config.federation} via {config.broker}, reading "
           f"{args.source}, state in {config.state_dir}; Ctrl-C stops", file=sys.stderr)
     asyncio.run(_run(config, source))
@@ -153,7 +179,11 @@ def add_edge_command(sub: Any) -> None:
     )
     p.add_argument("--broker", required=True, metavar="URL", help="MQTT broker, e.g. mqtt://127.0.0.1:1883")
     p.add_argument("--federation", required=True, metavar="NAME", help="federation name (topics wearfl/v1/NAME/...)")
-    p.add_argument("--client-id", required=True, metavar="ID", help="this edge's client id in the federation")
+    p.add_argument("--client-id", metavar="ID",
+                   help="this edge's client id in the federation (default with --credentials: the device id)")
+    p.add_argument("--credentials", metavar="DIR",
+                   help="the device's folder from `wearfl keys add-device`: its signing key, broker password, "
+                        "TLS certificates (with an mqtts:// broker) and the hub's key to pin")
     p.add_argument("--source", required=True, metavar="SPEC", help="dataset and client, e.g. sim:0/wearer-03")
     p.add_argument("--state", required=True, metavar="DIR", help="state directory (key, outbox, model, buffers)")
     p.add_argument("--realtime", action="store_true",

@@ -23,21 +23,27 @@ Bound policy: the outbox holds at most ``max_entries`` updates and ``max_bytes``
 payload. It never drops an update to make room: :meth:`Outbox.add` raises
 :class:`OutboxFull` (nothing is written, the counter does not move) and the runtime pauses
 training until receipts free space.
+
+A disk that fills up (or a state directory that turns read-only) under a write raises
+:class:`models.files.StorageError` with one clear message; the transaction is rolled back,
+so the entries already pending, the counter and the state are exactly as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from models.errors import ConfigError, WearflError
+from models.files import rollback, storage_error
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_ENTRIES", "Outbox", "OutboxEntry", "OutboxFull", "OutboxStats"]
 
@@ -128,6 +134,9 @@ class Outbox:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
+            storage = storage_error(exc, self.state_dir, f"opening the outbox {DB_NAME}")
+            if storage is not None:
+                raise storage from exc
             raise ConfigError(
                 f"cannot open the outbox {self.path} ({exc}); check that the state directory is writable "
                 "and not used by another process."
@@ -171,7 +180,7 @@ class Outbox:
         Raises :class:`OutboxFull` when the update would exceed a bound; then nothing
         changes.
         """
-        with self._lock:
+        with self._lock, self._writing(f"adding an update of round {round_number}"):
             self._check_open()
             db = self._db
             db.execute("BEGIN IMMEDIATE")
@@ -195,10 +204,24 @@ class Outbox:
                     db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, bytes(value)))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                self._rollback()
                 raise
         log.debug("outbox: added sequence %d (round %d, %d bytes)", sequence, round_number, len(data))
         return sequence
+
+    def _rollback(self) -> None:
+        rollback(self._db, str(self.path))
+
+    @contextlib.contextmanager
+    def _writing(self, doing: str) -> Iterator[None]:
+        """Turn a write the storage refuses (disk full, read-only) into one clear StorageError."""
+        try:
+            yield
+        except (OSError, sqlite3.Error) as exc:
+            error = storage_error(exc, self.path, doing, "The updates already in the outbox are intact.")
+            if error is None or error is exc:
+                raise
+            raise error from exc
 
     def _full(self, entries: int, used: int, why: str) -> OutboxFull:
         return OutboxFull(
@@ -226,13 +249,13 @@ class Outbox:
 
     def mark_published(self, sequence: int) -> None:
         """Count one publish of ``sequence`` (the broker acknowledged it); for status and logs."""
-        with self._lock:
+        with self._lock, self._writing(f"counting a publish of update {sequence}"):
             self._check_open()
             self._db.execute("UPDATE entries SET publishes = publishes + 1 WHERE sequence = ?", (sequence,))
 
     def remove(self, sequence: int) -> bool:
         """Drop ``sequence`` (call only on a final receipt); False when it was not pending."""
-        with self._lock:
+        with self._lock, self._writing(f"removing update {sequence} after its receipt"):
             self._check_open()
             cursor = self._db.execute("DELETE FROM entries WHERE sequence = ?", (int(sequence),))
         removed = cursor.rowcount > 0
@@ -279,7 +302,7 @@ class Outbox:
 
     def put(self, key: str, value: bytes | None) -> None:
         """Set (or, with None, delete) a small durable value."""
-        with self._lock:
+        with self._lock, self._writing(f"saving the state value {key!r}"):
             self._check_open()
             if value is None:
                 self._db.execute("DELETE FROM state WHERE key = ?", (key,))

@@ -44,7 +44,8 @@ the pending update (same sequence, same bytes) and does not train that round aga
 
 State directory::
 
-    device.key            the device's Ed25519 key (load_or_create_key)
+    device.key            the device's Ed25519 key (load_or_create_key); with ``credentials``, the
+                          folder's ``device.key`` is used instead and ``hub.pub`` comes from it
     hub.pub               the hub's public key, hex (pinned on first sight)
     model.msg             the current global model message, exactly as the hub signed it
     ledger.head           version and hash of that model's ledger entry (the next must link to it)
@@ -81,11 +82,12 @@ from edge_client.replay import LABEL_SOURCES, POLICIES, ReplayBuffer
 from edge_client.sources.base import UNKNOWN, Chunk, Source
 from edge_client.windowing import Windows
 from models.errors import BrokerUnavailable, ConfigError, InputError, ModelFormatError, WearflError
-from models.files import write_atomic
+from models.files import StorageError, check_writable, write_atomic
 from models.inference import NumpyPredictor, Predictor
 from models.model import Model
 from models.package import package_bytes
 from models.protocol.codec import CodecConfig, UpdateCodec
+from models.protocol.credentials import Credentials
 from models.protocol.identity import load_or_create_key, public_hex
 from models.protocol.ledger import check_entry
 from models.protocol.messages import ModelMessage, Receipt, Task, UpdateMeta, build_update, parse_model
@@ -123,6 +125,8 @@ class EdgeConfig:
     off (pending updates are still re-published after every reconnect). ``train_delay_s``:
     the mean of a random (exponential) wait before each round's training, so a fleet does
     not all train and send at once; simulations use it for gateways that come and go.
+    ``credentials``: a folder from ``wearfl keys add-device`` (its username must be the
+    client id): the device key, broker password, TLS certificates and the hub's key to pin.
     """
 
     broker: str
@@ -140,6 +144,7 @@ class EdgeConfig:
     pseudo_threshold: float | None = None
     seed: int = 0
     hub_key: str | None = None
+    credentials: Path | None = None
     outbox_max_entries: int = DEFAULT_MAX_ENTRIES
     outbox_max_bytes: int = DEFAULT_MAX_BYTES
     chunk_samples: int = 500
@@ -464,6 +469,8 @@ class EdgeClient:
         self._key: Any = None
         self._stats: OutboxStats | None = None
         self._last_sent: dict[int, float] = {}
+        self._sending: set[int] = set()
+        self._sent_on: dict[int, int] = {}
         self._evaluated: tuple[int, int] | None = None
         self._dirty = False
         self._stopping = False
@@ -503,19 +510,22 @@ class EdgeClient:
         """Run until ``stop`` is set; then publish status offline, checkpoint and disconnect.
 
         Raises ConfigError (state directory in use, bad settings), BrokerUnavailable (no
-        broker within ``connect_timeout_s`` at start), or whatever error stopped a worker.
+        broker within ``connect_timeout_s`` at start), StorageError (the state directory is
+        read-only, or its disk filled up: the outbox keeps its pending updates intact), or
+        whatever error stopped a worker.
         """
         if self._ran:
             raise RuntimeError(f"{self!r} has already run; create a new EdgeClient to run again")
         self._ran = True
         cfg = self.config
+        await asyncio.to_thread(check_writable, cfg.state_dir, "edge state directory")  # read-only or full: say so
         lock = _StateDirLock(cfg.state_dir)
         try:
             stored = await asyncio.to_thread(self._open_state)
             if stored is not None:
                 self._install_model(*stored)
             session = self._session = MqttSession(
-                BrokerAddress.parse(cfg.broker), f"wearfl-edge-{cfg.federation}-{self.client_id}",
+                self._broker_address(), f"wearfl-edge-{cfg.federation}-{self.client_id}",
                 clean_start=False, session_expiry_s=cfg.session_expiry_s,
                 will=Will(self.topics.status(self.client_id), self._offline_payload("connection lost", will=True), 1,
                           True),
@@ -558,7 +568,8 @@ class EdgeClient:
     def _open_state(self) -> tuple[ModelMessage, _Ingest | None] | None:
         """Key, outbox, pinned hub key, stored model and checkpointed buffers (worker thread)."""
         cfg, state = self.config, self.config.state_dir
-        self._key = load_or_create_key(state / "device.key")
+        creds = self._credentials()
+        self._key = creds.signing_key() if creds is not None else load_or_create_key(state / "device.key")
         self.outbox = Outbox(state, max_entries=cfg.outbox_max_entries, max_bytes=cfg.outbox_max_bytes)
         self._stats = self.outbox.stats()
         raw = self.outbox.get("last_round")
@@ -570,7 +581,8 @@ class EdgeClient:
                 stored_pin = _hub_key_bytes(pin_path.read_text())
             except ConfigError as exc:
                 raise ConfigError(f"{pin_path}: {exc} Restore it, or remove it to trust the next model.") from None
-        self._pinned = cfg.hub_key_bytes or stored_pin
+        from_creds = _hub_key_bytes(creds.hub_public_key) if creds is not None and creds.hub_public_key else None
+        self._pinned = cfg.hub_key_bytes or from_creds or stored_pin
         if self._pinned is not None and self._pinned != stored_pin:
             write_atomic(pin_path, (self._pinned.hex() + "\n").encode())
         if self._stats.entries:
@@ -586,6 +598,23 @@ class EdgeClient:
             log.warning("%s: the stored model %s is unusable (%s); waiting for the hub's", self.client_id,
                         model_path, exc)
             return None
+
+    def _credentials(self) -> Credentials | None:
+        """The ``credentials`` folder, read and checked against the client id (None without one)."""
+        cfg = self.config
+        if cfg.credentials is None:
+            return None
+        creds = Credentials.load(cfg.credentials, "device")
+        if creds.username != self.client_id:
+            raise ConfigError(f"the credentials in {cfg.credentials} are device {creds.username!r}'s, not "
+                              f"{self.client_id!r}'s; use that client id or that device's folder.")
+        return creds
+
+    def _broker_address(self) -> BrokerAddress:
+        """The broker URL, with the credentials' password and TLS certificates when given."""
+        address = BrokerAddress.parse(self.config.broker)
+        creds = self._credentials()
+        return creds.apply(address) if creds is not None else address
 
     async def _serve(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -648,6 +677,8 @@ class EdgeClient:
         await self._discard_running_fit()
         try:
             await self._checkpoint()
+        except StorageError as exc:  # the disk is full or read-only: the error that stops the edge says so
+            log.error("%s: could not checkpoint the buffers at stop: %s", self.client_id, exc)
         except Exception:
             log.exception("%s: could not checkpoint the buffers at stop", self.client_id)
         session = self._session
@@ -676,6 +707,8 @@ class EdgeClient:
                     await self._on_receipt(message)
                 else:
                     log.debug("%s: ignoring a message on %s", self.client_id, message.topic)
+            except StorageError:
+                raise  # the state directory refused a write: stop the edge; the message is redelivered
             except Exception:
                 log.exception("%s: handling a message on %s failed", self.client_id, message.topic)
             session.ack(message)  # after handling (and persisting); not on cancellation: then it is redelivered
@@ -716,10 +749,11 @@ class EdgeClient:
             self.counters["models_refused"] += 1
             log.error("%s: cannot use model v%d: %s", self.client_id, parsed.model.version, exc)
             return
-        await asyncio.to_thread(write_atomic, state / "model.msg", message.payload)
+        saving = f"saving the hub's model v{parsed.model.version}"
+        await asyncio.to_thread(write_atomic, state / "model.msg", message.payload, doing=saving)
         if parsed.ledger is not None:
             head = {"version": parsed.model.version, "hash": parsed.ledger["hash"]}
-            await asyncio.to_thread(write_atomic, state / "ledger.head", json.dumps(head).encode())
+            await asyncio.to_thread(write_atomic, state / "ledger.head", json.dumps(head).encode(), doing=saving)
         self._install_model(parsed, fresh)
         self.counters["models_accepted"] += 1
         log.info("%s: model v%d (round %d) accepted", self.client_id, parsed.model.version, parsed.round)
@@ -777,6 +811,8 @@ class EdgeClient:
             log.warning("%s: ignoring a malformed task (%s)", self.client_id, exc)
             return
         if task == self.task:
+            if not message.retain:
+                await self._republish_pending(again=True)
             return
         self.task = task
         log.info("%s: task for round %d on model v%d", self.client_id, task.round, task.model_version)
@@ -796,9 +832,13 @@ class EdgeClient:
         outbox = self._require_outbox()
         removed = await asyncio.to_thread(outbox.remove, receipt.sequence)
         self._last_sent.pop(receipt.sequence, None)
+        self._sent_on.pop(receipt.sequence, None)
         self._stats = await asyncio.to_thread(outbox.stats)
         self.counters[f"receipts_{receipt.status}"] = self.counters.get(f"receipts_{receipt.status}", 0) + 1
-        if receipt.status == "rejected":
+        if receipt.status == "rejected" and receipt.reason == "replayed":
+            # a re-send after its round closed (the first receipt was lost): the hub holds that sequence number
+            log.info("%s: the hub already holds sequence %d (%s)", self.client_id, receipt.sequence, receipt.detail)
+        elif receipt.status == "rejected":
             log.warning("%s: the hub rejected update %d (round %s): %s%s", self.client_id, receipt.sequence,
                         receipt.round, receipt.reason, f" ({receipt.detail})" if receipt.detail else "")
         else:
@@ -848,22 +888,36 @@ class EdgeClient:
     async def _publish_status(self) -> None:
         await self._publish_json(self.topics.status(self.client_id), self.status(), retain=True)
 
-    async def _send(self, sequence: int, payload: bytes) -> bool:
-        """Publish one update (QoS 1); it stays in the outbox whatever happens here."""
+    async def _send(self, sequence: int, payload: bytes, again: bool = False) -> bool:
+        """Publish one update (QoS 1); it stays in the outbox whatever happens here.
+
+        Once per connection: a copy already on its way, or acknowledged on the current
+        connection, is not sent again unless ``again`` (the periodic re-send).
+        """
+        session = self._require_session()
+        if sequence in self._sending or (not again and self._sent_on.get(sequence) == session.connection):
+            return True
+        self._sending.add(sequence)
         self._last_sent[sequence] = asyncio.get_running_loop().time()
         try:
-            await self._require_session().publish(self.topics.update(self.client_id), payload, qos=1,
-                                                   timeout=self.config.publish_timeout_s)
+            await session.publish(self.topics.update(self.client_id), payload, qos=1,
+                                  timeout=self.config.publish_timeout_s)
         except BrokerUnavailable as exc:
             log.info("%s: update %d not acknowledged by the broker yet (%s); it stays in the outbox",
                      self.client_id, sequence, exc)
             return False
+        finally:
+            self._sending.discard(sequence)
+        self._sent_on[sequence] = session.connection
         self.counters["updates_published"] += 1
-        await asyncio.to_thread(self._require_outbox().mark_published, sequence)
+        try:
+            await asyncio.to_thread(self._require_outbox().mark_published, sequence)
+        except StorageError as exc:  # only a count for status and logs: a full disk stops the edge elsewhere
+            log.warning("%s: %s", self.client_id, exc)
         log.debug("%s: update %d published", self.client_id, sequence)
         return True
 
-    async def _republish_pending(self) -> None:
+    async def _republish_pending(self, again: bool = False) -> None:
         outbox = self._require_outbox()
         if self._stats is not None and self._stats.entries == 0:
             return
@@ -871,7 +925,7 @@ class EdgeClient:
         if pending:
             log.info("%s: re-publishing %d pending update(s)", self.client_id, len(pending))
         for entry in pending:
-            if self._stopping or not await self._send(entry.sequence, entry.payload):
+            if self._stopping or not await self._send(entry.sequence, entry.payload, again):
                 return  # the connection dropped again: the next connection starts over
 
     async def _connection_loop(self) -> None:
@@ -879,6 +933,7 @@ class EdgeClient:
         session = self._require_session()
         while not self._stopping:
             await session.connected_event.wait()
+            connection = session.connection
             await self._publish_status()
             await self._republish_pending()
             while session.connected:
@@ -906,7 +961,7 @@ class EdgeClient:
                 continue
             for entry in await asyncio.to_thread(self._require_outbox().pending):
                 due = loop.time() - self._last_sent.get(entry.sequence, -math.inf) >= interval
-                if self._stopping or (due and not await self._send(entry.sequence, entry.payload)):
+                if self._stopping or (due and not await self._send(entry.sequence, entry.payload, again=True)):
                     break
 
     # -- the stream ------------------------------------------------------------------------------

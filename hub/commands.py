@@ -1,7 +1,7 @@
 """The hub commands of the ``wearfl`` CLI: ``wearfl hub`` (run a hub) and ``wearfl status``.
 
 ``wearfl hub`` takes its settings from flags, from a TOML file (``--config``) with the
-same keys (``broker``, ``federation``, ``state``, ``keyring``, ``model``, ``task``,
+same keys (``broker``, ``federation``, ``state``, ``keyring``, ``credentials``, ``model``, ``task``,
 ``min_clients``, ``clients_per_round``, ``round_timeout``, ``rounds``, ``quantize``,
 ``norm_bound``, ``max_update_bytes``, ``server_lr``, ``strategy``; dashes or underscores),
 a ``[task_config]`` table of scalars for the edges and a ``[strategy_args]`` table for the
@@ -35,7 +35,7 @@ from models.spec import TASKS, default_spec
 __all__ = ["add_commands", "cmd_hub", "cmd_ledger_verify", "cmd_status", "hub_config_from_args"]
 
 CONFIG_KEYS = {
-    "broker": str, "federation": str, "state": str, "keyring": str, "model": str, "task": str,
+    "broker": str, "federation": str, "state": str, "keyring": str, "credentials": str, "model": str, "task": str,
     "min_clients": int, "clients_per_round": int, "round_timeout": float, "rounds": int, "quantize": str,
     "norm_bound": float, "max_update_bytes": int, "server_lr": float, "strategy": str,
     "fraction": float, "max_clients": int, "stragglers": str, "evaluate_every": int,
@@ -51,6 +51,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--state", metavar="DIR", help="state directory (database, model registry, hub key)")
     p.add_argument("--config", metavar="FILE", help="TOML file with the same settings; flags override it")
     p.add_argument("--keyring", metavar="FILE", help="accept only these clients' keys ('client_id key_hex' lines)")
+    p.add_argument("--credentials", metavar="DIR",
+                   help="the hub's folder from `wearfl keys init` (STATE/keys/hub): signing key, broker password, "
+                        "TLS certificates (with an mqtts:// broker) and the keyring of enrolled devices")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--model", metavar="PKG", help="initial model package (when the state holds none)")
     start.add_argument("--task", choices=TASKS, help="start from a fresh default model of this task")
@@ -135,6 +138,7 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
     strategy_args.update(parse_strategy_args(args.strategy_arg))
     flags = {
         "broker": args.broker, "federation": args.federation, "state": args.state, "keyring": args.keyring,
+        "credentials": args.credentials,
         "model": args.model, "task": args.task, "min_clients": args.min_clients,
         "clients_per_round": args.clients_per_round, "round_timeout": args.round_timeout, "rounds": args.rounds,
         "quantize": args.quantize, "norm_bound": args.norm_bound, "max_update_bytes": args.max_update_bytes,
@@ -157,6 +161,7 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         min_clients=settings.get("min_clients", 2), clients_per_round=settings.get("clients_per_round"),
         round_timeout_s=settings.get("round_timeout", 60.0), rounds=settings.get("rounds"),
         keyring=Path(settings["keyring"]) if "keyring" in settings else None,
+        credentials=Path(settings["credentials"]) if "credentials" in settings else None,
         norm_bound=settings.get("norm_bound"), task_config=task_config,
         server_lr=settings.get("server_lr", 1.0), strategy=settings.get("strategy", "fedavg"),
         strategy_args=strategy_args, fraction=settings.get("fraction", 1.0),
@@ -177,11 +182,13 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
 def cmd_hub(args: argparse.Namespace) -> int:
     from hub.rounds import RoundSummary
     from hub.service import HubService
-    from models.protocol.identity import load_or_create_key, public_hex
+    from models.files import check_writable
+    from models.protocol.identity import public_hex
 
     config, initial = hub_config_from_args(args)
+    check_writable(config.state_dir, "hub state directory")  # read-only or full: one clear line, before any write
     service = HubService(config, initial)
-    key = load_or_create_key(config.state_dir / "keys" / "hub.key")
+    key = config.signing_key()
     print(f"hub for federation {config.federation} on {config.broker}; hub public key {public_hex(key)} "
           "(edges pin it to trust the models)", flush=True)
 

@@ -7,7 +7,9 @@ SHA-256 of the entry's canonical JSON without ``hash``. Editing, dropping or reo
 any entry breaks the chain at that entry, which :func:`verify` names. This is the audit
 trail of what went into each clinical model (HIPAA 164.312(b) asks for one).
 
-Appends are one ``write`` plus fsync; a line cut short by a crash (no newline) was never
+Appends write one whole line plus fsync. A write the disk refuses part-way (no space left)
+is cut off again at once, so the file always ends on a line boundary and the next append
+links to the last complete entry; a line cut short by a crash (no newline) was never
 complete and is dropped when the hub next opens the ledger.
 """
 
@@ -19,9 +21,10 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from models.errors import WearflError
+from models.files import fsync_dir, make_dirs, storage_error
 from models.protocol.ledger import GENESIS, entry_hash
 
 __all__ = ["GENESIS", "Ledger", "LedgerError", "entry_hash", "verify"]
@@ -91,7 +94,14 @@ class Ledger:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._repair_tail()
+        self._load()
+
+    def _load(self) -> None:
+        """Drop an unfinished last line, verify the chain and take its head (also after a failed append)."""
+        try:
+            self._repair_tail()
+        except OSError as exc:
+            _raise_storage(exc, self.path, "repairing the ledger's unfinished last line")
         state = verify(self.path)
         self.count, self.head, self.last_version = state.entries, state.head, state.last_version
         self.last_entry = state.last_entry
@@ -120,13 +130,56 @@ class Ledger:
                                  "prev": self.head, "time": round(float(time), 3)}
         entry["hash"] = entry_hash(entry)
         line = (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            self._write_line(line)
+        except OSError as exc:
+            _raise_storage(exc, self.path, f"appending the entry of model v{version} to the ledger")
         self.count, self.head, self.last_version = self.count + 1, entry["hash"], int(version)
         self.last_entry = entry
         return entry
+
+    def _write_line(self, line: bytes) -> None:
+        """Append ``line`` whole and fsync it, or leave the file as it was.
+
+        ``os.write`` may write part of a line before the disk fills up; that part is cut off
+        again, so a later append never continues a broken line (should even the cut fail, the
+        in-memory head is re-read from the file, and the next open drops the broken line).
+        """
+        make_dirs(self.path.parent)
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError:
+                self._cut_back(fd, start)
+                raise
+        finally:
+            os.close(fd)
+        if created:
+            fsync_dir(self.path.parent)
+
+    def _cut_back(self, fd: int, size: int) -> None:
+        """Truncate the ledger to ``size`` bytes after a failed append; on failure, re-read what is on disk."""
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        except OSError as exc:
+            log.error("could not cut a failed ledger append back out of %s (%s); it is dropped when the hub "
+                      "next opens the ledger", self.path, exc)
+            try:
+                self._load()
+            except (OSError, WearflError) as again:
+                log.error("re-reading the ledger %s failed: %s", self.path, again)
+
+
+def _raise_storage(exc: OSError, path: Path, doing: str) -> NoReturn:
+    """Raise the clear :class:`~models.files.StorageError` for a refused ledger write, else ``exc`` itself."""
+    error = storage_error(exc, path, doing, "The ledger is intact up to its last complete entry.")
+    if error is None or error is exc:
+        raise exc
+    raise error from exc

@@ -7,8 +7,10 @@ Layout, under ``<state>/models/``::
     v00000/model.tflite        float32 TFLite export for LiteRT gateways
     v00000/manifest.json       version, round, task, created_at, and each file's sha256 and size
 
-Each file is written atomically and the manifest last, so a version directory without
-a manifest is an unfinished write (a crash) and is ignored, and a manifest's checksums
+Each file is written atomically (:func:`models.files.write_atomic`: temp file, fsync,
+rename, directory fsync) and the manifest last, so a version directory without a manifest
+is an unfinished write (a crash, or a disk that filled up: :class:`models.files.StorageError`)
+and is ignored, and written again by the next save of that version; a manifest's checksums
 always describe complete files. A version, once its manifest exists, is never rewritten.
 """
 
@@ -126,12 +128,13 @@ class ModelRegistry:
             "created_at": time.time(),
             "files": {},
         }
+        doing = f"registering model v{version}"
         for name, data in files.items():
             if not data:
                 continue
-            write_atomic(path / name, data)
+            write_atomic(path / name, data, doing=doing)
             manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        write_atomic(path / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        write_atomic(path / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), doing=doing)
         log.info("registered model v%d (round %d) in %s", version, round_number, path)
         return ModelVersion(version, int(round_number), path, manifest)
 

@@ -257,12 +257,11 @@ class RoundManager:
         self.ledger.append(entry.version, entry.round, files, updates, float(entry.manifest.get("created_at", 0.0)))
 
     def _finish_interrupted_close(self, version: int, round_number: int) -> None:
-        updates = self.store.round_updates(round_number)
+        clients, examples = self.store.round_totals(round_number)
         log.warning("round %d was closed into model v%d but not recorded (the hub stopped in between); "
                     "recording it now", round_number, version)
         self.store.record_round(
-            RoundRecord(round_number, version - 1, version, None, time.time(), len({u.client for u in updates}),
-                        sum(u.num_examples for u in updates)),
+            RoundRecord(round_number, version - 1, version, None, time.time(), clients, examples),
             round_number + 1,
         )
 
@@ -278,7 +277,7 @@ class RoundManager:
         self.current.set_deadline(now + self.policy.timeout_s if deadline_at is None else deadline_at)
         if intake is not None:
             intake.open_round(round_number, int(self.model.version))
-            for stored in self.store.round_updates(round_number):
+            for stored in self.store.iter_round_updates(round_number):
                 if stored.payload is None:
                     continue
                 update = intake.decode_stored(stored.payload)
@@ -382,7 +381,7 @@ class RoundManager:
             raise ValueError("a non-streaming strategy needs the intake to decode stored updates")
         deltas: list[Mapping[str, np.ndarray]] = []
         weights: list[float] = []
-        for stored in self.store.round_updates(round_number):
+        for stored in self.store.iter_round_updates(round_number):
             update = intake.decode_stored(stored.payload) if stored.payload is not None else None
             if update is not None:
                 deltas.append(self._rebased(update))

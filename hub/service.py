@@ -26,21 +26,25 @@ import inspect
 import logging
 import math
 import random
+import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hub.intake import DEFAULT_MAX_UPDATE_BYTES, Intake
 from hub.ledger import Ledger
 from hub.registry import ModelRegistry
 from hub.rounds import MetricsCollector, RoundManager, RoundPolicy, RoundSummary
 from hub.schedule import check_schedule, round_task_config
-from hub.store import HubStore
+from hub.store import DB_NAME, HubStore
 from hub.strategies import Strategy, make_strategy
 from hub.strategy_state import StrategyState
-from models.errors import ConfigError
+from models.errors import BrokerUnavailable, ConfigError
+from models.files import check_writable, state_dir_error
 from models.model import Model
 from models.protocol.codec import CodecConfig, UpdateCodec
 from models.protocol.identity import load_keyring, load_or_create_key, public_hex
@@ -48,9 +52,16 @@ from models.protocol.messages import Receipt, Task, build_model, parse_json
 from models.protocol.signed import SigningError
 from models.protocol.topics import Topics, check_name
 
+if TYPE_CHECKING:
+    from models.protocol.credentials import Credentials
+    from models.protocol.mqtt import BrokerAddress
+
 __all__ = ["DEFAULT_TASK_CONFIG", "HubConfig", "HubService"]
 
 log = logging.getLogger(__name__)
+
+RECONNECT_POLL_S = 0.5
+RECEIPTS_IN_FLIGHT = 32
 
 Scalar = float | int | str | bool
 
@@ -67,6 +78,11 @@ DEFAULT_TASK_CONFIG: dict[str, Scalar] = {
     "lr_min_factor": 0.05,
 }
 """What edges are told to do in a round unless ``task_config`` says otherwise."""
+
+BATCH_DELTA_BYTES = 64 * 1024 * 1024
+
+STORAGE_ADVICE = ("No update was acknowledged that is not stored; the restarted hub resumes from its state "
+                  "directory.")
 
 
 @dataclass
@@ -85,7 +101,8 @@ class HubConfig:
     ``client_id`` defaults to
     ``wearfl-hub-<federation>``; give each of several hub workers its own.
     ``topic_prefix`` replaces ``wearfl/v1`` (tests give each run its own).
-    ``max_batch`` bounds how many queued messages one intake transaction takes.
+    ``max_batch`` bounds how many queued messages one intake transaction takes (and fewer for a
+    model so large that their decoded deltas would pass ``BATCH_DELTA_BYTES``).
     """
 
     broker: str
@@ -97,6 +114,7 @@ class HubConfig:
     max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES
     norm_bound: float | None = None
     keyring: Path | None = None
+    credentials: Path | None = None
     rounds: int | None = None
     task_config: dict[str, Scalar] = field(default_factory=dict)
     server_lr: float = 1.0
@@ -116,6 +134,8 @@ class HubConfig:
         self.state_dir = Path(self.state_dir)
         if self.keyring is not None:
             self.keyring = Path(self.keyring)
+        if self.credentials is not None:
+            self.credentials = Path(self.credentials)
         check_name("federation", self.federation)
         if self.rounds is not None and self.rounds < 1:
             raise ConfigError(f"--rounds must be at least 1, got {self.rounds}.")
@@ -150,6 +170,32 @@ class HubConfig:
         if self.server_lr != 1.0:
             args.setdefault("server_lr", self.server_lr)
         return make_strategy(self.strategy, args)
+
+    def credentials_folder(self) -> Credentials | None:
+        """The ``wearfl keys`` folder given as ``credentials``, read and checked."""
+        from models.protocol.credentials import Credentials
+
+        return Credentials.load(self.credentials, "hub") if self.credentials is not None else None
+
+    def broker_address(self) -> BrokerAddress:
+        """The broker URL, with the credentials folder's password and TLS certificates when given."""
+        from models.protocol.mqtt import BrokerAddress
+
+        address = BrokerAddress.parse(self.broker)
+        creds = self.credentials_folder()
+        return creds.apply(address) if creds is not None else address
+
+    def keyring_path(self) -> Path | None:
+        """``keyring``, else the credentials folder's: the only device keys the hub accepts (None: first use)."""
+        if self.keyring is not None:
+            return self.keyring
+        creds = self.credentials_folder()
+        return creds.keyring_path if creds is not None else None
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The key that signs models: the credentials folder's, else ``state/keys/hub.key`` (made on first run)."""
+        creds = self.credentials_folder()
+        return creds.signing_key() if creds is not None else load_or_create_key(self.state_dir / "keys" / "hub.key")
 
     def policy(self) -> RoundPolicy:
         return RoundPolicy(self.min_clients, self.clients_per_round, self.round_timeout_s)
@@ -199,7 +245,10 @@ class HubService:
         self._metrics = MetricsCollector()
         self._session: Any = None
         self._key: Any = None
+        self._batch_limit = self.config.max_batch
+        self._receipt_slots: asyncio.Semaphore | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._announcing = asyncio.Lock()
 
     # -- accessors ------------------------------------------------------------------
 
@@ -227,14 +276,31 @@ class HubService:
     # -- running --------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Serve until ``stop`` is set or ``config.rounds`` rounds are complete."""
-        from models.protocol.mqtt import BrokerAddress, MqttSession
+        """Serve until ``stop`` is set or ``config.rounds`` rounds are complete.
+
+        A read-only state directory, or a disk that fills up while the hub runs, stops it with
+        one :class:`~models.files.StorageError` naming the directory: the failed transaction
+        is rolled back and its messages are neither acknowledged nor answered, so nothing
+        unstored was ever accepted; a restart (once there is space) resumes from the state.
+        """
+        check_writable(self.config.state_dir, "hub state directory")
+        try:
+            await self._run(stop)
+        except (OSError, sqlite3.Error) as exc:
+            error = state_dir_error(exc, self.config.state_dir, "hub", STORAGE_ADVICE, DB_NAME)
+            if error is None:
+                raise
+            raise error from exc
+
+    async def _run(self, stop: asyncio.Event | None) -> None:
+        from models.protocol.mqtt import MqttSession
 
         stop = stop if stop is not None else asyncio.Event()
         cfg = self.config
-        address = BrokerAddress.parse(cfg.broker)
-        keyring = load_keyring(cfg.keyring) if cfg.keyring is not None else None
-        self._key = load_or_create_key(cfg.state_dir / "keys" / "hub.key")
+        address = cfg.broker_address()
+        keyring_path = cfg.keyring_path()
+        keyring = load_keyring(keyring_path) if keyring_path is not None else None
+        self._key = cfg.signing_key()
         store = self._store = HubStore(cfg.state_dir, synchronous=cfg.synchronous)
         try:
             rounds = self._rounds = RoundManager(store, ModelRegistry(cfg.state_dir / "models"), self.strategy,
@@ -246,18 +312,22 @@ class HubService:
                                            norm_bound=cfg.norm_bound, keyring=keyring,
                                            max_staleness=max(self.strategy.max_staleness,
                                                              int(cfg.stragglers == "next-round")))
+            # One batch's decoded deltas are in memory together: bound them in bytes, whatever the model's size.
+            self._batch_limit = max(1, min(cfg.max_batch, BATCH_DELTA_BYTES // (4 * codec.size)))
             round_number = int(store.get("round"))
             await asyncio.to_thread(rounds.open, round_number, intake)
-            if self._finished():
-                log.info("the federation already completed %d rounds; nothing to do", cfg.rounds)
-                return
             session = self._session = MqttSession(
                 address, cfg.client_id or f"wearfl-hub-{cfg.federation}", manual_ack=True,
                 protocol=cfg.protocol,  # type: ignore[arg-type]
+                max_buffered=self._batch_limit,  # a burst of updates waits in the broker, not in the hub's memory
             )
             await session.connect()
             try:
-                await self._serve(session, stop)
+                if self._finished():
+                    log.info("the federation already completed %d rounds; publishing its final model", cfg.rounds)
+                    await self._publish_model_and_task(task=False)
+                else:
+                    await self._serve(session, stop)
             finally:
                 await self._drain_background(5.0)
                 await session.disconnect()
@@ -279,9 +349,11 @@ class HubService:
                  model.version, self.current_round, public_hex(self._key))
         self.ready.set()
 
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        batch_limit = self._batch_limit
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=batch_limit)
         pump = asyncio.create_task(self._pump(session, queue), name="hub-pump")
         stopper = asyncio.create_task(self._wake_on(stop, queue), name="hub-stop")
+        reannounce = asyncio.create_task(self._reannounce(session), name="hub-reannounce")
         try:
             while not stop.is_set():
                 cur = rounds.current
@@ -293,7 +365,7 @@ class HubService:
                 if first is None:
                     break
                 batch = [] if first is ... else [first]
-                while len(batch) < cfg.max_batch and not queue.empty():
+                while len(batch) < batch_limit and not queue.empty():
                     item = queue.get_nowait()
                     if item is None:
                         queue.put_nowait(None)
@@ -305,7 +377,7 @@ class HubService:
                     log.info("completed %d rounds; stopping", cfg.rounds)
                     break
         finally:
-            for task in (pump, stopper):
+            for task in (pump, stopper, reannounce):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -313,13 +385,26 @@ class HubService:
     @staticmethod
     async def _pump(session: Any, queue: asyncio.Queue[Any]) -> None:
         async for message in session.messages():
-            queue.put_nowait(message)
-        queue.put_nowait(None)
+            await queue.put(message)
+        await queue.put(None)
+
+    async def _reannounce(self, session: Any) -> None:
+        """After every reconnect, the model and task again: a broker that restarted may have lost them,
+        and the hub's subscription with whatever edges sent meanwhile (they re-send on hearing the task)."""
+        connection = session.connection
+        while True:
+            await asyncio.sleep(RECONNECT_POLL_S)
+            if not session.connected or session.connection == connection:
+                continue
+            connection = session.connection
+            log.info("reconnected to the broker; publishing the model and task again")
+            with contextlib.suppress(BrokerUnavailable):
+                await self._publish_model_and_task(task=not self._finished())
 
     @staticmethod
     async def _wake_on(stop: asyncio.Event, queue: asyncio.Queue[Any]) -> None:
         await stop.wait()
-        queue.put_nowait(None)
+        await queue.put(None)
 
     # -- messages -------------------------------------------------------------------
 
@@ -377,10 +462,17 @@ class HubService:
             self.online.discard(client)
 
     async def _publish_receipts(self, session: Any, receipts: list[Receipt]) -> None:
-        results = await asyncio.gather(
-            *(session.publish(self.topics.receipt(r.client), r.to_bytes(), qos=1) for r in receipts),
-            return_exceptions=True,
-        )
+        # Few receipts in flight at once: paho reads as many packets per socket event as it has messages
+        # in flight, which would let a burst of updates past the session's max_buffered bound.
+        if self._receipt_slots is None:
+            self._receipt_slots = asyncio.Semaphore(RECEIPTS_IN_FLIGHT)
+        slots = self._receipt_slots
+
+        async def publish(receipt: Receipt) -> None:
+            async with slots:
+                await session.publish(self.topics.receipt(receipt.client), receipt.to_bytes(), qos=1)
+
+        results = await asyncio.gather(*(publish(r) for r in receipts), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             log.warning("%d of %d receipts were not confirmed by the broker: %s", len(failed), len(receipts), failed[0])
@@ -484,18 +576,21 @@ class HubService:
 
     async def _publish_model_and_task(self, model_message: bytes | None = None, task: bool = True) -> None:
         """Publish the current model (retained, signed) and then the task that points at it."""
-        rounds = self._require_rounds()
-        model, cur = rounds.model, rounds.current
-        assert model is not None and cur is not None
-        if model_message is None:
-            model_message = build_model(model, cur.round, self._key, rounds.ledger_entry(int(model.version)))
-        await self._session.publish(self.topics.model, model_message, qos=1, retain=True)
-        if task:
-            await self._publish_task()
-            log.info("published model v%d (%d bytes) and the task for round %d", model.version, len(model_message),
-                     cur.round)
-        else:
-            log.info("published the final model v%d (%d bytes)", model.version, len(model_message))
+        async with self._announcing:
+            rounds = self._require_rounds()
+            model, cur = rounds.model, rounds.current
+            if model is None or cur is None:
+                return
+            if model_message is None:
+                model_message = build_model(model, cur.round, self._key, rounds.ledger_entry(int(model.version)))
+            task_message = self._task().to_bytes() if task else None
+            await self._session.publish(self.topics.model, model_message, qos=1, retain=True)
+            if task_message is not None:
+                await self._session.publish(self.topics.task, task_message, qos=1, retain=True)
+                log.info("published model v%d (%d bytes) and the task for round %d", model.version,
+                         len(model_message), cur.round)
+            else:
+                log.info("published the final model v%d (%d bytes)", model.version, len(model_message))
 
     def _require_rounds(self) -> RoundManager:
         if self._rounds is None:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import ConfigError
+from models.files import rollback, storage_error
 from models.protocol.messages import REJECT_REASONS
 
 __all__ = ["DB_NAME", "HubStore", "RoundRecord", "StoredUpdate"]
@@ -66,6 +67,7 @@ CREATE TABLE IF NOT EXISTS updates (
     PRIMARY KEY (client, sequence)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS updates_by_round ON updates (round);
+CREATE INDEX IF NOT EXISTS updates_in_arrival_order ON updates (round, received_at, client, sequence);
 CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
@@ -130,13 +132,18 @@ class HubStore:
         self.path = self.state_dir / DB_NAME
         if not create and not self.path.is_file():
             raise ConfigError(f"no hub state in {self.state_dir} ({DB_NAME} is missing); is --state right?")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.executescript(SCHEMA)
-        except sqlite3.DatabaseError as exc:
+        except (OSError, sqlite3.DatabaseError) as exc:
+            storage = storage_error(exc, self.state_dir, f"opening the hub database {DB_NAME}")
+            if storage is not None:
+                raise storage from exc
+            if isinstance(exc, OSError):
+                raise
             raise ConfigError(
                 f"cannot open the hub database {self.path}: {exc}; restore it or use another --state."
             ) from exc
@@ -170,13 +177,15 @@ class HubStore:
             self._depth = 1
             try:
                 yield
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            else:
                 self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
             finally:
                 self._depth = 0
+
+    def _rollback(self) -> None:
+        rollback(self._db, str(self.path))
 
     # -- clients and keys ------------------------------------------------------------
 
@@ -251,13 +260,37 @@ class HubStore:
                 raise ValueError(f"client {client!r} has no pinned key; pin it before recording its updates")
 
     def round_updates(self, round_number: int) -> list[StoredUpdate]:
-        """The accepted updates of ``round_number``, oldest first."""
+        """The accepted updates of ``round_number``, oldest first (all in memory: for small rounds and tests)."""
+        return list(self.iter_round_updates(round_number))
+
+    def iter_round_updates(self, round_number: int, page: int = 64) -> Iterator[StoredUpdate]:
+        """The accepted updates of ``round_number``, oldest first, read ``page`` at a time.
+
+        A resumed round of a thousand clients then holds one page of payloads, not all of them.
+        """
+        query = ("SELECT client, sequence, round, base_version, num_examples, received_at, payload FROM updates"
+                 " WHERE round = ? {} ORDER BY received_at, client, sequence LIMIT ?")
+        after: tuple[float, str, int] | None = None
+        while True:
+            with self._lock:
+                if after is None:
+                    rows = self._db.execute(query.format(""), (round_number, page)).fetchall()
+                else:
+                    rows = self._db.execute(query.format("AND (received_at, client, sequence) > (?, ?, ?)"),
+                                            (round_number, *after, page)).fetchall()
+            for c, s, r, b, n, t, p in rows:
+                yield StoredUpdate(c, s, r, b, n, t, None if p is None else bytes(p))
+            if len(rows) < page:
+                return
+            after = (rows[-1][5], rows[-1][0], rows[-1][1])
+
+    def round_totals(self, round_number: int) -> tuple[int, int]:
+        """(clients, examples) of the updates stored for ``round_number``."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT client, sequence, round, base_version, num_examples, received_at, payload FROM updates"
-                " WHERE round = ? ORDER BY received_at, client, sequence", (round_number,)
-            ).fetchall()
-        return [StoredUpdate(c, s, r, b, n, t, None if p is None else bytes(p)) for c, s, r, b, n, t, p in rows]
+            clients, examples = self._db.execute(
+                "SELECT COUNT(DISTINCT client), COALESCE(SUM(num_examples), 0) FROM updates WHERE round = ?",
+                (round_number,)).fetchone()
+        return int(clients), int(examples)
 
     def round_update_digests(self, round_number: int) -> list[str]:
         """The sha256 of every update accepted into ``round_number`` (kept after the payloads go)."""

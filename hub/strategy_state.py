@@ -37,7 +37,8 @@ class StrategyState:
         if not state:
             return
         identity = {"strategy": strategy.name, "optimizer": strategy.optimizer.name}
-        write_atomic(self.path(version), save(state, metadata={"wearfl": json.dumps(identity, sort_keys=True)}))
+        write_atomic(self.path(version), save(state, metadata={"wearfl": json.dumps(identity, sort_keys=True)}),
+                     doing=f"saving the server optimizer's state for model v{int(version)}")
 
     def load(self, strategy: Strategy, version: int) -> bool:
         """Restore the state saved with model ``version``; False (and a fresh state) when there is none."""
@@ -61,10 +62,14 @@ class StrategyState:
         return True
 
     def prune(self, keep: int) -> None:
-        """Remove the state files of versions other than ``keep``."""
+        """Remove the state files of versions other than ``keep`` (best effort: a leftover file is harmless)."""
         if not self.root.is_dir():
             return
         for entry in self.root.glob("v*.safetensors"):
             if entry.name != self.path(keep).name:
-                entry.unlink(missing_ok=True)
+                try:
+                    entry.unlink(missing_ok=True)
+                except OSError as exc:
+                    log.warning("could not remove the old strategy state %s (%s); it is removed next time",
+                                entry, exc)
 

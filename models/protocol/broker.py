@@ -185,7 +185,9 @@ class MosquittoBroker(_BrokerBase):
     :meth:`stop` removes). The port is fixed at construction (a free one by default) and kept
     across :meth:`restart` and :meth:`kill` + :meth:`start`, so clients reconnect to the same URL.
     ``persistence=True`` keeps sessions, retained and queued messages in ``persistence_dir``
-    (default: inside ``workdir``) across restarts.
+    (default: inside ``workdir``) across restarts. ``config_file`` runs a config written
+    elsewhere (e.g. by ``wearfl keys broker-config``) instead of a generated one; ``port``
+    must then be the port it listens on.
     """
 
     kind = "mosquitto"
@@ -202,7 +204,10 @@ class MosquittoBroker(_BrokerBase):
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
         binary: str | None = None,
         startup_timeout: float = 10.0,
+        config_file: Path | str | None = None,
     ) -> None:
+        if config_file is not None and port is None:
+            raise ConfigError("give the port that config_file's listener uses.")
         resolved = binary or mosquitto_binary()
         if resolved is None:
             raise BrokerUnavailable(f"mosquitto is not installed; {INSTALL_HINT}.")
@@ -219,6 +224,7 @@ class MosquittoBroker(_BrokerBase):
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
+        self._config_file = Path(config_file) if config_file is not None else None
 
     @property
     def workdir(self) -> Path:
@@ -237,7 +243,7 @@ class MosquittoBroker(_BrokerBase):
 
     @property
     def config_path(self) -> Path:
-        return self.workdir / f"mosquitto-{self.port}.conf"
+        return self._config_file or self.workdir / f"mosquitto-{self.port}.conf"
 
     @property
     def log_path(self) -> Path:
@@ -245,6 +251,8 @@ class MosquittoBroker(_BrokerBase):
 
     def _write_config(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self._config_file is not None:
+            return
         persistence_dir = self.persistence_dir
         if persistence_dir is not None:
             persistence_dir.mkdir(parents=True, exist_ok=True)

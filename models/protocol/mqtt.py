@@ -20,8 +20,9 @@ Rules the code keeps:
   when it returns. ``protocol="auto"`` falls back to 3.1.1 when the broker refuses MQTT 5
   or does not answer an MQTT 5 CONNECT within ``AUTO_PROBE_S`` (amqtt hangs on one).
 - Reconnection is one loop with exponential backoff (0.5 s doubling to 30 s, jittered).
-  Subscriptions are re-sent when the broker did not resume the session; unacknowledged
-  QoS 1 publishes are re-sent by paho on every reconnect.
+  Subscriptions are re-sent when the broker did not resume the session, shared ones on
+  every reconnect (Mosquitto 2.0.11 resumes a session from its persistence file without
+  them); unacknowledged QoS 1 publishes are re-sent by paho on every reconnect.
 - With ``manual_ack=True`` a QoS 1 message is acknowledged only by :meth:`MqttSession.ack`,
   which the application calls after it has persisted the message; a message never acked is
   redelivered by the broker on the next connection of the same persistent session.
@@ -175,6 +176,10 @@ class MqttSession:
     - ``protocol``: ``"5"``, ``"3.1.1"`` or ``"auto"`` (5, else 3.1.1).
     - ``max_inflight`` / ``max_queued``: paho's bounds on outgoing QoS 1 messages awaiting
       PUBACK / waiting in all (0 = unbounded).
+    - ``max_buffered``: received messages held for :meth:`messages` (0 = unbounded). At the
+      bound the session stops reading the socket until the consumer has taken half of them,
+      so a burst waits in the broker's queue instead of this process's memory (Mosquitto
+      2.0 does not hold back deliveries at the client's receive maximum once acks flow).
 
     One consumer should iterate :meth:`messages`. All methods must be called from the loop
     that ran :meth:`connect`.
@@ -193,14 +198,16 @@ class MqttSession:
         keepalive: int = 30,
         max_inflight: int = 20,
         max_queued: int = 0,
+        max_buffered: int = 0,
         logger: logging.Logger | None = None,
     ) -> None:
         if not client_id:
             raise ConfigError("an MQTT session needs a non-empty client id (persistent sessions are keyed by it).")
         if protocol not in ("auto", "5", "3.1.1"):
             raise ConfigError(f"unknown MQTT protocol {protocol!r}; use 'auto', '5' or '3.1.1'.")
-        if keepalive < 0 or session_expiry_s < 0 or max_inflight < 0 or max_queued < 0:
-            raise ConfigError("keepalive, session_expiry_s, max_inflight and max_queued must be non-negative.")
+        if keepalive < 0 or session_expiry_s < 0 or max_inflight < 0 or max_queued < 0 or max_buffered < 0:
+            raise ConfigError("keepalive, session_expiry_s, max_inflight, max_queued and max_buffered must be "
+                              "non-negative.")
         self.address = address
         self.client_id = client_id
         self.clean_start = clean_start
@@ -210,6 +217,8 @@ class MqttSession:
         self.keepalive = keepalive
         self.max_inflight = max_inflight
         self.max_queued = max_queued
+        self.max_buffered = max_buffered
+        self._paused: tuple[paho.Client, Any] | None = None  # (client, socket) whose reads wait for the consumer
         self.log = logger or log
         self._protocol_choice = protocol
         self._mqtt_version = paho.MQTTv311 if protocol == "3.1.1" else paho.MQTTv5
@@ -246,6 +255,17 @@ class MqttSession:
     def connected_event(self) -> asyncio.Event:
         """Set while connected; cleared when the connection drops."""
         return self._connected_event
+
+    @property
+    def connection(self) -> int:
+        """Counts the session's connections, as :attr:`Message.connection` does: a publish made while
+        this number stays the same went out on one connection."""
+        return self._generation
+
+    @property
+    def buffered(self) -> int:
+        """Received messages waiting for :meth:`messages` (at most about ``max_buffered``)."""
+        return self._messages.qsize()
 
     @property
     def protocol(self) -> str:
@@ -384,6 +404,8 @@ class MqttSession:
         """Received messages in arrival order; ends after :meth:`disconnect` or :meth:`abort`."""
         while True:
             message = await self._messages.get()
+            if self._paused is not None and self._messages.qsize() <= self.max_buffered // 2:
+                self._resume_reads()
             if message is None:
                 self._messages.put_nowait(None)  # let any other iterator end too
                 return
@@ -479,7 +501,8 @@ class MqttSession:
         self.session_present = session_present
         self.max_packet_size = max_packet_size
         self._connected = self._ever_connected = True
-        restore = set(self._sub_waiters) if session_present else set(self._subscriptions)
+        shared = {topic for topic in self._subscriptions if topic.startswith("$share/")}
+        restore = set(self._sub_waiters) | shared if session_present else set(self._subscriptions)
         self._sub_mids.clear()
         for topic in sorted(restore):
             if topic in self._subscriptions:
@@ -679,6 +702,7 @@ class MqttSession:
     def _watch_reads(self, client: paho.Client, sock: Any) -> None:
         if client.socket() is sock and sock.fileno() != -1:  # still the live socket of this client
             self._generation += 1  # a new connection: acks for older deliveries are void
+            self._paused = None
             self._running_loop().add_reader(sock, self._readable, client, sock)
             if self._closing:  # connected from the executor after disconnect(): let paho read EOF and close
                 with contextlib.suppress(OSError):
@@ -700,11 +724,28 @@ class MqttSession:
         try:
             client.loop_read()
             # TLS: decrypted bytes can wait inside the SSL object while the socket is not readable
-            while client.socket() is sock and getattr(sock, "pending", None) and sock.pending():
+            while (client.socket() is sock and getattr(sock, "pending", None) and sock.pending()
+                   and not self._buffer_full()):
                 client.loop_read()
         except Exception:
             self.log.exception("%s: reading from the broker failed; dropping the connection", self.client_id)
             self._close_socket()
+            return
+        if self._buffer_full() and client.socket() is sock and self._paused is None:
+            self._running_loop().remove_reader(sock)
+            self._paused = (client, sock)
+            self.log.debug("%s: %d messages waiting; reading paused", self.client_id, self._messages.qsize())
+
+    def _buffer_full(self) -> bool:
+        return self.max_buffered > 0 and self._messages.qsize() >= self.max_buffered
+
+    def _resume_reads(self) -> None:
+        assert self._paused is not None
+        (client, sock), self._paused = self._paused, None
+        if client.socket() is sock and sock.fileno() != -1:  # not _watch_reads: the connection is the same
+            self._running_loop().add_reader(sock, self._readable, client, sock)
+            if getattr(sock, "pending", None) and sock.pending():  # TLS bytes already decrypted: no readiness event
+                self._running_loop().call_soon(self._readable, client, sock)
 
     def _writable(self, client: paho.Client) -> None:
         try:

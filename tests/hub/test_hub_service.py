@@ -159,9 +159,12 @@ def test_two_rounds_through_the_broker_publish_retained_models(mqtt_broker, topi
             payloads = [make_update(edge.key, edge.client, sequence=r, round_number=round_tasks[i].round,
                                     base_version=round_tasks[i].model_version, num_examples=int(weights[i]),
                                     delta=deltas[i], shapes=shapes) for i, edge in enumerate(edges)]
-            receipts.append([await edge.send(p) for edge, p in zip(edges, payloads, strict=True)])
+            first = await edges[0].send(payloads[0])
             if r == 1:
-                extra.append(await edges[0].send(payloads[0]))  # the outbox re-sends: a duplicate
+                extra.append(await edges[0].send(payloads[0]))  # the outbox re-sends in the open round: a duplicate
+            receipts.append([first] + [await edge.send(p) for edge, p in zip(edges[1:], payloads[1:], strict=True)])
+            if r == 1:
+                extra.append(await edges[0].send(payloads[0]))  # the same copy once the round closed: a replay
             for k in expected:
                 expected[k] += sum(w * d[k] for w, d in zip(weights, deltas, strict=True)) / sum(weights)
         await asyncio.wait_for(hub_task, WAIT_S)  # rounds=2: the hub stops by itself
@@ -174,6 +177,7 @@ def test_two_rounds_through_the_broker_publish_retained_models(mqtt_broker, topi
     assert [[(x.status, x.sequence) for x in rs] for rs in receipts] == [[("accepted", 1)] * 3, [("accepted", 2)] * 3]
     assert (extra[0].status, extra[0].reason, extra[0].sequence) == ("rejected", "malformed", -1)
     assert (extra[1].status, extra[1].sequence) == ("duplicate", 1)
+    assert (extra[2].status, extra[2].reason, extra[2].sequence) == ("rejected", "replayed", 1)
     assert [(t.round, t.model_version, t.config["quantize"]) for t in tasks] == [(1, 0, "none"), (2, 1, "none")]
     # cosine over 2 rounds with the default 5% floor: round 2 is halfway, 0.05 + 0.95 / 2 of the rate
     assert [t.config["lr"] for t in tasks] == pytest.approx([0.004, 0.004 * 0.525])
@@ -195,6 +199,7 @@ def test_two_rounds_through_the_broker_publish_retained_models(mqtt_broker, topi
     assert status["model_version"] == 2 and status["rounds_completed"] == 2
     assert status["updates_accepted"] == 6 == sum(c["accepted"] for c in status["clients"].values())
     assert status["duplicates_dropped"] == 1 and status["updates_rejected"]["malformed"] == 1
+    assert status["updates_rejected"]["replayed"] == 1
     latest = ModelRegistry(tmp_path / "hub" / "models").latest()
     assert latest is not None and latest.version == 2
     assert set(latest.manifest["files"]) == {"model.safetensors", "model.onnx", "model.tflite"}

@@ -188,6 +188,38 @@ def test_unacked_message_is_redelivered_to_the_resumed_session(mqtt_broker, topi
     assert after_ack.payload == b"update 2"
 
 
+def test_a_bounded_session_stops_reading_at_its_bound_and_loses_nothing(mqtt_broker, topic_prefix) -> None:
+    needs_mqtt5(mqtt_broker)
+    topic = f"{topic_prefix}/update/edge-1"
+    bound, sent = 5, 40
+
+    async def scenario() -> tuple[int, list[bytes]]:
+        edge = session(mqtt_broker, uid("edge"), clean_start=True)
+        hub = session(mqtt_broker, uid("hub"), manual_ack=True, clean_start=True, max_buffered=bound)
+        await asyncio.gather(edge.connect(), hub.connect())
+        await hub.subscribe(topic)
+        for i in range(sent):  # every PUBACK back: the broker holds them all for the hub
+            await edge.publish(topic, f"update {i}".encode())
+        most = 0
+        for _ in range(50):  # nobody consumes for a while: the buffer must stay at its bound
+            most = max(most, hub.buffered)
+            await asyncio.sleep(0.02)
+        received = []
+        stream = hub.messages()
+        while len(received) < sent:
+            message = await asyncio.wait_for(anext(stream), WAIT_S)
+            hub.ack(message)
+            received.append(message.payload)
+            most = max(most, hub.buffered)
+        await closing(hub, edge)
+        return most, received
+
+    most, received = run(scenario())
+
+    assert bound <= most <= bound + 1
+    assert received == [f"update {i}".encode() for i in range(sent)]
+
+
 def test_last_will_is_published_when_the_connection_dies(mqtt_broker, topic_prefix) -> None:
     status = f"{topic_prefix}/status/edge-1"
 

@@ -1,0 +1,269 @@
+"""Provisioning: a federation's test CA, the hub's and each device's credentials, and a locked-down broker config.
+
+Why here: the hub's operator enrols devices, and the broker must know exactly the
+identities the hub accepts. Everything lives under ``STATE/keys/``::
+
+    ca.key, ca.crt            the federation's CA (EC P-256): signs the broker's and every client's certificate
+    hub/                      hub.key (Ed25519, signs models), hub.pub, mqtt.json, client.crt, client.key,
+                              ca.crt, keyring (the device keys the hub accepts)
+    devices/<ID>/             device.key (Ed25519, signs updates), mqtt.json, client.crt, client.key,
+                              ca.crt, hub.pub
+
+:func:`broker_config` writes a Mosquitto config that accepts only those identities: TLS
+only, with a client certificate from the CA; a PBKDF2-SHA512 password file in
+Mosquitto's own ``$7$`` format; and an ACL under which a device publishes only on its
+own ``update/``, ``status/`` and ``metrics/`` topics and reads ``model``, ``task`` and its
+own ``receipt/``. The CA is a test CA in the sense that wearfl makes it: an
+organisation with its own PKI can put its certificates in the same places.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import ipaddress
+import json
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    load_pem_private_key,
+)
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from models.errors import ConfigError
+from models.files import write_atomic
+from models.protocol.credentials import read_mqtt_json
+from models.protocol.identity import load_or_create_key, public_hex
+from models.protocol.topics import check_name
+
+__all__ = ["HUB_USERNAME", "add_device", "broker_config", "init_keys", "password_hash"]
+
+HUB_USERNAME = "wearfl-hub"
+CERT_DAYS = 825
+PBKDF2_ITERATIONS = 101  # Mosquitto's own; the passwords are 256-bit random tokens, so the count adds nothing
+MAX_QUEUED_MESSAGES = 100_000
+MAX_QUEUED_BYTES = 256 * 1024 * 1024
+MAX_PACKET_BYTES = 16 * 1024 * 1024
+
+
+def init_keys(state: Path) -> Path:
+    """Make the CA and the hub's credentials under ``state/keys``; returns the hub's folder.
+
+    An existing hub signing key (``keys/hub.key``, from a hub run without credentials)
+    is kept, so edges that pinned it keep trusting the hub's models.
+    """
+    keys = Path(state) / "keys"
+    if (keys / "ca.key").exists():
+        raise ConfigError(f"{keys} already holds a CA; its devices' certificates depend on it. Remove {keys / 'ca.key'}"
+                          " and every folder under keys/ to start over.")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"wearfl federation CA ({Path(state).resolve().name})")])
+    now = dt.datetime.now(dt.UTC)
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=10 * 365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    hub = keys / "hub"
+    legacy = keys / "hub.key"
+    signing = load_or_create_key(legacy if legacy.exists() else hub / "hub.key")
+    _write_private(hub / "hub.key", signing.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    _write_public(hub / "hub.pub", (public_hex(signing) + "\n").encode())
+    _client_files(hub, HUB_USERNAME, ca_key, ca_cert)
+    write_atomic(hub / "keyring", b"# client_id public_key_hex, one device a line (wearfl keys add-device)\n")
+    _write_private(keys / "ca.key", ca_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    _write_public(keys / "ca.crt", ca_cert.public_bytes(Encoding.PEM))
+    return hub
+
+
+def add_device(state: Path, device_id: str) -> Path:
+    """Enrol ``device_id``: its credentials folder, and its key in the hub's keyring. Returns the folder."""
+    check_name("device id", device_id)
+    keys = Path(state) / "keys"
+    ca_key, ca_cert = _load_ca(keys)
+    folder = keys / "devices" / device_id
+    if folder.exists():
+        raise ConfigError(f"device {device_id} is already enrolled ({folder}); to re-key it, remove that folder and "
+                          f"its line in {keys / 'hub' / 'keyring'}, then add it again.")
+    if device_id == HUB_USERNAME:
+        raise ConfigError(f"{HUB_USERNAME!r} is the hub's broker username; choose another device id.")
+    device_key = load_or_create_key(folder / "device.key")
+    _client_files(folder, device_id, ca_key, ca_cert)
+    _write_public(folder / "hub.pub", (keys / "hub" / "hub.pub").read_bytes())
+    ring = keys / "hub" / "keyring"
+    lines = ring.read_text() if ring.exists() else ""
+    write_atomic(ring, (lines + f"{device_id} {public_hex(device_key)}\n").encode())
+    return folder
+
+
+def broker_config(
+    state: Path,
+    out: Path,
+    *,
+    port: int = 8883,
+    bind: str = "0.0.0.0",
+    hostnames: Sequence[str] = ("localhost", "127.0.0.1"),
+    federation: str = "+",
+    user: str | None = None,
+    persistence_dir: Path | None = None,
+    max_packet_size: int = MAX_PACKET_BYTES,
+) -> Path:
+    """Write ``out/mosquitto.conf`` with its password file, ACL and TLS files beside it; returns the config path.
+
+    ``hostnames``: the names and addresses clients use to reach the broker (they go in
+    its certificate). ``federation``: the one federation this broker serves ("+": any).
+    ``user``: the account Mosquitto runs as (it must be able to read these files).
+    """
+    keys = Path(state) / "keys"
+    ca_key, ca_cert = _load_ca(keys)
+    if federation != "+":
+        check_name("federation", federation)
+    if not 0 < port < 65536:
+        raise ConfigError(f"broker port {port} is out of range; use 1-65535.")
+    if not hostnames:
+        raise ConfigError("give at least one --hostname the clients use to reach the broker.")
+    out = Path(out)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    _write_private(out / "server.key", server_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    _write_public(out / "server.crt", _leaf(hostnames[0], server_key, ca_key, ca_cert, server_names=hostnames))
+    _write_public(out / "ca.crt", ca_cert.public_bytes(Encoding.PEM))
+    accounts = [read_mqtt_json(keys / "hub" / "mqtt.json")]
+    devices = keys / "devices"
+    if devices.is_dir():
+        accounts += [read_mqtt_json(d / "mqtt.json") for d in sorted(devices.iterdir()) if d.is_dir()]
+    _write_private(out / "passwords", "".join(f"{u}:{password_hash(p)}\n" for u, p in accounts).encode())
+    _write_public(out / "acl", _acl(federation).encode())
+    persistence = Path(persistence_dir) if persistence_dir is not None else out / "data"
+    persistence.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# generated by `wearfl keys broker-config`: TLS with client certificates, passwords, ACL",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"password_file {(out / 'passwords').resolve()}",
+        f"acl_file {(out / 'acl').resolve()}",
+        f"listener {port} {bind}",
+        "protocol mqtt",
+        f"cafile {(out / 'ca.crt').resolve()}",
+        f"certfile {(out / 'server.crt').resolve()}",
+        f"keyfile {(out / 'server.key').resolve()}",
+        "require_certificate true",
+        "tls_version tlsv1.2",
+        "max_connections -1",
+        f"max_packet_size {max_packet_size}",
+        f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+        f"max_queued_bytes {MAX_QUEUED_BYTES}",
+        "max_inflight_messages 100",
+        "persistence true",
+        f"persistence_location {persistence.resolve()}/",
+        "autosave_interval 30",
+        "persistent_client_expiration 14d",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+    ]
+    if user:
+        lines.append(f"user {user}")
+    config = out / "mosquitto.conf"
+    _write_public(config, ("\n".join(lines) + "\n").encode())
+    return config
+
+
+def password_hash(password: str, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS) -> str:
+    """``password`` as a Mosquitto 2 password-file hash: ``$7$iterations$salt$pbkdf2_sha512``, base64."""
+    salt = secrets.token_bytes(12) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def _acl(federation: str) -> str:
+    root = f"wearfl/v1/{federation}"
+    return "\n".join([
+        "# generated by `wearfl keys broker-config`. %u is the connecting username: a device's id.",
+        "# A device publishes only its own updates, status (and will) and metrics,",
+        "# and reads the model, the task and its own receipts.",
+        f"pattern write {root}/update/%u",
+        f"pattern write {root}/status/%u",
+        f"pattern write {root}/metrics/%u",
+        f"pattern read {root}/model",
+        f"pattern read {root}/task",
+        f"pattern read {root}/receipt/%u",
+        "",
+        "# The hub reads every update, status and metrics message and writes models, tasks and receipts.",
+        f"user {HUB_USERNAME}",
+        f"topic readwrite {root}/#",
+        "",
+    ])
+
+
+def _client_files(folder: Path, username: str, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate) -> None:
+    """mqtt.json, client.crt, client.key and ca.crt of one client."""
+    tls_key = ec.generate_private_key(ec.SECP256R1())
+    _write_private(folder / "client.key", tls_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    _write_public(folder / "client.crt", _leaf(username, tls_key, ca_key, ca_cert))
+    _write_public(folder / "ca.crt", ca_cert.public_bytes(Encoding.PEM))
+    account = {"username": username, "password": secrets.token_urlsafe(32)}
+    _write_private(folder / "mqtt.json", (json.dumps(account, indent=2) + "\n").encode())
+
+
+def _leaf(common_name: str, key: ec.EllipticCurvePrivateKey, ca_key: ec.EllipticCurvePrivateKey,
+          ca_cert: x509.Certificate, server_names: Sequence[str] = ()) -> bytes:
+    """A certificate for ``key`` signed by the CA: a server's (with ``server_names``) or a client's."""
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=CERT_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server_names
+                                              else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    )
+    if server_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName([_general_name(n) for n in server_names]),
+                                        critical=False)
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(Encoding.PEM)
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def _load_ca(keys: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    if not (keys / "ca.key").is_file() or not (keys / "ca.crt").is_file():
+        raise ConfigError(f"{keys} holds no CA yet; run `wearfl keys init --state {keys.parent}` first.")
+    try:
+        key = load_pem_private_key((keys / "ca.key").read_bytes(), password=None)
+        cert = x509.load_pem_x509_certificate((keys / "ca.crt").read_bytes())
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"the CA in {keys} cannot be read ({exc}); restore ca.key and ca.crt.") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{keys / 'ca.key'} is not an EC key as `wearfl keys init` makes it.")
+    return key, cert
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    write_atomic(path, data)
+    os.chmod(path, 0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    write_atomic(path, data)
+    os.chmod(path, 0o644)

@@ -258,6 +258,12 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
         f"duplicates dropped  {status['duplicates_dropped']}",
         f"clients             {len(status['clients'])}",
     ]
+    privacy = status.get("privacy")
+    if privacy:
+        budget = f" of budget {privacy['budget_epsilon']:g}" if privacy.get("budget_epsilon") else ""
+        lines.append(f"privacy             epsilon {privacy['epsilon']:.3g}{budget} at delta {privacy['delta']:g} "
+                     f"({privacy['accountant']}, noise {privacy['noise_multiplier']:g}); {privacy['sampling']}"
+                     + ("; budget reached, no more models" if privacy.get("budget_reached") else ""))
     if status["clients"]:
         width = max(6, *(len(c) for c in status["clients"]))
         lines += ["", f"{'client':<{width}}  {'accepted':>8}  {'last seq':>8}  last seen"]

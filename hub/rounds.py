@@ -357,6 +357,7 @@ class RoundManager:
         avg = cur.aggregate.mean() if cur.aggregate is not None else self._aggregate_from_store(cur.round, intake)
         before = {k: v.copy() for k, v in self.strategy.state_dict().items()}
         try:
+            avg = self.strategy.finalize(avg, cur.updates_accepted)
             weights = self.strategy.server_step(model.network.state_dict(), avg)
             bad = sorted(k for k, v in weights.items() if not np.all(np.isfinite(v)))
             if bad:

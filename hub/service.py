@@ -53,6 +53,7 @@ from models.protocol.signed import SigningError
 from models.protocol.topics import Topics, check_name
 
 if TYPE_CHECKING:
+    from hub.accounting import PrivacyAccountant
     from models.protocol.credentials import Credentials
     from models.protocol.mqtt import BrokerAddress
 
@@ -169,6 +170,8 @@ class HubConfig:
         args = dict(self.strategy_args)
         if self.server_lr != 1.0:
             args.setdefault("server_lr", self.server_lr)
+        if self.strategy == "dpfedavg":  # DP's denominator: the clients a round is meant to have
+            args.setdefault("expected_clients", self.clients_per_round or self.min_clients)
         return make_strategy(self.strategy, args)
 
     def credentials_folder(self) -> Credentials | None:
@@ -234,6 +237,7 @@ class HubService:
         self.topics = Topics(config.federation, config.topic_prefix)
         self.initial_model = initial_model
         self.strategy = strategy if strategy is not None else config.build_strategy()
+        self.privacy = self._privacy_accountant()
         self.on_round_closed: RoundHook | None = None
         self.summaries: list[RoundSummary] = []
         self.ready = asyncio.Event()
@@ -267,6 +271,28 @@ class HubService:
             return self._store.status()
         with HubStore(self.config.state_dir, create=False) as store:
             return store.status()
+
+    def _privacy_accountant(self) -> PrivacyAccountant | None:
+        """The DP accountant of a differentially private strategy (None for the others)."""
+        make = getattr(self.strategy, "privacy_accountant", None)
+        if make is None:
+            return None
+        try:
+            return make()  # type: ignore[no-any-return]
+        except ValueError as exc:
+            raise ConfigError(f"strategy {self.strategy.name}: {exc}.") from None
+
+    def _store_privacy(self) -> None:
+        """After a release: the epsilon spent so far (and per round), for ``wearfl status`` and reports."""
+        if self.privacy is None or self._store is None:
+            return
+        rounds = self._store.rounds_completed()
+        report = self.privacy.report(rounds)
+        previous = self._store.get("privacy") or {}
+        per_round = [r for r in previous.get("per_round", []) if r["round"] < rounds]
+        report["per_round"] = [*per_round, {"round": rounds, "epsilon": report["epsilon"]}]
+        report["budget_reached"] = not self.privacy.can_release(rounds + 1)
+        self._store.put("privacy", report)
 
     def _store_personalization(self) -> None:
         personal = self._metrics.personalization()
@@ -324,7 +350,7 @@ class HubService:
             await session.connect()
             try:
                 if self._finished():
-                    log.info("the federation already completed %d rounds; publishing its final model", cfg.rounds)
+                    log.info("%s; publishing its final model", self._why_finished())
                     await self._publish_model_and_task(task=False)
                 else:
                     await self._serve(session, stop)
@@ -374,7 +400,7 @@ class HubService:
                 if batch:
                     await self._handle(session, batch)
                 if await self._maybe_close() and self._finished():
-                    log.info("completed %d rounds; stopping", cfg.rounds)
+                    log.warning("%s; stopping", self._why_finished())
                     break
         finally:
             for task in (pump, stopper, reannounce):
@@ -492,7 +518,18 @@ class HubService:
 
     def _finished(self) -> bool:
         store = self._store
-        return self.config.rounds is not None and store is not None and store.rounds_completed() >= self.config.rounds
+        if store is None:
+            return False
+        if self.privacy is not None and not self.privacy.can_release(store.rounds_completed() + 1):
+            return True  # one more model would spend more than the privacy budget
+        return self.config.rounds is not None and store.rounds_completed() >= self.config.rounds
+
+    def _why_finished(self) -> str:
+        done = self._store.rounds_completed() if self._store is not None else 0
+        if self.privacy is not None and not self.privacy.can_release(done + 1):
+            return (f"the privacy budget is spent: epsilon {self.privacy.epsilon_after(done):.3g} after {done} rounds, "
+                    f"one more would pass {self.privacy.budget_epsilon:g}; no further model is released")
+        return f"the federation completed {done} rounds"
 
     async def _maybe_close(self) -> bool:
         """Close or extend the round when the policy says so; True when a round closed."""
@@ -518,6 +555,7 @@ class HubService:
         summary = rounds.record_close(new_model, (len(model_message) + len(task.to_bytes())) * recipients,
                                       self._metrics.result(cur.round))
         await asyncio.to_thread(self._store_personalization)
+        await asyncio.to_thread(self._store_privacy)
         await asyncio.to_thread(rounds.open, next_round, intake, task.deadline)
         self._metrics.forget_before(next_round)
         # After the last round of a run with ``rounds`` set, only the model goes out: a task would

@@ -373,6 +373,8 @@ class HubStore:
         "last_seen" (Unix time of its last verified update)}}, "personalization": {id: {"round",
         "examples", "global": metrics, "personalized": metrics}}}``: the last is each client's
         latest federated evaluation of the global model and of its own fine-tuned weights.
+        ``"privacy"``: None, or under a DP strategy the epsilon spent so far at ``delta``, the
+        sampling assumption, the budget, ``per_round`` epsilons and ``budget_reached``.
         Read in one transaction, so ``updates_accepted`` always equals the sum of the clients'
         ``accepted``.
         """
@@ -403,4 +405,5 @@ class HubStore:
             "duplicates_dropped": 0 if dup is None else dup[0],
             "clients": clients,
             "personalization": self.get("personalization", {}),
+            "privacy": self.get("privacy"),
         }

@@ -15,6 +15,7 @@ from edge_client.commands import add_commands as add_edge_commands
 from edge_client.edge_command import add_edge_command
 from hub.commands import add_commands as add_hub_commands
 from hub.keys_command import add_keys_command
+from hub.privacy_command import add_privacy_command
 from models.commands import add_commands as add_model_commands
 from models.errors import WearflError
 from wearfl import __version__
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_edge_commands(sub)
     add_hub_commands(sub)
     add_keys_command(sub)
+    add_privacy_command(sub)
     add_edge_command(sub)
     add_simulate_command(sub)
     return parser

@@ -84,6 +84,12 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     if not args.verbose:
         logging.getLogger("hub.store").setLevel(logging.ERROR)  # one "pinned key" line per simulated edge
     strategy_args = parse_strategy_args(args.strategy_arg)
+    if args.dp_noise is not None:
+        if args.strategy not in ("fedavg", "dpfedavg"):
+            raise ConfigError(f"--dp-noise runs DP-FedAvg; it does not combine with --strategy {args.strategy}.")
+        args.strategy = "dpfedavg"
+        strategy_args.update({"noise": args.dp_noise, "clip": args.dp_clip, "delta": args.dp_delta,
+                              "budget": args.dp_budget or 0.0, "seed": args.seed})
     dataset = open_dataset(args.dataset)
     holdout = float(getattr(dataset, "holdout_fraction", 0.0) or 0.0)
     if args.model:
@@ -97,6 +103,8 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     if not 1 <= n <= len(pool):
         raise ConfigError(f"--clients {n}: {dataset.name} has {len(pool)} training clients.")
     clients = pool[:n]
+    if args.strategy == "dpfedavg":
+        strategy_args.setdefault("population", n)
     held_out = load_clients(dataset, dataset.clients if holdout > 0 else dataset.test_clients, model.spec)
     if holdout > 0:
         held_out = [c.split(1.0 - holdout)[1] for c in held_out]
@@ -181,7 +189,10 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
         if broker is not None:
             broker.stop()
     final = hub.current_model
-    report["personalization"] = personalization_report(hub.status().get("personalization", {}), args.task)
+    status = hub.status()
+    report["personalization"] = personalization_report(status.get("personalization", {}), args.task)
+    if status.get("privacy"):
+        report["privacy"] = status["privacy"]
     report["final_metrics"] = summarize(final, held_out)["metrics"]
     if backdoor_probe is not None:
         report["final_metrics"]["backdoor_success"] = backdoor_success(final, backdoor_probe)
@@ -220,6 +231,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if report.get("update_bytes"):
         ratio = f", {report['update_bytes']:.0f} bytes per update = {report['update_bytes_ratio']:.3f}x float32"
     print(f"final {key}: {report['final_metrics'][key]:.4f}{ratio}")
+    if report.get("privacy"):
+        p = report["privacy"]
+        print(f"privacy: epsilon {p['epsilon']:.3g} at delta {p['delta']:g} after {p['rounds']} rounds "
+              f"(noise {p['noise_multiplier']:g}, {p['accountant']}); {p['sampling']}")
     print(f"wrote {report['out']}/report.json, report.png, model.safetensors, model.onnx, model.tflite")
     return 0
 
@@ -253,6 +268,13 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--edge-delay", type=float, default=0.0, metavar="S",
                    help="mean of a random (exponential) wait before each edge's training in a round: "
                         "gateways that come and go (default 0)")
+    p.add_argument("--dp-noise", type=float, metavar="Z",
+                   help="differential privacy (DP-FedAvg): Gaussian noise multiplier on the clipped sum")
+    p.add_argument("--dp-clip", type=float, default=1.0, metavar="C",
+                   help="with --dp-noise: the L2 bound each update is clipped to (default 1.0)")
+    p.add_argument("--dp-delta", type=float, default=1e-5, metavar="D", help="with --dp-noise: delta (default 1e-5)")
+    p.add_argument("--dp-budget", type=float, metavar="EPS",
+                   help="with --dp-noise: stop releasing models before epsilon would exceed this")
     p.add_argument("--attack", choices=ATTACKS, help="make some edges hostile with this attack")
     p.add_argument("--malicious", type=float, default=0.2, metavar="FRACTION",
                    help="the fraction of edges that attack (default 0.2; with --attack)")

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hub.strategies.base import Strategy
+from hub.strategies.dp import DPFedAvg
 from hub.strategies.fedavg import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 from hub.strategies.fedbuff import FedBuff
 from hub.strategies.optimizers import OPTIMIZERS, ServerOptimizer
@@ -21,13 +22,13 @@ from hub.strategies.robust import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiK
 from models.errors import ConfigError
 
 __all__ = [
-    "STRATEGIES", "Bulyan", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedBuff", "FedMedian", "FedProx",
+    "STRATEGIES", "Bulyan", "DPFedAvg", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedBuff", "FedMedian", "FedProx",
     "FedTrimmedAvg", "FedYogi", "Krum", "MultiKrum", "Strategy", "make_strategy", "parse_strategy_args",
 ]
 
 STRATEGIES: dict[str, type[Strategy]] = {
     c.name: c for c in (FedAvg, FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad,
-                        FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan, FedBuff)
+                        FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan, FedBuff, DPFedAvg)
 }
 
 OPTIMIZER_ARGS: dict[str, dict[str, str]] = {

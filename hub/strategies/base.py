@@ -90,6 +90,10 @@ class Strategy:
         w = np.asarray(weights, np.float64)
         return unstack(names, shapes, (w @ x) / w.sum())
 
+    def finalize(self, avg: Mapping[str, np.ndarray], count: int) -> Mapping[str, np.ndarray]:
+        """The round's aggregate of ``count`` updates as the server step takes it (DP adds its noise here)."""
+        return avg
+
     def server_step(
         self, weights: Mapping[str, np.ndarray], avg_delta: Mapping[str, np.ndarray]
     ) -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def check_name(kind: str, value: str) -> str:
     """A federation or client id: 1-64 of letters, digits, ``_ . -`` (no MQTT wildcards or slashes)."""
-    if not NAME_PATTERN.match(value or ""):
+    if not NAME_PATTERN.fullmatch(value or ""):
         raise ConfigError(f"{kind} {value!r} must be 1-64 letters, digits, '_', '.' or '-', starting alphanumeric.")
     return value
 
@@ -65,4 +65,4 @@ class Topics:
         if not topic.startswith(head):
             return None
         client = topic[len(head) :]
-        return client if NAME_PATTERN.match(client) else None
+        return client if NAME_PATTERN.fullmatch(client) else None

@@ -448,3 +448,41 @@ def test_a_late_update_is_dropped_or_counted_into_the_next_round(mqtt_broker, to
     else:
         assert straggler.status == "accepted"
         assert service.summaries[1].participants == 2 and service.summaries[1].updates_accepted == 2
+
+
+def test_a_dp_hub_stops_releasing_before_its_privacy_budget_is_exceeded(mqtt_broker, topic_prefix, tmp_path):
+    initial = Model(activity_spec(), seed=6)
+    shapes = {k: v.shape for k, v in initial.network.state_dict().items()}
+    # noise 1, every client every round (q = 1): epsilon 4.73 after one round, 7.08 after two, 9.01 after three
+    args = {"noise": 1.0, "clip": 0.5, "budget": 8.0, "population": 2, "seed": 0}
+    config = hub_config(mqtt_broker, topic_prefix, tmp_path / "hub", min_clients=2, clients_per_round=2,
+                        round_timeout_s=30, strategy="dpfedavg", strategy_args=args)  # no round limit
+    topics = Topics(config.federation, topic_prefix)
+    service = HubService(config, initial)
+    assert service.privacy is not None
+    allowed = service.privacy.max_rounds()
+
+    async def scenario() -> list[Task]:
+        hub_task, edges = await start_federation(service, mqtt_broker, topics, 2)
+        tasks = []
+        for r in range(1, allowed + 1):
+            round_tasks = [await edge.task_for(r) for edge in edges]
+            tasks.append(round_tasks[0])
+            for i, (edge, task) in enumerate(zip(edges, round_tasks, strict=True)):
+                await edge.send(make_update(edge.key, edge.client, sequence=r, round_number=r,
+                                            base_version=task.model_version, num_examples=10,
+                                            delta=delta_of(shapes, seed=10 * r + i, scale=0.01), shapes=shapes))
+        await asyncio.wait_for(hub_task, WAIT_S)  # stops by itself: one more round would pass the budget
+        for edge in edges:
+            await edge.stop()
+        return tasks
+
+    tasks = run(scenario())
+    status = service.status()
+    privacy = status["privacy"]
+    assert allowed == 2 and status["rounds_completed"] == allowed == status["model_version"]
+    assert all(t.config["update_clip_norm"] == 0.5 for t in tasks)  # the edges clip to the DP bound
+    assert privacy["budget_reached"] and privacy["epsilon"] <= 8.0 and privacy["budget_epsilon"] == 8.0
+    assert [r["round"] for r in privacy["per_round"]] == [1, 2]
+    assert privacy["per_round"][0]["epsilon"] < privacy["per_round"][1]["epsilon"] == privacy["epsilon"]
+    assert "Poisson sampling" in privacy["sampling"] and privacy["delta"] == 1e-5

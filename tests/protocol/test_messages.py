@@ -13,3 +13,12 @@ def test_a_task_names_its_selected_clients_or_none():
     assert Task.from_bytes(Task(1, 0).to_bytes()).selects("anyone")
     with pytest.raises(SigningError, match="clients"):
         Task.from_bytes(b'{"round": 1, "model_version": 0, "clients": [1, 2]}')
+
+
+def test_a_name_with_a_trailing_newline_is_refused():
+    from models.errors import ConfigError
+    from models.protocol.topics import Topics, check_name
+
+    with pytest.raises(ConfigError):
+        check_name("client id", "edge-a\n")
+    assert Topics("fed").client_from(Topics("fed").update("edge-a") + "\n", "update") is None

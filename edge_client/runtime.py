@@ -936,7 +936,7 @@ class EdgeClient:
             connection = session.connection
             await self._publish_status()
             await self._republish_pending()
-            while session.connected:
+            while session.connected and session.connection == connection:
                 await asyncio.sleep(CONNECTION_POLL_S)
 
     async def _status_loop(self) -> None:

@@ -21,7 +21,8 @@ order:
    before in any other way (a copy from a closed round, other bytes under a used
    number, a number below the client's last stored one): rejected ``replayed``;
 6. base model version must be the open round's (``stale``), the round open and the
-   update's own (``round_closed``);
+   update's own (``round_closed``), and its client among the round's selected ones when
+   the hub selected some (``not_selected``);
 7. decode the tensors (``wrong_shape``, ``non_finite``, ``malformed``), optional L2
    norm bound (``norm_bound``);
 8. persist, then the receipt ``accepted``.
@@ -38,7 +39,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,6 +117,7 @@ class Intake:
         self.round = -1
         self.model_version = -1
         self.is_open = False
+        self.selected: frozenset[str] | None = None
         self._keys = store.pinned_keys()
         self._last_sequence = store.last_sequences()
 
@@ -123,6 +125,11 @@ class Intake:
 
     def open_round(self, round_number: int, model_version: int) -> None:
         self.round, self.model_version, self.is_open = int(round_number), int(model_version), True
+        self.selected = None
+
+    def select(self, clients: Iterable[str]) -> None:
+        """Take updates for the open round from these clients only (the task names them)."""
+        self.selected = frozenset(clients)
 
     def close_round(self) -> None:
         """Refuse updates (``round_closed``) until the next :meth:`open_round`."""
@@ -236,6 +243,9 @@ class Intake:
         if not self.is_open or not in_round:
             state = f"round {self.round} is open" if self.is_open else f"round {self.round} is closed"
             raise _Reject("round_closed", f"the update is for round {meta.round}; {state}", seq)
+        if self.selected is not None and meta.round == self.round and meta.client not in self.selected:
+            raise _Reject("not_selected", f"client {meta.client!r} is not among the {len(self.selected)} clients "
+                          f"selected for round {self.round}", seq)
         try:
             delta = self.codec.decode(tensors, meta.codec)
         except CodecError as exc:

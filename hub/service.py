@@ -557,6 +557,8 @@ class HubService:
         await asyncio.to_thread(self._store_personalization)
         await asyncio.to_thread(self._store_privacy)
         await asyncio.to_thread(rounds.open, next_round, intake, task.deadline)
+        if task.clients:  # selected before the round opened: the intake takes only them
+            intake.select(task.clients)
         self._metrics.forget_before(next_round)
         # After the last round of a run with ``rounds`` set, only the model goes out: a task would
         # set the edges training for a round no hub takes. A restarted hub publishes it.
@@ -599,6 +601,8 @@ class HubService:
         chosen = tuple(sorted(random.Random(round_number).sample(online, k)))
         self._selected = {r: c for r, c in self._selected.items() if r >= round_number - 1}
         self._selected[round_number] = chosen
+        if self._intake is not None and self._intake.round == round_number:
+            self._intake.select(chosen)
         log.info("round %d: selected %d of %d online clients", round_number, k, len(online))
         return chosen
 

@@ -201,7 +201,7 @@ class HubStore:
             cur = self._db.execute("INSERT INTO clients (id, public_key, last_seen) VALUES (?, ?, ?)"
                                    " ON CONFLICT (id) DO NOTHING", (client, public_key, now))
             if cur.rowcount == 1:
-                log.warning("pinned key for client %s (%s...)", client, public_key.hex()[:16])
+                log.info("pinned key for client %s (%s...)", client, public_key.hex()[:16])
                 return True
             cur = self._db.execute("UPDATE clients SET public_key = ? WHERE id = ? AND public_key != ?",
                                    (public_key, client, public_key))

@@ -45,7 +45,7 @@ UPDATE_FORMAT = "wearfl-update/1"
 
 REJECT_REASONS = (
     "oversize", "malformed", "unsigned", "bad_signature", "key_mismatch", "unknown_client", "client_mismatch",
-    "replayed", "stale", "wrong_shape", "non_finite", "norm_bound", "round_closed",
+    "replayed", "stale", "not_selected", "wrong_shape", "non_finite", "norm_bound", "round_closed",
 )
 """Why an update can be refused; every receipt and counter uses these names."""
 

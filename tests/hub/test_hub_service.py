@@ -400,6 +400,9 @@ def test_a_fraction_of_the_online_edges_is_selected_and_closes_the_round(mqtt_br
         task = await edges["edge-0"].task_for(1)
         while not task.clients:  # published as "nobody yet" until min_clients are online
             task = await asyncio.wait_for(edges["edge-0"].tasks.get(), WAIT_S)
+        outsider = next(c for c in sorted(edges) if c not in task.clients)
+        refused = await edges[outsider].send(make_update(edges[outsider].key, outsider, sequence=1, round_number=1,
+                                                         base_version=0, num_examples=5, shapes=shapes))
         receipts = [await edges[c].send(make_update(edges[c].key, c, sequence=1, round_number=1, base_version=0,
                                                     num_examples=5, delta=delta_of(shapes, seed=i, scale=0.01),
                                                     shapes=shapes))
@@ -407,10 +410,11 @@ def test_a_fraction_of_the_online_edges_is_selected_and_closes_the_round(mqtt_br
         await asyncio.wait_for(hub_task, WAIT_S)  # the selected edges' updates close the round
         for edge in edges.values():
             await edge.stop()
-        return task, receipts
+        return task, [refused, *receipts]
 
-    task, receipts = run(scenario())
+    task, (refused, *receipts) = run(scenario())
     assert len(task.clients) >= 2 and set(task.clients) <= {f"edge-{i}" for i in range(4)}
+    assert (refused.status, refused.reason) == ("rejected", "not_selected")  # the hub enforces its selection too
     assert [r.status for r in receipts] == ["accepted"] * len(task.clients)
     assert service.summaries[0].participants == len(task.clients)
 
@@ -486,3 +490,39 @@ def test_a_dp_hub_stops_releasing_before_its_privacy_budget_is_exceeded(mqtt_bro
     assert [r["round"] for r in privacy["per_round"]] == [1, 2]
     assert privacy["per_round"][0]["epsilon"] < privacy["per_round"][1]["epsilon"] == privacy["epsilon"]
     assert "Poisson sampling" in privacy["sampling"] and privacy["delta"] == 1e-5
+
+
+def test_the_selection_of_a_later_round_is_enforced_too(mqtt_broker, topic_prefix, tmp_path):
+    initial = Model(activity_spec(), seed=9)
+    shapes = {k: v.shape for k, v in initial.network.state_dict().items()}
+    config = hub_config(mqtt_broker, topic_prefix, tmp_path / "hub", min_clients=2, round_timeout_s=60, rounds=2,
+                        fraction=0.5)
+    topics = Topics(config.federation, topic_prefix)
+    service = HubService(config, initial)
+
+    async def round_of(edges: dict[str, FakeEdge], r: int) -> tuple[Task, Receipt]:
+        task = await edges["edge-0"].task_for(r)
+        while not task.clients:
+            task = await asyncio.wait_for(edges["edge-0"].tasks.get(), WAIT_S)
+        outsider = next(c for c in sorted(edges) if c not in task.clients)
+        refused = await edges[outsider].send(make_update(edges[outsider].key, outsider, sequence=r, round_number=r,
+                                                         base_version=task.model_version, num_examples=5,
+                                                         shapes=shapes))
+        for i, c in enumerate(task.clients):
+            await edges[c].send(make_update(edges[c].key, c, sequence=r, round_number=r,
+                                            base_version=task.model_version, num_examples=5,
+                                            delta=delta_of(shapes, seed=10 * r + i, scale=0.01), shapes=shapes))
+        return task, refused
+
+    async def scenario() -> list[tuple[Task, Receipt]]:
+        hub_task, started = await start_federation(service, mqtt_broker, topics, 4)
+        edges = {edge.client: edge for edge in started}
+        results = [await round_of(edges, 1), await round_of(edges, 2)]
+        await asyncio.wait_for(hub_task, WAIT_S)
+        for edge in edges.values():
+            await edge.stop()
+        return results
+
+    results = run(scenario())
+    assert [(t.round, r.reason) for t, r in results] == [(1, "not_selected"), (2, "not_selected")]
+    assert [s.participants for s in service.summaries] == [len(t.clients) for t, _ in results]

@@ -63,9 +63,9 @@ def test_status_contract_and_accepted_equals_sum_over_clients(tmp_path):
     json.dumps(status)  # plain JSON
 
 
-def test_pinning_warns_once_per_client(tmp_path, caplog):
+def test_pinning_is_logged_once_per_client(tmp_path, caplog):
     store = HubStore(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="hub.store"):
+    with caplog.at_level(logging.INFO, logger="hub.store"):
         assert store.pin_key("edge-a", KEY_A) is True
         assert store.pin_key("edge-a", KEY_A) is False
     assert [r.getMessage().startswith("pinned key for client edge-a") for r in caplog.records] == [True]

@@ -213,6 +213,19 @@ def test_forged_unsigned_replayed_and_tampered_updates_each_have_their_own_reaso
     assert reasons == ["key_mismatch", "unsigned", "replayed", "bad_signature"]
 
 
+def test_a_client_not_selected_for_the_round_is_refused(store):
+    intake = _intake(store)
+    intake.select(["edge-a"])
+    chosen = intake.process(TOPICS.update("edge-a"), make_update(Ed25519PrivateKey.generate(), "edge-a"))[0]
+    other = _reject_reason(intake, TOPICS.update("edge-b"), make_update(Ed25519PrivateKey.generate(), "edge-b"))
+    assert chosen.status == "accepted" and (other.reason, other.sequence) == ("not_selected", 0)
+    intake.close_round()
+    intake.open_round(2, 0)  # a new round: no selection until the hub makes one
+    late = intake.process(TOPICS.update("edge-c"), make_update(Ed25519PrivateKey.generate(), "edge-c",
+                                                                round_number=2))[0]
+    assert late.status == "accepted"
+
+
 def test_hostile_metadata_gives_a_receipt_not_a_traceback(store):
     key = Ed25519PrivateKey.generate()
     meta = {"format": "wearfl-update/1", "client": "edge-a", "round": float("inf"), "base_version": 0,
@@ -245,7 +258,7 @@ def test_a_batch_is_one_transaction_and_sees_its_own_writes(store):
 
 def test_the_first_key_of_a_client_is_logged(store, caplog):
     intake, key = _intake(store), Ed25519PrivateKey.generate()
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=0))
         intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=1))
     assert sum("pinned key for client edge-a" in r.getMessage() for r in caplog.records) == 1

@@ -130,6 +130,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         replay_max_bytes=args.replay_mib * 1024 * 1024, replay_policy=args.replay_policy,
         eval_fraction=args.eval_fraction, pseudo_threshold=args.pseudo_threshold, seed=args.seed,
         hub_key=args.hub_key, credentials=Path(args.credentials) if args.credentials else None,
+        peer_keyring=Path(args.peer_keyring) if args.peer_keyring else None,
         resume_stream=not args.realtime, connect_timeout_s=args.connect_timeout,
     )
 
@@ -189,6 +190,9 @@ def add_edge_command(sub: Any) -> None:
     p.add_argument("--realtime", action="store_true",
                    help="simulator only: an endless stream paced at wall-clock speed (a live gateway)")
     p.add_argument("--hub-key", metavar="HEX", help="pin the hub's Ed25519 public key (default: trust the first)")
+    p.add_argument("--peer-keyring", metavar="FILE",
+                   help="the devices' public keys ('client_id key_hex' lines, the hub's keyring): needed to take "
+                        "part in secure aggregation")
     p.add_argument("--eval-fraction", type=float, default=0.2, metavar="F",
                    help="share of labelled windows held out for federated evaluation (default 0.2)")
     p.add_argument("--pseudo-threshold", type=float, metavar="P",

@@ -127,6 +127,8 @@ class EdgeConfig:
     not all train and send at once; simulations use it for gateways that come and go.
     ``credentials``: a folder from ``wearfl keys add-device`` (its username must be the
     client id): the device key, broker password, TLS certificates and the hub's key to pin.
+    ``peer_keyring``: the devices' public keys (``client_id key_hex`` lines, the hub's
+    keyring), which secure aggregation needs from the operator, never from the hub.
     """
 
     broker: str
@@ -145,6 +147,7 @@ class EdgeConfig:
     seed: int = 0
     hub_key: str | None = None
     credentials: Path | None = None
+    peer_keyring: Path | None = None
     outbox_max_entries: int = DEFAULT_MAX_ENTRIES
     outbox_max_bytes: int = DEFAULT_MAX_BYTES
     chunk_samples: int = 500
@@ -484,6 +487,9 @@ class EdgeClient:
         self._catching_up = False
         self._fit: asyncio.Future[tuple[dict[str, Any], int, dict[str, Any]]] | None = None
         self._fit_undo: tuple[_Ingest, int] | None = None  # set while a fit has not reached the outbox
+        self._secure: Any = None  # the SecureParticipant of the current secure round
+        self._secure_config: Any = None  # the task's secagg entry it was made for
+        self._secure_delta: tuple[int, np.ndarray] | None = None  # (round, flat delta) kept for a re-run
 
     def __repr__(self) -> str:
         return f"EdgeClient({self.client_id!r}, federation={self.config.federation!r})"
@@ -534,7 +540,8 @@ class EdgeClient:
             if not await self._connect_unless_stopped(session, stop):
                 return
             try:
-                for topic in (self.topics.model, self.topics.task, self.topics.receipt(self.client_id)):
+                for topic in (self.topics.model, self.topics.task, self.topics.receipt(self.client_id),
+                              self.topics.secagg_down(self.client_id)):
                     await session.subscribe(topic, qos=1, timeout=cfg.connect_timeout_s)
                 log.info("%s: connected to %s (MQTT %s), federation %s", self.client_id, session.address.url,
                          session.protocol, cfg.federation)
@@ -697,6 +704,7 @@ class EdgeClient:
     async def _message_loop(self) -> None:
         session = self._require_session()
         receipt_topic = self.topics.receipt(self.client_id)
+        secagg_topic = self.topics.secagg_down(self.client_id)
         async for message in session.messages():
             try:
                 if message.topic == self.topics.model:
@@ -705,6 +713,8 @@ class EdgeClient:
                     await self._on_task(message)
                 elif message.topic == receipt_topic:
                     await self._on_receipt(message)
+                elif message.topic == secagg_topic:
+                    await self._on_secagg(message.payload)
                 else:
                     log.debug("%s: ignoring a message on %s", self.client_id, message.topic)
             except StorageError:
@@ -1080,6 +1090,7 @@ class EdgeClient:
         if task is None or current is None or ingest is None or self._stopping:
             return
         if task.round <= self.last_round:
+            await self._maybe_rejoin_secure(task)
             return
         if not task.selects(self.client_id):
             self._set_state(f"not selected for round {task.round}")
@@ -1137,6 +1148,10 @@ class EdgeClient:
             trained = weights
             if self.weights_hook is not None:
                 weights = await self.weights_hook(task.round, base, weights)
+            if "secagg" in task.config:
+                self._fit_undo = None
+                await self._join_secure(task, base, weights)
+                return
             sequence: int | None = None
             try:
                 sequence, payload = await self._store_update(task, current, base, weights, n, metrics, codec)
@@ -1156,6 +1171,70 @@ class EdgeClient:
                  n, float(metrics.get("train_loss", float("nan"))), sequence, len(payload))
         await self._evaluate_and_publish(current, trained, task.round)  # the round's metrics before its update
         await self._send(sequence, payload)
+
+    async def _join_secure(self, task: Task, base: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray]) -> None:
+        """Take part in the task's secure round with this delta (kept for a re-run of the round)."""
+        codec = UpdateCodec.for_weights(base)
+        delta = codec.flatten({k: np.asarray(weights[k], np.float32) - base[k] for k in base})
+        outbox = self._require_outbox()
+        await asyncio.to_thread(outbox.put, "last_round", str(task.round).encode())
+        self.last_round = task.round
+        self._secure_delta = (task.round, delta)
+        self._set_state("idle")
+        await self._start_secure(task)
+
+    async def _maybe_rejoin_secure(self, task: Task) -> None:
+        """A secure round of a round already trained, run again (after an abort): join with the kept delta."""
+        kept = self._secure_delta
+        if kept is None or kept[0] != task.round or "secagg" not in task.config:
+            return
+        current = self._secure
+        if current is not None and task.config.get("secagg") == self._secure_config:
+            return
+        await self._start_secure(task)
+
+    async def _start_secure(self, task: Task) -> None:
+        from edge_client.secure_aggregation import SecureParticipant, round_config_of
+        from models.protocol.identity import load_keyring
+        from models.protocol.secagg import SecAggError
+
+        kept = self._secure_delta
+        assert kept is not None
+        self._secure, self._secure_config = None, task.config.get("secagg")
+        if self.config.peer_keyring is None:
+            log.warning("%s: round %d uses secure aggregation, but this edge has no peer keyring; it sits out",
+                        self.client_id, task.round)
+            return
+        try:
+            config = round_config_of(task.config)
+            if config is None or self.client_id not in config.roster:
+                return
+            directory = load_keyring(self.config.peer_keyring)
+            participant = SecureParticipant(self.client_id, config, self._key, directory, kept[1],
+                                            np.random.default_rng())
+            first = participant.start()
+        except (SecAggError, WearflError) as exc:
+            log.warning("%s: cannot take part in the secure round of round %d: %s", self.client_id, task.round, exc)
+            return
+        self._secure = participant
+        log.info("%s: secure round %s: %d clients, threshold %d", self.client_id, config.round_id, config.n,
+                 config.threshold)
+        await self._require_session().publish(self.topics.secagg_up(self.client_id), first, qos=1)
+
+    async def _on_secagg(self, payload: bytes) -> None:
+        from models.protocol.secagg import SecAggError
+
+        participant = self._secure
+        if participant is None or participant.done:
+            return
+        try:
+            reply = await asyncio.to_thread(participant.answer, payload)
+        except SecAggError as exc:
+            log.warning("%s: secure round %s: %s", self.client_id, participant.round_id, exc)
+            return
+        await self._require_session().publish(self.topics.secagg_up(self.client_id), reply, qos=1)
+        if participant.client.stage.name == "DONE":
+            self.counters["secure_rounds"] = self.counters.get("secure_rounds", 0) + 1
 
     async def _store_update(
         self, task: Task, current: ModelMessage, base: dict[str, np.ndarray], weights: Mapping[str, np.ndarray],

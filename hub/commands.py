@@ -38,7 +38,7 @@ CONFIG_KEYS = {
     "broker": str, "federation": str, "state": str, "keyring": str, "credentials": str, "model": str, "task": str,
     "min_clients": int, "clients_per_round": int, "round_timeout": float, "rounds": int, "quantize": str,
     "norm_bound": float, "max_update_bytes": int, "server_lr": float, "strategy": str,
-    "fraction": float, "max_clients": int, "stragglers": str, "evaluate_every": int,
+    "fraction": float, "max_clients": int, "stragglers": str, "evaluate_every": int, "secure_aggregation": bool,
 }
 
 
@@ -71,6 +71,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--stragglers", choices=("drop", "next-round"),
                    help="a late update is refused (drop, default) or counted into the next round")
     p.add_argument("--evaluate-every", type=int, metavar="K", help="federated evaluation every K rounds (default 1)")
+    p.add_argument("--secure-aggregation", action="store_true", default=None,
+                   help="run SecAgg+ over MQTT: the hub learns only the sum of the selected edges' updates "
+                        "(needs --keyring or --credentials; the edges need the keyring as --peer-keyring)")
     add_strategy_flags(p)
     p.set_defaults(func=cmd_hub)
 
@@ -120,7 +123,7 @@ def _read_config(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, A
             raise ConfigError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(CONFIG_KEYS))}.")
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ConfigError(f"{path}: {key} must be a {kind.__name__}, got {value!r}.")
         settings[name] = value
     from hub.service import task_config_from
@@ -144,6 +147,7 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         "quantize": args.quantize, "norm_bound": args.norm_bound, "max_update_bytes": args.max_update_bytes,
         "server_lr": args.server_lr, "strategy": args.strategy, "fraction": args.fraction,
         "max_clients": args.max_clients, "stragglers": args.stragglers, "evaluate_every": args.evaluate_every,
+        "secure_aggregation": args.secure_aggregation,
     }
     if args.model or args.task:  # the flags' choice of initial model replaces the file's
         settings.pop("model", None)
@@ -167,6 +171,7 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         strategy_args=strategy_args, fraction=settings.get("fraction", 1.0),
         max_clients=settings.get("max_clients"), stragglers=settings.get("stragglers", "drop"),
         evaluate_every=settings.get("evaluate_every", 1),
+        secure_aggregation=settings.get("secure_aggregation", False),
         **({"max_update_bytes": settings["max_update_bytes"]} if "max_update_bytes" in settings else {}),
     )
     initial: Model | None = None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -303,6 +303,16 @@ class RoundManager:
         cur.updates_accepted += 1
         cur.num_examples += update.num_examples
         cur.bytes_up += update.size
+
+    def add_secure_mean(self, mean: Mapping[str, np.ndarray], survivors: Sequence[str], bytes_up: int = 0) -> None:
+        """The open round's aggregate from secure aggregation: the survivors' mean, no update seen alone."""
+        cur, model = self._open(), self.model
+        assert model is not None
+        cur.aggregate = StreamingAverage.like(model.network.state_dict())
+        cur.aggregate.add(mean, 1.0)
+        cur.participants = set(survivors)
+        cur.updates_accepted = len(survivors)
+        cur.bytes_up += bytes_up
 
     def _rebased(self, update: AcceptedUpdate) -> Mapping[str, np.ndarray]:
         """The delta with its BatchNorm statistics re-based from its (older) base model onto the current one.

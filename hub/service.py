@@ -21,6 +21,7 @@ re-aggregates the open round's stored updates; the round's deadline starts anew.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
 import logging
@@ -54,6 +55,7 @@ from models.protocol.topics import Topics, check_name
 
 if TYPE_CHECKING:
     from hub.accounting import PrivacyAccountant
+    from hub.secure_rounds import SecureRound
     from models.protocol.credentials import Credentials
     from models.protocol.mqtt import BrokerAddress
 
@@ -62,6 +64,7 @@ __all__ = ["DEFAULT_TASK_CONFIG", "HubConfig", "HubService"]
 log = logging.getLogger(__name__)
 
 RECONNECT_POLL_S = 0.5
+SECURE_STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "dpfedavg")
 RECEIPTS_IN_FLIGHT = 32
 
 Scalar = float | int | str | bool
@@ -102,6 +105,11 @@ class HubConfig:
     ``client_id`` defaults to
     ``wearfl-hub-<federation>``; give each of several hub workers its own.
     ``topic_prefix`` replaces ``wearfl/v1`` (tests give each run its own).
+    ``secure_aggregation``: rounds run SecAgg+ (:mod:`hub.secure_rounds`) over the selected
+    edges, each stage bounded by ``secagg_stage_timeout_s``; the hub learns only the sum.
+    Every update is encoded on one fixed-point grid of ``secagg_value_bits`` bits over
+    [-clip, clip], with clip the DP strategy's or ``secagg_clip`` (a range bound, not a
+    privacy setting). It needs the device keys from ``keyring`` or ``credentials``.
     ``max_batch`` bounds how many queued messages one intake transaction takes (and fewer for a
     model so large that their decoded deltas would pass ``BATCH_DELTA_BYTES``).
     """
@@ -125,6 +133,10 @@ class HubConfig:
     fraction: float = 1.0
     max_clients: int | None = None
     stragglers: str = "drop"
+    secure_aggregation: bool = False
+    secagg_stage_timeout_s: float = 30.0
+    secagg_value_bits: int = 24
+    secagg_clip: float = 100.0
     client_id: str | None = None
     protocol: str = "auto"
     topic_prefix: str = "wearfl/v1"
@@ -163,6 +175,16 @@ class HubConfig:
                               f"a round; set --min-clients {rule.min_updates()} or more (it is {self.min_clients}).")
         if self.protocol not in ("auto", "5", "3.1.1"):
             raise ConfigError(f"unknown MQTT protocol {self.protocol!r}; use auto, 5 or 3.1.1.")
+        if self.secure_aggregation:
+            if self.strategy not in SECURE_STRATEGIES:
+                raise ConfigError(f"secure aggregation gives the hub only a sum: it works with "
+                                  f"{', '.join(SECURE_STRATEGIES)}, not {self.strategy}.")
+            if self.keyring is None and self.credentials is None:
+                raise ConfigError("secure aggregation needs the devices' keys from a keyring: give --keyring FILE or "
+                                  "--credentials DIR (the edges need the same keyring as --peer-keyring).")
+            if not (self.secagg_stage_timeout_s > 0 and 2 <= self.secagg_value_bits <= 48
+                    and math.isfinite(self.secagg_clip) and self.secagg_clip > 0):
+                raise ConfigError("secagg_stage_timeout_s and secagg_clip must be > 0, secagg_value_bits in [2, 48].")
         self.task_config = self.full_task_config()
 
     def build_strategy(self) -> Strategy:
@@ -251,6 +273,10 @@ class HubService:
         self._key: Any = None
         self._batch_limit = self.config.max_batch
         self._receipt_slots: asyncio.Semaphore | None = None
+        self._secure: SecureRound | None = None
+        self._secure_for = -1  # the round number the secure round belongs to
+        self._secure_attempts = 0
+        self._directory: dict[str, bytes] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._announcing = asyncio.Lock()
 
@@ -326,6 +352,7 @@ class HubService:
         address = cfg.broker_address()
         keyring_path = cfg.keyring_path()
         keyring = load_keyring(keyring_path) if keyring_path is not None else None
+        self._directory = dict(keyring or {})
         self._key = cfg.signing_key()
         store = self._store = HubStore(cfg.state_dir, synchronous=cfg.synchronous)
         try:
@@ -367,6 +394,8 @@ class HubService:
         await session.subscribe(self.topics.shared_updates() if shared else self.topics.all_of("update"), qos=1)
         await session.subscribe(self.topics.all_of("status"), qos=1)
         await session.subscribe(self.topics.all_of("metrics"), qos=1)
+        if self.config.secure_aggregation:
+            await session.subscribe(self.topics.all_of("secagg"), qos=1)
         await self._publish_model_and_task()
         model = rounds.model
         assert model is not None
@@ -446,6 +475,10 @@ class HubService:
             elif (client := self.topics.client_from(message.topic, "metrics")) is not None:
                 self._metrics.add(client, message.payload)
                 session.ack(message)
+            elif (client := self.topics.client_from(message.topic, "secagg")) is not None:
+                if self._secure is not None:
+                    self._secure.receive(client, message.payload)
+                session.ack(message)
             else:
                 log.debug("ignored a message on %s", message.topic)
                 session.ack(message)
@@ -524,6 +557,64 @@ class HubService:
             return True  # one more model would spend more than the privacy budget
         return self.config.rounds is not None and store.rounds_completed() >= self.config.rounds
 
+    def _start_secure_round(self, round_number: int, roster: tuple[str, ...]) -> None:
+        """A SecAgg+ round over the selected clients: its config goes out in the task."""
+        from hub.secure_rounds import SecureRound
+        from models.protocol.secagg import RoundConfig, SecAggError
+
+        cfg, intake = self.config, self._require_intake()
+        unknown = [c for c in roster if c not in self._directory]
+        if unknown:
+            log.warning("secure aggregation: %s not in the keyring; left out of round %d", ", ".join(unknown),
+                        round_number)
+        members = [c for c in roster if c in self._directory]
+        # DP's clip bounds every update already; otherwise the clip only bounds the fixed-point range
+        clip = float(getattr(self.strategy, "clip", 0.0) or cfg.secagg_clip)
+        try:
+            self._secure_attempts = self._secure_attempts + 1 if self._secure_for == round_number else 1
+            config = RoundConfig.create(f"r{round_number}-{self._secure_attempts}", members, intake.codec.size,
+                                        value_bits=cfg.secagg_value_bits, clip=clip)
+        except SecAggError as exc:
+            log.error("secure aggregation: round %d cannot start: %s", round_number, exc)
+            self._secure = None
+            return
+        self._secure = SecureRound(config, {c: self._directory[c] for c in members}, cfg.secagg_stage_timeout_s)
+        self._secure_for = round_number
+        log.info("secure aggregation: round %d over %d clients (threshold %d, %d neighbours each)", round_number,
+                 config.n, config.threshold, config.degree)
+
+    async def _secure_step(self) -> bool:
+        """Advance the secure round when its stage is due; close the round when it finished."""
+        from models.protocol.secagg import SecAggError
+
+        rounds, secure = self._require_rounds(), self._secure
+        cur = rounds.current
+        assert cur is not None
+        if secure is None or self._secure_for != cur.round:
+            cur.set_deadline(time.time() + self.config.round_timeout_s)  # nothing to close before a roster
+            return False
+        if not secure.due():
+            cur.set_deadline(time.time() + max(0.0, secure.deadline - time.monotonic()))
+            return False
+        try:
+            outgoing = secure.advance()
+        except SecAggError as exc:
+            log.error("secure aggregation: round %d aborted (%s); selecting again", cur.round, exc)
+            self._secure = None
+            self._selected.pop(cur.round, None)
+            cur.set_deadline(time.time() + self.config.round_timeout_s)
+            await self._publish_task()
+            return False
+        cur.set_deadline(time.time() + max(0.0, secure.deadline - time.monotonic()))
+        for client, payload in outgoing.items():
+            self._spawn(self._session.publish(self.topics.secagg_down(client), payload, qos=1))
+        if secure.result is None:
+            return False
+        codec = self._require_intake().codec
+        rounds.add_secure_mean(codec.unflatten(secure.result.mean), secure.result.survivors, secure.bytes_in)
+        self._secure = None
+        return await self._close_round()
+
     def _why_finished(self) -> str:
         done = self._store.rounds_completed() if self._store is not None else 0
         if self.privacy is not None and not self.privacy.can_release(done + 1):
@@ -534,6 +625,8 @@ class HubService:
     async def _maybe_close(self) -> bool:
         """Close or extend the round when the policy says so; True when a round closed."""
         rounds = self._require_rounds()
+        if self.config.secure_aggregation:
+            return await self._secure_step()
         selected = self._selection(rounds.current.round) if rounds.current is not None else None
         decision = rounds.decide(len(selected) if selected else len(self.online))
         if decision == "extend":
@@ -542,15 +635,20 @@ class HubService:
             return False
         if decision == "wait":
             return False
-        intake = self._require_intake()
+        return await self._close_round()
+
+    async def _close_round(self) -> bool:
+        """Aggregate, release the next model and open the next round."""
+        rounds, intake = self._require_rounds(), self._require_intake()
         cur = rounds.current
         assert cur is not None
         intake.close_round()
         new_model = await asyncio.to_thread(rounds.build_next_model, intake)
         next_round = cur.round + 1
         model_message = build_model(new_model, next_round, self._key, rounds.ledger_entry(int(new_model.version)))
+        selection = self._selection(next_round)
         task = Task(next_round, int(new_model.version), self._round_config(next_round),
-                    round(time.time() + self.config.round_timeout_s, 3), self._selection(next_round))
+                    round(time.time() + self.config.round_timeout_s, 3), selection)
         recipients = len(self.online) or len(cur.participants)
         summary = rounds.record_close(new_model, (len(model_message) + len(task.to_bytes())) * recipients,
                                       self._metrics.result(cur.round))
@@ -558,7 +656,7 @@ class HubService:
         await asyncio.to_thread(self._store_privacy)
         await asyncio.to_thread(rounds.open, next_round, intake, task.deadline)
         if task.clients:  # selected before the round opened: the intake takes only them
-            intake.select(task.clients)
+            intake.select(() if self.config.secure_aggregation else task.clients)
         self._metrics.forget_before(next_round)
         # After the last round of a run with ``rounds`` set, only the model goes out: a task would
         # set the edges training for a round no hub takes. A restarted hub publishes it.
@@ -582,13 +680,13 @@ class HubService:
         rounds = self._require_rounds()
         cur, model = rounds.current, rounds.model
         assert cur is not None and model is not None
-        return Task(cur.round, int(model.version), self._round_config(cur.round), cur.deadline_at,
-                    self._selection(cur.round))
+        selection = self._selection(cur.round)  # first: a secure round's config goes in the task
+        return Task(cur.round, int(model.version), self._round_config(cur.round), cur.deadline_at, selection)
 
     def _selection(self, round_number: int) -> tuple[str, ...] | None:
         """The clients picked for ``round_number`` (None: everyone; empty: too few online yet)."""
         cfg = self.config
-        if cfg.fraction >= 1.0 and cfg.max_clients is None:
+        if cfg.fraction >= 1.0 and cfg.max_clients is None and not cfg.secure_aggregation:
             return None
         chosen = self._selected.get(round_number)
         if chosen is not None:
@@ -601,8 +699,10 @@ class HubService:
         chosen = tuple(sorted(random.Random(round_number).sample(online, k)))
         self._selected = {r: c for r, c in self._selected.items() if r >= round_number - 1}
         self._selected[round_number] = chosen
+        if cfg.secure_aggregation:
+            self._start_secure_round(round_number, chosen)
         if self._intake is not None and self._intake.round == round_number:
-            self._intake.select(chosen)
+            self._intake.select(() if cfg.secure_aggregation else chosen)
         log.info("round %d: selected %d of %d online clients", round_number, k, len(online))
         return chosen
 
@@ -611,6 +711,9 @@ class HubService:
         config = round_task_config(cfg.task_config, round_number, cfg.rounds)
         if cfg.evaluate_every > 1:
             config["evaluate"] = round_number % cfg.evaluate_every == 0 or round_number == cfg.rounds
+        secure = self._secure
+        if secure is not None and self._secure_for == round_number:
+            config["secagg"] = base64.b64encode(secure.config.to_bytes()).decode()
         return config
 
     async def _publish_task(self) -> None:

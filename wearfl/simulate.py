@@ -116,6 +116,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     federation = f"sim-{int(time.time())}"
     report: dict[str, Any] = {
         "task": args.task, "dataset": args.dataset, "clients": n, "strategy": args.strategy,
+        "secure_aggregation": args.secure_aggregation,
         "strategy_args": strategy_args,
         "quantization": args.quantize, "float32_update_bytes": float32_update_bytes(model), "rounds": [],
     }
@@ -144,13 +145,20 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
 
     task_config = {"quantize": args.quantize, "epochs": args.local_epochs, "batch_size": 32, "lr": args.lr,
                    "lr_schedule": args.lr_schedule, "rotation_deg": args.rotation}
+    keyring = None
+    if args.secure_aggregation:  # the operator's directory of device keys, which secure aggregation needs
+        from models.protocol.identity import load_or_create_key, public_hex
+
+        keyring = out / "keyring"
+        keyring.write_text("".join(f"{c} {public_hex(load_or_create_key(out / 'edges' / c / 'device.key'))}\n"
+                                   for c in clients))
     hub_config = HubConfig(
         broker=url, federation=federation, state_dir=out / "hub",
         min_clients=n if args.fraction >= 1 else max(1, math.ceil(args.fraction * n)),
         clients_per_round=n if args.fraction >= 1 else None, fraction=args.fraction,
         round_timeout_s=args.round_timeout, rounds=args.rounds, task_config=task_config, strategy=args.strategy,
         strategy_args=strategy_args, evaluate_every=args.eval_every,
-        server_lr=args.server_lr,
+        server_lr=args.server_lr, keyring=keyring, secure_aggregation=args.secure_aggregation,
     )
     hub = HubService(hub_config, initial_model=model)
     report["strategy_config"] = hub.strategy.describe()
@@ -169,7 +177,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
         config = EdgeConfig(broker=url, federation=federation, client_id=client, state_dir=out / "edges" / client,
                             policy=replace(policy, train=replace(policy.train, seed=args.seed + i)),
                             seed=args.seed + i, window_hop_fraction=args.window_hop,
-                            train_delay_s=args.edge_delay)
+                            train_delay_s=args.edge_delay, peer_keyring=keyring)
         hostile = plan is not None and client in plan.malicious
         source = dataset.source(client)
         if hostile and plan.kind in ("label-flip", "backdoor"):
@@ -275,6 +283,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--dp-delta", type=float, default=1e-5, metavar="D", help="with --dp-noise: delta (default 1e-5)")
     p.add_argument("--dp-budget", type=float, metavar="EPS",
                    help="with --dp-noise: stop releasing models before epsilon would exceed this")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="SecAgg+ over MQTT: the hub learns only the sum of the edges' updates")
     p.add_argument("--attack", choices=ATTACKS, help="make some edges hostile with this attack")
     p.add_argument("--malicious", type=float, default=0.2, metavar="FRACTION",
                    help="the fraction of edges that attack (default 0.2; with --attack)")

@@ -53,6 +53,14 @@ class Topics:
     def receipt(self, client: str) -> str:
         return f"{self.root}/receipt/{client}"
 
+    def secagg_up(self, client: str) -> str:
+        """A client's secure-aggregation messages to the hub."""
+        return f"{self.root}/secagg/{client}"
+
+    def secagg_down(self, client: str) -> str:
+        """The hub's secure-aggregation messages to one client."""
+        return f"{self.root}/secagg-to/{client}"
+
     def all_of(self, kind: str) -> str:
         return f"{self.root}/{kind}/+"
 

@@ -1176,6 +1176,10 @@ class EdgeClient:
         """Take part in the task's secure round with this delta (kept for a re-run of the round)."""
         codec = UpdateCodec.for_weights(base)
         delta = codec.flatten({k: np.asarray(weights[k], np.float32) - base[k] for k in base})
+        bound = float(task.config.get("update_clip_norm", 0.0) or 0.0)  # DP's clip, before any noise
+        norm = float(np.linalg.norm(delta))
+        if bound > 0 and norm > bound:
+            delta = delta * np.float32(bound / norm)
         outbox = self._require_outbox()
         await asyncio.to_thread(outbox.put, "last_round", str(task.round).encode())
         self.last_round = task.round
@@ -1211,7 +1215,8 @@ class EdgeClient:
                 return
             directory = load_keyring(self.config.peer_keyring)
             participant = SecureParticipant(self.client_id, config, self._key, directory, kept[1],
-                                            np.random.default_rng())
+                                            np.random.default_rng(),
+                                            float(task.config.get("dp_noise_share", 0.0) or 0.0))
             first = participant.start()
         except (SecAggError, WearflError) as exc:
             log.warning("%s: cannot take part in the secure round of round %d: %s", self.client_id, task.round, exc)

@@ -25,6 +25,7 @@ from models.protocol.secagg import (
     UnmaskRequest,
     encode,
 )
+from models.protocol.secagg.fixedpoint import levels, step
 
 __all__ = ["SecureParticipant", "round_config_of"]
 
@@ -49,10 +50,16 @@ class SecureParticipant:
     """One client in one secure round: :meth:`start` gives its first message, :meth:`answer` the next ones."""
 
     def __init__(self, client_id: str, config: RoundConfig, key: Ed25519PrivateKey, directory: Mapping[str, bytes],
-                 delta: np.ndarray, rng: np.random.Generator) -> None:
+                 delta: np.ndarray, rng: np.random.Generator, noise_share: float = 0.0) -> None:
         self.config = config
         self.client = SecAggClient(client_id, config, key, directory)
-        self._x = encode(np.asarray(delta, np.float32), config.clip, config.value_bits, rng)
+        x = encode(np.asarray(delta, np.float32), config.clip, config.value_bits, rng)
+        if noise_share > 0:  # distributed DP: this client's share of the round's Gaussian noise, on the grid
+            unit = step(config.clip, config.value_bits)
+            noise = np.rint(rng.normal(0.0, noise_share / unit, x.shape)).astype(np.int64)
+            bound = levels(config.value_bits)
+            x = np.clip(x + noise, -bound, bound)
+        self._x = x
 
     @property
     def round_id(self) -> str:

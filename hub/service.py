@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import inspect
 import logging
 import math
@@ -175,6 +176,9 @@ class HubConfig:
                               f"a round; set --min-clients {rule.min_updates()} or more (it is {self.min_clients}).")
         if self.protocol not in ("auto", "5", "3.1.1"):
             raise ConfigError(f"unknown MQTT protocol {self.protocol!r}; use auto, 5 or 3.1.1.")
+        if self.strategy_args.get("distributed") not in (None, 0, "0") and not self.secure_aggregation:
+            raise ConfigError("distributed DP noise is added by the clients of secure rounds; turn on "
+                              "--secure-aggregation, or drop distributed=1 to let the hub add the noise.")
         if self.secure_aggregation:
             if self.strategy not in SECURE_STRATEGIES:
                 raise ConfigError(f"secure aggregation gives the hub only a sum: it works with "
@@ -276,6 +280,7 @@ class HubService:
         self._secure: SecureRound | None = None
         self._secure_for = -1  # the round number the secure round belongs to
         self._secure_attempts = 0
+        self._noise_share = 0.0
         self._directory: dict[str, bytes] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._announcing = asyncio.Lock()
@@ -574,6 +579,11 @@ class HubService:
             self._secure_attempts = self._secure_attempts + 1 if self._secure_for == round_number else 1
             config = RoundConfig.create(f"r{round_number}-{self._secure_attempts}", members, intake.codec.size,
                                         value_bits=cfg.secagg_value_bits, clip=clip)
+            if getattr(self.strategy, "distributed", 0):
+                # the clients' noise rides on the grid too: 8 standard deviations of room per value
+                share = self.strategy.noise_share(config.threshold)  # type: ignore[attr-defined]
+                config = dataclasses.replace(config, clip=clip + 8 * share)
+                self._noise_share = share
         except SecAggError as exc:
             log.error("secure aggregation: round %d cannot start: %s", round_number, exc)
             self._secure = None
@@ -714,6 +724,8 @@ class HubService:
         secure = self._secure
         if secure is not None and self._secure_for == round_number:
             config["secagg"] = base64.b64encode(secure.config.to_bytes()).decode()
+            if getattr(self.strategy, "distributed", 0):
+                config["dp_noise_share"] = self._noise_share
         return config
 
     async def _publish_task(self) -> None:

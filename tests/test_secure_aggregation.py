@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -78,23 +79,22 @@ class DroppingClient:
                 self.shared.set()  # and nothing more: its masked input never comes
 
 
-@pytest.mark.parametrize("dropout", [False, True])
-def test_a_secure_round_over_mqtt_gives_the_mean_and_stores_no_update(mqtt_broker, topic_prefix, tmp_path, dropout):
-    if mqtt_broker.kind != "mosquitto":
-        pytest.skip("needs MQTT 5 Mosquitto (shared subscriptions)")
-    ring = keyring_for(tmp_path)
-    initial = Model(task_spec("activity", DATASET), seed=0)
-    w0 = initial.network.state_dict()
+def known_deltas(w0: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
     rng = np.random.default_rng(3)
-    deltas = {c: {k: (0.002 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in w0.items()}
-              for c in CLIENTS}
+    return {c: {k: (0.002 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in w0.items()}
+            for c in CLIENTS}
+
+
+def run_secure_round(broker: Any, topic_prefix: str, tmp_path: Path, deltas: Any, dropout: bool = False,
+                     **hub_options: Any) -> tuple[HubService, list[EdgeClient], DroppingClient]:
+    """One secure round: a real hub, four real edges sending ``deltas``, maybe a client that drops out."""
+    ring = keyring_for(tmp_path)
     federation = "secure-" + topic_prefix.split("/")[1]
-    config = HubConfig(broker=mqtt_broker.url, federation=federation, state_dir=tmp_path / "hub",
+    config = HubConfig(broker=broker.url, federation=federation, state_dir=tmp_path / "hub",
                        topic_prefix=topic_prefix, min_clients=5 if dropout else 4, round_timeout_s=30, rounds=1,
                        keyring=ring, secure_aggregation=True, secagg_stage_timeout_s=3 if dropout else 20,
-                       secagg_clip=1.0, secagg_value_bits=16,
-                       task_config={"quantize": "none", "epochs": 1, "update_clip_norm": 1.0})
-    hub = HubService(config, initial)
+                       task_config={"quantize": "none", "epochs": 1}, **hub_options)
+    hub = HubService(config, Model(task_spec("activity", DATASET), seed=0))
 
     def hook_for(client: str) -> Any:
         async def send_known_delta(round_number: int, base: dict[str, np.ndarray], trained: Any) -> Any:
@@ -104,13 +104,12 @@ def test_a_secure_round_over_mqtt_gives_the_mean_and_stores_no_update(mqtt_broke
     policy = FineTunePolicy(train=TrainConfig(epochs=1, batch_size=32))
     edges = []
     for c in CLIENTS:
-        edge = EdgeClient(EdgeConfig(broker=mqtt_broker.url, federation=federation, client_id=c,
+        edge = EdgeClient(EdgeConfig(broker=broker.url, federation=federation, client_id=c,
                                      state_dir=tmp_path / c, policy=policy, topic_prefix=topic_prefix,
                                      peer_keyring=ring, protocol="5"), DATASET.source(c))
         edge.weights_hook = hook_for(c)
         edges.append(edge)
-
-    dropping = DroppingClient(mqtt_broker, Topics(federation, topic_prefix), ring, tmp_path / DROPOUT / "device.key")
+    dropping = DroppingClient(broker, Topics(federation, topic_prefix), ring, tmp_path / DROPOUT / "device.key")
 
     async def scenario() -> None:
         stop = asyncio.Event()
@@ -126,6 +125,21 @@ def test_a_secure_round_over_mqtt_gives_the_mean_and_stores_no_update(mqtt_broke
             await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), WAIT_S)
 
     asyncio.run(asyncio.wait_for(scenario(), 150))
+    return hub, edges, dropping
+
+
+def needs_mosquitto(broker: Any) -> None:
+    if broker.kind != "mosquitto":
+        pytest.skip("needs MQTT 5 Mosquitto (shared subscriptions)")
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_a_secure_round_over_mqtt_gives_the_mean_and_stores_no_update(mqtt_broker, topic_prefix, tmp_path, dropout):
+    needs_mosquitto(mqtt_broker)
+    w0 = Model(task_spec("activity", DATASET), seed=0).network.state_dict()
+    deltas = known_deltas(w0)
+    hub, edges, dropping = run_secure_round(mqtt_broker, topic_prefix, tmp_path, deltas, dropout,
+                                            secagg_clip=1.0, secagg_value_bits=16)
 
     latest = ModelRegistry(tmp_path / "hub" / "models").latest()
     assert latest is not None and latest.version == 1
@@ -140,6 +154,26 @@ def test_a_secure_round_over_mqtt_gives_the_mean_and_stores_no_update(mqtt_broke
         status = store.status()
         assert status["updates_accepted"] == 0  # the hub never held an individual update
     assert all(e.counters.get("secure_rounds") == 1 for e in edges)
+
+
+@pytest.mark.parametrize("distributed", [0, 1])
+def test_dp_noise_comes_from_the_hub_or_from_the_clients_shares(mqtt_broker, topic_prefix, tmp_path, distributed):
+    needs_mosquitto(mqtt_broker)
+    w0 = Model(task_spec("activity", DATASET), seed=0).network.state_dict()
+    deltas = known_deltas(w0)
+    z, c = 0.5, 1.0
+    hub, _, _ = run_secure_round(mqtt_broker, topic_prefix, tmp_path, deltas, strategy="dpfedavg",
+                                 strategy_args={"noise": z, "clip": c, "distributed": distributed, "seed": 1})
+    got = ModelRegistry(tmp_path / "hub" / "models").latest().load().network.state_dict()
+    keys = [k for k in w0 if not k.endswith("running_var")]  # variances are kept >= 0, which biases them
+    residual = np.concatenate([(got[k] - w0[k] - np.mean([deltas[u][k] for u in CLIENTS], axis=0)).ravel()
+                               for k in keys])
+    m = len(CLIENTS)
+    # distributed: 4 clients all-to-all, 3 neighbours each, threshold 2, so each adds std z*c/sqrt(2) to the sum;
+    # central: the hub's own noise on the average
+    want = math.sqrt(m) * z * c / math.sqrt(2) / m if distributed else z * c / m
+    assert abs(float(residual.std()) / want - 1) < 0.05, (float(residual.std()), want)
+    assert hub.privacy is not None and hub.status()["privacy"]["rounds"] == 1
 
 
 def test_secure_aggregation_needs_a_keyring_and_a_mean_based_rule(tmp_path):

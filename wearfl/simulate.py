@@ -89,7 +89,8 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"--dp-noise runs DP-FedAvg; it does not combine with --strategy {args.strategy}.")
         args.strategy = "dpfedavg"
         strategy_args.update({"noise": args.dp_noise, "clip": args.dp_clip, "delta": args.dp_delta,
-                              "budget": args.dp_budget or 0.0, "seed": args.seed})
+                              "budget": args.dp_budget or 0.0, "seed": args.seed,
+                              "distributed": int(args.dp_distributed)})
     dataset = open_dataset(args.dataset)
     holdout = float(getattr(dataset, "holdout_fraction", 0.0) or 0.0)
     if args.model:
@@ -285,6 +286,8 @@ def add_commands(sub: Any) -> None:
                    help="with --dp-noise: stop releasing models before epsilon would exceed this")
     p.add_argument("--secure-aggregation", action="store_true",
                    help="SecAgg+ over MQTT: the hub learns only the sum of the edges' updates")
+    p.add_argument("--dp-distributed", action="store_true",
+                   help="with --dp-noise and --secure-aggregation: the edges add the noise in shares, not the hub")
     p.add_argument("--attack", choices=ATTACKS, help="make some edges hostile with this attack")
     p.add_argument("--malicious", type=float, default=0.2, metavar="FRACTION",
                    help="the fraction of edges that attack (default 0.2; with --attack)")

@@ -20,6 +20,12 @@ composes.
 The noise is drawn from the operating system's entropy unless ``seed`` is given (only for
 simulations that must repeat exactly).
 
+``distributed=1`` (with secure aggregation, for a hub that is not trusted to add noise):
+the hub adds none. Each client of a secure round adds its share instead, Gaussian noise
+of std ``noise * clip / sqrt(t)`` rounded onto the secure-aggregation grid, where t is
+the fewest clients a secure round can finish with (its threshold). The sum then carries
+at least the noise of the central mechanism (:meth:`DPFedAvg.noise_share`).
+
 Accounting (:meth:`DPFedAvg.privacy_accountant`): ``population`` is how many clients
 could take part (0: unknown, so no amplification by sampling: q = 1), ``delta`` the
 target delta, ``budget`` the epsilon after which the hub stops releasing models (0: no
@@ -57,7 +63,7 @@ class DPFedAvg(FedAvg):
     params: ClassVar[dict[str, type]] = {
         "noise": float, "clip": float, "expected_clients": int, "target_quantile": float, "clip_lr": float,
         "count_noise": float, "seed": int, "delta": float, "budget": float, "population": int,
-        "accountant": str, "sampling": str,
+        "accountant": str, "sampling": str, "distributed": int,
     }
 
     def __init__(
@@ -74,6 +80,7 @@ class DPFedAvg(FedAvg):
         population: int = 0,
         accountant: str = "rdp",
         sampling: str = "poisson",
+        distributed: int = 0,
         optimizer: ServerOptimizer | None = None,
         clip_norm: float = 0.0,
     ) -> None:
@@ -101,6 +108,11 @@ class DPFedAvg(FedAvg):
         self.seed = int(seed)
         self.delta, self.budget, self.population = float(delta), float(budget), int(population)
         self.accountant, self.sampling = accountant, sampling
+        if distributed not in (0, 1):
+            raise ValueError(f"distributed must be 0 or 1, got {distributed}")
+        if distributed and self.adaptive:
+            raise ValueError("adaptive clipping needs the hub to see update norms; it does not go with distributed=1")
+        self.distributed = int(distributed)
         self._rng = np.random.default_rng(self.seed if self.seed >= 0 else int.from_bytes(os.urandom(16), "little"))
         self._within = 0  # updates of the open round already within the bound (adaptive clipping)
         self._seen = 0
@@ -141,6 +153,10 @@ class DPFedAvg(FedAvg):
                                  accountant=self.accountant, sampling="poisson",  # type: ignore[arg-type]
                                  budget_epsilon=budget)
 
+    def noise_share(self, threshold: int) -> float:
+        """Each client's noise std (on the sum) in a secure round that finishes with at least ``threshold``."""
+        return self.noise * self.clip / math.sqrt(max(1, threshold))
+
     def client_weight(self, num_examples: int) -> float:
         return 1.0
 
@@ -159,7 +175,7 @@ class DPFedAvg(FedAvg):
     def finalize(self, avg: Mapping[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
         """The noisy average: the clipped sum (``avg * count``) over the expected clients, plus noise."""
         m = self.expected_clients or count
-        std = self.noise * self.clip / m
+        std = 0.0 if self.distributed else self.noise * self.clip / m  # distributed: the clients added it
         out = {k: (np.asarray(v, np.float64) * count / m
                    + std * self._rng.standard_normal(np.shape(v))).astype(F32) for k, v in avg.items()}
         if self.adaptive:

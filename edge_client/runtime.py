@@ -1192,9 +1192,8 @@ class EdgeClient:
         kept = self._secure_delta
         if kept is None or kept[0] != task.round or "secagg" not in task.config:
             return
-        current = self._secure
-        if current is not None and task.config.get("secagg") == self._secure_config:
-            return
+        if task.config.get("secagg") == self._secure_config:
+            return  # this secure round is joined (or was refused) already
         await self._start_secure(task)
 
     async def _start_secure(self, task: Task) -> None:

@@ -837,6 +837,11 @@ class EdgeClient:
         if receipt.client != self.client_id:
             log.warning("%s: ignoring a receipt addressed to %r", self.client_id, receipt.client)
             return
+        if self._pinned is not None and not receipt.verify(self._pinned):
+            # only the hub may say an update is stored: a forged receipt must not empty the outbox
+            log.warning("%s: ignoring a receipt for update %d that the hub did not sign", self.client_id,
+                        receipt.sequence)
+            return
         if not receipt.final:
             return
         outbox = self._require_outbox()

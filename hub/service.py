@@ -534,7 +534,7 @@ class HubService:
 
         async def publish(receipt: Receipt) -> None:
             async with slots:
-                await session.publish(self.topics.receipt(receipt.client), receipt.to_bytes(), qos=1)
+                await session.publish(self.topics.receipt(receipt.client), receipt.signed(self._key).to_bytes(), qos=1)
 
         results = await asyncio.gather(*(publish(r) for r in receipts), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]

@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,7 @@ __all__ = [
 MAX_MODEL_BYTES = 16 * 1024 * 1024
 MAX_JSON_BYTES = 64 * 1024
 UPDATE_FORMAT = "wearfl-update/1"
+RECEIPT_DOMAIN = b"wearfl-receipt/1\n"
 
 REJECT_REASONS = (
     "oversize", "malformed", "unsigned", "bad_signature", "key_mismatch", "unknown_client", "client_mismatch",
@@ -196,7 +197,13 @@ class Task:
 
 @dataclass(frozen=True)
 class Receipt:
-    """The hub's answer to one update: ``accepted``, ``duplicate`` (stored before) or ``rejected``."""
+    """The hub's answer to one update: ``accepted``, ``duplicate`` (stored before) or ``rejected``.
+
+    ``signature``: the hub's Ed25519 signature (hex) over every other field. An edge drops an
+    update from its outbox on a final receipt, so a receipt forged by anyone who can publish
+    on ``receipt/<client>`` could make it lose an update; the edge checks the signature
+    against the hub key it pinned and ignores a receipt that fails.
+    """
 
     client: str
     sequence: int
@@ -205,11 +212,33 @@ class Receipt:
     detail: str | None = None
     round: int | None = None
     model_version: int | None = None
+    signature: str | None = None
 
     @property
     def final(self) -> bool:
         """The hub stored the update (or refused it for good): the edge may drop it from its outbox."""
         return self.status in ("accepted", "duplicate", "rejected")
+
+    def _signed_bytes(self) -> bytes:
+        body = {k: v for k, v in asdict(self).items() if k != "signature"}
+        return RECEIPT_DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def signed(self, key: Ed25519PrivateKey) -> Receipt:
+        """This receipt signed by the hub's ``key``."""
+        return replace(self, signature=key.sign(self._signed_bytes()).hex())
+
+    def verify(self, public_key: bytes) -> bool:
+        """Whether the signature is the holder of ``public_key``'s, over exactly these fields."""
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        if self.signature is None:
+            return False
+        try:
+            Ed25519PublicKey.from_public_bytes(public_key).verify(bytes.fromhex(self.signature), self._signed_bytes())
+        except (InvalidSignature, ValueError):
+            return False
+        return True
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -218,8 +247,11 @@ class Receipt:
     def from_bytes(cls, data: bytes) -> Receipt:
         d = parse_json(data, "receipt")
         try:
+            signature = d.get("signature")
+            if signature is not None and not (isinstance(signature, str) and len(signature) == 128):
+                raise ValueError("the signature is not 64 bytes of hex")
             receipt = cls(str(d["client"]), int(d["sequence"]), str(d["status"]), d.get("reason"), d.get("detail"),
-                          d.get("round"), d.get("model_version"))
+                          d.get("round"), d.get("model_version"), signature)
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise SigningError("malformed", f"receipt is invalid ({exc})") from None
         if receipt.status not in ("accepted", "duplicate", "rejected"):

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -153,7 +154,7 @@ class FakeHub:
         return signed, parse_update_meta(signed), message.payload
 
     async def receipt(self, meta: UpdateMeta, status: str = "accepted", reason: str | None = None) -> None:
-        receipt = Receipt(meta.client, meta.sequence, status, reason, round=meta.round)
+        receipt = Receipt(meta.client, meta.sequence, status, reason, round=meta.round).signed(self.key)
         await self.session.publish(self.topics.receipt(meta.client), receipt.to_bytes())
 
     async def status_where(self, state: str, client: str = "wearer-00") -> dict[str, Any]:
@@ -222,6 +223,35 @@ def test_edge_sends_a_signed_update_and_keeps_it_until_the_receipt(mqtt_broker, 
     with Outbox(state) as outbox:
         assert outbox.pending() == []
         assert outbox.get("last_round") == b"1"
+
+
+def test_a_receipt_the_hub_did_not_sign_leaves_the_update_in_the_outbox(mqtt_broker, tmp_path):
+    fed, state = federation(), tmp_path / "edge"
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        async with FakeHub(mqtt_broker, fed) as hub:
+            await hub.publish_model(global_model(version=1), round_number=0)
+            await hub.publish_task(Task(round=1, model_version=1, config=TASK_CONFIG))
+            async with RunningEdge(edge_config(mqtt_broker, fed, state)) as edge:
+                _, meta, _ = await hub.next_update()
+                topic = hub.topics.receipt(meta.client)
+                forged = [Receipt(meta.client, meta.sequence, "accepted", round=meta.round),  # unsigned
+                          Receipt(meta.client, meta.sequence, "accepted", round=meta.round)
+                          .signed(Ed25519PrivateKey.generate()),  # signed by someone else
+                          replace(Receipt(meta.client, meta.sequence, "rejected", "stale", round=meta.round)
+                                  .signed(hub.key), status="accepted")]  # the hub's, altered
+                for receipt in forged:
+                    await hub.session.publish(topic, receipt.to_bytes())
+                marker = Task(round=1, model_version=1, config=TASK_CONFIG, deadline=12345.0)
+                await hub.publish_task(marker)  # after them on the same connection: handled after them
+                await until(lambda: edge.task == marker, "the marker task")
+                kept = [e.sequence for e in edge.outbox.pending()]
+                await hub.receipt(meta)
+                await until(lambda: edge.outbox_stats.entries == 0, "the outbox to empty after the hub's receipt")
+                return kept, [e.sequence for e in edge.outbox.pending()]
+
+    kept, after = run(scenario())
+    assert kept != [] and after == []
 
 
 def test_a_rejected_update_also_leaves_the_outbox_and_its_reason_is_logged(mqtt_broker, tmp_path, caplog):

@@ -22,3 +22,23 @@ def test_a_name_with_a_trailing_newline_is_refused():
     with pytest.raises(ConfigError):
         check_name("client id", "edge-a\n")
     assert Topics("fed").client_from(Topics("fed").update("edge-a") + "\n", "update") is None
+
+
+def test_a_signed_receipt_verifies_only_unchanged_and_only_with_the_hubs_key():
+    from dataclasses import replace
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from models.protocol.messages import Receipt
+    from models.protocol.signed import SigningError, public_key_bytes
+
+    hub, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    receipt = Receipt("edge-a", 7, "rejected", "stale", "old base", 3, 2).signed(hub)
+    again = Receipt.from_bytes(receipt.to_bytes())
+    assert again == receipt and again.verify(public_key_bytes(hub))
+    assert not again.verify(public_key_bytes(other))
+    assert not Receipt("edge-a", 7, "accepted").verify(public_key_bytes(hub))  # unsigned
+    for change in ({"status": "accepted"}, {"sequence": 8}, {"client": "edge-b"}, {"reason": None}, {"round": 4}):
+        assert not replace(again, **change).verify(public_key_bytes(hub)), change
+    with pytest.raises(SigningError):
+        Receipt.from_bytes(b'{"client": "edge-a", "sequence": 1, "status": "accepted", "signature": 5}')

@@ -86,7 +86,7 @@ from models.files import StorageError, check_writable, write_atomic
 from models.inference import NumpyPredictor, Predictor
 from models.model import Model
 from models.package import package_bytes
-from models.protocol.codec import CodecConfig, UpdateCodec
+from models.protocol.codec import CodecConfig, UpdateCodec, clip_l2
 from models.protocol.credentials import Credentials
 from models.protocol.identity import load_or_create_key, public_hex
 from models.protocol.ledger import check_entry
@@ -487,6 +487,7 @@ class EdgeClient:
         self._catching_up = False
         self._fit: asyncio.Future[tuple[dict[str, Any], int, dict[str, Any]]] | None = None
         self._fit_undo: tuple[_Ingest, int] | None = None  # set while a fit has not reached the outbox
+        self._creds: Credentials | None = None  # the credentials folder, read with the state
         self._secure: Any = None  # the SecureParticipant of the current secure round
         self._secure_config: Any = None  # the task's secagg entry it was made for
         self._secure_delta: tuple[int, np.ndarray] | None = None  # (round, flat delta) kept for a re-run
@@ -575,7 +576,7 @@ class EdgeClient:
     def _open_state(self) -> tuple[ModelMessage, _Ingest | None] | None:
         """Key, outbox, pinned hub key, stored model and checkpointed buffers (worker thread)."""
         cfg, state = self.config, self.config.state_dir
-        creds = self._credentials()
+        creds = self._creds = self._credentials()
         self._key = creds.signing_key() if creds is not None else load_or_create_key(state / "device.key")
         self.outbox = Outbox(state, max_entries=cfg.outbox_max_entries, max_bytes=cfg.outbox_max_bytes)
         self._stats = self.outbox.stats()
@@ -618,10 +619,9 @@ class EdgeClient:
         return creds
 
     def _broker_address(self) -> BrokerAddress:
-        """The broker URL, with the credentials' password and TLS certificates when given."""
+        """The broker URL, with the credentials' password and TLS certificates (read by :meth:`_open_state`)."""
         address = BrokerAddress.parse(self.config.broker)
-        creds = self._credentials()
-        return creds.apply(address) if creds is not None else address
+        return self._creds.apply(address) if self._creds is not None else address
 
     async def _serve(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -1181,10 +1181,7 @@ class EdgeClient:
         """Take part in the task's secure round with this delta (kept for a re-run of the round)."""
         codec = UpdateCodec.for_weights(base)
         delta = codec.flatten({k: np.asarray(weights[k], np.float32) - base[k] for k in base})
-        bound = float(task.config.get("update_clip_norm", 0.0) or 0.0)  # DP's clip, before any noise
-        norm = float(np.linalg.norm(delta))
-        if bound > 0 and norm > bound:
-            delta = delta * np.float32(bound / norm)
+        delta = clip_l2(delta, float(task.config.get("update_clip_norm", 0.0) or 0.0))  # DP's clip, before noise
         outbox = self._require_outbox()
         await asyncio.to_thread(outbox.put, "last_round", str(task.round).encode())
         self.last_round = task.round

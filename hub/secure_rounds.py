@@ -61,13 +61,8 @@ class SecureRound:
         self.deadline = (time.monotonic() if now is None else now) + self.stage_timeout_s
         self._expected: set[str] = set(config.roster)
         self._answered: set[str] = set()
-        self.refused: dict[str, str] = {}
         self.result: SecureResult | None = None
         self.bytes_in = 0
-
-    @property
-    def stage(self) -> ServerStage:
-        return self.server.stage
 
     def receive(self, client: str, payload: bytes) -> None:
         """A message from ``client`` for the current stage; a bad one is logged and left out."""
@@ -86,7 +81,6 @@ class SecureRound:
                 raise SecAggError("wrong_sender", f"a message on {client}'s topic names another sender")
             getattr(self.server, method)(message)
         except SecAggError as exc:
-            self.refused[client] = exc.reason
             log.warning("secure aggregation: refused %s's %s: %s", client, cls.__name__, exc)
             return
         self._answered.add(client)

@@ -143,6 +143,7 @@ class HubConfig:
     topic_prefix: str = "wearfl/v1"
     max_batch: int = 256
     synchronous: str = "FULL"
+    _loaded_credentials: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
@@ -189,7 +190,7 @@ class HubConfig:
             if not (self.secagg_stage_timeout_s > 0 and 2 <= self.secagg_value_bits <= 48
                     and math.isfinite(self.secagg_clip) and self.secagg_clip > 0):
                 raise ConfigError("secagg_stage_timeout_s and secagg_clip must be > 0, secagg_value_bits in [2, 48].")
-        self.task_config = self.full_task_config()
+        self.task_config = self.full_task_config(rule)
 
     def build_strategy(self) -> Strategy:
         """A fresh instance of the configured rule (``server_lr`` applies unless the args set it)."""
@@ -201,10 +202,12 @@ class HubConfig:
         return make_strategy(self.strategy, args)
 
     def credentials_folder(self) -> Credentials | None:
-        """The ``wearfl keys`` folder given as ``credentials``, read and checked."""
+        """The ``wearfl keys`` folder given as ``credentials``, read and checked (once)."""
         from models.protocol.credentials import Credentials
 
-        return Credentials.load(self.credentials, "hub") if self.credentials is not None else None
+        if self.credentials is not None and self._loaded_credentials is None:
+            self._loaded_credentials = Credentials.load(self.credentials, "hub")
+        return self._loaded_credentials
 
     def broker_address(self) -> BrokerAddress:
         """The broker URL, with the credentials folder's password and TLS certificates when given."""
@@ -229,9 +232,9 @@ class HubConfig:
     def policy(self) -> RoundPolicy:
         return RoundPolicy(self.min_clients, self.clients_per_round, self.round_timeout_s)
 
-    def full_task_config(self) -> dict[str, Scalar]:
-        """:data:`DEFAULT_TASK_CONFIG` overridden by ``task_config``, checked."""
-        config = {**DEFAULT_TASK_CONFIG, **self.task_config, **self.build_strategy().task_config()}
+    def full_task_config(self, rule: Strategy) -> dict[str, Scalar]:
+        """:data:`DEFAULT_TASK_CONFIG` overridden by ``task_config`` and what ``rule`` needs of the edges, checked."""
+        config = {**DEFAULT_TASK_CONFIG, **self.task_config, **rule.task_config()}
         for key, value in config.items():
             if not isinstance(value, float | int | str | bool):
                 raise ConfigError(f"task_config[{key!r}] must be a number, string or boolean, got {value!r}.")
@@ -381,8 +384,8 @@ class HubService:
             )
             await session.connect()
             try:
-                if self._finished():
-                    log.info("%s; publishing its final model", self._why_finished())
+                if (reason := self._finish_reason()) is not None:
+                    log.info("%s; publishing its final model", reason)
                     await self._publish_model_and_task(task=False)
                 else:
                     await self._serve(session, stop)
@@ -433,8 +436,8 @@ class HubService:
                     batch.append(item)
                 if batch:
                     await self._handle(session, batch)
-                if await self._maybe_close() and self._finished():
-                    log.warning("%s; stopping", self._why_finished())
+                if await self._maybe_close() and (reason := self._finish_reason()) is not None:
+                    log.warning("%s; stopping", reason)
                     break
         finally:
             for task in (pump, stopper, reannounce):
@@ -555,12 +558,19 @@ class HubService:
     # -- rounds ---------------------------------------------------------------------
 
     def _finished(self) -> bool:
-        store = self._store
-        if store is None:
-            return False
-        if self.privacy is not None and not self.privacy.can_release(store.rounds_completed() + 1):
-            return True  # one more model would spend more than the privacy budget
-        return self.config.rounds is not None and store.rounds_completed() >= self.config.rounds
+        return self._finish_reason() is not None
+
+    def _finish_reason(self) -> str | None:
+        """Why no further round is run (the rounds are done, or one more would pass the privacy budget), or None."""
+        if self._store is None:
+            return None
+        done = self._store.rounds_completed()
+        if self.privacy is not None and not self.privacy.can_release(done + 1):
+            return (f"the privacy budget is spent: epsilon {self.privacy.epsilon_after(done):.3g} after {done} rounds, "
+                    f"one more would pass {self.privacy.budget_epsilon:g}; no further model is released")
+        if self.config.rounds is not None and done >= self.config.rounds:
+            return f"the federation completed {done} rounds"
+        return None
 
     def _start_secure_round(self, round_number: int, roster: tuple[str, ...]) -> None:
         """A SecAgg+ round over the selected clients: its config goes out in the task."""
@@ -625,13 +635,6 @@ class HubService:
         self._secure = None
         return await self._close_round()
 
-    def _why_finished(self) -> str:
-        done = self._store.rounds_completed() if self._store is not None else 0
-        if self.privacy is not None and not self.privacy.can_release(done + 1):
-            return (f"the privacy budget is spent: epsilon {self.privacy.epsilon_after(done):.3g} after {done} rounds, "
-                    f"one more would pass {self.privacy.budget_epsilon:g}; no further model is released")
-        return f"the federation completed {done} rounds"
-
     async def _maybe_close(self) -> bool:
         """Close or extend the round when the policy says so; True when a round closed."""
         rounds = self._require_rounds()
@@ -665,8 +668,7 @@ class HubService:
         await asyncio.to_thread(self._store_personalization)
         await asyncio.to_thread(self._store_privacy)
         await asyncio.to_thread(rounds.open, next_round, intake, task.deadline)
-        if task.clients:  # selected before the round opened: the intake takes only them
-            intake.select(() if self.config.secure_aggregation else task.clients)
+        self._restrict_intake(next_round)  # selected before the round opened
         self._metrics.forget_before(next_round)
         # After the last round of a run with ``rounds`` set, only the model goes out: a task would
         # set the edges training for a round no hub takes. A restarted hub publishes it.
@@ -711,14 +713,20 @@ class HubService:
         self._selected[round_number] = chosen
         if cfg.secure_aggregation:
             self._start_secure_round(round_number, chosen)
-        if self._intake is not None and self._intake.round == round_number:
-            self._intake.select(() if cfg.secure_aggregation else chosen)
+        self._restrict_intake(round_number)
         log.info("round %d: selected %d of %d online clients", round_number, k, len(online))
         return chosen
 
+    def _restrict_intake(self, round_number: int) -> None:
+        """The open round's intake takes updates from its selected clients only; a secure round from none."""
+        chosen, intake = self._selected.get(round_number), self._intake
+        if chosen is not None and intake is not None and intake.round == round_number:
+            intake.select(() if self.config.secure_aggregation else chosen)
+
     def _round_config(self, round_number: int) -> dict[str, Scalar]:
         cfg = self.config
-        config = round_task_config(cfg.task_config, round_number, cfg.rounds)
+        # the rule's settings as they are now (adaptive clipping moves its clip between rounds)
+        config = round_task_config({**cfg.task_config, **self.strategy.task_config()}, round_number, cfg.rounds)
         if cfg.evaluate_every > 1:
             config["evaluate"] = round_number % cfg.evaluate_every == 0 or round_number == cfg.rounds
         secure = self._secure

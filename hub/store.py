@@ -217,9 +217,6 @@ class HubStore:
 
     # -- updates ---------------------------------------------------------------------
 
-    def has_update(self, client: str, sequence: int) -> bool:
-        return self.stored_update(client, sequence) is not None
-
     def stored_update(self, client: str, sequence: int) -> tuple[int, str] | None:
         """``(round, sha256)`` of the stored update (client, sequence), or None."""
         with self._lock:
@@ -241,7 +238,7 @@ class HubStore:
         """Store an accepted update and count it for its client, atomically.
 
         The client must have a pinned key. ``sqlite3.IntegrityError`` when (client,
-        sequence) is already stored: check :meth:`has_update` first.
+        sequence) is already stored: check :meth:`stored_update` first.
         """
         now = time.time() if received_at is None else received_at
         digest = hashlib.sha256(payload).hexdigest()
@@ -258,10 +255,6 @@ class HubStore:
             )
             if cur.rowcount != 1:
                 raise ValueError(f"client {client!r} has no pinned key; pin it before recording its updates")
-
-    def round_updates(self, round_number: int) -> list[StoredUpdate]:
-        """The accepted updates of ``round_number``, oldest first (all in memory: for small rounds and tests)."""
-        return list(self.iter_round_updates(round_number))
 
     def iter_round_updates(self, round_number: int, page: int = 64) -> Iterator[StoredUpdate]:
         """The accepted updates of ``round_number``, oldest first, read ``page`` at a time.

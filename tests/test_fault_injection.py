@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -38,6 +39,7 @@ from typing import Any, TypeVar
 
 import paho.mqtt.client as paho
 import pytest
+import waiting
 
 import edge_client.runtime as edge_runtime
 from edge_client.evaluation import task_spec
@@ -74,13 +76,7 @@ def run(coro: Coroutine[Any, Any, T], timeout: float = 150.0) -> T:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-async def until(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+until = functools.partial(waiting.until, timeout=WAIT_S)
 
 
 def federation() -> str:

@@ -509,7 +509,7 @@ def assert_accepted_only(observer: Observer, stored: set[tuple[str, int]]) -> No
 
 def stored_updates(state: Path) -> set[tuple[str, int]]:
     with HubStore(state, create=False) as store:
-        return {(u.client, u.sequence) for u in store.round_updates(1)}
+        return {(u.client, u.sequence) for u in store.iter_round_updates(1)}
 
 
 def test_hub_disk_full_while_storing_an_update(small_fs: SmallFs, mqtt_broker: Any) -> None:

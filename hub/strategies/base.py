@@ -27,7 +27,7 @@ import numpy as np
 
 from hub.strategies.optimizers import OPTIMIZERS, ServerOptimizer
 
-__all__ = ["Strategy", "check_count", "check_round", "stack", "unstack"]
+__all__ = ["Strategy", "bound_norm", "check_count", "check_round", "stack", "unstack"]
 
 F32 = np.float32
 
@@ -77,11 +77,7 @@ class Strategy:
         ``staleness`` (versions behind) matters only to asynchronous rules."""
         if self.clip_norm <= 0:
             return delta
-        norm = math.sqrt(sum(float(np.vdot(v, v)) for v in delta.values()))
-        if norm <= self.clip_norm:
-            return delta
-        scale = F32(self.clip_norm / norm)
-        return {k: (np.asarray(v, F32) * scale) for k, v in delta.items()}
+        return bound_norm(delta, self.clip_norm)[0]
 
     def aggregate(self, deltas: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
         """One delta from the round's deltas (same names and shapes) and their weights: the weighted mean."""
@@ -109,6 +105,15 @@ class Strategy:
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         self.optimizer.load_state_dict(state)
+
+
+def bound_norm(delta: Mapping[str, np.ndarray], bound: float) -> tuple[Mapping[str, np.ndarray], float]:
+    """``delta`` scaled down to L2 norm ``bound`` (itself when within it), and its norm before."""
+    norm = math.sqrt(sum(float(np.vdot(v, v)) for v in delta.values()))
+    if norm <= bound:
+        return delta, norm
+    scale = F32(bound / norm)
+    return {k: np.asarray(v, F32) * scale for k, v in delta.items()}, norm
 
 
 def check_count(name: str, value: int, least: int = 0) -> int:

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from hub.strategies.base import bound_norm
 from hub.strategies.fedavg import FedAvg
 from hub.strategies.optimizers import ServerOptimizer
 
@@ -115,7 +116,6 @@ class DPFedAvg(FedAvg):
         self.distributed = int(distributed)
         self._rng = np.random.default_rng(self.seed if self.seed >= 0 else int.from_bytes(os.urandom(16), "little"))
         self._within = 0  # updates of the open round already within the bound (adaptive clipping)
-        self._seen = 0
 
     @property
     def adaptive(self) -> bool:
@@ -164,25 +164,22 @@ class DPFedAvg(FedAvg):
         return {"update_clip_norm": self.clip}
 
     def prepare(self, delta: Mapping[str, np.ndarray], staleness: int = 0) -> Mapping[str, np.ndarray]:
-        norm = math.sqrt(sum(float(np.vdot(v, v)) for v in delta.values()))
-        self._seen += 1
-        if norm <= self.clip:
-            self._within += 1
-            return delta
-        scale = F32(self.clip / norm)
-        return {k: np.asarray(v, F32) * scale for k, v in delta.items()}
+        bounded, norm = bound_norm(delta, self.clip)
+        self._within += norm <= self.clip
+        return bounded
 
     def finalize(self, avg: Mapping[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
         """The noisy average: the clipped sum (``avg * count``) over the expected clients, plus noise."""
         m = self.expected_clients or count
-        std = 0.0 if self.distributed else self.noise * self.clip / m  # distributed: the clients added it
-        out = {k: (np.asarray(v, np.float64) * count / m
-                   + std * self._rng.standard_normal(np.shape(v))).astype(F32) for k, v in avg.items()}
+        out = {k: (np.asarray(v, np.float64) * (count / m)).astype(F32) for k, v in avg.items()}
+        if not self.distributed:  # distributed: the clients of the secure round added it
+            std = self.noise * self.clip / m
+            out = {k: (v + std * self._rng.standard_normal(v.shape)).astype(F32) for k, v in out.items()}
         if self.adaptive:
             noisy = self._within + self.count_noise * float(self._rng.standard_normal())
             fraction = noisy / m
             self.clip *= math.exp(-self.clip_lr * (fraction - self.target_quantile))
-        self._within = self._seen = 0
+        self._within = 0
         return out
 
     def describe(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from models.errors import ConfigError
 
-__all__ = ["SCHEMES", "CodecConfig", "CodecError", "UpdateCodec"]
+__all__ = ["SCHEMES", "CodecConfig", "CodecError", "UpdateCodec", "clip_l2"]
 
 SCHEMES = ("none", "int8", "int4", "topk")
 F32 = np.float32
@@ -30,6 +30,15 @@ class CodecError(ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
+
+
+def clip_l2(flat: np.ndarray, bound: float) -> np.ndarray:
+    """A flat delta scaled down to L2 norm ``bound`` (0: no bound); the edge's update clipping."""
+    if bound > 0:
+        norm = float(np.linalg.norm(flat))
+        if norm > bound:
+            return flat * F32(bound / norm)
+    return flat
 
 
 @dataclass(frozen=True)
@@ -91,12 +100,7 @@ class UpdateCodec:
         self, delta: Mapping[str, np.ndarray], rng: np.random.Generator, residual: np.ndarray | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any], np.ndarray | None]:
         """(tensors, codec metadata, new residual) for a delta; residual only for ``topk``."""
-        flat = self.flatten(delta)
-        clip = self.config.clip_norm
-        if clip > 0:
-            norm = float(np.linalg.norm(flat))
-            if norm > clip:
-                flat = flat * F32(clip / norm)
+        flat = clip_l2(self.flatten(delta), self.config.clip_norm)
         scheme = self.config.scheme
         meta: dict[str, Any] = {"scheme": scheme, "n": self.size, "block": self.config.block}
         if scheme == "none":

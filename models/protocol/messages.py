@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from models.model import Model
 from models.package import FORMAT as PACKAGE_FORMAT
@@ -229,9 +230,6 @@ class Receipt:
 
     def verify(self, public_key: bytes) -> bool:
         """Whether the signature is the holder of ``public_key``'s, over exactly these fields."""
-        from cryptography.exceptions import InvalidSignature
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
         if self.signature is None:
             return False
         try:

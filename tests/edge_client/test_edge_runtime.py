@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+import waiting
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import load as st_load
 
@@ -90,13 +92,7 @@ def edge_config(broker: Any, fed: str, state_dir: Path, client: str = "wearer-00
                       protocol=protocol_of(broker), **overrides)
 
 
-async def until(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+until = functools.partial(waiting.until, timeout=WAIT_S)
 
 
 class FakeHub:

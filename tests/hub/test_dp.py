@@ -99,3 +99,14 @@ def test_bad_settings_are_config_errors(args):
 
     with pytest.raises(ConfigError):
         make_strategy("dpfedavg", args)
+
+
+def test_each_task_carries_the_clip_as_adaptive_clipping_has_moved_it(tmp_path):
+    from hub.service import HubConfig, HubService
+
+    config = HubConfig("mqtt://127.0.0.1:1883", "fed", tmp_path, strategy="dpfedavg",
+                       strategy_args={"noise": 1.0, "clip": 1.0, "target_quantile": 0.5, "count_noise": 1.0})
+    hub = HubService(config)
+    assert hub._round_config(1)["update_clip_norm"] == 1.0
+    hub.strategy.clip = 0.25  # where finalize() moved it after a round
+    assert hub._round_config(2)["update_clip_norm"] == 0.25

@@ -19,7 +19,7 @@ def test_a_client_sequence_is_stored_once(tmp_path):
     store = HubStore(tmp_path)
     store.pin_key("edge-a", KEY_A)
     store.record_update("edge-a", 0, 1, 0, 10, b"payload")
-    assert store.has_update("edge-a", 0) and not store.has_update("edge-a", 1)
+    assert store.stored_update("edge-a", 0) is not None and store.stored_update("edge-a", 1) is None
     with pytest.raises(sqlite3.IntegrityError):
         store.record_update("edge-a", 0, 1, 0, 10, b"payload")
     assert store.status()["clients"]["edge-a"]["accepted"] == 1
@@ -80,8 +80,8 @@ def test_record_round_moves_state_on_and_drops_closed_payloads(tmp_path):
     store.record_update("edge-a", 1, 2, 1, 10, b"round two")
     store.record_round(RoundRecord(1, 0, 1, 10.0, 20.0, 1, 10, metrics={"accuracy": 0.5}), next_round=2)
     assert store.get("round") == 2 and store.get("model_version") == 1
-    assert [u.payload for u in store.round_updates(1)] == [None]
-    assert [u.payload for u in store.round_updates(2)] == [b"round two"]
+    assert [u.payload for u in store.iter_round_updates(1)] == [None]
+    assert [u.payload for u in store.iter_round_updates(2)] == [b"round two"]
     assert store.rounds()[0].metrics == {"accuracy": 0.5} and store.rounds_completed() == 1
 
 

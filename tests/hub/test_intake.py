@@ -50,7 +50,7 @@ def test_a_good_update_is_accepted_stored_and_decoded(store):
     assert accepted is not None and accepted.num_examples == 10
     for k in SHAPES:
         np.testing.assert_array_equal(accepted.delta[k], delta[k])
-    assert store.has_update("edge-a", 3)
+    assert store.stored_update("edge-a", 3) is not None
     assert store.status()["clients"]["edge-a"]["accepted"] == 1
 
 

@@ -437,7 +437,7 @@ class HubService:
                 if batch:
                     await self._handle(session, batch)
                 if await self._maybe_close() and (reason := self._finish_reason()) is not None:
-                    log.warning("%s; stopping", reason)
+                    log.log(logging.WARNING if self._budget_spent() else logging.INFO, "%s; stopping", reason)
                     break
         finally:
             for task in (pump, stopper, reannounce):
@@ -560,12 +560,17 @@ class HubService:
     def _finished(self) -> bool:
         return self._finish_reason() is not None
 
+    def _budget_spent(self) -> bool:
+        """Whether one more release would pass the privacy budget."""
+        return (self.privacy is not None and self._store is not None
+                and not self.privacy.can_release(self._store.rounds_completed() + 1))
+
     def _finish_reason(self) -> str | None:
         """Why no further round is run (the rounds are done, or one more would pass the privacy budget), or None."""
         if self._store is None:
             return None
         done = self._store.rounds_completed()
-        if self.privacy is not None and not self.privacy.can_release(done + 1):
+        if self._budget_spent():
             return (f"the privacy budget is spent: epsilon {self.privacy.epsilon_after(done):.3g} after {done} rounds, "
                     f"one more would pass {self.privacy.budget_epsilon:g}; no further model is released")
         if self.config.rounds is not None and done >= self.config.rounds:

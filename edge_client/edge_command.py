@@ -107,12 +107,12 @@ def _hooks(args: argparse.Namespace) -> tuple[ResourceHook, ...]:
 def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`~edge_client.runtime.EdgeConfig` the command line describes."""
     from edge_client.runtime import EdgeConfig
-    from models.protocol.mqtt import BrokerAddress
+    from models.transport.mqtt import BrokerAddress
 
     BrokerAddress.parse(args.broker)  # a malformed URL fails here, before anything starts
     client_id = args.client_id
     if args.credentials is not None:
-        from models.protocol.credentials import Credentials
+        from models.transport.credentials import Credentials
 
         username = Credentials.load(args.credentials, "device").username
         if client_id is None:

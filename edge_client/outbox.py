@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from models.errors import ConfigError, WearflError
-from models.files import rollback, storage_error
+from models.errors import ConfigError, OutboxFull
+from models.files import open_database, rollback, storage_error
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_ENTRIES", "Outbox", "OutboxEntry", "OutboxFull", "OutboxStats"]
 
@@ -65,17 +65,6 @@ CREATE TABLE IF NOT EXISTS entries (
 );
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
-
-
-class OutboxFull(WearflError):
-    """The outbox is at its bound; nothing was added. Training should pause until receipts free space.
-
-    ``entries`` and ``bytes`` are what it holds, ``max_entries`` and ``max_bytes`` its bounds.
-    """
-
-    def __init__(self, message: str, *, entries: int, bytes: int, max_entries: int, max_bytes: int) -> None:
-        super().__init__(message)
-        self.entries, self.bytes, self.max_entries, self.max_bytes = entries, bytes, max_entries, max_bytes
 
 
 @dataclass(frozen=True)
@@ -127,20 +116,9 @@ class Outbox:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / DB_NAME
         self.max_entries, self.max_bytes = int(max_entries), int(max_bytes)
-        try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            storage = storage_error(exc, self.state_dir, f"opening the outbox {DB_NAME}")
-            if storage is not None:
-                raise storage from exc
-            raise ConfigError(
-                f"cannot open the outbox {self.path} ({exc}); check that the state directory is writable "
-                "and not used by another process."
-            ) from exc
+        self._db = open_database(self.state_dir, DB_NAME, _SCHEMA, what=f"the outbox {DB_NAME}",
+                                 advice="check that the state directory is writable and not used by another "
+                                        "process.")
         self._lock = threading.Lock()
         self._closed = False
 

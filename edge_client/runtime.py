@@ -87,14 +87,14 @@ from models.inference import NumpyPredictor, Predictor
 from models.model import Model
 from models.package import package_bytes
 from models.protocol.codec import CodecConfig, UpdateCodec, clip_l2
-from models.protocol.credentials import Credentials
 from models.protocol.identity import load_or_create_key, public_hex
 from models.protocol.ledger import check_entry
 from models.protocol.messages import ModelMessage, Receipt, Task, UpdateMeta, build_update, parse_model
-from models.protocol.mqtt import BrokerAddress, Message, MqttSession, Will
 from models.protocol.signed import SigningError
 from models.protocol.topics import Topics, check_name
 from models.spec import ModelSpec
+from models.transport.credentials import Credentials
+from models.transport.mqtt import BrokerAddress, Message, MqttSession, Will
 
 __all__ = ["EdgeClient", "EdgeConfig", "run_edges"]
 
@@ -204,20 +204,6 @@ def spec_key(spec: ModelSpec) -> str:
     text = json.dumps([spec.task, list(spec.channels), spec.window, spec.sampling_rate_hz, list(spec.classes),
                        spec.preprocessing], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def codec_config(config: Mapping[str, Any]) -> CodecConfig:
-    """The update encoding a task's config asks for (``quantize``, ``block``, ``topk_fraction``,
-    ``update_clip_norm``); ``clip_norm`` is the trainer's gradient clip, not this."""
-    try:
-        return CodecConfig(
-            scheme=str(config.get("quantize", "int8")),
-            block=int(config.get("block", 256)),
-            topk_fraction=float(config.get("topk_fraction", 0.04)),
-            clip_norm=float(config.get("update_clip_norm", 0.0)),
-        )
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"the task's update encoding settings are invalid ({exc}).") from exc
 
 
 # -- the stream: preprocessing, labels, buffers (worker-thread side) ---------------------------
@@ -1124,7 +1110,7 @@ class EdgeClient:
             return
         config = dict(task.config)
         config.setdefault("seed", policy.train.seed + task.round)
-        codec = codec_config(config)
+        codec = CodecConfig.from_task(config)
         self._set_state(f"training round {task.round}")
         async with self._lock:
             if self._ingest is not ingest:
@@ -1181,7 +1167,7 @@ class EdgeClient:
         """Take part in the task's secure round with this delta (kept for a re-run of the round)."""
         codec = UpdateCodec.for_weights(base)
         delta = codec.flatten({k: np.asarray(weights[k], np.float32) - base[k] for k in base})
-        delta = clip_l2(delta, float(task.config.get("update_clip_norm", 0.0) or 0.0))  # DP's clip, before noise
+        delta = clip_l2(delta, CodecConfig.from_task(task.config).update_clip)  # DP's clip, before noise
         outbox = self._require_outbox()
         await asyncio.to_thread(outbox.put, "last_round", str(task.round).encode())
         self.last_round = task.round
@@ -1250,7 +1236,7 @@ class EdgeClient:
         outbox = self._require_outbox()
         codec = UpdateCodec.for_weights(base, codec_cfg)
         residual = None
-        if codec_cfg.scheme == "topk":
+        if codec_cfg.quantize == "topk":
             residual = await asyncio.to_thread(self._load_residual, codec.size)
 
         def encode() -> tuple[dict[str, np.ndarray], dict[str, Any], np.ndarray | None]:

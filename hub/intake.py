@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hub.store import HubStore
+from models.errors import UpdateRejected
 from models.protocol.codec import CodecError, UpdateCodec
 from models.protocol.messages import REJECT_REASONS, Receipt, UpdateMeta, parse_update_meta
 from models.protocol.signed import SIGNATURE_TENSOR, TRAILER_BYTES, SigningError, verify_and_parse
@@ -75,13 +76,6 @@ class AcceptedUpdate:
     @property
     def num_examples(self) -> int:
         return self.meta.num_examples
-
-
-class _Reject(Exception):
-    def __init__(self, reason: str, detail: str, sequence: int = -1) -> None:
-        super().__init__(detail)
-        self.reason = reason if reason in REJECT_REASONS else "malformed"
-        self.detail, self.sequence = detail, sequence
 
 
 class Intake:
@@ -159,10 +153,10 @@ class Intake:
     def _process(self, topic: str, payload: bytes, now: float) -> tuple[Receipt, AcceptedUpdate | None]:
         client = self.topics.client_from(topic, "update")
         if client is None:
-            return self._rejected("", _Reject("malformed", f"topic {topic[:200]!r} names no valid client"))
+            return self._rejected("", UpdateRejected("malformed", f"topic {topic[:200]!r} names no valid client"))
         try:
             meta, tensors = self._verified(client, payload, now)
-        except _Reject as rej:
+        except UpdateRejected as rej:
             return self._rejected(client, rej)
         try:
             if self._is_duplicate(meta, payload):
@@ -170,12 +164,12 @@ class Intake:
                 self.store.count_duplicate()
                 log.debug("duplicate update %s/%d dropped", client, meta.sequence)
                 return self._receipt(client, meta.sequence, "duplicate"), None
-        except _Reject as rej:
+        except UpdateRejected as rej:
             self.store.touch(client, now)
             return self._rejected(client, rej)
         try:
             accepted = self._checked(meta, tensors, len(payload))
-        except _Reject as rej:
+        except UpdateRejected as rej:
             self.store.touch(client, now)  # verified: the client is alive, its update just unusable
             return self._rejected(client, rej)
         # Filed under the hub's open round: an asynchronous hub takes updates from earlier rounds.
@@ -190,42 +184,43 @@ class Intake:
         if stored is not None:
             stored_round, digest = stored
             if digest != hashlib.sha256(payload).hexdigest():
-                raise _Reject("replayed", f"sequence {seq} is already used by another stored update", seq)
+                raise UpdateRejected("replayed", f"sequence {seq} is already used by another stored update", seq)
             if not (self.is_open and stored_round == self.round):
-                raise _Reject("replayed", f"sequence {seq} was stored in round {stored_round}, which is closed; "
-                              "this copy is dropped", seq)
+                raise UpdateRejected("replayed", f"sequence {seq} was stored in round {stored_round}, which is closed; "
+                                     "this copy is dropped", seq)
             return True
         last = self._last_sequence.get(meta.client, -1)
         if seq <= last:
-            raise _Reject("replayed", f"sequence {seq} is not above the client's last stored sequence {last}", seq)
+            raise UpdateRejected("replayed", f"sequence {seq} is not above the client's last stored sequence {last}",
+                                        seq)
         return False
 
     def _verified(self, client: str, payload: bytes, now: float) -> tuple[UpdateMeta, Mapping[str, np.ndarray]]:
         """Steps 2-4: size, signature, metadata, client; pins the key of a new client."""
         if len(payload) > self.max_update_bytes:
-            raise _Reject("oversize", f"{len(payload)} bytes exceeds the {self.max_update_bytes}-byte bound")
+            raise UpdateRejected("oversize", f"{len(payload)} bytes exceeds the {self.max_update_bytes}-byte bound")
         if not _looks_like_safetensors(payload):
-            raise _Reject("malformed", "the payload is not a signed safetensors message")
+            raise UpdateRejected("malformed", "the payload is not a signed safetensors message")
         if not _names_signature(payload):
-            raise _Reject("unsigned", "the update carries no signature; sign it with the device key")
+            raise UpdateRejected("unsigned", "the update carries no signature; sign it with the device key")
         if self.keyring is not None:
             expected = self.keyring.get(client)
             if expected is None:
-                raise _Reject("unknown_client", f"client {client!r} is not in the hub's keyring")
+                raise UpdateRejected("unknown_client", f"client {client!r} is not in the hub's keyring")
         else:
             expected = self._keys.get(client)
         try:
             message = verify_and_parse(payload, self.max_update_bytes, expected)
             meta = parse_update_meta(message)
         except SigningError as exc:
-            raise _Reject(exc.reason, exc.detail) from None
+            raise UpdateRejected(exc.reason, exc.detail) from None
         except (ValueError, TypeError, OverflowError, KeyError) as exc:  # hostile metadata the parser missed
-            raise _Reject("malformed", f"update metadata is invalid ({type(exc).__name__})") from None
+            raise UpdateRejected("malformed", f"update metadata is invalid ({type(exc).__name__})") from None
         if not all(0 <= v < MAX_COUNTER for v in (meta.sequence, meta.round, meta.base_version, meta.num_examples)):
-            raise _Reject("malformed", "sequence, round, base_version and num_examples must be below 2**62")
+            raise UpdateRejected("malformed", "sequence, round, base_version and num_examples must be below 2**62")
         if meta.client != client:
-            raise _Reject("client_mismatch", f"the update names client {meta.client[:64]!r}, the topic {client!r}",
-                          meta.sequence)
+            raise UpdateRejected("client_mismatch",
+                                 f"the update names client {meta.client[:64]!r}, the topic {client!r}", meta.sequence)
         if self._keys.get(client) != message.public_key:
             self.store.pin_key(client, message.public_key, now)
             self._keys[client] = message.public_key
@@ -237,27 +232,27 @@ class Intake:
         staleness = self.model_version - meta.base_version
         if not 0 <= staleness <= self.max_staleness:
             allowed = f" (at most {self.max_staleness} versions behind)" if self.max_staleness else ""
-            raise _Reject("stale", f"the update is based on model v{meta.base_version}, the round on "
-                          f"v{self.model_version}{allowed}", seq)
+            raise UpdateRejected("stale", f"the update is based on model v{meta.base_version}, the round on "
+                                 f"v{self.model_version}{allowed}", seq)
         in_round = meta.round == self.round if not self.max_staleness else meta.round <= self.round
         if not self.is_open or not in_round:
             state = f"round {self.round} is open" if self.is_open else f"round {self.round} is closed"
-            raise _Reject("round_closed", f"the update is for round {meta.round}; {state}", seq)
+            raise UpdateRejected("round_closed", f"the update is for round {meta.round}; {state}", seq)
         if self.selected is not None and meta.round == self.round and meta.client not in self.selected:
-            raise _Reject("not_selected", f"client {meta.client!r} is not among the {len(self.selected)} clients "
-                          f"selected for round {self.round}", seq)
+            raise UpdateRejected("not_selected", f"client {meta.client!r} is not among the {len(self.selected)} "
+                                        f"clients selected for round {self.round}", seq)
         try:
             delta = self.codec.decode(tensors, meta.codec)
         except CodecError as exc:
-            raise _Reject(exc.reason, exc.detail, seq) from None
+            raise UpdateRejected(exc.reason, exc.detail, seq) from None
         except (ValueError, TypeError, OverflowError, KeyError) as exc:  # hostile codec metadata
-            raise _Reject("malformed", f"the update does not decode ({type(exc).__name__})", seq) from None
+            raise UpdateRejected("malformed", f"the update does not decode ({type(exc).__name__})", seq) from None
         norm = None
         if self.norm_bound is not None:
             norm = l2_norm(delta)
             if not norm <= self.norm_bound:
-                raise _Reject("norm_bound", f"the update's L2 norm {norm:.4g} exceeds the bound {self.norm_bound:g}",
-                              seq)
+                raise UpdateRejected("norm_bound",
+                                     f"the update's L2 norm {norm:.4g} exceeds the bound {self.norm_bound:g}", seq)
         return AcceptedUpdate(meta, delta, size, norm, staleness)
 
     def decode_stored(self, payload: bytes) -> AcceptedUpdate | None:
@@ -279,7 +274,9 @@ class Intake:
                  detail: str | None = None) -> Receipt:
         return Receipt(client, sequence, status, reason, detail, self.round, self.model_version)
 
-    def _rejected(self, client: str, rej: _Reject) -> tuple[Receipt, None]:
+    def _rejected(self, client: str, rej: UpdateRejected) -> tuple[Receipt, None]:
+        if rej.reason not in REJECT_REASONS:  # a codec or signing reason receipts do not know
+            rej = UpdateRejected("malformed", rej.detail, rej.sequence)
         self.store.count_rejection(rej.reason)
         log.info("rejected update from %s (sequence %d): %s: %s", client or "?", rej.sequence, rej.reason, rej.detail)
         return self._receipt(client, rej.sequence, "rejected", rej.reason, rej.detail), None

@@ -42,18 +42,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from models.errors import ConfigError
 from models.files import write_atomic
-from models.protocol.credentials import read_mqtt_json
 from models.protocol.identity import load_or_create_key, public_hex
 from models.protocol.topics import check_name
+from models.transport.credentials import read_mqtt_json
+from models.transport.mosquitto import MAX_PACKET_BYTES, limit_lines
 
 __all__ = ["HUB_USERNAME", "add_device", "broker_config", "init_keys", "password_hash"]
 
 HUB_USERNAME = "wearfl-hub"
 CERT_DAYS = 825
 PBKDF2_ITERATIONS = 101  # Mosquitto's own; the passwords are 256-bit random tokens, so the count adds nothing
-MAX_QUEUED_MESSAGES = 100_000
-MAX_QUEUED_BYTES = 256 * 1024 * 1024
-MAX_PACKET_BYTES = 16 * 1024 * 1024
 
 
 def init_keys(state: Path) -> Path:
@@ -163,11 +161,7 @@ def broker_config(
         f"keyfile {(out / 'server.key').resolve()}",
         "require_certificate true",
         "tls_version tlsv1.2",
-        "max_connections -1",
-        f"max_packet_size {max_packet_size}",
-        f"max_queued_messages {MAX_QUEUED_MESSAGES}",
-        f"max_queued_bytes {MAX_QUEUED_BYTES}",
-        "max_inflight_messages 100",
+        *limit_lines(max_packet_size=max_packet_size),
         "persistence true",
         f"persistence_location {persistence.resolve()}/",
         "autosave_interval 30",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from models.errors import WearflError
+from models.errors import LedgerError, WearflError
 from models.files import fsync_dir, make_dirs, storage_error
 from models.protocol.ledger import GENESIS, entry_hash
 
@@ -33,14 +33,6 @@ log = logging.getLogger(__name__)
 
 FIELDS = ("index", "version", "round", "files", "updates", "prev", "time", "hash")
 
-
-class LedgerError(WearflError, ValueError):
-    """The ledger is broken at ``index`` (0-based line), for ``reason``."""
-
-    def __init__(self, index: int, reason: str, path: Path | None = None) -> None:
-        where = f"{path}: " if path is not None else ""
-        super().__init__(f"{where}ledger entry {index} {reason}")
-        self.index, self.reason = index, reason
 
 
 @dataclass(frozen=True)

@@ -50,15 +50,15 @@ from models.files import check_writable, state_dir_error
 from models.model import Model
 from models.protocol.codec import CodecConfig, UpdateCodec
 from models.protocol.identity import load_keyring, load_or_create_key, public_hex
-from models.protocol.messages import Receipt, Task, build_model, parse_json
+from models.protocol.messages import Receipt, Task, build_model, current_task_keys, parse_json
 from models.protocol.signed import SigningError
 from models.protocol.topics import Topics, check_name
 
 if TYPE_CHECKING:
     from hub.accounting import PrivacyAccountant
     from hub.secure_rounds import SecureRound
-    from models.protocol.credentials import Credentials
-    from models.protocol.mqtt import BrokerAddress
+    from models.transport.credentials import Credentials
+    from models.transport.mqtt import BrokerAddress
 
 __all__ = ["DEFAULT_TASK_CONFIG", "HubConfig", "HubService"]
 
@@ -75,10 +75,7 @@ DEFAULT_TASK_CONFIG: dict[str, Scalar] = {
     "lr": 0.001,
     "batch_size": 32,
     "prox_mu": 0.0,
-    "quantize": "int8",
-    "block": 256,
-    "topk_fraction": 0.04,
-    "update_clip_norm": 0.0,
+    **CodecConfig().task_config(),  # quantize, block, topk_fraction, update_clip
     "lr_schedule": "constant",
     "lr_min_factor": 0.05,
 }
@@ -203,7 +200,7 @@ class HubConfig:
 
     def credentials_folder(self) -> Credentials | None:
         """The ``wearfl keys`` folder given as ``credentials``, read and checked (once)."""
-        from models.protocol.credentials import Credentials
+        from models.transport.credentials import Credentials
 
         if self.credentials is not None and self._loaded_credentials is None:
             self._loaded_credentials = Credentials.load(self.credentials, "hub")
@@ -211,7 +208,7 @@ class HubConfig:
 
     def broker_address(self) -> BrokerAddress:
         """The broker URL, with the credentials folder's password and TLS certificates when given."""
-        from models.protocol.mqtt import BrokerAddress
+        from models.transport.mqtt import BrokerAddress
 
         address = BrokerAddress.parse(self.broker)
         creds = self.credentials_folder()
@@ -234,15 +231,11 @@ class HubConfig:
 
     def full_task_config(self, rule: Strategy) -> dict[str, Scalar]:
         """:data:`DEFAULT_TASK_CONFIG` overridden by ``task_config`` and what ``rule`` needs of the edges, checked."""
-        config = {**DEFAULT_TASK_CONFIG, **self.task_config, **rule.task_config()}
+        config = {**DEFAULT_TASK_CONFIG, **current_task_keys(self.task_config), **rule.task_config()}
         for key, value in config.items():
             if not isinstance(value, float | int | str | bool):
                 raise ConfigError(f"task_config[{key!r}] must be a number, string or boolean, got {value!r}.")
-        try:
-            CodecConfig(scheme=str(config["quantize"]), block=int(config["block"]),
-                        topk_fraction=float(config["topk_fraction"]), clip_norm=float(config["update_clip_norm"]))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"task_config has an invalid codec setting ({exc}).") from exc
+        CodecConfig.from_task(config)  # a bad codec setting is a ConfigError naming it
         check_schedule(config, self.rounds)
         return config
 
@@ -353,7 +346,7 @@ class HubService:
             raise error from exc
 
     async def _run(self, stop: asyncio.Event | None) -> None:
-        from models.protocol.mqtt import MqttSession
+        from models.transport.mqtt import MqttSession
 
         stop = stop if stop is not None else asyncio.Event()
         cfg = self.config

@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import ConfigError
-from models.files import rollback, storage_error
+from models.files import open_database, rollback
 from models.protocol.messages import REJECT_REASONS
 
 __all__ = ["DB_NAME", "HubStore", "RoundRecord", "StoredUpdate"]
@@ -126,27 +125,12 @@ class HubStore:
     """
 
     def __init__(self, state_dir: str | os.PathLike[str], *, synchronous: str = "FULL", create: bool = True) -> None:
-        if synchronous not in ("FULL", "NORMAL", "EXTRA"):
-            raise ConfigError(f"synchronous must be FULL, NORMAL or EXTRA, got {synchronous!r}.")
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / DB_NAME
         if not create and not self.path.is_file():
             raise ConfigError(f"no hub state in {self.state_dir} ({DB_NAME} is missing); is --state right?")
-        try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous}")
-            self._db.executescript(SCHEMA)
-        except (OSError, sqlite3.DatabaseError) as exc:
-            storage = storage_error(exc, self.state_dir, f"opening the hub database {DB_NAME}")
-            if storage is not None:
-                raise storage from exc
-            if isinstance(exc, OSError):
-                raise
-            raise ConfigError(
-                f"cannot open the hub database {self.path}: {exc}; restore it or use another --state."
-            ) from exc
+        self._db = open_database(self.state_dir, DB_NAME, SCHEMA, what=f"the hub database {DB_NAME}",
+                                 advice="restore it or use another --state.", synchronous=synchronous)
         self._lock = threading.RLock()
         self._depth = 0
 

@@ -15,15 +15,15 @@ import os
 import sqlite3
 import tempfile
 from pathlib import Path
-from typing import Literal
 
-from models.errors import WearflError
+from models.errors import StorageError, StorageKind
 
 __all__ = [
     "StorageError",
     "check_writable",
     "fsync_dir",
     "make_dirs",
+    "open_database",
     "rollback",
     "state_dir_error",
     "storage_error",
@@ -31,7 +31,6 @@ __all__ = [
     "write_atomic",
 ]
 
-StorageKind = Literal["full", "read-only", "io"]
 
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _READONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
@@ -39,20 +38,6 @@ _IO_ERRNOS = frozenset({errno.EIO})
 # SQLite's primary result codes (the low byte of an extended code)
 _SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 3, 8, 10, 13, 14
 
-
-class StorageError(WearflError, OSError):
-    """A state file or database that cannot be written: no space left, read-only, or a failing disk.
-
-    ``kind`` is ``"full"``, ``"read-only"`` or ``"io"``; ``where`` the file or directory.
-    It is an :class:`OSError` as well, so code that handles failed writes keeps working,
-    and a :class:`~models.errors.WearflError`, so the CLI prints its one-line message.
-    """
-
-    def __init__(self, message: str, *, kind: StorageKind = "io", where: str | os.PathLike[str] = "",
-                 errno_code: int | None = None) -> None:
-        super().__init__(message)
-        self.kind, self.where = kind, Path(where)
-        self.errno = errno_code
 
 
 def storage_failure(exc: BaseException) -> StorageKind | None:
@@ -247,3 +232,30 @@ def rollback(db: sqlite3.Connection, where: str) -> None:
         db.execute("ROLLBACK")
     except sqlite3.Error as exc:
         logging.getLogger(__name__).error("rolling back a transaction in %s failed: %s", where, exc)
+
+
+def open_database(state_dir: Path, name: str, schema: str, *, what: str, advice: str,
+                  synchronous: str = "FULL") -> sqlite3.Connection:
+    """Open (or create) the SQLite database ``state_dir/name`` in WAL mode and apply ``schema``.
+
+    Autocommit (transactions are explicit) and usable from worker threads. A disk that is
+    full or read-only raises :class:`StorageError`; any other failure a ``ConfigError``
+    naming ``what`` (e.g. "the outbox outbox.sqlite3") and ending with ``advice``.
+    """
+    from models.errors import ConfigError
+
+    if synchronous not in ("FULL", "NORMAL", "EXTRA"):
+        raise ConfigError(f"synchronous must be FULL, NORMAL or EXTRA, got {synchronous!r}.")
+    path = Path(state_dir) / name
+    try:
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        db.executescript(schema)
+    except (OSError, sqlite3.Error) as exc:
+        storage = storage_error(exc, state_dir, f"opening {what}")
+        if storage is not None:
+            raise storage from exc
+        raise ConfigError(f"cannot open {what} at {path} ({exc}); {advice}") from exc
+    return db

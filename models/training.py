@@ -33,7 +33,8 @@ class TrainConfig:
     optimizer: str = "adam"
     momentum: float = 0.9
     weight_decay: float = 0.0
-    clip_norm: float = 0.0
+    grad_clip: float = 0.0
+    """The gradient clip: each step's gradients scaled to at most this global L2 norm (0: none)."""
     prox_mu: float = 0.0
     seed: int = 0
     train_only: tuple[str, ...] = ()
@@ -44,8 +45,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be >= 1.")
-        if self.clip_norm < 0 or self.prox_mu < 0:
-            raise ConfigError("clip_norm and prox_mu must be >= 0.")
+        if self.grad_clip < 0 or self.prox_mu < 0:
+            raise ConfigError("grad_clip and prox_mu must be >= 0.")
         if not 0 <= self.rotation_deg <= 180:
             raise ConfigError(f"rotation_deg must be 0..180 degrees, got {self.rotation_deg}.")
         if self.optimizer not in ("sgd", "adam", "adamw"):
@@ -154,8 +155,8 @@ def _loop(
                 for k, ref in anchor.items():
                     p = params[k]
                     p.grad += mu * (p.value - ref)
-            if config.clip_norm > 0:
-                clip_grad_norm(optimizer.params, config.clip_norm)
+            if config.grad_clip > 0:
+                clip_grad_norm(optimizer.params, config.grad_clip)
             optimizer.step()
             step += 1
             total += loss * len(idx)

@@ -8,7 +8,7 @@ session, size bound, signature check, decode, SQLite commit, ack, receipt back.
 
 How:
 
-1. Start Mosquitto on a free loopback port (:mod:`models.protocol.broker`).
+1. Start Mosquitto on a free loopback port (:mod:`wearfl.broker`).
 2. Pre-build N signed updates of the heart-rate model (18k parameters, int8, one Ed25519
    key per edge), so building them is not timed.
 3. Start the hub in a child process (this file with ``--hub-worker``), so its peak RSS
@@ -120,7 +120,7 @@ def build_updates(n: int) -> tuple[list[tuple[str, bytes]], int]:
     from models.protocol.messages import UpdateMeta, build_update
 
     weights = Model(heart_rate_spec(), seed=0).network.state_dict()
-    codec = UpdateCodec.for_weights(weights, CodecConfig(scheme="int8"))
+    codec = UpdateCodec.for_weights(weights, CodecConfig(quantize="int8"))
     rng = np.random.default_rng(0)
     out = []
     for i in range(n):
@@ -135,8 +135,8 @@ def build_updates(n: int) -> tuple[list[tuple[str, bytes]], int]:
 
 async def drive(url: str, updates: list[tuple[str, bytes]], publishers: int, timeout: float) -> dict[str, float]:
     from models.protocol.messages import Receipt
-    from models.protocol.mqtt import BrokerAddress, MqttSession
     from models.protocol.topics import Topics
+    from models.transport.mqtt import BrokerAddress, MqttSession
 
     topics = Topics(FEDERATION)
     address = BrokerAddress.parse(url)
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         hub_worker(args)
         return 0
 
-    from models.protocol.broker import MosquittoBroker
+    from wearfl.broker import MosquittoBroker
 
     print(f"building {args.edges} signed int8 updates ...", file=sys.stderr)
     updates, parameters = build_updates(args.edges)

@@ -9,7 +9,7 @@ model export at the close) as the operating system sees it.
 
 How, for each N of ``--clients``:
 
-1. One Mosquitto for all runs, on a free loopback port (:mod:`models.protocol.broker`).
+1. One Mosquitto for all runs, on a free loopback port (:mod:`wearfl.broker`).
 2. N signed int8 updates of the ``--task`` model (default activity), one Ed25519 key per
    client, built before anything is measured.
 3. A ``wearfl hub`` subprocess with a fresh state directory and a federation of its own,
@@ -98,7 +98,7 @@ def build_updates(task: str, n: int) -> tuple[list[tuple[str, bytes]], int]:
     from models.spec import default_spec
 
     weights = Model(default_spec(task), seed=0).network.state_dict()  # what `wearfl hub --task` starts from
-    codec = UpdateCodec.for_weights(weights, CodecConfig(scheme="int8"))
+    codec = UpdateCodec.for_weights(weights, CodecConfig(quantize="int8"))
     out = []
     for i in range(n):
         rng = np.random.default_rng([SEED, i])
@@ -148,8 +148,8 @@ async def run_round(
     receipt (edges that take turns); 0 publishes all of them at once (a burst).
     """
     from models.protocol.messages import Receipt, Task
-    from models.protocol.mqtt import BrokerAddress, MqttSession
     from models.protocol.topics import Topics
+    from models.transport.mqtt import BrokerAddress, MqttSession
 
     topics = Topics(federation)
     address = BrokerAddress.parse(url)
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         print("this benchmark reads /proc/<pid>/status: Linux only", file=sys.stderr)
         return 2
 
-    from models.protocol.broker import MosquittoBroker
+    from wearfl.broker import MosquittoBroker
 
     print(f"building {max(counts)} signed int8 updates of the {args.task} model ...", file=sys.stderr)
     updates, parameters = build_updates(args.task, max(counts))

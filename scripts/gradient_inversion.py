@@ -285,7 +285,7 @@ def inversion_experiment(windows: np.ndarray, labels: np.ndarray, settings: Sequ
         raise ValueError(f"a setting expects more clients than the {clients} windows per trial")
     model = Model(dense_first_spec(), seed=MODEL_SEED)
     base = model.network.state_dict()
-    codec = UpdateCodec.for_weights(base, CodecConfig(scheme="int8"))
+    codec = UpdateCodec.for_weights(base, CodecConfig(quantize="int8"))
     corr: dict[tuple[float, int], list[float]] = {s: [] for s in settings}
     oracle: dict[tuple[float, int], list[float]] = {s: [] for s in settings}
     control32, control64, norms, unrelated, int8 = [], [], [], [], []

@@ -1,4 +1,4 @@
-"""Test brokers: the launchers of :mod:`models.protocol.broker`, re-exported for the fixtures.
+"""Test brokers: the launchers of :mod:`wearfl.broker`, re-exported for the fixtures.
 
 ``conftest.mqtt_broker`` starts a real Mosquitto on a free loopback port (stopped by PID);
 under ``CI=true`` a missing Mosquitto fails the run, elsewhere the in-process amqtt broker
@@ -7,7 +7,7 @@ under ``CI=true`` a missing Mosquitto fails the run, elsewhere the in-process am
 
 from __future__ import annotations
 
-from models.protocol.broker import EmbeddedBroker, MosquittoBroker, free_port, mosquitto_binary, start_broker
+from wearfl.broker import EmbeddedBroker, MosquittoBroker, free_port, mosquitto_binary, start_broker
 
 Broker = MosquittoBroker | EmbeddedBroker  # what the fixture yields: .host, .port, .url, .kind, .stop()
 

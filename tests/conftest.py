@@ -59,11 +59,11 @@ def trained_heart_rate() -> tuple[Model, np.ndarray, np.ndarray]:
 def mqtt_broker(tmp_path_factory):
     """A broker for the whole session: real Mosquitto; amqtt only off CI when Mosquitto is missing.
 
-    Yields a started :class:`models.protocol.broker.MosquittoBroker` or ``EmbeddedBroker``
+    Yields a started :class:`wearfl.broker.MosquittoBroker` or ``EmbeddedBroker``
     (``.host``, ``.port``, ``.url``, ``.kind``). ``WEARFL_TEST_BROKER=amqtt`` forces the
     fallback off CI.
     """
-    from models.protocol.broker import EmbeddedBroker, MosquittoBroker, mosquitto_binary
+    from wearfl.broker import EmbeddedBroker, MosquittoBroker, mosquitto_binary
 
     on_ci = os.environ.get("CI", "").lower() == "true"
     forced_embedded = os.environ.get("WEARFL_TEST_BROKER") == "amqtt" and not on_ci

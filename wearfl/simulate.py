@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 def float32_update_bytes(model: Model) -> int:
     """The size of one unquantized signed update of ``model``: the yardstick for compression."""
     weights = model.network.state_dict()
-    codec = UpdateCodec.for_weights(weights, CodecConfig(scheme="none"))
+    codec = UpdateCodec.for_weights(weights, CodecConfig(quantize="none"))
     tensors, meta, _ = codec.encode({k: np.zeros_like(v) for k, v in weights.items()}, np.random.default_rng(0))
     meta_full = UpdateMeta("client-000", 0, 0, "0" * 64, 1, 0, meta)
     return len(build_update(meta_full, tensors, Ed25519PrivateKey.generate()))
@@ -78,8 +78,8 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     from hub.service import HubConfig, HubService
     from hub.strategies import parse_strategy_args
     from models.package import load_package
-    from models.protocol.broker import start_broker
     from wearfl.attacks import BACKDOOR_TARGET, AttackPlan, Collusion, PoisonedSource, add_trigger, weights_hook
+    from wearfl.broker import start_broker
 
     if not args.verbose:
         logging.getLogger("hub.store").setLevel(logging.ERROR)  # one "pinned key" line per simulated edge

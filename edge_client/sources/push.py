@@ -67,17 +67,9 @@ from typing import NamedTuple
 import numpy as np
 
 from edge_client.sources.base import CHANNELS, UNKNOWN, Chunk
-from models.errors import ConfigError, InputError
+from models.errors import ConfigError, InputError, PushBufferFull, PushClosed
 
 __all__ = ["PushBufferFull", "PushClosed", "PushSource"]
-
-
-class PushBufferFull(InputError):
-    """``push`` waited ``push_timeout_s`` and the consumer still had not made room."""
-
-
-class PushClosed(InputError):
-    """``push`` on a source that was closed."""
 
 
 class _Block(NamedTuple):

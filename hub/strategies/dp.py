@@ -161,7 +161,7 @@ class DPFedAvg(FedAvg):
         return 1.0
 
     def task_config(self) -> dict[str, float | int | str | bool]:
-        return {"update_clip_norm": self.clip}
+        return {"update_clip": self.clip}
 
     def prepare(self, delta: Mapping[str, np.ndarray], staleness: int = 0) -> Mapping[str, np.ndarray]:
         bounded, norm = bound_norm(delta, self.clip)

@@ -1,8 +1,9 @@
-"""What the edge and the hub both speak: topics, signed messages, the update codec, identities.
+"""The wire contract: what the edge and the hub both speak.
 
-The MQTT transport (:mod:`models.protocol.mqtt`) and the broker launcher
-(:mod:`models.protocol.broker`) are imported by full path, so that importing the
-protocol does not pull in paho.
+Topics, signed messages (model, update, task, receipt), the update codec, ledger entries,
+identities and the SecAgg+ math (:mod:`models.protocol.secagg`). Nothing here opens a
+socket: the MQTT session lives in :mod:`models.transport`, and the broker launcher for
+laptops and tests in :mod:`wearfl.broker`.
 """
 
 from models.protocol.codec import SCHEMES, CodecConfig, CodecError, UpdateCodec

@@ -10,13 +10,14 @@ single number is used, so a hostile payload is rejected, never trusted.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from models.errors import ConfigError
+from models.errors import CodecError, ConfigError
 
 __all__ = ["SCHEMES", "CodecConfig", "CodecError", "UpdateCodec", "clip_l2"]
 
@@ -24,16 +25,8 @@ SCHEMES = ("none", "int8", "int4", "topk")
 F32 = np.float32
 
 
-class CodecError(ValueError):
-    """A payload that does not decode; ``reason`` is a short code for receipts."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
 def clip_l2(flat: np.ndarray, bound: float) -> np.ndarray:
-    """A flat delta scaled down to L2 norm ``bound`` (0: no bound); the edge's update clipping."""
+    """A flat delta scaled down to L2 norm ``bound`` (0: no bound): the update clip."""
     if bound > 0:
         norm = float(np.linalg.norm(flat))
         if norm > bound:
@@ -43,22 +36,52 @@ def clip_l2(flat: np.ndarray, bound: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CodecConfig:
-    """How deltas travel. ``clip_norm`` 0 means no clipping."""
+    """How deltas travel: the task keys ``quantize``, ``block``, ``topk_fraction`` and ``update_clip``.
 
-    scheme: str = "int8"
+    ``update_clip`` is the update clip: the L2 bound the edge scales its whole delta to
+    before encoding (0: none). It is not the trainer's gradient clip (``grad_clip``), the
+    hub's server norm bound, nor DP-FedAvg's clip (which the hub sends to edges as this).
+    The defaults here are the federation's defaults: the hub's task config starts from them.
+    """
+
+    quantize: str = "int8"
     block: int = 256
     topk_fraction: float = 0.04
-    clip_norm: float = 0.0
+    update_clip: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise ConfigError(f"unknown quantization {self.scheme!r}; use one of {', '.join(SCHEMES)}.")
+        if self.quantize not in SCHEMES:
+            raise ConfigError(f"unknown quantization {self.quantize!r}; use one of {', '.join(SCHEMES)}.")
         if not 8 <= self.block <= 65536:
             raise ConfigError(f"quantization block must be 8..65536 values, got {self.block}.")
         if not 0.0 < self.topk_fraction <= 1.0:
             raise ConfigError(f"topk_fraction must be in (0, 1], got {self.topk_fraction}.")
-        if self.clip_norm < 0:
-            raise ConfigError(f"clip_norm must be >= 0, got {self.clip_norm}.")
+        if not (math.isfinite(self.update_clip) and self.update_clip >= 0):
+            raise ConfigError(f"update_clip must be a finite number >= 0, got {self.update_clip}.")
+
+    @classmethod
+    def from_task(cls, config: Mapping[str, Any]) -> CodecConfig:
+        """The update encoding a round's task config asks for (its missing keys take the defaults).
+
+        The one mapping from task config to codec settings, used by the edge to encode and the
+        hub to check its own task config.
+        """
+        defaults = cls()
+        try:
+            return cls(
+                quantize=str(config.get("quantize", defaults.quantize)),
+                block=int(config.get("block", defaults.block)),
+                topk_fraction=float(config.get("topk_fraction", defaults.topk_fraction)),
+                update_clip=float(config.get("update_clip", defaults.update_clip) or 0.0),
+            )
+        except (TypeError, ValueError, OverflowError) as exc:
+            if isinstance(exc, ConfigError):
+                raise ConfigError(f"the task's update encoding settings are invalid: {exc}") from None
+            raise ConfigError(f"the task's update encoding settings are invalid ({exc}).") from exc
+
+    def task_config(self) -> dict[str, str | int | float]:
+        """These settings as task config keys (what :meth:`from_task` reads back)."""
+        return asdict(self)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,8 +123,8 @@ class UpdateCodec:
         self, delta: Mapping[str, np.ndarray], rng: np.random.Generator, residual: np.ndarray | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any], np.ndarray | None]:
         """(tensors, codec metadata, new residual) for a delta; residual only for ``topk``."""
-        flat = clip_l2(self.flatten(delta), self.config.clip_norm)
-        scheme = self.config.scheme
+        flat = clip_l2(self.flatten(delta), self.config.update_clip)
+        scheme = self.config.quantize
         meta: dict[str, Any] = {"scheme": scheme, "n": self.size, "block": self.config.block}
         if scheme == "none":
             return {"delta": flat.astype(F32)}, meta, None

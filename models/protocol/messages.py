@@ -25,6 +25,7 @@ from models.protocol.signed import SignedMessage, SigningError, sign_tensors, ve
 from models.spec import ModelSpec, declared_parameters
 
 __all__ = [
+    "LEGACY_TASK_KEYS",
     "MAX_JSON_BYTES",
     "MAX_MODEL_BYTES",
     "REJECT_REASONS",
@@ -34,6 +35,7 @@ __all__ = [
     "UpdateMeta",
     "build_model",
     "build_update",
+    "current_task_keys",
     "model_hash",
     "parse_json",
     "parse_model",
@@ -163,11 +165,26 @@ def parse_json(data: bytes, what: str) -> dict[str, Any]:
     return value
 
 
+LEGACY_TASK_KEYS = {"clip_norm": "grad_clip", "update_clip_norm": "update_clip"}
+"""Task keys of wearfl 0.1 and their names now: the gradient clip and the update clip."""
+
+
+def current_task_keys(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with 0.1 key names replaced by today's (a today's name, when present, wins)."""
+    out = {k: v for k, v in config.items() if k not in LEGACY_TASK_KEYS}
+    for old, new in LEGACY_TASK_KEYS.items():
+        if old in config and new not in config:
+            out[new] = config[old]
+    return out
+
+
 @dataclass(frozen=True)
 class Task:
     """The retained ``task``: the round the edges should train for, and its flat config.
 
-    ``clients``: the edges selected for this round (None: every edge).
+    ``clients``: the edges selected for this round (None: every edge). Keys renamed in 0.2
+    (:data:`LEGACY_TASK_KEYS`) are read under their new names, and written under both for
+    one release, so hubs and edges of neighbouring versions understand each other.
     """
 
     round: int
@@ -180,7 +197,10 @@ class Task:
         return self.clients is None or client in self.clients
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        body = asdict(self)
+        body["config"] = {**self.config, **{old: self.config[new] for old, new in LEGACY_TASK_KEYS.items()
+                                             if new in self.config}}
+        return json.dumps(body, sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Task:
@@ -189,7 +209,7 @@ class Task:
             clients = d.get("clients")
             if clients is not None and not (isinstance(clients, list) and all(isinstance(c, str) for c in clients)):
                 raise TypeError("clients must be a list of client ids")
-            return cls(int(d["round"]), int(d["model_version"]), dict(d.get("config", {})),
+            return cls(int(d["round"]), int(d["model_version"]), current_task_keys(dict(d.get("config", {}))),
                        None if d.get("deadline") is None else float(d["deadline"]),
                        None if clients is None else tuple(clients))
         except (KeyError, TypeError, ValueError, OverflowError) as exc:

@@ -25,6 +25,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from models.errors import SigningError
+
 __all__ = ["SIGNATURE_TENSOR", "TRAILER_BYTES", "SignedMessage", "SigningError", "sign_tensors", "verify_and_parse"]
 
 SIGNATURE_TENSOR = "~signature"
@@ -50,14 +52,6 @@ _SMALL_ORDER = frozenset(bytes.fromhex(h) for h in (
 def is_weak_key(key: bytes) -> bool:
     """True for a public key of small order, under which anyone can forge signatures."""
     return len(key) == 32 and (key[:31] + bytes([key[31] & 0x7F])) in _SMALL_ORDER
-
-
-class SigningError(ValueError):
-    """A message that is not a well-formed signed safetensors file; ``reason`` is a short code."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
 
 
 @dataclass(frozen=True)

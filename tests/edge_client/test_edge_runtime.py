@@ -40,7 +40,6 @@ from hub.ledger import Ledger
 from models.errors import BrokerUnavailable, ConfigError
 from models.model import Model
 from models.package import package_bytes
-from models.protocol.broker import free_port
 from models.protocol.codec import CodecConfig, UpdateCodec
 from models.protocol.identity import load_or_create_key, public_hex
 from models.protocol.ledger import entry_hash
@@ -53,10 +52,11 @@ from models.protocol.messages import (
     model_hash,
     parse_update_meta,
 )
-from models.protocol.mqtt import BrokerAddress, Message, MqttSession
 from models.protocol.signed import SignedMessage, verify_and_parse
 from models.protocol.topics import Topics
 from models.training import TrainConfig
+from models.transport.mqtt import BrokerAddress, Message, MqttSession
+from wearfl.broker import free_port
 
 T = TypeVar("T")
 WAIT_S = 20.0

@@ -41,7 +41,7 @@ def make_update(
     seed: int = 0,
 ) -> bytes:
     """A signed update as an edge sends it."""
-    codec = UpdateCodec(shapes, CodecConfig(scheme=scheme, block=16))
+    codec = UpdateCodec(shapes, CodecConfig(quantize=scheme, block=16))
     delta = delta if delta is not None else delta_of(shapes, seed)
     tensors, codec_meta, _ = codec.encode(delta, np.random.default_rng(seed))
     meta = UpdateMeta(client=meta_client or client, round=round_number, base_version=base_version, base_hash="0" * 64,

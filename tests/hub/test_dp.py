@@ -44,7 +44,7 @@ def test_the_sum_is_divided_by_the_expected_clients_not_the_count():
 def test_updates_count_the_same_whatever_their_examples():
     dp = DPFedAvg(noise=1.0, clip=1.0, expected_clients=2)
     assert dp.client_weight(5) == dp.client_weight(5000) == 1.0
-    assert dp.task_config() == {"update_clip_norm": 1.0}
+    assert dp.task_config() == {"update_clip": 1.0}
 
 
 def test_adaptive_clipping_follows_the_target_quantile():
@@ -57,7 +57,7 @@ def test_adaptive_clipping_follows_the_target_quantile():
             dp.prepare({"w": v / np.linalg.norm(v) * np.float32(scale)})
         dp.finalize({"w": np.zeros(50, np.float32)}, count=10)
     assert 0.07 < dp.clip < 0.14
-    assert dp.task_config() == {"update_clip_norm": dp.clip}
+    assert dp.task_config() == {"update_clip": dp.clip}
     state = dp.state_dict()
     again = DPFedAvg(noise=1.0, clip=1.0, expected_clients=10, target_quantile=0.5)
     again.load_state_dict(state)
@@ -107,6 +107,6 @@ def test_each_task_carries_the_clip_as_adaptive_clipping_has_moved_it(tmp_path):
     config = HubConfig("mqtt://127.0.0.1:1883", "fed", tmp_path, strategy="dpfedavg",
                        strategy_args={"noise": 1.0, "clip": 1.0, "target_quantile": 0.5, "count_noise": 1.0})
     hub = HubService(config)
-    assert hub._round_config(1)["update_clip_norm"] == 1.0
+    assert hub._round_config(1)["update_clip"] == 1.0
     hub.strategy.clip = 0.25  # where finalize() moved it after a round
-    assert hub._round_config(2)["update_clip_norm"] == 0.25
+    assert hub._round_config(2)["update_clip"] == 0.25

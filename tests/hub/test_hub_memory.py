@@ -45,6 +45,8 @@ from models.protocol.codec import CodecConfig, UpdateCodec
 from models.protocol.messages import UpdateMeta, build_update
 from models.protocol.topics import Topics
 
+pytestmark = pytest.mark.slow  # the quick loop is `pytest -m "not slow"`
+
 TOPICS = Topics("memory")
 SEED = 6
 FEW, MANY = 100, 1000
@@ -78,7 +80,7 @@ class Federation:
 def federation() -> Federation:
     """Built once, before anything is traced: the edges' side is not the hub's memory."""
     weights = Model(activity_spec(), seed=0).network.state_dict()
-    codec = UpdateCodec.for_weights(weights, CodecConfig(scheme="int8"))
+    codec = UpdateCodec.for_weights(weights, CodecConfig(quantize="int8"))
     sums = {k: np.zeros(v.shape, np.float64) for k, v in weights.items()}
     messages: list[tuple[str, bytes]] = []
     expected: dict[int, dict[str, np.ndarray]] = {}

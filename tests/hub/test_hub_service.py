@@ -28,8 +28,8 @@ from hub.store import HubStore
 from models import Model, activity_spec
 from models.errors import ConfigError
 from models.protocol.messages import Receipt, Task, parse_model
-from models.protocol.mqtt import BrokerAddress, MqttSession
 from models.protocol.topics import Topics
+from models.transport.mqtt import BrokerAddress, MqttSession
 
 T = TypeVar("T")
 WAIT_S = 20.0
@@ -485,7 +485,7 @@ def test_a_dp_hub_stops_releasing_before_its_privacy_budget_is_exceeded(mqtt_bro
     status = service.status()
     privacy = status["privacy"]
     assert allowed == 2 and status["rounds_completed"] == allowed == status["model_version"]
-    assert all(t.config["update_clip_norm"] == 0.5 for t in tasks)  # the edges clip to the DP bound
+    assert all(t.config["update_clip"] == 0.5 for t in tasks)  # the edges clip to the DP bound
     assert privacy["budget_reached"] and privacy["epsilon"] <= 8.0 and privacy["budget_epsilon"] == 8.0
     assert [r["round"] for r in privacy["per_round"]] == [1, 2]
     assert privacy["per_round"][0]["epsilon"] < privacy["per_round"][1]["epsilon"] == privacy["epsilon"]

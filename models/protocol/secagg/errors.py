@@ -30,21 +30,8 @@ the orchestrator counts ``reason``, drops the message (hub side) or abandons the
 
 from __future__ import annotations
 
-from models.errors import WearflError
+from models.errors import SecAggError
 
 __all__ = ["SecAggError"]
 
 
-class SecAggError(WearflError, ValueError):
-    """A refused secure-aggregation step; ``reason`` is a short code, ``client`` the id concerned.
-
-    ``needed`` and ``got`` carry the counts of a ``too_few_survivors`` abort.
-    """
-
-    def __init__(
-        self, reason: str, detail: str, *, client: str | None = None, needed: int | None = None,
-        got: int | None = None,
-    ) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail, self.client = reason, detail, client
-        self.needed, self.got = needed, got

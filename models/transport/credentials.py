@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from models.errors import ConfigError
 from models.protocol.identity import load_or_create_key
-from models.protocol.mqtt import BrokerAddress
+from models.transport.mqtt import BrokerAddress
 
 __all__ = ["Credentials", "read_mqtt_json"]
 

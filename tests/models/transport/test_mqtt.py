@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 import pytest
 
 from models.errors import BrokerUnavailable, ConfigError
-from models.protocol.broker import EmbeddedBroker, MosquittoBroker, free_port, mosquitto_binary
-from models.protocol.mqtt import BrokerAddress, Message, MqttSession, Will
+from models.transport.mqtt import BrokerAddress, Message, MqttSession, Will
+from wearfl.broker import EmbeddedBroker, MosquittoBroker, free_port, mosquitto_binary
 
 T = TypeVar("T")
 WAIT_S = 10.0

@@ -16,6 +16,8 @@ from edge_client.sources.simulator import SimulatedDataset
 from hub.service import HubConfig, HubService
 from models import Model, TrainConfig
 
+pytestmark = pytest.mark.slow  # the quick loop is `pytest -m "not slow"`
+
 DATASET = SimulatedDataset(seed=3, wearers=10, minutes=4, test_wearers=2)
 
 

@@ -8,6 +8,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import load as st_load
 
 from models import Model, activity_spec
+from models.errors import ConfigError
 from models.protocol.codec import CodecConfig, CodecError, UpdateCodec
 from models.protocol.messages import UpdateMeta, build_model, build_update, parse_model, parse_update_meta
 from models.protocol.signed import SigningError, verify_and_parse
@@ -22,7 +23,7 @@ def _delta(seed: int = 0, scale: float = 0.1) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("scheme", ["none", "int8", "int4", "topk"])
 def test_round_trip_keeps_names_shapes_and_values(scheme):
-    codec = UpdateCodec(SHAPES, CodecConfig(scheme=scheme, block=8, topk_fraction=1.0))
+    codec = UpdateCodec(SHAPES, CodecConfig(quantize=scheme, block=8, topk_fraction=1.0))
     delta = _delta()
     tensors, meta, _ = codec.encode(delta, np.random.default_rng(0))
     decoded = codec.decode(tensors, meta)
@@ -34,7 +35,7 @@ def test_round_trip_keeps_names_shapes_and_values(scheme):
 
 @pytest.mark.parametrize("scheme,levels", [("int8", 127), ("int4", 7)])
 def test_stochastic_rounding_is_unbiased(scheme, levels):
-    codec = UpdateCodec(SHAPES, CodecConfig(scheme=scheme, block=16))
+    codec = UpdateCodec(SHAPES, CodecConfig(quantize=scheme, block=16))
     delta = _delta(1)
     rng = np.random.default_rng(2)
     mean = np.mean([codec.flatten(codec.decode(*codec.encode(delta, rng)[:2])) for _ in range(4000)], axis=0)
@@ -44,7 +45,7 @@ def test_stochastic_rounding_is_unbiased(scheme, levels):
 
 def test_exact_byte_counts_of_each_scheme():
     n, block = 10_000, 256
-    codec = lambda scheme: UpdateCodec({"w": (n,)}, CodecConfig(scheme=scheme, block=block, topk_fraction=0.04))  # noqa: E731
+    codec = lambda scheme: UpdateCodec({"w": (n,)}, CodecConfig(quantize=scheme, block=block, topk_fraction=0.04))  # noqa: E731
     delta = {"w": np.random.default_rng(0).standard_normal(n).astype(np.float32)}
     sizes = {s: sum(t.nbytes for t in codec(s).encode(delta, np.random.default_rng(0))[0].values())
              for s in ("none", "int8", "int4", "topk")}
@@ -56,7 +57,7 @@ def test_exact_byte_counts_of_each_scheme():
 
 
 def test_topk_error_feedback_sends_everything_eventually():
-    codec = UpdateCodec(SHAPES, CodecConfig(scheme="topk", block=8, topk_fraction=0.1))
+    codec = UpdateCodec(SHAPES, CodecConfig(quantize="topk", block=8, topk_fraction=0.1))
     delta, residual, sent = _delta(3), None, np.zeros(46, np.float32)
     rng = np.random.default_rng(0)
     for _ in range(40):
@@ -66,7 +67,7 @@ def test_topk_error_feedback_sends_everything_eventually():
 
 
 def test_clipping_bounds_the_l2_norm():
-    codec = UpdateCodec(SHAPES, CodecConfig(scheme="none", clip_norm=0.5))
+    codec = UpdateCodec(SHAPES, CodecConfig(quantize="none", update_clip=0.5))
     tensors, _, _ = codec.encode(_delta(scale=10.0), np.random.default_rng(0))
     assert np.linalg.norm(tensors["delta"]) == pytest.approx(0.5, rel=1e-5)
 
@@ -84,7 +85,7 @@ def test_clipping_bounds_the_l2_norm():
     ],
 )
 def test_hostile_payloads_are_typed_rejections(mutate, reason):
-    codec = UpdateCodec(SHAPES, CodecConfig(scheme="int8", block=8))
+    codec = UpdateCodec(SHAPES, CodecConfig(quantize="int8", block=8))
     tensors, meta, _ = codec.encode(_delta(), np.random.default_rng(0))
     mutate(tensors, meta)
     with pytest.raises(CodecError) as info:
@@ -94,7 +95,7 @@ def test_hostile_payloads_are_typed_rejections(mutate, reason):
 
 def test_signed_update_round_trips_and_any_tampering_is_caught():
     key = Ed25519PrivateKey.generate()
-    codec = UpdateCodec(SHAPES, CodecConfig(scheme="int8", block=8))
+    codec = UpdateCodec(SHAPES, CodecConfig(quantize="int8", block=8))
     tensors, codec_meta, _ = codec.encode(_delta(), np.random.default_rng(0))
     meta = UpdateMeta("edge-1", 3, 2, "ab" * 32, 120, 7, codec_meta)
     data = build_update(meta, tensors, key)
@@ -126,7 +127,7 @@ def test_the_signed_model_is_plain_safetensors():
 
 def test_infinite_numbers_in_metadata_are_malformed_not_crashes():
     key = Ed25519PrivateKey.generate()
-    codec = UpdateCodec(SHAPES, CodecConfig(scheme="topk", block=8))
+    codec = UpdateCodec(SHAPES, CodecConfig(quantize="topk", block=8))
     tensors, codec_meta, _ = codec.encode(_delta(), np.random.default_rng(0))
     data = build_update(UpdateMeta("edge-1", 3, 2, "ab" * 32, 120, 7, codec_meta), tensors, key)
     message = verify_and_parse(data, 1 << 20)
@@ -137,3 +138,13 @@ def test_infinite_numbers_in_metadata_are_malformed_not_crashes():
         with pytest.raises(CodecError) as info:
             codec.decode(message.tensors, {**codec_meta, field: float("inf")})
         assert info.value.reason == "malformed"
+
+
+def test_the_task_config_maps_to_the_codec_in_one_place_with_its_defaults() -> None:
+    assert CodecConfig.from_task({}) == CodecConfig()
+    assert CodecConfig.from_task(CodecConfig(quantize="topk", update_clip=2.0).task_config()) == CodecConfig(
+        quantize="topk", update_clip=2.0)
+    with pytest.raises(ConfigError, match="quantization"):
+        CodecConfig.from_task({"quantize": "int3"})
+    with pytest.raises(ConfigError, match="update encoding"):
+        CodecConfig.from_task({"block": "many"})

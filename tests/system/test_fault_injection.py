@@ -52,13 +52,13 @@ from hub.service import HubConfig, HubService
 from hub.store import HubStore
 from models import Model, TrainConfig
 from models.package import save_package
-from models.protocol.broker import MosquittoBroker, free_port, mosquitto_binary
 from models.protocol.messages import REJECT_REASONS, Receipt, Task
-from models.protocol.mqtt import BrokerAddress, Message, MqttSession
 from models.protocol.topics import Topics
+from models.transport.mqtt import BrokerAddress, Message, MqttSession
+from wearfl.broker import MosquittoBroker, free_port, mosquitto_binary
 
 T = TypeVar("T")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 40.0
 DATASET = SimulatedDataset(seed=6, wearers=4, minutes=3, test_wearers=0)
 SPEC = task_spec("activity", DATASET)
@@ -66,10 +66,13 @@ CLIENTS = tuple(DATASET.clients)
 TASK_CONFIG = {"quantize": "int8", "epochs": 1, "batch_size": 32, "lr": 1e-3, "min_new_windows": 0}
 POLICY = FineTunePolicy(TrainConfig(epochs=1, batch_size=32), min_new_windows=0)
 
-pytestmark = pytest.mark.skipif(
-    mosquitto_binary() is None and os.environ.get("CI", "").lower() != "true",
-    reason="fault injection needs the mosquitto binary (apt-get install mosquitto)",
-)
+pytestmark = [
+    pytest.mark.slow,  # the quick loop is `pytest -m "not slow"`
+    pytest.mark.skipif(
+        mosquitto_binary() is None and os.environ.get("CI", "").lower() != "true",
+        reason="fault injection needs the mosquitto binary (apt-get install mosquitto)",
+    ),
+]
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 150.0) -> T:

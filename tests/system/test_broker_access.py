@@ -33,18 +33,18 @@ from hub.service import HubConfig, HubService
 from hub.store import HubStore
 from models.errors import ConfigError
 from models.model import Model
-from models.protocol.broker import MosquittoBroker, free_port, mosquitto_binary
-from models.protocol.credentials import Credentials
-from models.protocol.mqtt import BrokerAddress, MqttSession
 from models.protocol.topics import Topics
 from models.training import TrainConfig
+from models.transport.credentials import Credentials
+from models.transport.mqtt import BrokerAddress, MqttSession
+from wearfl.broker import MosquittoBroker, free_port, mosquitto_binary
 
 WAIT_S = 20.0
 FED = "clinic"
 TOPICS = Topics(FED)
 DEVICES = ("wearer-00", "wearer-01")
 DATASET = SimulatedDataset(seed=0, wearers=2, minutes=3, test_wearers=0)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass

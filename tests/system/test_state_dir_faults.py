@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from waiting import until
 
 from edge_client.outbox import Outbox, OutboxEntry
 from hub.ledger import Ledger, verify
@@ -42,14 +43,16 @@ from hub.registry import ModelRegistry
 from hub.store import HubStore
 from models import Model, activity_spec
 from models.files import StorageError, write_atomic
-from models.protocol.broker import free_port
 from models.protocol.codec import CodecConfig, UpdateCodec
 from models.protocol.messages import Receipt, Task, UpdateMeta, build_model, build_update, parse_update_meta
-from models.protocol.mqtt import BrokerAddress, MqttSession
 from models.protocol.signed import verify_and_parse
 from models.protocol.topics import Topics
+from models.transport.mqtt import BrokerAddress, MqttSession
+from wearfl.broker import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # the quick loop is `pytest -m "not slow"`
+
+REPO = Path(__file__).resolve().parents[2]
 FS_BYTES = 16 * 1024 * 1024
 FILLER = "filler.bin"
 WAIT_S = 60.0
@@ -316,13 +319,7 @@ class Observer:
         return [Receipt.from_bytes(p) for t, p in self.messages if t.startswith(prefix) and p != b"sentinel"]
 
     async def until(self, what: str, condition: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            result = condition()
-            if result:
-                return result
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}; received {[t for t, _ in self.messages]}")
+        return await until(condition, lambda: f"{what}; received {[t for t, _ in self.messages]}", timeout, 0.05)
 
     async def flush(self) -> None:
         """Everything published to us before this call has arrived (a sentinel of our own comes after it)."""
@@ -465,7 +462,7 @@ def activity_update(key: Ed25519PrivateKey, client: str, sequence: int = 1) -> b
     weights = Model(activity_spec(), seed=0).network.state_dict()
     rng = np.random.default_rng(sequence)
     delta = {k: (0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in weights.items()}
-    codec = UpdateCodec({k: v.shape for k, v in weights.items()}, CodecConfig(scheme="none"))
+    codec = UpdateCodec({k: v.shape for k, v in weights.items()}, CodecConfig(quantize="none"))
     tensors, codec_meta, _ = codec.encode(delta, rng)
     meta = UpdateMeta(client=client, round=1, base_version=0, base_hash="0" * 64, num_examples=10,
                       sequence=sequence, codec=codec_meta, timestamp=time.time())

@@ -1,5 +1,7 @@
 """Task messages: the selected clients travel with the round."""
 
+import json
+
 import pytest
 
 from models.protocol.messages import Task
@@ -42,3 +44,20 @@ def test_a_signed_receipt_verifies_only_unchanged_and_only_with_the_hubs_key():
         assert not replace(again, **change).verify(public_key_bytes(hub)), change
     with pytest.raises(SigningError):
         Receipt.from_bytes(b'{"client": "edge-a", "sequence": 1, "status": "accepted", "signature": 5}')
+
+
+def test_a_task_of_wearfl_0_1_is_read_under_todays_key_names() -> None:
+    old = json.dumps({"round": 3, "model_version": 2, "config": {"clip_norm": 1.5, "update_clip_norm": 0.5}}).encode()
+
+    task = Task.from_bytes(old)
+
+    assert task.config == {"grad_clip": 1.5, "update_clip": 0.5}
+
+
+def test_a_task_carries_the_old_key_names_too_for_edges_of_the_last_release() -> None:
+    task = Task(1, 0, {"grad_clip": 2.0, "update_clip": 0.25, "lr": 0.01})
+
+    sent = json.loads(task.to_bytes())["config"]
+
+    assert sent["clip_norm"] == 2.0 and sent["update_clip_norm"] == 0.25
+    assert Task.from_bytes(task.to_bytes()) == task

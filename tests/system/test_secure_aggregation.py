@@ -27,9 +27,9 @@ from models import Model, TrainConfig
 from models.errors import ConfigError
 from models.protocol.identity import load_keyring, load_or_create_key, public_hex
 from models.protocol.messages import Task
-from models.protocol.mqtt import BrokerAddress, MqttSession
 from models.protocol.secagg import ClientStage, KeyBundle, SecAggClient
 from models.protocol.topics import Topics
+from models.transport.mqtt import BrokerAddress, MqttSession
 
 DATASET = SimulatedDataset(seed=0, wearers=4, minutes=3, test_wearers=0)
 CLIENTS = ("wearer-00", "wearer-01", "wearer-02", "wearer-03")

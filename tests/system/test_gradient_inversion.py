@@ -34,6 +34,8 @@ from scripts.gradient_inversion import (
     synthetic_windows,
 )
 
+pytestmark = pytest.mark.slow  # the quick loop is `pytest -m "not slow"`
+
 # Documented production DP-FedAvg settings (docs/privacy.md): noise multiplier z, clip
 # norm C (L2, whole update) and expected clients per round m; the hub adds Gaussian
 # noise of std z * C / m to every coordinate of the round's average.

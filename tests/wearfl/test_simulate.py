@@ -8,6 +8,8 @@ import pytest
 
 from wearfl.cli import main
 
+pytestmark = pytest.mark.slow  # the quick loop is `pytest -m "not slow"`
+
 ROUND_KEYS = {"round", "model_version", "participants", "updates_accepted", "updates_rejected", "bytes_up",
               "bytes_down", "duration_s", "metrics"}
 

@@ -81,6 +81,8 @@ FUZZ = settings(
     print_blob=False,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
+
+pytestmark = pytest.mark.slow  # the quick loop is `pytest -m "not slow"`
 BUG = settings(FUZZ, phases=[Phase.explicit, Phase.generate])  # the bug guards: no shrinking
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -210,7 +212,7 @@ def update_pool() -> tuple[tuple[bytes, UpdateCodec], ...]:
     pool = []
     for i, shapes in enumerate(LAYOUTS):
         for scheme in SCHEMES:
-            codec = UpdateCodec(shapes, CodecConfig(scheme=scheme, block=16, topk_fraction=0.25))
+            codec = UpdateCodec(shapes, CodecConfig(quantize=scheme, block=16, topk_fraction=0.25))
             rng = np.random.default_rng(i)
             delta = {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
             tensors, codec_meta, _ = codec.encode(delta, rng)
@@ -312,7 +314,7 @@ FIELD_NAMES = ("round", "model_version", "config", "deadline", "clients", "clien
 def encoded_updates(draw: st.DrawFn) -> tuple[UpdateCodec, dict[str, np.ndarray], dict[str, Any]]:
     """A codec (layout and config) and a valid encoding of a random delta."""
     shapes = LAYOUTS[draw(pick(*LAYOUT_CHOICES))]
-    config = CodecConfig(scheme=draw(pick(*SCHEMES)), block=draw(pick(*BLOCKS)), topk_fraction=draw(pick(*FRACTIONS)))
+    config = CodecConfig(quantize=draw(pick(*SCHEMES)), block=draw(pick(*BLOCKS)), topk_fraction=draw(pick(*FRACTIONS)))
     codec = UpdateCodec(shapes, config)
     rng = np.random.default_rng(draw(ints(0, 2**32 - 1)))
     scale = draw(pick(0.0, 1e-30, 0.01, 1.0, 1e30))

@@ -53,9 +53,9 @@ class SecureParticipant:
                  delta: np.ndarray, rng: np.random.Generator, noise_share: float = 0.0) -> None:
         self.config = config
         self.client = SecAggClient(client_id, config, key, directory)
-        x = encode(np.asarray(delta, np.float32), config.clip, config.value_bits, rng)
+        x = encode(np.asarray(delta, np.float32), config.value_range, config.value_bits, rng)
         if noise_share > 0:  # distributed DP: this client's share of the round's Gaussian noise, on the grid
-            unit = step(config.clip, config.value_bits)
+            unit = step(config.value_range, config.value_bits)
             noise = np.rint(rng.normal(0.0, noise_share / unit, x.shape)).astype(np.int64)
             bound = levels(config.value_bits)
             x = np.clip(x + noise, -bound, bound)

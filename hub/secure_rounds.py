@@ -101,7 +101,8 @@ class SecureRound:
         if stage is ServerStage.UNMASKING:
             total = self.server.finish()
             survivors = self.server.survivors
-            mean = decode(total, len(survivors), self.config.clip, self.config.value_bits, self.config.modulus_bits)
+            cfg = self.config
+            mean = decode(total, len(survivors), cfg.value_range, cfg.value_bits, cfg.modulus_bits)
             self.result = SecureResult(mean, tuple(survivors))
             return {}
         if stage is ServerStage.ADVERTISE:

@@ -586,11 +586,11 @@ class HubService:
         try:
             self._secure_attempts = self._secure_attempts + 1 if self._secure_for == round_number else 1
             config = RoundConfig.create(f"r{round_number}-{self._secure_attempts}", members, intake.codec.size,
-                                        value_bits=cfg.secagg_value_bits, clip=clip)
+                                        value_bits=cfg.secagg_value_bits, value_range=clip)
             if getattr(self.strategy, "distributed", 0):
                 # the clients' noise rides on the grid too: 8 standard deviations of room per value
                 share = self.strategy.noise_share(config.threshold)  # type: ignore[attr-defined]
-                config = dataclasses.replace(config, clip=clip + 8 * share)
+                config = dataclasses.replace(config, value_range=clip + 8 * share)
                 self._noise_share = share
         except SecAggError as exc:
             log.error("secure aggregation: round %d cannot start: %s", round_number, exc)

@@ -17,7 +17,7 @@ transport, deadlines and persistence belong to the orchestrator. One round::
     requests = server.close_masked_input()  ─ UnmaskRequest ─▶  c.unmask(request)
     server.receive_unmask(m)                ◀─ UnmaskResponse ─
     total = server.finish()
-    mean = decode(total, len(server.survivors), config.clip, config.value_bits, config.modulus_bits)
+    mean = decode(total, len(server.survivors), config.value_range, config.value_bits, config.modulus_bits)
 
 Clients that miss a deadline are simply not received; a ``close_*`` call ends the
 stage. Everything refused raises :class:`SecAggError` with a ``reason``.

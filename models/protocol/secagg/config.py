@@ -46,7 +46,8 @@ class RoundConfig:
     ``roster``: the invited client ids, sorted; a client's share point is its index + 1.
     ``degree``: neighbours per client (``n - 1``: all-to-all). ``threshold``: shares
     that recover a client's secrets, ``2 <= t <= degree``. ``vector_length``: values
-    per update. ``value_bits`` and ``clip``: the common fixed-point encoding.
+    per update. ``value_bits`` and ``value_range``: the common fixed-point encoding, ``value_bits``
+    bits over [-value_range, value_range] (``clip`` in the wire format, wearfl-secagg-config/1).
     ``graph_seed``: the public seed of the neighbourhood graph.
 
     A threshold above half the neighbourhood (:func:`default_threshold`) keeps a hub
@@ -61,7 +62,7 @@ class RoundConfig:
     degree: int
     vector_length: int
     value_bits: int = 16
-    clip: float = 1.0
+    value_range: float = 1.0
     graph_seed: bytes = field(default=bytes(SEED_BYTES))
 
     def __post_init__(self) -> None:
@@ -83,8 +84,8 @@ class RoundConfig:
             raise bad(f"threshold must be 2..{self.degree} (the neighbourhood), got {self.threshold}.")
         if not 1 <= self.vector_length <= MAX_VALUES:
             raise bad(f"vector length must be 1..{MAX_VALUES}, got {self.vector_length}.")
-        if not (isinstance(self.clip, float) and math.isfinite(self.clip) and self.clip > 0):
-            raise bad(f"clip must be a finite float > 0, got {self.clip!r}.")
+        if not (isinstance(self.value_range, float) and math.isfinite(self.value_range) and self.value_range > 0):
+            raise bad(f"value range must be a finite float > 0, got {self.value_range!r}.")
         if len(self.graph_seed) != SEED_BYTES:
             raise bad(f"the graph seed must be {SEED_BYTES} bytes.")
         if not 2 <= self.value_bits <= MAX_VALUE_BITS:
@@ -97,7 +98,8 @@ class RoundConfig:
     @classmethod
     def create(
         cls, round_id: str, roster: list[str] | tuple[str, ...], vector_length: int, *, value_bits: int = 16,
-        clip: float = 1.0, degree: int | None = None, threshold: int | None = None, graph_seed: bytes | None = None,
+        value_range: float = 1.0, degree: int | None = None, threshold: int | None = None,
+        graph_seed: bytes | None = None,
         all_to_all_below: int = graph.ALL_TO_ALL_BELOW,
     ) -> RoundConfig:
         """A config with defaults: degree by :func:`~graph.choose_degree`, threshold a neighbourhood majority."""
@@ -105,7 +107,7 @@ class RoundConfig:
         k = graph.choose_degree(len(ids), all_to_all_below=all_to_all_below) if degree is None else degree
         t = default_threshold(k) if threshold is None else threshold
         seed = os.urandom(SEED_BYTES) if graph_seed is None else graph_seed
-        return cls(round_id, ids, t, k, vector_length, value_bits, float(clip), seed)
+        return cls(round_id, ids, t, k, vector_length, value_bits, float(value_range), seed)
 
     @property
     def n(self) -> int:
@@ -151,7 +153,7 @@ class RoundConfig:
         body: dict[str, Any] = {
             "format": "wearfl-secagg-config/1", "round_id": self.round_id, "roster": list(self.roster),
             "threshold": self.threshold, "degree": self.degree, "vector_length": self.vector_length,
-            "value_bits": self.value_bits, "clip": self.clip, "graph_seed": self.graph_seed.hex(),
+            "value_bits": self.value_bits, "clip": self.value_range, "graph_seed": self.graph_seed.hex(),
         }
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 

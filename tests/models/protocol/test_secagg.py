@@ -60,7 +60,7 @@ def make_round(n: int, m: int, seed: int, *, degree: int | None = None, threshol
     roster = [f"edge-{i:02d}" for i in range(n)]
     keys = {u: Ed25519PrivateKey.from_private_bytes(rng.bytes(32)) for u in roster}
     directory = {u: public_key_bytes(k) for u, k in keys.items()}
-    config = RoundConfig.create(round_id, roster, m, value_bits=VALUE_BITS, clip=CLIP, degree=degree,
+    config = RoundConfig.create(round_id, roster, m, value_bits=VALUE_BITS, value_range=CLIP, degree=degree,
                                 threshold=threshold, graph_seed=rng.bytes(32))
     clients = {u: SecAggClient(u, config, keys[u], directory, randbytes=random.Random(seed * 1000 + i).randbytes)
                for i, u in enumerate(roster)}
@@ -567,7 +567,7 @@ def test_small_rounds_are_all_to_all_and_large_ones_log_degree():
 def test_round_config_refuses_parameters_that_cannot_work():
     good = RoundConfig.create("r", ["a", "b", "c", "d", "e"], 8, graph_seed=bytes(32))
     for change in ({"threshold": 1}, {"threshold": 5}, {"degree": 3}, {"roster": ("b", "a", "c")},
-                   {"roster": ("a", "b")}, {"vector_length": 0}, {"clip": float("nan")}, {"round_id": "a/b"}):
+                   {"roster": ("a", "b")}, {"vector_length": 0}, {"value_range": float("nan")}, {"round_id": "a/b"}):
         with pytest.raises(SecAggError) as err:
             replace(good, **change)
         assert err.value.reason == "bad_config"

@@ -22,12 +22,15 @@ import math
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_client.finetune import FineTunePolicy, ResourceHook, battery_hook, temperature_hook
 from edge_client.replay import POLICIES
 from edge_client.sources.base import Source
 from models.errors import ConfigError, WearflError
+
+if TYPE_CHECKING:
+    from edge_client.config import EdgeConfig
 
 __all__ = ["SOURCE_HELP", "add_edge_command", "cmd_edge", "resolve_source"]
 
@@ -104,9 +107,9 @@ def _hooks(args: argparse.Namespace) -> tuple[ResourceHook, ...]:
     return tuple(hooks)
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`~edge_client.runtime.EdgeConfig` the command line describes."""
-    from edge_client.runtime import EdgeConfig
+def config_from_args(args: argparse.Namespace) -> EdgeConfig:
+    """The :class:`~edge_client.config.EdgeConfig` the command line describes."""
+    from edge_client.config import EdgeConfig
     from models.transport.mqtt import BrokerAddress
 
     BrokerAddress.parse(args.broker)  # a malformed URL fails here, before anything starts
@@ -135,7 +138,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     )
 
 
-async def _run(config: Any, source: Source) -> None:
+async def _run(config: EdgeConfig, source: Source) -> None:
     from edge_client.outbox import DB_NAME
     from edge_client.runtime import EdgeClient
     from models.files import state_dir_error

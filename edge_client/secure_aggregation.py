@@ -4,10 +4,19 @@ Why here and not in the outbox: a secure round is interactive. The masked update
 without the key sharing before it and the unmasking after it, and a client that misses a
 stage is simply a dropout the protocol recovers from. So nothing of it is stored; the
 trained delta is kept in memory for the round (and for a re-run of it after an abort).
+
+:class:`SecureRound` is the edge runtime's part: it joins the round a task announces with
+the round's clipped delta (:func:`edge_client.updates.clipped_delta`, the same as a plain
+round's), answers the hub's messages on ``secagg/<client>``, and, when the hub runs a round
+again after an abort, joins the new run with the kept delta. The peers' public keys come
+from the operator's keyring (:attr:`EdgeConfig.peer_keyring
+<edge_client.config.EdgeConfig.peer_keyring>`), never from the hub; an edge without one sits
+secure rounds out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from collections.abc import Mapping
@@ -15,6 +24,11 @@ from collections.abc import Mapping
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edge_client.config import EdgeConfig
+from edge_client.shared import Link
+from models.errors import WearflError
+from models.protocol.identity import load_keyring
+from models.protocol.messages import Task
 from models.protocol.secagg import (
     ClientStage,
     KeyBundle,
@@ -26,8 +40,9 @@ from models.protocol.secagg import (
     encode,
 )
 from models.protocol.secagg.fixedpoint import levels, step
+from models.transport.mqtt import Message
 
-__all__ = ["SecureParticipant", "round_config_of"]
+__all__ = ["SecureParticipant", "SecureRound", "round_config_of"]
 
 log = logging.getLogger(__name__)
 
@@ -82,3 +97,68 @@ class SecureParticipant:
         if stage is ClientStage.MASKED:
             return self.client.unmask(UnmaskRequest.from_bytes(payload)).to_bytes()
         raise SecAggError("out_of_order", f"no message is expected in stage {stage.name}")
+
+
+class SecureRound:
+    """Owns this edge's side of secure rounds: the current participant, its task entry and the kept delta."""
+
+    def __init__(self, config: EdgeConfig, link: Link, counters: dict[str, int]) -> None:
+        self.config, self.client_id = config, config.client_id
+        self._link, self._counters = link, counters
+        self.key: Ed25519PrivateKey | None = None  # the device key; set when the edge opens its state
+        self._participant: SecureParticipant | None = None
+        self._joined: object = None  # the task's secagg entry the participant was made for
+        self._delta: tuple[int, np.ndarray] | None = None  # (round, clipped delta), kept for a re-run
+
+    async def join(self, task: Task, delta: np.ndarray) -> None:
+        """Take part in the task's secure round with this delta (kept for a re-run of the round)."""
+        self._delta = (task.round, delta)
+        await self._start(task)
+
+    async def maybe_rejoin(self, task: Task) -> None:
+        """A secure round of a round already trained, run again (after an abort): join with the kept delta."""
+        kept = self._delta
+        if kept is None or kept[0] != task.round or "secagg" not in task.config:
+            return
+        if task.config.get("secagg") == self._joined:
+            return  # this secure round is joined (or was refused) already
+        await self._start(task)
+
+    async def _start(self, task: Task) -> None:
+        kept = self._delta
+        assert kept is not None and self.key is not None
+        self._participant, self._joined = None, task.config.get("secagg")
+        if self.config.peer_keyring is None:
+            log.warning("%s: round %d uses secure aggregation, but this edge has no peer keyring; it sits out",
+                        self.client_id, task.round)
+            return
+        try:
+            config = round_config_of(task.config)
+            if config is None or self.client_id not in config.roster:
+                return
+            directory = load_keyring(self.config.peer_keyring)
+            participant = SecureParticipant(self.client_id, config, self.key, directory, kept[1],
+                                            np.random.default_rng(),
+                                            float(task.config.get("dp_noise_share", 0.0) or 0.0))
+            first = participant.start()
+        except (SecAggError, WearflError) as exc:
+            log.warning("%s: cannot take part in the secure round of round %d: %s", self.client_id, task.round, exc)
+            return
+        self._participant = participant
+        log.info("%s: secure round %s: %d clients, threshold %d", self.client_id, config.round_id, config.n,
+                 config.threshold)
+        await self._link.session.publish(self._link.topics.secagg_up(self.client_id), first, qos=1)
+
+    async def on_message(self, message: Message) -> None:
+        """The hub's message for the current stage: answer it."""
+        participant = self._participant
+        if participant is None or participant.done:
+            return
+        try:
+            reply = await asyncio.to_thread(participant.answer, message.payload)
+        except SecAggError as exc:
+            log.warning("%s: secure round %s: %s", self.client_id, participant.round_id, exc)
+            return
+        await self._link.session.publish(self._link.topics.secagg_up(self.client_id), reply, qos=1)
+        if participant.client.stage is ClientStage.DONE:
+            self._counters["secure_rounds"] = self._counters.get("secure_rounds", 0) + 1

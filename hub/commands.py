@@ -3,9 +3,10 @@
 ``wearfl hub`` takes its settings from flags, from a TOML file (``--config``) with the
 same keys (``broker``, ``federation``, ``state``, ``keyring``, ``credentials``, ``model``, ``task``,
 ``min_clients``, ``clients_per_round``, ``round_timeout``, ``rounds``, ``quantize``,
-``norm_bound``, ``max_update_bytes``, ``server_lr``, ``strategy``; dashes or underscores),
+``max_update_norm``, ``max_update_bytes``, ``server_lr``, ``strategy``; dashes or underscores),
 a ``[task_config]`` table of scalars for the edges and a ``[strategy_args]`` table for the
-aggregation rule, or both: flags override the file.
+aggregation rule, or both: flags override the file. The old key ``norm_bound`` and flag
+``--norm-bound`` are still read for one release (:mod:`hub.renamed`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hub.renamed import CLI_FLAGS, HUB_SETTINGS, renamed, warn_renamed
 from models.errors import ConfigError
 
 if TYPE_CHECKING:
-    from hub.service import HubConfig
+    from hub.config import HubConfig
 
 # The service modules are imported inside the handlers: every `wearfl` command
 # (an edge on a Pi included) builds this parser, and should not pay for the hub.
@@ -32,12 +34,12 @@ from models.model import Model
 from models.protocol.codec import SCHEMES
 from models.spec import TASKS, default_spec
 
-__all__ = ["add_commands", "cmd_hub", "cmd_ledger_verify", "cmd_status", "hub_config_from_args"]
+__all__ = ["add_command_group", "add_commands", "cmd_hub", "cmd_ledger_verify", "cmd_status", "hub_config_from_args"]
 
 CONFIG_KEYS = {
     "broker": str, "federation": str, "state": str, "keyring": str, "credentials": str, "model": str, "task": str,
     "min_clients": int, "clients_per_round": int, "round_timeout": float, "rounds": int, "quantize": str,
-    "norm_bound": float, "max_update_bytes": int, "server_lr": float, "strategy": str,
+    "max_update_norm": float, "max_update_bytes": int, "server_lr": float, "strategy": str,
     "fraction": float, "max_clients": int, "stragglers": str, "evaluate_every": int, "secure_aggregation": bool,
 }
 
@@ -63,7 +65,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--round-timeout", type=float, metavar="S", help="seconds before a round closes early (default 60)")
     p.add_argument("--rounds", type=int, metavar="R", help="stop after R completed rounds (default: run forever)")
     p.add_argument("--quantize", choices=SCHEMES, help="update encoding the edges use (default int8)")
-    p.add_argument("--norm-bound", type=float, metavar="L2", help="reject updates with a larger L2 norm")
+    p.add_argument("--max-update-norm", type=float, metavar="L2",
+                   help="reject updates with a larger L2 norm (receipt reason norm_bound)")
+    p.add_argument("--norm-bound", type=float, help=argparse.SUPPRESS)  # renamed --max-update-norm
     p.add_argument("--max-update-bytes", type=int, metavar="B", help="reject larger updates (default 4 MiB)")
     p.add_argument("--server-lr", type=float, metavar="LR", help="server learning rate of FedAvg (default 1.0)")
     p.add_argument("--fraction", type=float, metavar="F", help="select this fraction of online edges a round")
@@ -83,13 +87,18 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_status)
 
-    ledger = sub.add_parser("ledger", help="check a hub's model ledger",
-                            description="The hub's append-only, hash-chained log of released models.")
-    lsub = ledger.add_subparsers(dest="ledger_command", required=True)
+    lsub = add_command_group(sub, "ledger", help="check a hub's model ledger",
+                             description="The hub's append-only, hash-chained log of released models.")
     v = lsub.add_parser("verify", help="check every entry's hash and link; name the first bad one")
     v.add_argument("--state", metavar="DIR", required=True, help="the hub's state directory")
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.set_defaults(func=cmd_ledger_verify)
+
+
+def add_command_group(sub: Any, name: str, *, help: str, description: str) -> Any:
+    """Register ``wearfl NAME ACTION ...`` on ``sub``; the subparsers its actions are added to."""
+    group = sub.add_parser(name, help=help, description=description)
+    return group.add_subparsers(dest=f"{name}_command", required=True, metavar="ACTION")
 
 
 def add_strategy_flags(p: argparse.ArgumentParser) -> None:
@@ -118,7 +127,7 @@ def _read_config(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, A
     settings: dict[str, Any] = {}
     for key, value in data.items():
         name = key.replace("-", "_")
-        kind = CONFIG_KEYS.get(name)
+        kind = CONFIG_KEYS.get(HUB_SETTINGS.get(name, name))
         if kind is None:
             raise ConfigError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(CONFIG_KEYS))}.")
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -126,25 +135,30 @@ def _read_config(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, A
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ConfigError(f"{path}: {key} must be a {kind.__name__}, got {value!r}.")
         settings[name] = value
-    from hub.service import task_config_from
+    from hub.config import task_config_from
 
-    return settings, task_config_from(task_config), dict(strategy_args)
+    return renamed(settings, HUB_SETTINGS, "hub setting"), task_config_from(task_config), dict(strategy_args)
 
 
 def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | None]:
     """The hub's config and initial model from parsed flags (and ``--config``)."""
-    from hub.service import HubConfig
+    from hub.config import HubConfig
     from hub.strategies import parse_strategy_args
     from models.package import load_package
 
     settings, task_config, strategy_args = _read_config(args.config) if args.config else ({}, {}, {})
     strategy_args.update(parse_strategy_args(args.strategy_arg))
+    if args.norm_bound is not None:
+        if args.max_update_norm is not None:
+            raise ConfigError("--norm-bound is the old name of --max-update-norm; give only --max-update-norm.")
+        warn_renamed("--norm-bound", CLI_FLAGS["--norm-bound"], "flag")
+        args.max_update_norm = args.norm_bound
     flags = {
         "broker": args.broker, "federation": args.federation, "state": args.state, "keyring": args.keyring,
         "credentials": args.credentials,
         "model": args.model, "task": args.task, "min_clients": args.min_clients,
         "clients_per_round": args.clients_per_round, "round_timeout": args.round_timeout, "rounds": args.rounds,
-        "quantize": args.quantize, "norm_bound": args.norm_bound, "max_update_bytes": args.max_update_bytes,
+        "quantize": args.quantize, "max_update_norm": args.max_update_norm, "max_update_bytes": args.max_update_bytes,
         "server_lr": args.server_lr, "strategy": args.strategy, "fraction": args.fraction,
         "max_clients": args.max_clients, "stragglers": args.stragglers, "evaluate_every": args.evaluate_every,
         "secure_aggregation": args.secure_aggregation,
@@ -166,7 +180,7 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         round_timeout_s=settings.get("round_timeout", 60.0), rounds=settings.get("rounds"),
         keyring=Path(settings["keyring"]) if "keyring" in settings else None,
         credentials=Path(settings["credentials"]) if "credentials" in settings else None,
-        norm_bound=settings.get("norm_bound"), task_config=task_config,
+        max_update_norm=settings.get("max_update_norm"), task_config=task_config,
         server_lr=settings.get("server_lr", 1.0), strategy=settings.get("strategy", "fedavg"),
         strategy_args=strategy_args, fraction=settings.get("fraction", 1.0),
         max_clients=settings.get("max_clients"), stragglers=settings.get("stragglers", "drop"),

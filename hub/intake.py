@@ -23,14 +23,19 @@ order:
 6. base model version must be the open round's (``stale``), the round open and the
    update's own (``round_closed``), and its client among the round's selected ones when
    the hub selected some (``not_selected``);
-7. decode the tensors (``wrong_shape``, ``non_finite``, ``malformed``), optional L2
-   norm bound (``norm_bound``);
+7. decode the tensors (``wrong_shape``, ``non_finite``, ``malformed``); an L2 norm above
+   ``max_update_norm``, when one is set, is rejected ``norm_bound``;
 8. persist, then the receipt ``accepted``.
 
 Receipts for a message whose sequence cannot be read carry ``sequence = -1``; one whose
 topic names no valid client carries ``client = ""`` (there is no topic to answer on).
 :meth:`Intake.process_batch` runs many messages in one store transaction (one commit);
 nothing here touches the network.
+
+The intake keeps no round of its own: each call is handed the open round
+(:class:`hub.round_state.RoundView`: number, base version, open or not, whose updates it
+takes) and only reads it. Its own state is what it keeps of the store: pinned keys and
+each client's last sequence.
 """
 
 from __future__ import annotations
@@ -39,11 +44,12 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from hub.round_state import RoundView
 from hub.store import HubStore
 from models.errors import UpdateRejected
 from models.protocol.codec import CodecError, UpdateCodec
@@ -66,7 +72,7 @@ class AcceptedUpdate:
     meta: UpdateMeta
     delta: dict[str, np.ndarray]
     size: int
-    norm: float | None = None  # the delta's L2 norm, computed when a norm bound is set
+    norm: float | None = None  # the delta's L2 norm, computed when max_update_norm is set
     staleness: int = 0  # how many model versions behind the hub's the update's base is
 
     @property
@@ -82,10 +88,11 @@ class Intake:
     """Validates and stores updates for the open round of one federation.
 
     ``keyring`` (``{client: raw public key}``) limits intake to those clients and keys;
-    without one, the first verified update of a client pins its key. Call
-    :meth:`open_round` before the first update; updates for any other round or base
-    model version are refused, except that with ``max_staleness`` > 0 (asynchronous
-    aggregation) an update up to that many versions behind, from an earlier round, is taken.
+    without one, the first verified update of a client pins its key. Updates for any
+    other round or base model version than the open round's (handed to each call) are
+    refused, except that with ``max_staleness`` > 0 (asynchronous aggregation) an update
+    up to that many versions behind, from an earlier round, is taken. ``max_update_norm``:
+    a larger update is rejected (``norm_bound``).
     """
 
     def __init__(
@@ -95,89 +102,68 @@ class Intake:
         codec: UpdateCodec,
         *,
         max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES,
-        norm_bound: float | None = None,
+        max_update_norm: float | None = None,
         keyring: Mapping[str, bytes] | None = None,
         max_staleness: int = 0,
     ) -> None:
         if max_update_bytes < 1024:
             raise ValueError(f"max_update_bytes must be at least 1024, got {max_update_bytes}")
-        if norm_bound is not None and not (math.isfinite(norm_bound) and norm_bound > 0):
-            raise ValueError(f"norm_bound must be finite and > 0, got {norm_bound}")
+        if max_update_norm is not None and not (math.isfinite(max_update_norm) and max_update_norm > 0):
+            raise ValueError(f"max_update_norm must be finite and > 0, got {max_update_norm}")
         self.store, self.topics, self.codec = store, topics, codec
         self.max_update_bytes = int(max_update_bytes)
-        self.norm_bound = norm_bound
+        self.max_update_norm = max_update_norm
         self.keyring = dict(keyring) if keyring is not None else None
         self.max_staleness = int(max_staleness)
-        self.round = -1
-        self.model_version = -1
-        self.is_open = False
-        self.selected: frozenset[str] | None = None
         self._keys = store.pinned_keys()
         self._last_sequence = store.last_sequences()
 
-    # -- the round ------------------------------------------------------------------
-
-    def open_round(self, round_number: int, model_version: int) -> None:
-        self.round, self.model_version, self.is_open = int(round_number), int(model_version), True
-        self.selected = None
-
-    def select(self, clients: Iterable[str]) -> None:
-        """Take updates for the open round from these clients only (the task names them)."""
-        self.selected = frozenset(clients)
-
-    def close_round(self) -> None:
-        """Refuse updates (``round_closed``) until the next :meth:`open_round`."""
-        self.is_open = False
-
-    # -- processing -----------------------------------------------------------------
-
     def process(
-        self, topic: str, payload: bytes, received_at: float | None = None
+        self, topic: str, payload: bytes, current: RoundView, received_at: float | None = None
     ) -> tuple[Receipt, AcceptedUpdate | None]:
-        """One message: its receipt, and the accepted update when it was stored."""
-        return self.process_batch([(topic, payload)], received_at)[0]
+        """One message for the ``current`` round: its receipt, and the accepted update when it was stored."""
+        return self.process_batch([(topic, payload)], current, received_at)[0]
 
     def process_batch(
-        self, messages: Sequence[tuple[str, bytes]], received_at: float | None = None
+        self, messages: Sequence[tuple[str, bytes]], current: RoundView, received_at: float | None = None
     ) -> list[tuple[Receipt, AcceptedUpdate | None]]:
-        """Many messages in one store transaction: everything is durable when this returns."""
+        """Many messages for the ``current`` round in one store transaction: all durable when this returns."""
         now = time.time() if received_at is None else received_at
         try:
             with self.store.transaction():
-                return [self._process(topic, bytes(payload), now) for topic, payload in messages]
+                return [self._process(topic, bytes(payload), current, now) for topic, payload in messages]
         except BaseException:
             # keys pinned and sequences stored in the rolled-back transaction are gone
             self._keys, self._last_sequence = self.store.pinned_keys(), self.store.last_sequences()
             raise
 
-    def _process(self, topic: str, payload: bytes, now: float) -> tuple[Receipt, AcceptedUpdate | None]:
+    def _process(self, topic: str, payload: bytes, current: RoundView,
+                 now: float) -> tuple[Receipt, AcceptedUpdate | None]:
         client = self.topics.client_from(topic, "update")
         if client is None:
-            return self._rejected("", UpdateRejected("malformed", f"topic {topic[:200]!r} names no valid client"))
+            rej = UpdateRejected("malformed", f"topic {topic[:200]!r} names no valid client")
+            return self._rejected(current, "", rej)
         try:
             meta, tensors = self._verified(client, payload, now)
         except UpdateRejected as rej:
-            return self._rejected(client, rej)
+            return self._rejected(current, client, rej)
         try:
-            if self._is_duplicate(meta, payload):
+            if self._is_duplicate(meta, payload, current):
                 self.store.touch(client, now)
                 self.store.count_duplicate()
                 log.debug("duplicate update %s/%d dropped", client, meta.sequence)
-                return self._receipt(client, meta.sequence, "duplicate"), None
-        except UpdateRejected as rej:
-            self.store.touch(client, now)
-            return self._rejected(client, rej)
-        try:
-            accepted = self._checked(meta, tensors, len(payload))
+                return _receipt(current, client, meta.sequence, "duplicate"), None
+            accepted = self._checked(meta, tensors, len(payload), current)
         except UpdateRejected as rej:
             self.store.touch(client, now)  # verified: the client is alive, its update just unusable
-            return self._rejected(client, rej)
+            return self._rejected(current, client, rej)
         # Filed under the hub's open round: an asynchronous hub takes updates from earlier rounds.
-        self.store.record_update(client, meta.sequence, self.round, meta.base_version, meta.num_examples, payload, now)
+        self.store.record_update(client, meta.sequence, current.round, meta.base_version, meta.num_examples, payload,
+                                 now)
         self._last_sequence[client] = max(self._last_sequence.get(client, -1), meta.sequence)
-        return self._receipt(client, meta.sequence, "accepted"), accepted
+        return _receipt(current, client, meta.sequence, "accepted"), accepted
 
-    def _is_duplicate(self, meta: UpdateMeta, payload: bytes) -> bool:
+    def _is_duplicate(self, meta: UpdateMeta, payload: bytes, current: RoundView) -> bool:
         """True for a harmless re-send within its open round; raises ``replayed`` for any other reuse."""
         seq = meta.sequence
         stored = self.store.stored_update(meta.client, seq)
@@ -185,7 +171,7 @@ class Intake:
             stored_round, digest = stored
             if digest != hashlib.sha256(payload).hexdigest():
                 raise UpdateRejected("replayed", f"sequence {seq} is already used by another stored update", seq)
-            if not (self.is_open and stored_round == self.round):
+            if not (current.is_open and stored_round == current.round):
                 raise UpdateRejected("replayed", f"sequence {seq} was stored in round {stored_round}, which is closed; "
                                      "this copy is dropped", seq)
             return True
@@ -226,21 +212,22 @@ class Intake:
             self._keys[client] = message.public_key
         return meta, message.tensors
 
-    def _checked(self, meta: UpdateMeta, tensors: Mapping[str, np.ndarray], size: int) -> AcceptedUpdate:
+    def _checked(self, meta: UpdateMeta, tensors: Mapping[str, np.ndarray], size: int,
+                 current: RoundView) -> AcceptedUpdate:
         """Steps 6-7: round and version, then the tensors themselves."""
-        seq = meta.sequence
-        staleness = self.model_version - meta.base_version
+        seq, accepting = meta.sequence, current.accepting
+        staleness = current.base_version - meta.base_version
         if not 0 <= staleness <= self.max_staleness:
             allowed = f" (at most {self.max_staleness} versions behind)" if self.max_staleness else ""
             raise UpdateRejected("stale", f"the update is based on model v{meta.base_version}, the round on "
-                                 f"v{self.model_version}{allowed}", seq)
-        in_round = meta.round == self.round if not self.max_staleness else meta.round <= self.round
-        if not self.is_open or not in_round:
-            state = f"round {self.round} is open" if self.is_open else f"round {self.round} is closed"
+                                 f"v{current.base_version}{allowed}", seq)
+        in_round = meta.round == current.round if not self.max_staleness else meta.round <= current.round
+        if not current.is_open or not in_round:
+            state = f"round {current.round} is {'open' if current.is_open else 'closed'}"
             raise UpdateRejected("round_closed", f"the update is for round {meta.round}; {state}", seq)
-        if self.selected is not None and meta.round == self.round and meta.client not in self.selected:
-            raise UpdateRejected("not_selected", f"client {meta.client!r} is not among the {len(self.selected)} "
-                                        f"clients selected for round {self.round}", seq)
+        if accepting is not None and meta.round == current.round and meta.client not in accepting:
+            raise UpdateRejected("not_selected", f"client {meta.client!r} is not among the {len(accepting)} "
+                                 f"clients selected for round {current.round}", seq)
         try:
             delta = self.codec.decode(tensors, meta.codec)
         except CodecError as exc:
@@ -248,15 +235,17 @@ class Intake:
         except (ValueError, TypeError, OverflowError, KeyError) as exc:  # hostile codec metadata
             raise UpdateRejected("malformed", f"the update does not decode ({type(exc).__name__})", seq) from None
         norm = None
-        if self.norm_bound is not None:
+        if self.max_update_norm is not None:
             norm = l2_norm(delta)
-            if not norm <= self.norm_bound:
-                raise UpdateRejected("norm_bound",
-                                     f"the update's L2 norm {norm:.4g} exceeds the bound {self.norm_bound:g}", seq)
+            if not norm <= self.max_update_norm:
+                raise UpdateRejected("norm_bound", f"the update's L2 norm {norm:.4g} exceeds max_update_norm "
+                                     f"{self.max_update_norm:g}", seq)
         return AcceptedUpdate(meta, delta, size, norm, staleness)
 
-    def decode_stored(self, payload: bytes) -> AcceptedUpdate | None:
-        """An update stored earlier, verified and decoded again (to rebuild a round); None if it fails."""
+    def decode_stored(self, payload: bytes, model_version: int) -> AcceptedUpdate | None:
+        """An update stored earlier, verified and decoded again (to rebuild a round on ``model_version``).
+
+        None when it no longer verifies or decodes."""
         try:
             message = verify_and_parse(payload, max(self.max_update_bytes, len(payload)))
             meta = parse_update_meta(message)
@@ -266,20 +255,19 @@ class Intake:
             delta = self.codec.decode(message.tensors, meta.codec)
         except (SigningError, CodecError, ValueError, TypeError, OverflowError, KeyError):
             return None
-        return AcceptedUpdate(meta, delta, len(payload), staleness=max(self.model_version - meta.base_version, 0))
+        return AcceptedUpdate(meta, delta, len(payload), staleness=max(model_version - meta.base_version, 0))
 
-    # -- receipts -------------------------------------------------------------------
-
-    def _receipt(self, client: str, sequence: int, status: str, reason: str | None = None,
-                 detail: str | None = None) -> Receipt:
-        return Receipt(client, sequence, status, reason, detail, self.round, self.model_version)
-
-    def _rejected(self, client: str, rej: UpdateRejected) -> tuple[Receipt, None]:
+    def _rejected(self, current: RoundView, client: str, rej: UpdateRejected) -> tuple[Receipt, None]:
         if rej.reason not in REJECT_REASONS:  # a codec or signing reason receipts do not know
             rej = UpdateRejected("malformed", rej.detail, rej.sequence)
         self.store.count_rejection(rej.reason)
         log.info("rejected update from %s (sequence %d): %s: %s", client or "?", rej.sequence, rej.reason, rej.detail)
-        return self._receipt(client, rej.sequence, "rejected", rej.reason, rej.detail), None
+        return _receipt(current, client, rej.sequence, "rejected", rej.reason, rej.detail), None
+
+
+def _receipt(current: RoundView, client: str, sequence: int, status: str, reason: str | None = None,
+             detail: str | None = None) -> Receipt:
+    return Receipt(client, sequence, status, reason, detail, current.round, current.base_version)
 
 
 def l2_norm(delta: Mapping[str, np.ndarray]) -> float:

@@ -7,15 +7,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hub.commands import add_command_group
+
 __all__ = ["add_keys_command"]
 
 
 def add_keys_command(sub: Any) -> None:
     """Register ``keys init``, ``keys add-device`` and ``keys broker-config``."""
-    keys = sub.add_parser("keys", help="device identity: CA, hub and device credentials, broker config",
-                          description="Provision a federation: a CA, the hub's credentials, one folder per device, "
-                                      "and a Mosquitto config that admits only them.")
-    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    ksub = add_command_group(sub, "keys", help="device identity: CA, hub and device credentials, broker config",
+                             description="Provision a federation: a CA, the hub's credentials, one folder per "
+                                         "device, and a Mosquitto config that admits only them.")
     init = ksub.add_parser("init", help="make the CA and the hub's credentials in STATE/keys/")
     init.add_argument("--state", metavar="DIR", required=True, help="the hub's state directory")
     init.set_defaults(func=cmd_keys_init)

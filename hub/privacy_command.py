@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from hub.commands import add_command_group
+
 __all__ = ["add_privacy_command"]
 
 # hub.accounting (and dp_accounting, ~1 s to import) is loaded inside the handlers: every
@@ -14,10 +16,10 @@ __all__ = ["add_privacy_command"]
 
 def add_privacy_command(sub: Any) -> None:
     """Register ``privacy epsilon`` and ``privacy noise``."""
-    privacy = sub.add_parser("privacy", help="differential-privacy accounting: epsilon from noise, noise from epsilon",
+    psub = add_command_group(sub, "privacy",
+                             help="differential-privacy accounting: epsilon from noise, noise from epsilon",
                              description="Client-level differential privacy of sampled Gaussian rounds, accounted "
                                          "with dp_accounting (RDP or PLD).")
-    psub = privacy.add_subparsers(dest="privacy_command", required=True, metavar="ACTION")
 
     eps = psub.add_parser("epsilon", help="the epsilon spent by T rounds of noise multiplier Z",
                           description="The (epsilon, delta) that T rounds spend when each adds Gaussian noise of "

@@ -9,12 +9,18 @@ accepted update (default: as many as edges are online, from their retained
 fewer at the deadline, the deadline moves on by the timeout and the round waits. A
 round never closes with fewer than ``min_clients``.
 
-Closing (:meth:`RoundManager.close`): mean delta, the strategy's server step, model
-vN+1 in the registry (package, ONNX, TFLite), then the round is recorded in the store
-together with the new current round and version. Publishing the new model and task
-is the service's part. :class:`RoundManager.resume` rebuilds all of this from the
-state directory after a restart, and finishes a close that a crash interrupted
-between the registry write and the store record.
+Closing (:meth:`RoundManager.build_next_model`, then :meth:`RoundManager.record_close`):
+mean delta, the strategy's server step, model vN+1 in the registry (package, ONNX,
+TFLite), then the round is recorded in the store together with the new current round
+and version. Publishing the new model and task is the service's part.
+:meth:`RoundManager.resume` rebuilds all of this from the state directory after a
+restart, and finishes a close that a crash interrupted between the registry write and
+the store record.
+
+The round manager owns the open round (:class:`hub.round_state.OpenRound`, its
+``current``) and the current model. It never sees the intake: to rebuild a round from
+stored updates it is handed the function that verifies and decodes one again
+(:meth:`hub.intake.Intake.decode_stored`).
 """
 
 from __future__ import annotations
@@ -22,30 +28,31 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
 from hub.aggregation import StreamingAverage
-from hub.intake import AcceptedUpdate, Intake
+from hub.intake import AcceptedUpdate
 from hub.ledger import Ledger
 from hub.registry import ModelRegistry, ModelVersion
+from hub.round_state import OpenRound
 from hub.store import HubStore, RoundRecord
 from hub.strategies.base import Strategy
 from hub.strategies.optimizers import is_statistic
 from hub.strategy_state import StrategyState
 from models.errors import ConfigError, WearflError
 from models.model import Model
-from models.protocol.messages import parse_json
-from models.protocol.signed import SigningError
 
-__all__ = ["MetricsCollector", "OpenRound", "RoundManager", "RoundPolicy", "RoundSummary"]
+__all__ = ["Decode", "RoundManager", "RoundPolicy", "RoundSummary"]
 
 log = logging.getLogger(__name__)
 
 Decision = Literal["close", "extend", "wait"]
+Decode = Callable[[bytes, int], AcceptedUpdate | None]
+"""A stored update's payload and the model version the round trains from -> the update, or None if it fails."""
 
 
 @dataclass(frozen=True)
@@ -102,82 +109,6 @@ class RoundSummary:
     duration_s: float
     metrics: dict[str, float] = field(default_factory=dict)
     model: Model | None = field(default=None, repr=False, compare=False)
-
-
-class MetricsCollector:
-    """Federated-evaluation reports by round: the latest report of each client counts."""
-
-    def __init__(self) -> None:
-        self._reports: dict[int, dict[str, tuple[int, dict[str, float]]]] = {}
-        self._personal: dict[str, dict[str, Any]] = {}
-
-    def add(self, client: str, payload: bytes) -> bool:
-        """Parse ``{"round", "model_version", "num_examples", "metrics": {...}}``; False when unusable."""
-        try:
-            d = parse_json(payload, "metrics")
-            round_number, n = int(d["round"]), int(d["num_examples"])
-            metrics = {str(k): float(v) for k, v in dict(d["metrics"]).items()}
-        except (SigningError, KeyError, TypeError, ValueError, OverflowError) as exc:
-            log.info("ignored metrics from %s: %s", client, exc)
-            return False
-        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
-        if n < 1 or round_number < 0:
-            log.info("ignored metrics from %s: num_examples must be >= 1 and round >= 0", client)
-            return False
-        self._reports.setdefault(round_number, {})[client] = (n, metrics)
-        personalized = {k[len("local_"):]: v for k, v in metrics.items() if k.startswith("local_")}
-        if personalized:
-            shown = {k: v for k, v in metrics.items() if not k.startswith("local_")}
-            self._personal[client] = {"round": round_number, "examples": n,
-                                      "global": {k: v for k, v in shown.items() if k in personalized},
-                                      "personalized": personalized}
-        return True
-
-    def personalization(self) -> dict[str, dict[str, Any]]:
-        """Each client's latest report of the global model vs its own fine-tuned weights, on its held-out data."""
-        return {c: dict(v) for c, v in sorted(self._personal.items())}
-
-    def result(self, round_number: int) -> dict[str, float]:
-        """Example-weighted means of each metric for ``round_number``."""
-        reports = self._reports.get(round_number, {})
-        if not reports:
-            return {}
-        sums: dict[str, float] = {}
-        weights: dict[str, float] = {}
-        for n, metrics in reports.values():
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + n * v
-                weights[k] = weights.get(k, 0.0) + n
-        out = {k: sums[k] / weights[k] for k in sorted(sums)}
-        out["eval_clients"] = float(len(reports))
-        out["eval_examples"] = float(sum(n for n, _ in reports.values()))
-        return out
-
-    def forget_before(self, round_number: int) -> None:
-        for r in [r for r in self._reports if r < round_number]:
-            del self._reports[r]
-
-
-@dataclass
-class OpenRound:
-    """The round in progress: its running sum and counters."""
-
-    round: int
-    base_version: int
-    opened_at: float
-    deadline: float  # time.monotonic()
-    deadline_at: float  # the same deadline as Unix time (ms precision), for the task message
-    aggregate: StreamingAverage | None
-    participants: set[str] = field(default_factory=set)
-    updates_accepted: int = 0
-    updates_rejected: int = 0
-    num_examples: int = 0
-    bytes_up: int = 0
-
-    def set_deadline(self, at: float) -> None:
-        """Set the deadline to Unix time ``at`` (kept to the millisecond)."""
-        self.deadline_at = round(at, 3)
-        self.deadline = time.monotonic() + (self.deadline_at - time.time())
 
 
 class RoundManager:
@@ -265,22 +196,21 @@ class RoundManager:
             round_number + 1,
         )
 
-    def open(self, round_number: int, intake: Intake | None = None, deadline_at: float | None = None) -> OpenRound:
-        """Start ``round_number`` on the current model; re-add the updates already stored for it.
+    def open(self, round_number: int, decode: Decode | None = None, deadline_at: float | None = None) -> OpenRound:
+        """Start ``round_number`` on the current model; with ``decode``, re-add the updates already stored for it.
 
         ``deadline_at`` (Unix time) defaults to one timeout from now.
         """
         assert self.model is not None, "resume() first"
+        version = int(self.model.version)
         aggregate = StreamingAverage.like(self.model.network.state_dict()) if self.strategy.streaming else None
-        now = time.time()
-        self.current = OpenRound(round_number, int(self.model.version), now, 0.0, 0.0, aggregate)
-        self.current.set_deadline(now + self.policy.timeout_s if deadline_at is None else deadline_at)
-        if intake is not None:
-            intake.open_round(round_number, int(self.model.version))
+        self.current = cur = OpenRound(round_number, version, aggregate)
+        cur.set_deadline(cur.opened_at + self.policy.timeout_s if deadline_at is None else deadline_at)
+        if decode is not None:
             for stored in self.store.iter_round_updates(round_number):
                 if stored.payload is None:
                     continue
-                update = intake.decode_stored(stored.payload)
+                update = decode(stored.payload, version)
                 if update is None:
                     log.error("stored update %s/%d no longer verifies; left out of the aggregate",
                               stored.client, stored.sequence)
@@ -360,11 +290,15 @@ class RoundManager:
 
     # -- closing --------------------------------------------------------------------
 
-    def build_next_model(self, intake: Intake | None = None) -> Model:
-        """Aggregate, server step, register vN+1 (CPU and disk work: run it in a thread)."""
+    def build_next_model(self, decode: Decode | None = None) -> Model:
+        """Aggregate, server step, register vN+1 (CPU and disk work: run it in a thread).
+
+        A non-streaming strategy needs ``decode`` to read the round's stored updates again.
+        """
         cur, model = self._open(), self.model
         assert model is not None
-        avg = cur.aggregate.mean() if cur.aggregate is not None else self._aggregate_from_store(cur.round, intake)
+        cur.close()
+        avg = cur.aggregate.mean() if cur.aggregate is not None else self._aggregate_from_store(cur.round, decode)
         before = {k: v.copy() for k, v in self.strategy.state_dict().items()}
         try:
             avg = self.strategy.finalize(avg, cur.updates_accepted)
@@ -372,7 +306,8 @@ class RoundManager:
             bad = sorted(k for k, v in weights.items() if not np.all(np.isfinite(v)))
             if bad:
                 raise WearflError(f"round {cur.round} produced non-finite weights ({', '.join(bad[:5])}); the model "
-                                  f"is kept at v{model.version}. Bound update norms with --norm-bound.")
+                                  f"is kept at v{model.version}. Reject large updates with --max-update-norm, "
+                                  "or bound them with --strategy-arg norm_bound=L2.")
             new = Model(model.spec, version=int(model.version) + 1)
             new.network.load_state_dict(weights)
             if self.strategy_state is not None:
@@ -387,13 +322,15 @@ class RoundManager:
             self._log_version(registered)
         return new
 
-    def _aggregate_from_store(self, round_number: int, intake: Intake | None) -> dict[str, np.ndarray]:
-        if intake is None:
-            raise ValueError("a non-streaming strategy needs the intake to decode stored updates")
+    def _aggregate_from_store(self, round_number: int, decode: Decode | None) -> dict[str, np.ndarray]:
+        if decode is None:
+            raise ValueError("a non-streaming strategy needs a decode function to read the stored updates")
+        assert self.model is not None
+        version = int(self.model.version)
         deltas: list[Mapping[str, np.ndarray]] = []
         weights: list[float] = []
         for stored in self.store.iter_round_updates(round_number):
-            update = intake.decode_stored(stored.payload) if stored.payload is not None else None
+            update = decode(stored.payload, version) if stored.payload is not None else None
             if update is not None:
                 deltas.append(self._rebased(update))
                 weights.append(self.strategy.client_weight(update.num_examples))

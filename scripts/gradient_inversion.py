@@ -14,14 +14,14 @@ What is measured, on windows of 6 channels x 128 samples (acc in g, gyro in rad/
 1. Control, no defence: a dense-first network (flatten, dense 768->32, ReLU, dense 32->6,
    softmax; 24,806 parameters) built from a :class:`~models.spec.ModelSpec` and trained
    by the product path (:func:`models.training.fit`, one SGD step, batch 1), the edge's
-   ``Δ = w_local - w_base`` in float32 exactly as ``edge_client.runtime`` forms it. The
+   ``Δ = w_local - w_base`` in float32 exactly as ``edge_client.updates.clipped_delta`` forms it. The
    reconstruction's max abs error relative to the window's max abs value is ~1e-7
    (float32 rounding of ``w_base - lr*g - w_base``). A float64 re-implementation of the
    same network from the same initial weights gives ~1e-16: the leak is exact algebra.
 2. Under DP-FedAvg (:class:`hub.strategies.dp.DPFedAvg` itself, aggregated the way
-   ``hub.rounds`` does it: ``prepare`` clips each update to L2 norm ``clip``, a
+   ``hub.rounds`` does it: ``prepare`` clips each update to L2 norm ``dp_clip``, a
    :class:`hub.aggregation.StreamingAverage` sums them with weight 1, ``finalize`` divides
-   by ``expected_clients`` and adds Gaussian noise of std ``noise * clip /
+   by ``expected_clients`` and adds Gaussian noise of std ``noise * dp_clip /
    expected_clients`` per coordinate, seeded). The target's update is summed with the
    updates of ``expected_clients - 1`` other clients (one other window each, from the
    same global model) and the attacker applies the same reconstruction to the noised
@@ -205,7 +205,7 @@ def dp_round(updates: Sequence[Mapping[str, np.ndarray]], noise: float, clip: fl
     ``noise = 0``: clipping alone; ``DPFedAvg`` refuses a zero multiplier, so the round's
     scaling (sum over ``expected_clients``) is applied without ``finalize``'s noise.
     """
-    strategy = DPFedAvg(noise=noise if noise > 0 else 1.0, clip=clip, expected_clients=expected_clients, seed=seed)
+    strategy = DPFedAvg(noise=noise if noise > 0 else 1.0, dp_clip=clip, expected_clients=expected_clients, seed=seed)
     total = StreamingAverage.like(updates[0])
     for update in updates:
         total.add(strategy.prepare(update), strategy.client_weight(1))

@@ -88,7 +88,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
         if args.strategy not in ("fedavg", "dpfedavg"):
             raise ConfigError(f"--dp-noise runs DP-FedAvg; it does not combine with --strategy {args.strategy}.")
         args.strategy = "dpfedavg"
-        strategy_args.update({"noise": args.dp_noise, "clip": args.dp_clip, "delta": args.dp_delta,
+        strategy_args.update({"noise": args.dp_noise, "dp_clip": args.dp_clip, "delta": args.dp_delta,
                               "budget": args.dp_budget or 0.0, "seed": args.seed,
                               "distributed": int(args.dp_distributed)})
     dataset = open_dataset(args.dataset)

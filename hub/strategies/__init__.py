@@ -2,10 +2,11 @@
 
 :data:`STRATEGIES` maps the names ``--strategy`` accepts to their classes;
 :func:`make_strategy` builds one from ``--strategy-arg KEY=VALUE`` settings. Every rule
-takes ``clip_norm`` (server-side norm bounding) and ``server_opt`` (``sgd``,
+takes ``norm_bound`` (the server norm bound) and ``server_opt`` (``sgd``,
 ``momentum``, ``adam``, ``yogi``, ``adagrad``) with that optimizer's settings
 (``server_lr``, ``momentum``; ``eta``, ``beta1``, ``beta2``, ``tau``), so robust rules
-and server optimizers compose: ``fedtrimmedavg`` with ``server_opt=adam``.
+and server optimizers compose: ``fedtrimmedavg`` with ``server_opt=adam``. Renamed args
+(``clip_norm``, DP-FedAvg's ``clip``) are still read for one release (:mod:`hub.renamed`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from hub.strategies.base import Strategy
+from hub.renamed import renamed, strategy_arg_renames
+from hub.strategies.base import Capabilities, Strategy
 from hub.strategies.dp import DPFedAvg
 from hub.strategies.fedavg import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 from hub.strategies.fedbuff import FedBuff
@@ -22,8 +24,9 @@ from hub.strategies.robust import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiK
 from models.errors import ConfigError
 
 __all__ = [
-    "STRATEGIES", "Bulyan", "DPFedAvg", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedBuff", "FedMedian", "FedProx",
-    "FedTrimmedAvg", "FedYogi", "Krum", "MultiKrum", "Strategy", "make_strategy", "parse_strategy_args",
+    "STRATEGIES", "Bulyan", "Capabilities", "DPFedAvg", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedBuff",
+    "FedMedian", "FedProx", "FedTrimmedAvg", "FedYogi", "Krum", "MultiKrum", "Strategy", "make_strategy",
+    "parse_strategy_args",
 ]
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -69,7 +72,7 @@ def make_strategy(name: str, args: Mapping[str, Any] | None = None, **kwargs: An
     cls = STRATEGIES.get(name)
     if cls is None:
         raise ConfigError(f"unknown strategy {name!r}; use one of {', '.join(sorted(STRATEGIES))}.")
-    settings = {**(args or {}), **kwargs}
+    settings = renamed({**(args or {}), **kwargs}, strategy_arg_renames(name), "strategy arg")
     opt_name = str(settings.pop("server_opt", cls.default_optimizer))
     if opt_name not in OPTIMIZERS:
         raise ConfigError(f"unknown server_opt {opt_name!r}; use one of {', '.join(OPTIMIZERS)}.")
@@ -78,7 +81,7 @@ def make_strategy(name: str, args: Mapping[str, Any] | None = None, **kwargs: An
                           f"--strategy fedavg --strategy-arg server_opt={opt_name}.")
     mapping = OPTIMIZER_ARGS[opt_name]
     opt_kw = {mapping[k]: _typed(name, k, settings.pop(k), float) for k in list(settings) if k in mapping}
-    rule_types = {**cls.params, "clip_norm": float}
+    rule_types = {**cls.params, "norm_bound": float}
     unknown = sorted(set(settings) - set(rule_types))
     if unknown:
         accepted = sorted({*rule_types, *mapping, "server_opt"})

@@ -5,7 +5,7 @@ Why a separate base: rules are pure math over arrays, kept apart from orchestrat
 
 A rule is two parts that compose: :meth:`Strategy.aggregate` combines the round's
 deltas (a weighted mean, a median, Krum, ...) after bounding each one's norm
-(``clip_norm``, server-side norm bounding), and a :class:`ServerOptimizer` steps the
+(``norm_bound``, the server norm bound), and a :class:`ServerOptimizer` steps the
 global weights along the result (SGD, momentum, Adam, Yogi, Adagrad), keeping its
 state in the object. So a trimmed mean followed by FedAdam is
 ``FedTrimmedAvg(beta=0.1, optimizer=Adam())``.
@@ -15,21 +15,57 @@ arrive in one model-sized buffer (:class:`hub.aggregation.StreamingAverage`) aft
 :meth:`Strategy.prepare`. A rule with ``streaming = False`` (median, trimmed mean,
 Krum, Bulyan) needs every delta of the round at once: the hub keeps them in its store
 and calls :meth:`Strategy.aggregate` at the close.
+
+What a rule needs of the hub and its edges is data, not something the orchestration
+probes for: :meth:`Strategy.capabilities` says whether it works with secure aggregation
+(it needs only the sum of the round's updates), the DP clip the edges must honour, and
+whether the clients of a secure round add the DP noise, with each one's share.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from hub.strategies.optimizers import OPTIMIZERS, ServerOptimizer
 
-__all__ = ["Strategy", "bound_norm", "check_count", "check_round", "stack", "unstack"]
+if TYPE_CHECKING:
+    from hub.accounting import PrivacyAccountant
+
+__all__ = ["Capabilities", "Strategy", "bound_norm", "check_count", "check_round", "stack", "unstack"]
 
 F32 = np.float32
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a rule needs of the hub and its edges, stated by the rule.
+
+    ``sum_only``: the rule aggregates by a mean over every update, so it works when the hub
+    learns only their sum (secure aggregation). ``dp_clip``: the L2 bound every update must
+    be clipped to on its edge (None: the rule is not differentially private).
+    ``distributed_noise``: the clients of a secure round add the DP noise, not the hub;
+    ``noise_multiplier`` sizes each one's share (:meth:`noise_share`).
+    """
+
+    sum_only: bool = False
+    dp_clip: float | None = None
+    distributed_noise: bool = False
+    noise_multiplier: float = 0.0
+
+    def noise_share(self, threshold: int) -> float:
+        """Each client's noise std (on the sum) in a secure round that finishes with at least ``threshold``.
+
+        ``noise * dp_clip / sqrt(threshold)``: the survivors' shares together carry at least the
+        central mechanism's noise. 0 when the clients add no noise.
+        """
+        if not self.distributed_noise or self.dp_clip is None:
+            return 0.0
+        return self.noise_multiplier * self.dp_clip / math.sqrt(max(1, threshold))
 
 
 class Strategy:
@@ -39,23 +75,33 @@ class Strategy:
     streaming: ClassVar[bool] = True
     asynchronous: ClassVar[bool] = False
     """True: versions are released every ``buffer_size`` updates and stale updates are taken."""
+    sum_only: ClassVar[bool] = False
+    """True: the aggregate is a mean over every update, which secure aggregation can give (:class:`Capabilities`)."""
     buffer_size: int = 0
     max_staleness: int = 0
     default_optimizer: ClassVar[str] = "sgd"
     params: ClassVar[dict[str, type]] = {}
     """The rule's own parameters (``--strategy-arg KEY=VALUE``) and their types."""
 
-    def __init__(self, optimizer: ServerOptimizer | None = None, clip_norm: float = 0.0) -> None:
-        clip_norm = float(clip_norm)
-        if not (math.isfinite(clip_norm) and clip_norm >= 0):
-            raise ValueError(f"clip_norm must be a finite number >= 0, got {clip_norm}")
+    def __init__(self, optimizer: ServerOptimizer | None = None, norm_bound: float = 0.0) -> None:
+        norm_bound = float(norm_bound)
+        if not (math.isfinite(norm_bound) and norm_bound >= 0):
+            raise ValueError(f"norm_bound must be a finite number >= 0, got {norm_bound}")
         self.optimizer = optimizer if optimizer is not None else OPTIMIZERS[self.default_optimizer]()
-        self.clip_norm = clip_norm
+        self.norm_bound = norm_bound
+
+    def capabilities(self) -> Capabilities:
+        """What the rule needs of the hub and the edges as it is now (a DP clip may move between rounds)."""
+        return Capabilities(sum_only=self.sum_only)
+
+    def privacy_accountant(self, expected_clients: int | None = None) -> PrivacyAccountant | None:
+        """What one round spends of a privacy budget; None for a rule that is not differentially private."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """The rule's name, parameters and optimizer, for reports and state files."""
         opt = self.optimizer
-        return {"strategy": self.name, "optimizer": opt.name, "clip_norm": self.clip_norm,
+        return {"strategy": self.name, "optimizer": opt.name, "norm_bound": self.norm_bound,
                 **{k: getattr(self, k) for k in self.params},
                 **{k: v for k, v in vars(opt).items() if isinstance(v, int | float)}}
 
@@ -72,12 +118,12 @@ class Strategy:
         return {}
 
     def prepare(self, delta: Mapping[str, np.ndarray], staleness: int = 0) -> Mapping[str, np.ndarray]:
-        """Server-side norm bounding: ``delta`` scaled down to L2 norm ``clip_norm`` (0: unchanged).
+        """The server norm bound: ``delta`` scaled down to L2 norm ``norm_bound`` (0: unchanged).
 
         ``staleness`` (versions behind) matters only to asynchronous rules."""
-        if self.clip_norm <= 0:
+        if self.norm_bound <= 0:
             return delta
-        return bound_norm(delta, self.clip_norm)[0]
+        return bound_norm(delta, self.norm_bound)[0]
 
     def aggregate(self, deltas: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
         """One delta from the round's deltas (same names and shapes) and their weights: the weighted mean."""

@@ -21,13 +21,14 @@ class FedAvg(Strategy):
     """Weighted mean of deltas (McMahan et al. 2017); ``server_lr`` scales the server's step."""
 
     name: ClassVar[str] = "fedavg"
+    sum_only: ClassVar[bool] = True
 
     def __init__(self, server_lr: float = 1.0, optimizer: ServerOptimizer | None = None,
-                 clip_norm: float = 0.0) -> None:
+                 norm_bound: float = 0.0) -> None:
         if optimizer is None:
             cls = OPTIMIZERS[self.default_optimizer]
             optimizer = cls(lr=server_lr) if cls in (SGD, Momentum) else cls()
-        super().__init__(optimizer, clip_norm)
+        super().__init__(optimizer, norm_bound)
 
     @property
     def server_lr(self) -> float:
@@ -47,8 +48,8 @@ class FedProx(FedAvg):
     name: ClassVar[str] = "fedprox"
     params: ClassVar[dict[str, type]] = {"mu": float}
 
-    def __init__(self, mu: float = 0.01, optimizer: ServerOptimizer | None = None, clip_norm: float = 0.0) -> None:
-        super().__init__(optimizer=optimizer, clip_norm=clip_norm)
+    def __init__(self, mu: float = 0.01, optimizer: ServerOptimizer | None = None, norm_bound: float = 0.0) -> None:
+        super().__init__(optimizer=optimizer, norm_bound=norm_bound)
         if not (math.isfinite(mu) and mu >= 0):
             raise ValueError(f"mu must be a finite number >= 0, got {mu}")
         self.mu = float(mu)

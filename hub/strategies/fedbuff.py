@@ -35,8 +35,8 @@ class FedBuff(Strategy):
     params: ClassVar[dict[str, type]] = {"buffer_size": int, "max_staleness": int, "staleness": str}
 
     def __init__(self, buffer_size: int = 10, max_staleness: int = 4, staleness: str = "sqrt",
-                 optimizer: ServerOptimizer | None = None, clip_norm: float = 0.0) -> None:
-        super().__init__(optimizer, clip_norm)
+                 optimizer: ServerOptimizer | None = None, norm_bound: float = 0.0) -> None:
+        super().__init__(optimizer, norm_bound)
         if staleness not in STALENESS:
             raise ValueError(f"staleness must be one of {', '.join(STALENESS)}, got {staleness!r}")
         self.buffer_size = check_count("buffer_size", buffer_size, 1)

@@ -69,8 +69,8 @@ class FedTrimmedAvg(_Buffered):
     name: ClassVar[str] = "fedtrimmedavg"
     params: ClassVar[dict[str, type]] = {"beta": float}
 
-    def __init__(self, beta: float = 0.2, optimizer: ServerOptimizer | None = None, clip_norm: float = 0.0) -> None:
-        super().__init__(optimizer, clip_norm)
+    def __init__(self, beta: float = 0.2, optimizer: ServerOptimizer | None = None, norm_bound: float = 0.0) -> None:
+        super().__init__(optimizer, norm_bound)
         if not (math.isfinite(beta) and 0.0 <= beta < 0.5):
             raise ValueError(f"beta (the fraction cut from each end) must be in [0, 0.5), got {beta}")
         self.beta = float(beta)
@@ -88,8 +88,8 @@ class _Tolerant(_Buffered):
 
     params: ClassVar[dict[str, type]] = {"f": int}
 
-    def __init__(self, f: int = 1, optimizer: ServerOptimizer | None = None, clip_norm: float = 0.0) -> None:
-        super().__init__(optimizer, clip_norm)
+    def __init__(self, f: int = 1, optimizer: ServerOptimizer | None = None, norm_bound: float = 0.0) -> None:
+        super().__init__(optimizer, norm_bound)
         self.f = check_count("f", f)
 
 
@@ -119,8 +119,8 @@ class MultiKrum(Krum):
     params: ClassVar[dict[str, type]] = {"f": int, "m": int}
 
     def __init__(self, f: int = 1, m: int = 0, optimizer: ServerOptimizer | None = None,
-                 clip_norm: float = 0.0) -> None:
-        super().__init__(f, optimizer, clip_norm)
+                 norm_bound: float = 0.0) -> None:
+        super().__init__(f, optimizer, norm_bound)
         self.m = check_count("m", m)  # 0: n - f
 
     def min_updates(self) -> int:

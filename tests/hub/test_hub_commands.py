@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 import pytest
 
 from hub.commands import add_commands, hub_config_from_args
+from hub.config import HubConfig
 from hub.store import HubStore
 from models import Model, activity_spec, save_package
 from models.errors import ConfigError
@@ -61,7 +63,7 @@ def test_hub_settings_come_from_the_toml_file_and_flags_override_it(tmp_path):
     config_file = tmp_path / "hub.toml"
     config_file.write_text(
         'broker = "mqtt://127.0.0.1:1999"\nfederation = "ward-3"\nstate = "%s"\nmin-clients = 4\n'
-        "round_timeout = 15\nrounds = 9\ntask = \"heart-rate\"\nnorm_bound = 5.0\n"
+        "round_timeout = 15\nrounds = 9\ntask = \"heart-rate\"\nmax_update_norm = 5.0\n"
         '[task_config]\nepochs = 2\nlr = 0.01\nquantize = "int4"\n' % (tmp_path / "state")
     )
     args = parse("hub", "--config", str(config_file), "--min-clients", "3", "--quantize", "topk")
@@ -70,11 +72,33 @@ def test_hub_settings_come_from_the_toml_file_and_flags_override_it(tmp_path):
 
     assert (config.broker, config.federation, config.state_dir) == ("mqtt://127.0.0.1:1999", "ward-3",
                                                                    tmp_path / "state")
-    assert (config.min_clients, config.round_timeout_s, config.rounds, config.norm_bound) == (3, 15.0, 9, 5.0)
+    assert (config.min_clients, config.round_timeout_s, config.rounds, config.max_update_norm) == (3, 15.0, 9, 5.0)
     assert config.clients_per_round is None
     assert config.task_config["epochs"] == 2 and config.task_config["quantize"] == "topk"
     assert config.task_config["batch_size"] == 32  # defaults fill the rest
     assert initial is not None and initial.spec.task == "heart-rate"
+
+
+def test_renamed_settings_are_still_read_for_one_release_with_a_warning(tmp_path, caplog):
+    config_file = tmp_path / "hub.toml"
+    config_file.write_text('broker = "mqtt://h"\nfederation = "f"\nstate = "s"\nnorm_bound = 5.0\n'
+                           '[strategy_args]\nclip_norm = 2.0\n')
+    with caplog.at_level(logging.WARNING, logger="hub.renamed"):
+        from_toml, _ = hub_config_from_args(parse("hub", "--config", str(config_file)))
+        from_flag, _ = hub_config_from_args(parse("hub", "--broker", "mqtt://h", "--federation", "f", "--state", "s",
+                                                  "--norm-bound", "3"))
+        keywords = HubConfig("mqtt://h", "f", tmp_path, norm_bound=4.0, secagg_clip=7.0)
+
+    assert (from_toml.max_update_norm, from_flag.max_update_norm) == (5.0, 3.0)
+    assert from_toml.build_strategy().norm_bound == 2.0
+    assert (keywords.max_update_norm, keywords.secagg_range) == (4.0, 7.0)
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == [
+        "hub setting norm_bound is deprecated", "strategy arg clip_norm is deprecated",
+        "flag --norm-bound is deprecated", "hub setting norm_bound is deprecated",
+        "hub setting secagg_clip is deprecated"]
+    assert "use --max-update-norm" in caplog.records[2].getMessage()
+    with pytest.raises(ConfigError, match="old name of max_update_norm"):
+        HubConfig("mqtt://h", "f", tmp_path, norm_bound=4.0, max_update_norm=4.0)
 
 
 def test_hub_takes_an_initial_model_package(tmp_path):

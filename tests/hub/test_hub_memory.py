@@ -146,8 +146,8 @@ def open_hub(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Iterator[Calla
 
 
 def _handle(hub: Hub, batch: list[tuple[str, bytes]], statuses: Counter[str]) -> None:
-    """One intake batch as ``HubService._handle`` runs it: one transaction, then each accepted update is added."""
-    for receipt, accepted in hub.intake.process_batch(batch):
+    """One intake batch as ``HubService._take_updates`` runs it: one transaction, then each accepted update is added."""
+    for receipt, accepted in hub.intake.process_batch(batch, hub.rounds.current):
         statuses[receipt.status] += 1
         if accepted is not None:
             hub.rounds.add(accepted)
@@ -181,7 +181,7 @@ def test_hub_memory_stays_o_model_with_1000_clients(federation, open_hub):
     peaks: dict[int, int] = {}
     for n in (FEW, MANY):
         hub = open_hub(f"hub-{n}", Model(activity_spec(), seed=0))
-        hub.rounds.open(1, hub.intake)
+        hub.rounds.open(1, hub.intake.decode_stored)
 
         peaks[n], statuses, mean = _traced_round(hub, federation.messages[:n])
 
@@ -193,7 +193,7 @@ def test_hub_memory_stays_o_model_with_1000_clients(federation, open_hub):
         assert len(hub.store.pinned_keys()) == n
         _check_mean(mean, federation.expected[n])
         # ... and the close the service runs next (server step, registry) steps along it: v1 = v0 + mean.
-        new = hub.rounds.build_next_model(hub.intake)
+        new = hub.rounds.build_next_model(hub.intake.decode_stored)
         assert new.version == 1
         for k, v in new.network.state_dict().items():
             want = federation.weights[k] + federation.expected[n][k]
@@ -224,7 +224,7 @@ def test_resuming_an_open_round_of_1000_clients_stays_o_model(federation, open_h
     peaks: dict[int, int] = {}
     for n in (FEW, MANY):
         hub = open_hub(f"hub-{n}", Model(activity_spec(), seed=0))
-        hub.rounds.open(1, hub.intake)
+        hub.rounds.open(1, hub.intake.decode_stored)
         for start in range(0, n, BATCH):
             _handle(hub, federation.messages[start : start + BATCH], Counter())
         hub.store.close()
@@ -232,7 +232,7 @@ def test_resuming_an_open_round_of_1000_clients_stays_o_model(federation, open_h
         gc.collect()
         tracemalloc.start()
         try:
-            cur = again.rounds.open(1, again.intake)
+            cur = again.rounds.open(1, again.intake.decode_stored)
             _, peaks[n] = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()

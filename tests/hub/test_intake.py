@@ -12,6 +12,7 @@ from hub_helpers import SHAPES, delta_of, make_update
 from safetensors.numpy import save
 
 from hub.intake import Intake
+from hub.round_state import OpenRound
 from hub.store import HubStore
 from models.protocol.codec import UpdateCodec
 from models.protocol.identity import public_hex
@@ -27,14 +28,15 @@ def store(tmp_path):
         yield s
 
 
+ROUND_1 = OpenRound(1, 0)  # the open round, as the hub hands it to the intake (read only)
+
+
 def _intake(store, **kw) -> Intake:
-    intake = Intake(store, TOPICS, UpdateCodec(SHAPES), **kw)
-    intake.open_round(1, 0)
-    return intake
+    return Intake(store, TOPICS, UpdateCodec(SHAPES), **kw)
 
 
-def _reject_reason(intake, topic, payload):
-    receipt, accepted = intake.process(topic, payload)
+def _reject_reason(intake, topic, payload, current=ROUND_1):
+    receipt, accepted = intake.process(topic, payload, current)
     assert accepted is None and receipt.status == "rejected"
     return receipt
 
@@ -43,7 +45,8 @@ def test_a_good_update_is_accepted_stored_and_decoded(store):
     intake, key = _intake(store), Ed25519PrivateKey.generate()
     delta = delta_of(SHAPES, seed=4)
 
-    receipt, accepted = intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=3, delta=delta))
+    receipt, accepted = intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=3, delta=delta),
+                                       ROUND_1)
 
     assert (receipt.client, receipt.sequence, receipt.status, receipt.reason) == ("edge-a", 3, "accepted", None)
     assert (receipt.round, receipt.model_version) == (1, 0)
@@ -80,7 +83,7 @@ def test_a_bad_signature_is_refused(store):
 
 def test_another_key_after_pinning_is_a_key_mismatch(store):
     intake = _intake(store)
-    intake.process(TOPICS.update("edge-a"), make_update(Ed25519PrivateKey.generate(), "edge-a", sequence=0))
+    intake.process(TOPICS.update("edge-a"), make_update(Ed25519PrivateKey.generate(), "edge-a", sequence=0), ROUND_1)
     receipt = _reject_reason(intake, TOPICS.update("edge-a"),
                              make_update(Ed25519PrivateKey.generate(), "edge-a", sequence=1))
     assert receipt.reason == "key_mismatch"
@@ -88,11 +91,12 @@ def test_another_key_after_pinning_is_a_key_mismatch(store):
 
 def test_the_pin_survives_a_restart(store):
     key = Ed25519PrivateKey.generate()
-    _intake(store).process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=0))
+    _intake(store).process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=0), ROUND_1)
     fresh = _intake(store)
     assert _reject_reason(fresh, TOPICS.update("edge-a"),
                           make_update(Ed25519PrivateKey.generate(), "edge-a", sequence=1)).reason == "key_mismatch"
-    assert fresh.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=1))[0].status == "accepted"
+    receipt, _ = fresh.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=1), ROUND_1)
+    assert receipt.status == "accepted"
 
 
 def test_with_a_keyring_unknown_clients_and_foreign_keys_are_refused(store):
@@ -103,7 +107,7 @@ def test_with_a_keyring_unknown_clients_and_foreign_keys_are_refused(store):
                           make_update(Ed25519PrivateKey.generate(), "edge-z")).reason == "unknown_client"
     assert _reject_reason(intake, TOPICS.update("edge-a"),
                           make_update(Ed25519PrivateKey.generate(), "edge-a")).reason == "key_mismatch"
-    assert intake.process(TOPICS.update("edge-a"), make_update(known, "edge-a"))[0].status == "accepted"
+    assert intake.process(TOPICS.update("edge-a"), make_update(known, "edge-a"), ROUND_1)[0].status == "accepted"
 
 
 def test_an_update_naming_another_client_is_a_client_mismatch(store):
@@ -121,11 +125,11 @@ def test_an_update_on_an_old_model_is_stale(store):
 
 
 def test_updates_for_another_or_a_closed_round_are_round_closed(store):
-    intake, key = _intake(store), Ed25519PrivateKey.generate()
+    intake, key, current = _intake(store), Ed25519PrivateKey.generate(), OpenRound(1, 0)
     assert _reject_reason(intake, TOPICS.update("edge-a"),
-                          make_update(key, "edge-a", sequence=0, round_number=2)).reason == "round_closed"
-    intake.close_round()
-    assert _reject_reason(intake, TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=1)).reason \
+                          make_update(key, "edge-a", sequence=0, round_number=2), current).reason == "round_closed"
+    current.close()
+    assert _reject_reason(intake, TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=1), current).reason \
         == "round_closed"
 
 
@@ -142,18 +146,18 @@ def test_nan_values_are_non_finite(store):
 
 
 def test_a_delta_over_the_norm_bound_is_refused(store):
-    intake = _intake(store, norm_bound=0.5)
+    intake = _intake(store, max_update_norm=0.5)
     big = {k: np.ones(s, np.float32) for k, s in SHAPES.items()}  # norm sqrt(78)
     assert _reject_reason(intake, TOPICS.update("edge-a"),
                           make_update(Ed25519PrivateKey.generate(), "edge-a", delta=big)).reason == "norm_bound"
     small = make_update(Ed25519PrivateKey.generate(), "edge-b", delta=delta_of(SHAPES, scale=0.01))
-    assert intake.process(TOPICS.update("edge-b"), small)[0].status == "accepted"
+    assert intake.process(TOPICS.update("edge-b"), small, ROUND_1)[0].status == "accepted"
 
 
 def test_a_repeated_update_is_a_duplicate_not_a_second_acceptance(store):
     intake, payload = _intake(store), make_update(Ed25519PrivateKey.generate(), "edge-a", sequence=4)
-    first, _ = intake.process(TOPICS.update("edge-a"), payload)
-    again, accepted = intake.process(TOPICS.update("edge-a"), payload)
+    first, _ = intake.process(TOPICS.update("edge-a"), payload, ROUND_1)
+    again, accepted = intake.process(TOPICS.update("edge-a"), payload, ROUND_1)
     assert first.status == "accepted" and (again.status, again.sequence, again.reason) == ("duplicate", 4, None)
     assert accepted is None
     status = store.status()
@@ -170,10 +174,8 @@ def test_an_unsigned_update_is_refused_as_unsigned(store):
 def test_a_copy_of_an_update_from_a_closed_round_is_replayed(store):
     intake, key = _intake(store), Ed25519PrivateKey.generate()
     old = make_update(key, "edge-a", sequence=4)
-    assert intake.process(TOPICS.update("edge-a"), old)[0].status == "accepted"
-    intake.close_round()
-    intake.open_round(2, 1)
-    receipt = _reject_reason(intake, TOPICS.update("edge-a"), old)
+    assert intake.process(TOPICS.update("edge-a"), old, ROUND_1)[0].status == "accepted"
+    receipt = _reject_reason(intake, TOPICS.update("edge-a"), old, OpenRound(2, 1))
     assert (receipt.reason, receipt.sequence) == ("replayed", 4) and "round 1" in receipt.detail
     status = store.status()
     assert status["updates_accepted"] == 1 and status["updates_rejected"]["replayed"] == 1
@@ -181,18 +183,20 @@ def test_a_copy_of_an_update_from_a_closed_round_is_replayed(store):
 
 def test_a_used_or_lower_sequence_number_is_replayed_even_with_new_bytes(store):
     intake, key = _intake(store), Ed25519PrivateKey.generate()
-    assert intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=7))[0].status == "accepted"
+    receipt, _ = intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=7), ROUND_1)
+    assert receipt.status == "accepted"
     reused = _reject_reason(intake, TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=7, seed=1))
     lower = _reject_reason(intake, TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=6, seed=2))
     assert (reused.reason, lower.reason) == ("replayed", "replayed")
-    assert intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=8))[0].status == "accepted"
+    receipt, _ = intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=8), ROUND_1)
+    assert receipt.status == "accepted"
     assert store.status()["updates_accepted"] == 2
 
 
 def test_the_sequence_floor_survives_a_restart(tmp_path):
     key = Ed25519PrivateKey.generate()
     with HubStore(tmp_path) as store:
-        _intake(store).process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=9))
+        _intake(store).process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=9), ROUND_1)
     with HubStore(tmp_path) as store:
         receipt = _reject_reason(_intake(store), TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=3))
     assert receipt.reason == "replayed"
@@ -201,29 +205,33 @@ def test_the_sequence_floor_survives_a_restart(tmp_path):
 def test_forged_unsigned_replayed_and_tampered_updates_each_have_their_own_reason(store):
     intake, key = _intake(store), Ed25519PrivateKey.generate()
     good = make_update(key, "edge-a", sequence=1)
-    assert intake.process(TOPICS.update("edge-a"), good)[0].status == "accepted"
-    intake.close_round()
-    intake.open_round(2, 0)
+    assert intake.process(TOPICS.update("edge-a"), good, ROUND_1)[0].status == "accepted"
+    round_2 = OpenRound(2, 0)
     forged = make_update(Ed25519PrivateKey.generate(), "edge-a", sequence=2, round_number=2)
     tampered = bytearray(make_update(key, "edge-a", sequence=3, round_number=2))
     tampered[100] ^= 0x01
     unsigned = save({"delta": np.zeros(78, np.float32)})
-    reasons = [_reject_reason(intake, TOPICS.update("edge-a"), p).reason
+    reasons = [_reject_reason(intake, TOPICS.update("edge-a"), p, round_2).reason
                for p in (forged, unsigned, good, bytes(tampered))]
     assert reasons == ["key_mismatch", "unsigned", "replayed", "bad_signature"]
 
 
 def test_a_client_not_selected_for_the_round_is_refused(store):
-    intake = _intake(store)
-    intake.select(["edge-a"])
-    chosen = intake.process(TOPICS.update("edge-a"), make_update(Ed25519PrivateKey.generate(), "edge-a"))[0]
-    other = _reject_reason(intake, TOPICS.update("edge-b"), make_update(Ed25519PrivateKey.generate(), "edge-b"))
+    intake, current = _intake(store), OpenRound(1, 0)
+    current.select(("edge-a",))
+    chosen = intake.process(TOPICS.update("edge-a"), make_update(Ed25519PrivateKey.generate(), "edge-a"), current)[0]
+    other = _reject_reason(intake, TOPICS.update("edge-b"), make_update(Ed25519PrivateKey.generate(), "edge-b"),
+                           current)
     assert chosen.status == "accepted" and (other.reason, other.sequence) == ("not_selected", 0)
-    intake.close_round()
-    intake.open_round(2, 0)  # a new round: no selection until the hub makes one
+    current.close()
     late = intake.process(TOPICS.update("edge-c"), make_update(Ed25519PrivateKey.generate(), "edge-c",
-                                                                round_number=2))[0]
-    assert late.status == "accepted"
+                                                                round_number=2), OpenRound(2, 0))[0]
+    assert late.status == "accepted"  # a new round: no selection until the hub makes one
+    secure = OpenRound(3, 0)
+    secure.select(("edge-d",), plain_updates=False)  # a secure round: its clients send no plain updates
+    refused = _reject_reason(intake, TOPICS.update("edge-d"), make_update(Ed25519PrivateKey.generate(), "edge-d",
+                                                                          round_number=3), secure)
+    assert refused.reason == "not_selected"
 
 
 def test_hostile_metadata_gives_a_receipt_not_a_traceback(store):
@@ -239,19 +247,20 @@ def test_hostile_metadata_gives_a_receipt_not_a_traceback(store):
 
 def test_every_rejection_is_counted_by_reason(store):
     intake = _intake(store)
-    intake.process(TOPICS.update("edge-a"), b"junk" * 40)
-    intake.process(TOPICS.update("edge-a"), make_update(Ed25519PrivateKey.generate(), "edge-a", base_version=3))
-    intake.process(TOPICS.update("edge-a"), make_update(Ed25519PrivateKey.generate(), "edge-a", base_version=3))
+    intake.process(TOPICS.update("edge-a"), b"junk" * 40, ROUND_1)
+    for _ in range(2):
+        intake.process(TOPICS.update("edge-a"), make_update(Ed25519PrivateKey.generate(), "edge-a", base_version=3),
+                       ROUND_1)
     rejected = store.status()["updates_rejected"]
     assert rejected["malformed"] == 1 and rejected["stale"] == 1 and rejected["key_mismatch"] == 1
-    assert json.loads(intake.process(TOPICS.update("edge-a"), b"")[0].to_bytes())["status"] == "rejected"
+    assert json.loads(intake.process(TOPICS.update("edge-a"), b"", ROUND_1)[0].to_bytes())["status"] == "rejected"
 
 
 def test_a_batch_is_one_transaction_and_sees_its_own_writes(store):
     intake, key = _intake(store), Ed25519PrivateKey.generate()
     payload = make_update(key, "edge-a", sequence=1)
     results = intake.process_batch([(TOPICS.update("edge-a"), payload)] * 3 +
-                                   [(TOPICS.update("edge-b"), make_update(key, "edge-b", sequence=1))])
+                                   [(TOPICS.update("edge-b"), make_update(key, "edge-b", sequence=1))], ROUND_1)
     assert [r.status for r, _ in results] == ["accepted", "duplicate", "duplicate", "accepted"]
     assert store.status()["updates_accepted"] == 2
 
@@ -259,17 +268,17 @@ def test_a_batch_is_one_transaction_and_sees_its_own_writes(store):
 def test_the_first_key_of_a_client_is_logged(store, caplog):
     intake, key = _intake(store), Ed25519PrivateKey.generate()
     with caplog.at_level(logging.INFO):
-        intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=0))
-        intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=1))
+        intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=0), ROUND_1)
+        intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=1), ROUND_1)
     assert sum("pinned key for client edge-a" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_a_stored_update_decodes_again_for_a_resumed_round(store):
     intake, key = _intake(store), Ed25519PrivateKey.generate()
     payload = make_update(key, "edge-a", sequence=0, delta=delta_of(SHAPES, seed=8))
-    _, accepted = intake.process(TOPICS.update("edge-a"), payload)
-    again = _intake(store).decode_stored(payload)
+    _, accepted = intake.process(TOPICS.update("edge-a"), payload, ROUND_1)
+    again = _intake(store).decode_stored(payload, 0)
     assert again is not None and accepted is not None
     for k in SHAPES:
         np.testing.assert_array_equal(again.delta[k], accepted.delta[k])
-    assert _intake(store).decode_stored(b"junk" * 50) is None
+    assert _intake(store).decode_stored(b"junk" * 50, 0) is None

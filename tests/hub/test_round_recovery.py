@@ -28,12 +28,12 @@ def test_a_close_interrupted_after_the_registry_write_is_finished_on_resume(tmp_
     model = manager.resume(Model(activity_spec(), seed=0))
     shapes = {k: v.shape for k, v in model.network.state_dict().items()}
     intake = Intake(store, TOPICS, UpdateCodec.for_weights(model.network.state_dict()))
-    manager.open(1, intake)
+    current = manager.open(1, intake.decode_stored)
     delta = delta_of(shapes, seed=5)
-    _, accepted = intake.process(TOPICS.update("edge-a"),
-                                 make_update(Ed25519PrivateKey.generate(), "edge-a", delta=delta, shapes=shapes))
+    update = make_update(Ed25519PrivateKey.generate(), "edge-a", delta=delta, shapes=shapes)
+    _, accepted = intake.process(TOPICS.update("edge-a"), update, current)
     manager.add(accepted)
-    manager.build_next_model(intake)  # v1 is in the registry ... and the hub dies before recording round 1
+    manager.build_next_model(intake.decode_stored)  # v1 is in the registry ... and the hub dies before recording it
     store.close()
 
     again, store = _manager(tmp_path)
@@ -52,18 +52,18 @@ def test_the_open_round_is_rebuilt_from_stored_updates(tmp_path):
     weights = model.network.state_dict()
     shapes = {k: v.shape for k, v in weights.items()}
     intake = Intake(store, TOPICS, UpdateCodec.for_weights(weights))
-    manager.open(1, intake)
+    current = manager.open(1, intake.decode_stored)
     deltas = [delta_of(shapes, seed=s) for s in (1, 2)]
     for i, d in enumerate(deltas):
         _, accepted = intake.process(TOPICS.update(f"edge-{i}"), make_update(
-            Ed25519PrivateKey.generate(), f"edge-{i}", delta=d, shapes=shapes, num_examples=10 * (i + 1)))
+            Ed25519PrivateKey.generate(), f"edge-{i}", delta=d, shapes=shapes, num_examples=10 * (i + 1)), current)
         manager.add(accepted)
     before = manager.current.aggregate.mean()
     store.close()
 
     again, store = _manager(tmp_path)
     again.resume(None)
-    current = again.open(1, Intake(store, TOPICS, UpdateCodec.for_weights(weights)))
+    current = again.open(1, Intake(store, TOPICS, UpdateCodec.for_weights(weights)).decode_stored)
 
     assert current.participants == {"edge-0", "edge-1"} and current.num_examples == 30
     for k, v in current.aggregate.mean().items():

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from hub.rounds import MetricsCollector, RoundPolicy
+from hub.reports import MetricsCollector
+from hub.rounds import RoundPolicy
 from models.errors import ConfigError
 
 

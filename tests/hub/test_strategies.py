@@ -135,7 +135,7 @@ def test_batchnorm_statistics_move_by_the_plain_mean(name):
 
 
 def test_server_side_norm_bounding_clips_before_aggregating():
-    rule = FedAvg(clip_norm=1.0)
+    rule = FedAvg(norm_bound=1.0)
     out = rule.aggregate(deltas_of([3, 4], [0.3, 0.4]), [1, 1])
     assert np.allclose(out["w"], [(0.6 + 0.3) / 2, (0.8 + 0.4) / 2])
     assert rule.prepare({"w": np.array([0.3, 0.4], np.float32)})["w"].tolist() == pytest.approx([0.3, 0.4])

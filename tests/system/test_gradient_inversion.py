@@ -85,7 +85,7 @@ def test_dp_round_noise_is_what_dpfedavg_documents() -> None:
     np.testing.assert_array_equal(released["w"], again["w"])
     # prepare() clips the whole update to C, as the hub does before summing.
     big = {"a": np.full(10, 3.0, np.float32), "b": np.full(5, -4.0, np.float32)}
-    clipped = DPFedAvg(clip=PRODUCTION_CLIP).prepare(big)
+    clipped = DPFedAvg(dp_clip=PRODUCTION_CLIP).prepare(big)
     norm = np.sqrt(sum(float(np.vdot(v, v)) for v in clipped.values()))
     assert norm == pytest.approx(PRODUCTION_CLIP, rel=1e-5)
 

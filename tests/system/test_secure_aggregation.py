@@ -139,12 +139,12 @@ def test_a_secure_round_over_mqtt_gives_the_mean_and_stores_no_update(mqtt_broke
     w0 = Model(task_spec("activity", DATASET), seed=0).network.state_dict()
     deltas = known_deltas(w0)
     hub, edges, dropping = run_secure_round(mqtt_broker, topic_prefix, tmp_path, deltas, dropout,
-                                            secagg_clip=1.0, secagg_value_bits=16)
+                                            secagg_range=1.0, secagg_value_bits=16)
 
     latest = ModelRegistry(tmp_path / "hub" / "models").latest()
     assert latest is not None and latest.version == 1
     got = latest.load().network.state_dict()
-    step = 1.0 / (2 ** 15 - 1)  # the common fixed-point grid at clip 1.0, 16 value bits
+    step = 1.0 / (2 ** 15 - 1)  # the common fixed-point grid at range 1.0, 16 value bits
     for k in w0:
         want = w0[k] + np.mean([deltas[c][k] for c in CLIENTS], axis=0)
         np.testing.assert_allclose(got[k], want, atol=step)
@@ -163,7 +163,7 @@ def test_dp_noise_comes_from_the_hub_or_from_the_clients_shares(mqtt_broker, top
     deltas = known_deltas(w0)
     z, c = 0.5, 1.0
     hub, _, _ = run_secure_round(mqtt_broker, topic_prefix, tmp_path, deltas, strategy="dpfedavg",
-                                 strategy_args={"noise": z, "clip": c, "distributed": distributed, "seed": 1})
+                                 strategy_args={"noise": z, "dp_clip": c, "distributed": distributed, "seed": 1})
     got = ModelRegistry(tmp_path / "hub" / "models").latest().load().network.state_dict()
     keys = [k for k in w0 if not k.endswith("running_var")]  # variances are kept >= 0, which biases them
     residual = np.concatenate([(got[k] - w0[k] - np.mean([deltas[u][k] for u in CLIENTS], axis=0)).ravel()

@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save as st_save
 
 from hub.intake import DEFAULT_MAX_UPDATE_BYTES
-from hub.rounds import MetricsCollector
+from hub.reports import MetricsCollector
 from models import Model, activity_spec
 from models.errors import WearflError
 from models.package import FORMAT as PACKAGE_FORMAT

@@ -1,0 +1,253 @@
+"""The hub's configuration: what ``wearfl hub`` reads from flags and TOML, checked once.
+
+:class:`HubConfig` validates every setting when it is made (a bad one is a
+:class:`~models.errors.ConfigError` naming it), builds the configured aggregation rule, and
+says what the edges are told in each round's task (:meth:`HubConfig.round_config`).
+Whether the rule fits the hub's other settings is read from what the rule declares
+(:meth:`hub.strategies.base.Strategy.capabilities`): secure aggregation needs a rule that
+aggregates by a sum, and clients that add DP noise need secure rounds.
+
+Renamed keywords (``norm_bound``, ``secagg_clip``) are still taken for one release, with a
+warning naming the new one (:mod:`hub.renamed`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import InitVar, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from hub.intake import DEFAULT_MAX_UPDATE_BYTES
+from hub.renamed import HUB_SETTINGS, renamed, strategy_arg_renames, warn_renamed
+from hub.rounds import RoundPolicy
+from hub.schedule import check_schedule, round_task_config
+from hub.selection import SelectionPolicy
+from hub.strategies import STRATEGIES, Strategy, make_strategy
+from models.errors import ConfigError
+from models.protocol.codec import CodecConfig
+from models.protocol.identity import load_or_create_key
+from models.protocol.messages import current_task_keys
+from models.protocol.topics import check_name
+
+if TYPE_CHECKING:
+    from models.transport.credentials import Credentials
+    from models.transport.mqtt import BrokerAddress
+
+__all__ = ["DEFAULT_TASK_CONFIG", "HubConfig", "Scalar", "task_config_from"]
+
+Scalar = float | int | str | bool
+
+DEFAULT_TASK_CONFIG: dict[str, Scalar] = {
+    "epochs": 1,
+    "lr": 0.001,
+    "batch_size": 32,
+    "prox_mu": 0.0,
+    **CodecConfig().task_config(),  # quantize, block, topk_fraction, update_clip
+    "lr_schedule": "constant",
+    "lr_min_factor": 0.05,
+}
+"""What edges are told to do in a round unless ``task_config`` says otherwise."""
+
+
+@dataclass
+class HubConfig:
+    """Everything a hub needs; ``wearfl hub`` fills it from flags and an optional TOML file.
+
+    ``clients_per_round`` None: every edge currently online. ``rounds`` None: run until
+    stopped. ``task_config`` is merged over :data:`DEFAULT_TASK_CONFIG` and sent to edges
+    in each task (a flat dict of scalars). ``strategy`` names the aggregation rule
+    (:data:`hub.strategies.STRATEGIES`) and ``strategy_args`` configures it (``--strategy-arg``).
+    ``evaluate_every`` K: edges run federated evaluation in every K-th round (and the last).
+    Client selection: ``fraction`` of the edges online (at least ``min_clients``, at most
+    ``max_clients``) are picked for each round, seeded by the round, and named in its task;
+    the others sit it out. ``stragglers``: ``drop`` refuses an update that arrives after
+    its round closed (``round_closed``); ``next-round`` counts it into the next round.
+    ``client_id`` defaults to
+    ``wearfl-hub-<federation>``; give each of several hub workers its own.
+    ``topic_prefix`` replaces ``wearfl/v1`` (tests give each run its own).
+    ``secure_aggregation``: rounds run SecAgg+ (:mod:`hub.secure_rounds`) over the selected
+    edges, each stage bounded by ``secagg_stage_timeout_s``; the hub learns only the sum.
+    Every update is encoded on one fixed-point grid of ``secagg_value_bits`` bits over
+    [-r, r], with r the rule's DP clip or ``secagg_range`` (a range bound, not a privacy
+    setting). It needs the device keys from ``keyring`` or ``credentials``.
+    ``max_update_norm``: the intake rejects an update of a larger L2 norm (receipt reason
+    ``norm_bound``); a rule's ``norm_bound`` arg scales one down instead.
+    ``max_batch`` bounds how many queued messages one intake transaction takes (and fewer for a
+    model so large that their decoded deltas would pass ``hub.service.BATCH_DELTA_BYTES``).
+    ``norm_bound`` and ``secagg_clip`` are the old names of ``max_update_norm`` and
+    ``secagg_range``, taken for one release.
+    """
+
+    broker: str
+    federation: str
+    state_dir: Path
+    min_clients: int = 2
+    clients_per_round: int | None = None
+    round_timeout_s: float = 60.0
+    max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES
+    max_update_norm: float | None = None
+    keyring: Path | None = None
+    credentials: Path | None = None
+    rounds: int | None = None
+    task_config: dict[str, Scalar] = field(default_factory=dict)
+    server_lr: float = 1.0
+    strategy: str = "fedavg"
+    strategy_args: dict[str, Any] = field(default_factory=dict)
+    evaluate_every: int = 1
+    fraction: float = 1.0
+    max_clients: int | None = None
+    stragglers: str = "drop"
+    secure_aggregation: bool = False
+    secagg_stage_timeout_s: float = 30.0
+    secagg_value_bits: int = 24
+    secagg_range: float = 100.0
+    client_id: str | None = None
+    protocol: str = "auto"
+    topic_prefix: str = "wearfl/v1"
+    max_batch: int = 256
+    synchronous: str = "FULL"
+    norm_bound: InitVar[float | None] = None  # renamed max_update_norm
+    secagg_clip: InitVar[float | None] = None  # renamed secagg_range
+    _loaded_credentials: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self, norm_bound: float | None, secagg_clip: float | None) -> None:
+        defaults = {f.name: f.default for f in fields(self)}
+        for old, value in (("norm_bound", norm_bound), ("secagg_clip", secagg_clip)):
+            if value is None:
+                continue
+            new = HUB_SETTINGS[old]
+            if getattr(self, new) != defaults[new]:
+                raise ConfigError(f"hub setting {old} is the old name of {new}; give only {new}.")
+            warn_renamed(old, new, "hub setting")
+            setattr(self, new, value)
+        self.state_dir = Path(self.state_dir)
+        if self.keyring is not None:
+            self.keyring = Path(self.keyring)
+        if self.credentials is not None:
+            self.credentials = Path(self.credentials)
+        check_name("federation", self.federation)
+        if self.rounds is not None and self.rounds < 1:
+            raise ConfigError(f"--rounds must be at least 1, got {self.rounds}.")
+        if self.max_update_bytes < 1024:
+            raise ConfigError(f"max_update_bytes must be at least 1024, got {self.max_update_bytes}.")
+        if self.max_update_norm is not None and not (math.isfinite(self.max_update_norm) and self.max_update_norm > 0):
+            raise ConfigError(f"max_update_norm must be a finite number > 0, got {self.max_update_norm}.")
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise ConfigError(f"server_lr must be a finite number > 0, got {self.server_lr}.")
+        if not (math.isfinite(self.fraction) and 0.0 < self.fraction <= 1.0):
+            raise ConfigError(f"fraction (of online clients selected a round) must be in (0, 1], got {self.fraction}.")
+        if self.max_clients is not None and self.max_clients < self.min_clients:
+            raise ConfigError(f"max_clients ({self.max_clients}) must be at least min_clients ({self.min_clients}).")
+        if self.stragglers not in ("drop", "next-round"):
+            raise ConfigError(f"stragglers must be drop or next-round, got {self.stragglers!r}.")
+        if self.evaluate_every < 1:
+            raise ConfigError(f"evaluate_every must be at least 1 round, got {self.evaluate_every}.")
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}.")
+        self.policy()  # validates the round settings
+        self.strategy_args = renamed(self.strategy_args, strategy_arg_renames(self.strategy), "strategy arg")
+        rule = self.build_strategy()
+        if self.min_clients < rule.min_updates():
+            raise ConfigError(f"strategy {self.strategy} as configured needs at least {rule.min_updates()} updates "
+                              f"a round; set --min-clients {rule.min_updates()} or more (it is {self.min_clients}).")
+        if self.protocol not in ("auto", "5", "3.1.1"):
+            raise ConfigError(f"unknown MQTT protocol {self.protocol!r}; use auto, 5 or 3.1.1.")
+        capabilities = rule.capabilities()
+        if capabilities.distributed_noise and not self.secure_aggregation:
+            raise ConfigError("distributed DP noise is added by the clients of secure rounds; turn on "
+                              "--secure-aggregation, or drop distributed=1 to let the hub add the noise.")
+        if self.secure_aggregation:
+            if not capabilities.sum_only:
+                summing = ", ".join(name for name, cls in STRATEGIES.items() if cls.sum_only)
+                raise ConfigError(f"secure aggregation gives the hub only a sum: it works with {summing}, "
+                                  f"not {self.strategy}.")
+            if self.keyring is None and self.credentials is None:
+                raise ConfigError("secure aggregation needs the devices' keys from a keyring: give --keyring FILE or "
+                                  "--credentials DIR (the edges need the same keyring as --peer-keyring).")
+            if not (self.secagg_stage_timeout_s > 0 and 2 <= self.secagg_value_bits <= 48
+                    and math.isfinite(self.secagg_range) and self.secagg_range > 0):
+                raise ConfigError("secagg_stage_timeout_s and secagg_range must be > 0, secagg_value_bits in [2, 48].")
+        self.task_config = self.full_task_config(rule)
+
+    def build_strategy(self) -> Strategy:
+        """A fresh instance of the configured rule (``server_lr`` applies unless the args set it)."""
+        args = dict(self.strategy_args)
+        if self.server_lr != 1.0:
+            args.setdefault("server_lr", self.server_lr)
+        cls = STRATEGIES.get(self.strategy)
+        if cls is not None and "expected_clients" in cls.params:  # DP's denominator: the clients a round should have
+            args.setdefault("expected_clients", self.clients_per_round or self.min_clients)
+        return make_strategy(self.strategy, args)
+
+    def credentials_folder(self) -> Credentials | None:
+        """The ``wearfl keys`` folder given as ``credentials``, read and checked (once)."""
+        from models.transport.credentials import Credentials
+
+        if self.credentials is not None and self._loaded_credentials is None:
+            self._loaded_credentials = Credentials.load(self.credentials, "hub")
+        return self._loaded_credentials
+
+    def broker_address(self) -> BrokerAddress:
+        """The broker URL, with the credentials folder's password and TLS certificates when given."""
+        from models.transport.mqtt import BrokerAddress
+
+        address = BrokerAddress.parse(self.broker)
+        creds = self.credentials_folder()
+        return creds.apply(address) if creds is not None else address
+
+    def keyring_path(self) -> Path | None:
+        """``keyring``, else the credentials folder's: the only device keys the hub accepts (None: first use)."""
+        if self.keyring is not None:
+            return self.keyring
+        creds = self.credentials_folder()
+        return creds.keyring_path if creds is not None else None
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The key that signs models: the credentials folder's, else ``state/keys/hub.key`` (made on first run)."""
+        creds = self.credentials_folder()
+        return creds.signing_key() if creds is not None else load_or_create_key(self.state_dir / "keys" / "hub.key")
+
+    def policy(self) -> RoundPolicy:
+        """When rounds close."""
+        return RoundPolicy(self.min_clients, self.clients_per_round, self.round_timeout_s)
+
+    def selection(self) -> SelectionPolicy:
+        """Which online edges a round takes (a secure hub always names its roster)."""
+        return SelectionPolicy(self.min_clients, self.fraction, self.max_clients, always=self.secure_aggregation)
+
+    def full_task_config(self, rule: Strategy) -> dict[str, Scalar]:
+        """:data:`DEFAULT_TASK_CONFIG` overridden by ``task_config`` and what ``rule`` needs of the edges, checked."""
+        config = {**DEFAULT_TASK_CONFIG, **current_task_keys(self.task_config), **rule.task_config()}
+        for key, value in config.items():
+            if not isinstance(value, float | int | str | bool):
+                raise ConfigError(f"task_config[{key!r}] must be a number, string or boolean, got {value!r}.")
+        CodecConfig.from_task(config)  # a bad codec setting is a ConfigError naming it
+        check_schedule(config, self.rounds)
+        return config
+
+    def round_config(self, rule: Strategy, round_number: int,
+                     secure: Mapping[str, Scalar] | None = None) -> dict[str, Scalar]:
+        """The settings the task of ``round_number`` carries; ``secure``: its secure round's entries.
+
+        The rule's settings are read as they are now (adaptive clipping moves the DP clip
+        between rounds), the learning rate follows ``lr_schedule``, and with ``evaluate_every``
+        > 1 the task says whether the edges evaluate.
+        """
+        config = round_task_config({**self.task_config, **rule.task_config()}, round_number, self.rounds)
+        if self.evaluate_every > 1:
+            config["evaluate"] = round_number % self.evaluate_every == 0 or round_number == self.rounds
+        return {**config, **(secure or {})}
+
+
+def task_config_from(mapping: Mapping[str, Any]) -> dict[str, Scalar]:
+    """A flat scalar dict from a parsed TOML table (nested tables are refused)."""
+    out: dict[str, Scalar] = {}
+    for key, value in mapping.items():
+        if not isinstance(value, float | int | str | bool):
+            raise ConfigError(f"task setting {key!r} must be a number, string or boolean, got {type(value).__name__}.")
+        out[str(key)] = value
+    return out

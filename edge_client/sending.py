@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from edge_client.config import EdgeConfig
-from edge_client.outbox import Outbox, OutboxFull, OutboxStats
+from edge_client.outbox import Outbox, OutboxEntry, OutboxFull, OutboxStats
 from edge_client.shared import Link, Wakes
 from models.errors import BrokerUnavailable
 from models.files import StorageError
@@ -146,10 +146,26 @@ class Sender:
             await asyncio.sleep(max(1.0, interval / 4))
             if not session.connected or self.stats is None or self.stats.entries == 0:
                 continue
-            for entry in await asyncio.to_thread(self._outbox().pending):
-                due = loop.time() - self._last_sent.get(entry.sequence, -math.inf) >= interval
-                if self._wakes.stopping or (due and not await self.send(entry.sequence, entry.payload, again=True)):
+            pending = await asyncio.to_thread(self._outbox().pending)
+            for entry in self.overdue(pending, loop.time(), time.time()):
+                if self._wakes.stopping or not await self.send(entry.sequence, entry.payload, again=True):
                     break
+
+    def overdue(self, pending: Sequence[OutboxEntry], loop_now: float, wall_now: float) -> list[OutboxEntry]:
+        """The pending updates due again: published ``resend_interval_s`` ago (loop time), or stored that long
+        ago (wall time) and not published by this process.
+
+        A fresh update is the training part's to publish once its round's metrics are out: counting
+        "never published" as overdue sent it during that evaluation, and once more after its receipt.
+        """
+        interval = self.config.resend_interval_s
+        due = []
+        for entry in pending:
+            sent = self._last_sent.get(entry.sequence)
+            age = loop_now - sent if sent is not None else wall_now - entry.created
+            if age >= interval:
+                due.append(entry)
+        return due
 
     async def on_receipt(self, message: Message) -> None:
         try:

@@ -179,6 +179,7 @@ class EdgeClient:
             "model_version": self.model_version,
             "last_round": self.last_round,
             "training": self.training_state,
+            "declined": self._trainer.declined,
             "outbox": stats.as_dict() if stats is not None else None,
             **self._ingest.status(),
             "prediction": self.latest_prediction,

@@ -9,6 +9,13 @@ in the outbox and, after the global and the fine-tuned model are evaluated on th
 (``metrics/<client>``), published (:mod:`edge_client.sending`); a secure round's delta goes
 to the secure-aggregation client (:mod:`edge_client.secure_aggregation`) instead.
 
+Every round that selects the edge gets an answer: fresh windows are preferred, never required.
+With fewer than ``min_new_windows`` new ones, the edge waits for fresh data until half of the
+time to the round's deadline has passed (:data:`FRESH_SHARE`), then trains on its replay
+buffer as it is. When it cannot take part (a resource hook vetoes, it has no windows at all,
+its outbox is full) it declines: the reason (:data:`DECLINE_REASONS`) goes out in its status
+message (``declined``), so the hub neither waits for it in silence nor counts it as lost.
+
 A fit takes the replay buffer's new windows. Until its update is stored, a
 :class:`FitInFlight` remembers how many there were: if the edge stops meanwhile, or the
 outbox refuses the update, they count as new again, so the next attempt (or the next start)
@@ -23,6 +30,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -45,9 +53,15 @@ from models.protocol.messages import ModelMessage, Task
 from models.protocol.signed import SigningError
 from models.transport.mqtt import Message
 
-__all__ = ["FitInFlight", "RoundTrainer", "WeightsHook"]
+__all__ = ["DECLINE_REASONS", "FRESH_SHARE", "FitInFlight", "RoundTrainer", "WeightsHook"]
 
 log = logging.getLogger(__name__)
+
+FRESH_SHARE = 0.5
+"""Of the time from seeing a task to its deadline, the share spent waiting for fresh windows."""
+
+DECLINE_REASONS = ("resources", "no_data", "outbox_full")
+"""Why an edge declines a round: a resource hook vetoes (battery, heat), it has no windows, its outbox is full."""
 
 WeightsHook = Callable[[int, dict[str, np.ndarray], Mapping[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
 """(round, base weights, trained weights) -> the weights to send instead."""
@@ -96,6 +110,8 @@ class RoundTrainer:
         self.key: Ed25519PrivateKey | None = None
         self._fit: FitInFlight | None = None
         self._train_due: dict[int, float] = {}
+        self._fresh_by: dict[int, float] = {}  # round -> when the wait for fresh windows ends (time.time())
+        self.declined: dict[str, Any] | None = None  # the last round declined: round, reason, detail
         self._logged: set[str] = set()
 
     def open(self, outbox: Outbox, key: Ed25519PrivateKey) -> None:
@@ -122,7 +138,7 @@ class RoundTrainer:
 
     async def loop(self) -> None:
         while not self._wakes.stopping:
-            await wait(self._wakes.train, self.config.retry_interval_s)
+            await wait(self._wakes.train, self._next_check())
             self._wakes.train.clear()
             try:
                 await self.maybe_train()
@@ -146,6 +162,8 @@ class RoundTrainer:
         if not await self._delay(task.round):
             return
         config = dict(task.config)
+        if view.replay.new_windows < self.config.policy.with_overrides(task.config).min_new_windows:
+            config["min_new_windows"] = 0  # the wait for fresh windows is over: train on the buffer as it is
         config.setdefault("seed", self.config.policy.with_overrides(task.config).train.seed + task.round)
         codec = CodecConfig.from_task(config)
         self._set_state(f"training round {task.round}")
@@ -161,7 +179,10 @@ class RoundTrainer:
             await self._publish(local, trained, *stored)
 
     def why_not(self, task: Task, model: ModelMessage, view: StreamView) -> str | None:
-        """Why this edge does not train ``task`` now (its training state meanwhile), or None."""
+        """Why this edge does not train ``task`` now (its training state meanwhile), or None.
+
+        A reason the edge cannot get past before the deadline also declines the round (published).
+        """
         if not task.selects(self.client_id):
             return f"not selected for round {task.round}"
         if task.model_version != model.model.version:
@@ -171,16 +192,55 @@ class RoundTrainer:
             self._note(f"full:{task.round}", logging.WARNING,
                        "%s: the outbox is full (%d updates, %d bytes); training paused until receipts arrive",
                        self.client_id, stats.entries, stats.bytes)
+            self._decline(task, "outbox_full", f"the outbox holds {stats.entries} updates awaiting receipts")
             return "paused: outbox full"
         policy = self.config.policy.with_overrides(task.config)
         if self._ingest.catching_up and len(view.replay) < view.replay.capacity:
             return "waiting: reading the stream"  # replayed data arrives faster than real time: read it all first
-        reason = "no windows yet" if len(view.replay) == 0 else view.trainer.veto(policy)
-        if reason:
-            self._note(f"veto:{task.round}:{reason.split(' ')[-1]}", logging.INFO,
-                       "%s: not training round %d yet: %s", self.client_id, task.round, reason)
-            return f"waiting: {reason}"
+        vetoed = view.trainer.veto(replace(policy, min_new_windows=0))  # the resource hooks
+        if vetoed:
+            self._decline(task, "resources", vetoed)
+            return f"declined round {task.round}: {vetoed}"
+        fresh = view.replay.new_windows
+        if fresh < policy.min_new_windows:
+            if task.round not in self._fresh_by:
+                self._fresh_by = {task.round: self._fresh_deadline(task)}
+            fresh_by = self._fresh_by[task.round]
+            if time.time() < fresh_by:
+                self._note(f"fresh:{task.round}", logging.INFO, "%s: round %d: %d new windows (< %d); waiting "
+                           "for fresh data until %s, then training on the replay buffer", self.client_id,
+                           task.round, fresh, policy.min_new_windows, time.strftime("%H:%M:%S",
+                                                                                    time.localtime(fresh_by)))
+                return f"waiting: {fresh} new windows (< {policy.min_new_windows}) until " \
+                       f"{time.strftime('%H:%M:%S', time.localtime(fresh_by))}"
+        if len(view.replay) == 0:
+            self._decline(task, "no_data", "no labelled windows yet")
+            return f"declined round {task.round}: no windows yet"
         return None
+
+    def _fresh_deadline(self, task: Task) -> float:
+        """When to stop waiting for fresh windows for ``task``: part way to its deadline (now without one)."""
+        now = time.time()
+        if task.deadline is None or task.deadline <= now:
+            return now
+        return now + FRESH_SHARE * (task.deadline - now)
+
+    def _next_check(self) -> float:
+        """Seconds until the train loop looks again by itself: the retry interval, or sooner when a wait ends."""
+        task, now = self.task, time.time()
+        fresh_by = self._fresh_by.get(task.round) if task is not None else None
+        if fresh_by is not None and fresh_by > now:
+            return max(0.05, min(self.config.retry_interval_s, fresh_by - now + 0.05))
+        return self.config.retry_interval_s
+
+    def _decline(self, task: Task, reason: str, detail: str) -> None:
+        """Tell the hub (in the status message) that this edge sits ``task``'s round out, and why; once a round."""
+        if self.declined is not None and self.declined["round"] == task.round and self.declined["reason"] == reason:
+            return
+        self.declined = {"round": task.round, "reason": reason, "detail": detail[:200]}
+        self._counters["rounds_declined"] = self._counters.get("rounds_declined", 0) + 1
+        log.info("%s: declining round %d: %s (%s)", self.client_id, task.round, reason, detail)
+        self._wakes.status.set()
 
     async def _delay(self, round_number: int) -> bool:
         """Wait out this round's random start delay; False when a stop or a newer task came first."""
@@ -212,6 +272,8 @@ class RoundTrainer:
         if metrics.get("skipped") or n < 1:
             fit.spent()  # vetoed: the fit consumed nothing
             self._counters["rounds_skipped"] += 1
+            self._decline(task, "resources" if metrics.get("skipped") else "no_data",
+                          str(metrics.get("skipped", "no examples")))
             self._set_state(f"skipped round {task.round}: {metrics.get('skipped', 'no examples')}")
             log.info("%s: round %d skipped: %s", self.client_id, task.round, metrics.get("skipped"))
             return None

@@ -275,6 +275,9 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
         f"updates rejected    {sum(rejected.values())}"
         + (f" ({', '.join(f'{k} {v}' for k, v in sorted(rejected.items()))})" if rejected else ""),
         f"duplicates dropped  {status['duplicates_dropped']}",
+        f"rounds declined     {sum(status.get('declined', {}).values())}"
+        + (f" ({', '.join(f'{k} {v}' for k, v in sorted(status['declined'].items()))})"
+           if status.get("declined") else ""),
         f"clients             {len(status['clients'])}",
     ]
     privacy = status.get("privacy")
@@ -283,6 +286,13 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
         lines.append(f"privacy             epsilon {privacy['epsilon']:.3g}{budget} at delta {privacy['delta']:g} "
                      f"({privacy['accountant']}, noise {privacy['noise_multiplier']:g}); {privacy['sampling']}"
                      + ("; budget reached, no more models" if privacy.get("budget_reached") else ""))
+    waiting = status.get("waiting")
+    if waiting and (waiting.get("edges") or waiting.get("declined")):
+        left = max(0.0, float(waiting.get("deadline") or now) - now)
+        lines += ["", f"round {waiting['round']}: {waiting['answered']} updates in, deadline in {left:.0f} s; "
+                  f"waiting for {len(waiting['edges'])} edge(s)"]
+        lines += [f"  {c}: {doing}" for c, doing in waiting["edges"].items()]
+        lines += [f"  {c}: declined ({why})" for c, why in waiting.get("declined", {}).items()]
     if status["clients"]:
         width = max(6, *(len(c) for c in status["clients"]))
         lines += ["", f"{'client':<{width}}  {'accepted':>8}  {'last seq':>8}  last seen"]

@@ -40,6 +40,7 @@ from hub.config import DEFAULT_TASK_CONFIG, HubConfig, task_config_from
 from hub.inbox import Inbox
 from hub.intake import Intake
 from hub.ledger import Ledger
+from hub.presence import Presence
 from hub.publisher import Announcement, Publisher
 from hub.registry import ModelRegistry
 from hub.reports import MetricsCollector, budget_spent, finish_reason, record_release
@@ -51,8 +52,7 @@ from models.errors import ConfigError
 from models.files import check_writable, state_dir_error
 from models.protocol.codec import UpdateCodec
 from models.protocol.identity import load_keyring, public_hex
-from models.protocol.messages import Receipt, Task, build_model, parse_json
-from models.protocol.signed import SigningError
+from models.protocol.messages import Receipt, Task, build_model
 from models.protocol.topics import Topics
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ class HubService:
         self.on_round_closed: RoundHook | None = None
         self.summaries: list[RoundSummary] = []
         self.ready = asyncio.Event()
-        self.online: set[str] = set()
+        self.presence = Presence()
         self._selection_policy = config.selection()
         self._metrics = MetricsCollector()
         self._batch_limit = config.max_batch
@@ -111,8 +111,14 @@ class HubService:
         self._session: MqttSession | None = None
         self._publisher: Publisher | None = None
         self._key: Ed25519PrivateKey | None = None
+        self._wait_report_at = 0.0  # time.monotonic() of the next "waiting for" report
 
     # -- accessors ------------------------------------------------------------------
+
+    @property
+    def online(self) -> set[str]:
+        """The edges whose retained status says online."""
+        return self.presence.online
 
     @property
     def current_model(self) -> Model | None:
@@ -223,8 +229,10 @@ class HubService:
 
         async with (Inbox(session, self._batch_limit, stop) as inbox,
                     _running(self._publisher).reannouncing(self._reannounce)):
+            self._wait_report_at = time.monotonic() + cfg.round_timeout_s / 4
             while not stop.is_set():
-                batch = await inbox.next_batch(_running(rounds.current).deadline - time.monotonic())
+                wake = min(_running(rounds.current).deadline, self._wait_report_at)
+                batch = await inbox.next_batch(wake - time.monotonic())
                 if batch is None:
                     break
                 if batch:
@@ -233,6 +241,26 @@ class HubService:
                     spent = budget_spent(_running(self._store), self.privacy)
                     log.log(logging.WARNING if spent else logging.INFO, "%s; stopping", reason)
                     break
+                if time.monotonic() >= self._wait_report_at:
+                    await self._report_waiting()
+
+    async def _report_waiting(self) -> None:
+        """Say which expected edges the open round still waits for, and what each last said (log and status)."""
+        self._wait_report_at = time.monotonic() + self.config.round_timeout_s / 4
+        current = _running(_running(self._rounds).current)
+        waiting = self.presence.waiting(current.round, set(current.selection) if current.selection else None,
+                                        current.participants)
+        declined = self.presence.declined(current.round)
+        snapshot = {"round": current.round, "since": current.opened_at, "deadline": current.deadline_at,
+                    "answered": len(current.participants), "edges": waiting,
+                    "declined": {c: f"{d.reason}: {d.detail}" for c, d in sorted(declined.items())}}
+        await asyncio.to_thread(_running(self._store).put, "waiting", snapshot)
+        if not waiting:
+            return
+        shown = "; ".join(f"{c}: {doing}" for c, doing in list(waiting.items())[:10])
+        more = f"; and {len(waiting) - 10} more" if len(waiting) > 10 else ""
+        log.info("round %d: %d updates in, waiting for %d edge(s), deadline in %.0f s: %s%s", current.round,
+                 len(current.participants), len(waiting), max(0.0, current.deadline - time.monotonic()), shown, more)
 
     async def _reannounce(self) -> None:
         await self._announce(task=not self._finished())
@@ -279,21 +307,15 @@ class HubService:
         _running(self._publisher).receipts(receipts)
 
     def _on_status(self, client: str, payload: bytes) -> None:
-        if not payload:  # a cleared retained status
-            self.online.discard(client)
+        came_online, decline = self.presence.update(client, payload)
+        current = self._rounds.current if self._rounds is not None else None
+        if current is None:
             return
-        try:
-            state = parse_json(payload, "status").get("state")
-        except SigningError as exc:
-            log.info("ignored status of %s: %s", client, exc)
-            return
-        if state == "online":
-            self.online.add(client)
-            current = self._rounds.current if self._rounds is not None else None
-            if current is not None and self._select_awaited(current):
-                _running(self._publisher).spawn(self._publish_task())
-        elif state == "offline":
-            self.online.discard(client)
+        if came_online and self._select_awaited(current):
+            _running(self._publisher).spawn(self._publish_task())
+        if decline is not None and decline.round == current.round and client not in current.participants:
+            _running(self._store).count_declined(decline.reason)
+            log.info("round %d: %s declined (%s: %s)", current.round, client, decline.reason, decline.detail)
 
     # -- selection ------------------------------------------------------------------
 
@@ -329,7 +351,9 @@ class HubService:
         if self._secure is not None:
             return await self._secure_step(self._secure, current)
         selected = current.selection
-        decision = rounds.decide(len(selected) if selected else len(self.online))
+        expected = set(selected) if selected else self.online
+        declined = self.presence.declined(current.round).keys() - current.participants
+        decision = rounds.decide(len(expected) - len(declined & expected))
         if decision == "extend":
             rounds.extend()
             await self._publish_task()
@@ -370,6 +394,9 @@ class HubService:
         opened = await asyncio.to_thread(rounds.open, next_round, intake.decode_stored, task.deadline)
         opened.select(selection, plain_updates=self._secure is None)
         self._metrics.forget_before(next_round)
+        self.presence.forget_before(next_round)
+        self._wait_report_at = time.monotonic() + self.config.round_timeout_s / 4
+        await asyncio.to_thread(store.put, "waiting", None)
         # After the last round of a run with ``rounds`` set, only the model goes out: a task would
         # set the edges training for a round no hub takes. A restarted hub publishes it.
         await self._announce(model_message, task=not self._finished())

@@ -287,6 +287,14 @@ class HubStore:
                 " ON CONFLICT (reason) DO UPDATE SET count = count + excluded.count", (reason, n)
             )
 
+    def count_declined(self, reason: str, n: int = 1) -> None:
+        """An edge declined a round it was expected in (``reason``: a :data:`hub.presence.DECLINE_REASONS` code)."""
+        with self.transaction():
+            self._db.execute(
+                "INSERT INTO counters (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value", (f"declined:{reason}", n)
+            )
+
     def count_duplicate(self, n: int = 1) -> None:
         with self.transaction():
             self._db.execute(
@@ -350,6 +358,10 @@ class HubStore:
         "last_seen" (Unix time of its last verified update)}}, "personalization": {id: {"round",
         "examples", "global": metrics, "personalized": metrics}}}``: the last is each client's
         latest federated evaluation of the global model and of its own fine-tuned weights.
+        ``"declined"``: {reason: count} of rounds that expected edges sat out (apart from
+        rejections). ``"waiting"``: None, or the open round's latest "waiting for" report:
+        ``round``, ``since``, ``deadline`` (Unix time), ``answered``, ``edges`` ({client: what it
+        last said it was doing}) and ``declined`` ({client: reason}).
         ``"privacy"``: None, or under a DP strategy the epsilon spent so far at ``delta``, the
         sampling assumption, the budget, ``per_round`` epsilons and ``budget_reached``.
         Read in one transaction, so ``updates_accepted`` always equals the sum of the clients'
@@ -366,6 +378,8 @@ class HubStore:
                 rejected = dict.fromkeys(REJECT_REASONS, 0)
                 rejected.update(self._db.execute("SELECT reason, count FROM rejections").fetchall())
                 dup = self._db.execute("SELECT value FROM counters WHERE name = 'duplicates_dropped'").fetchone()
+                declined = {name.split(":", 1)[1]: n for name, n in self._db.execute(
+                    "SELECT name, value FROM counters WHERE name LIKE 'declined:%' ORDER BY name")}
                 clients = {
                     c: {"accepted": a, "last_sequence": s, "last_seen": t}
                     for c, a, s, t in self._db.execute(
@@ -380,7 +394,9 @@ class HubStore:
             "updates_accepted": accepted,
             "updates_rejected": rejected,
             "duplicates_dropped": 0 if dup is None else dup[0],
+            "declined": declined,
             "clients": clients,
             "personalization": self.get("personalization", {}),
             "privacy": self.get("privacy"),
+            "waiting": self.get("waiting"),
         }

@@ -1,0 +1,95 @@
+"""A gateway answers every round with the default settings, whatever its source.
+
+Replayed sources (the simulator, a recording) are read to their end in seconds; after the
+first round no new windows can come. With the default ``min_new_windows`` (16) an edge used
+to wait for them forever and the federation stopped after round 1. Now it waits for fresh
+data part of the way to the round's deadline, then trains on its replay buffer; an edge that
+cannot take part declines, the hub counts it and does not wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import numpy as np
+import pytest
+
+from edge_client.evaluation import task_spec
+from edge_client.finetune import FineTunePolicy
+from edge_client.runtime import EdgeClient, EdgeConfig, run_edges
+from edge_client.sources.recordings import RecordingsDataset, write_recording
+from edge_client.sources.simulator import SimulatedDataset
+from hub.service import HubConfig, HubService
+from models import Model
+
+pytestmark = pytest.mark.slow  # the quick loop is `pytest -m "not slow"`
+
+DATASET = SimulatedDataset(seed=5, wearers=3, minutes=3, test_wearers=0)
+
+
+def recording_of(client: str, folder) -> RecordingsDataset:
+    """The simulated wearer's stream written in the recording format: a ``recordings:`` source."""
+    source = DATASET.source(client)
+    chunks = list(source.chunks(10_000))
+    t = np.concatenate([c.t for c in chunks])
+    data = np.concatenate([c.data for c in chunks])
+    activity = np.concatenate([c.activity for c in chunks])
+    columns = {name: data[:, i] for i, name in enumerate(chunks[0].channels)}
+    names = np.array([*chunks[0].classes, ""], dtype=object)
+    folder.mkdir(parents=True)
+    write_recording(folder / f"{client}.csv", t, **columns, activity=[n or None for n in names[activity]])
+    (folder / "dataset.toml").write_text(f"sampling_rate_hz = {source.sampling_rate_hz}\n"
+                                         f"labels = {list(chunks[0].classes)!r}\n".replace("'", '"'))
+    return RecordingsDataset(folder)
+
+
+async def _federate(broker, tmp_path, decline_one: bool) -> tuple[HubService, list[EdgeClient]]:
+    federation = f"every-{uuid.uuid4().hex[:10]}"
+    prefix = f"wearfl-test/{uuid.uuid4().hex[:8]}"
+    spec = task_spec("activity", DATASET)
+    hub = HubService(HubConfig(broker=broker.url, federation=federation, state_dir=tmp_path / "hub",
+                               min_clients=2, round_timeout_s=8, rounds=3, protocol=broker.protocol,
+                               topic_prefix=prefix), initial_model=Model(spec, seed=0))
+    a, b, c = DATASET.train_clients[:3]
+    sources = {a: DATASET.source(a), b: recording_of(b, tmp_path / "rec").source(b)}
+    if decline_one:
+        sources[c] = DATASET.source(c)
+
+    def config(client: str) -> EdgeConfig:
+        hooks = (lambda: "battery at 12% (< 30%) and not charging",) if client == c else ()
+        return EdgeConfig(broker=broker.url, federation=federation, client_id=client, protocol=broker.protocol,
+                          state_dir=tmp_path / client, topic_prefix=prefix, policy=FineTunePolicy(), hooks=hooks)
+
+    edges = [EdgeClient(config(client), source) for client, source in sources.items()]
+    stop = asyncio.Event()
+    running = asyncio.create_task(run_edges(edges, stop))
+    try:
+        await asyncio.wait_for(hub.run(), 180)
+    finally:
+        stop.set()
+        errors = await asyncio.wait_for(running, 60)
+    assert not errors
+    return hub, edges
+
+
+def test_replayed_sources_take_part_in_every_round_with_the_default_settings(mqtt_broker, tmp_path):
+    hub, edges = asyncio.run(_federate(mqtt_broker, tmp_path, decline_one=False))
+
+    status = hub.status()
+    assert status["rounds_completed"] == 3
+    assert {c: s["accepted"] for c, s in status["clients"].items()} == {e.client_id: 3 for e in edges}
+    assert status["updates_accepted"] == 6
+    assert all(e.counters["receipts_accepted"] == 3 for e in edges)
+
+
+def test_an_edge_that_cannot_train_declines_and_the_hub_counts_it_without_waiting(mqtt_broker, tmp_path):
+    hub, edges = asyncio.run(_federate(mqtt_broker, tmp_path, decline_one=True))
+
+    status = hub.status()
+    decliner = edges[-1]
+    assert status["rounds_completed"] == 3
+    assert status["declined"] == {"resources": 3}
+    assert decliner.client_id not in status["clients"]
+    assert decliner.counters["rounds_declined"] == 3
+    assert all(s["accepted"] == 3 for s in status["clients"].values())

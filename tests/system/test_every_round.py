@@ -14,6 +14,7 @@ import uuid
 
 import numpy as np
 import pytest
+from waiting import until
 
 from edge_client.evaluation import task_spec
 from edge_client.finetune import FineTunePolicy
@@ -93,3 +94,46 @@ def test_an_edge_that_cannot_train_declines_and_the_hub_counts_it_without_waitin
     assert decliner.client_id not in status["clients"]
     assert decliner.counters["rounds_declined"] == 3
     assert all(s["accepted"] == 3 for s in status["clients"].values())
+
+
+def test_six_edges_with_default_settings_go_on_after_the_broker_is_killed_mid_round(tmp_path):
+    from wearfl.broker import MosquittoBroker, mosquitto_binary
+
+    if mosquitto_binary() is None:
+        pytest.skip("needs the mosquitto binary (apt-get install mosquitto)")
+    broker = MosquittoBroker(workdir=tmp_path / "mosquitto", persistence=True)
+    broker.start()
+    try:
+        asyncio.run(_six_edges_through_a_broker_kill(broker, tmp_path))
+    finally:
+        broker.stop()
+
+
+async def _six_edges_through_a_broker_kill(broker, tmp_path) -> None:
+    dataset = SimulatedDataset(seed=7, wearers=6, minutes=3, test_wearers=0)
+    federation, prefix = f"kill-{uuid.uuid4().hex[:10]}", f"wearfl-test/{uuid.uuid4().hex[:8]}"
+    hub = HubService(HubConfig(broker=broker.url, federation=federation, state_dir=tmp_path / "hub", min_clients=6,
+                               round_timeout_s=10, rounds=3, topic_prefix=prefix),
+                     initial_model=Model(task_spec("activity", dataset), seed=0))
+    edges = [EdgeClient(EdgeConfig(broker=broker.url, federation=federation, client_id=c, state_dir=tmp_path / c,
+                                   topic_prefix=prefix, resend_interval_s=5.0), dataset.source(c))
+             for c in dataset.train_clients]
+    stop = asyncio.Event()
+    running = asyncio.create_task(run_edges(edges, stop))
+    hub_run = asyncio.create_task(hub.run())
+    try:
+        # round 1 closed: round 2 is open, its edges waiting for fresh windows or training
+        await until(lambda: hub.summaries or hub_run.done(), "round 1 to close", 120)
+        await asyncio.to_thread(broker.kill)
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(broker.restart)
+        await asyncio.wait_for(hub_run, 240)
+    finally:
+        stop.set()
+        errors = await asyncio.wait_for(running, 60)
+    assert not errors
+
+    status = hub.status()
+    assert status["rounds_completed"] == 3
+    assert status["updates_accepted"] == 18 == sum(c["accepted"] for c in status["clients"].values())
+    assert all(c["accepted"] == 3 for c in status["clients"].values())

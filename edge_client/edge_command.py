@@ -8,6 +8,16 @@ is ``--client-id``. So ``sim:0/wearer-03``, ``hapt:/data/RawData/user-05`` and
 ``recordings:ward-3/subject1`` name a client, and ``--source hapt:/data/RawData
 --client-id user-05`` does too.
 
+A live device is a spec of its own (docs/devices.md): ``lsl:NAME``, ``mqtt:TOPIC``
+(``mqtt://HOST:PORT/TOPIC``) or ``follow:FILE.csv``. It has one stream, which the edge
+reads under its own client id; the spec names that client too (NAME, the topic's last
+level, the file's stem), so ``--client-id`` may override it. A live source is realtime:
+the edge does not skip what it read before a restart (``resume_stream=False``).
+
+The edge's client id is ``--client-id``, else the device id of ``--credentials``, else the
+client the source names (``sim:0/wearer-03`` -> ``wearer-03``, ``lsl:wrist-07`` ->
+``wrist-07``).
+
 Stopping (SIGINT, SIGTERM) is clean: the edge publishes status offline, checkpoints its
 buffers and disconnects; pending updates stay in the outbox for the next start.
 """
@@ -27,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from edge_client.finetune import FineTunePolicy, ResourceHook, battery_hook, temperature_hook
 from edge_client.replay import POLICIES
 from edge_client.sources.base import Source
+from edge_client.sources.datasets import is_live
 from models.errors import ConfigError, WearflError
 
 if TYPE_CHECKING:
@@ -43,6 +54,18 @@ source SPEC = DATASET/CLIENT, or DATASET alone with the client taken from --clie
   recordings:/data/ward-3/subject1 subject1.csv of a wearfl recordings folder
 The text after the last '/' is the client when it names one of the dataset's clients;
 otherwise the whole SPEC is the dataset and --client-id names the client.
+
+or a live device (docs/devices.md), realtime by nature; its client is the name shown
+unless --client-id is given:
+  lsl:NAME                         the Lab Streaming Layer stream NAME (client NAME)
+  mqtt:TOPIC                       JSON sample batches a BLE bridge publishes to TOPIC at the gateway's
+                                   own broker mqtt://127.0.0.1:1883 (client: TOPIC's last level)
+  mqtt://HOST:PORT/TOPIC           the same at another broker (mqtts:// for TLS)
+  follow:/data/live/wrist-07.csv   a recording file another program appends to, followed through
+                                   rotation, dataset.toml beside it (client wrist-07)
+
+--client-id may be left out when the source names the client (sim:0/wearer-03, lsl:NAME, ...)
+or --credentials gives the device id.
 """
 
 
@@ -53,17 +76,22 @@ def _clients_hint(clients: tuple[str, ...]) -> str:
     return ", ".join(clients) if len(clients) <= 12 else f"{clients[0]} .. {clients[-1]} ({len(clients)} clients)"
 
 
-def resolve_source(spec: str, client_id: str, *, realtime: bool = False) -> Source:
+def resolve_source(spec: str, client_id: str | None, *, realtime: bool = False) -> Source:
     """The source a ``--source`` SPEC names (see the module docstring for the rule).
 
-    ``realtime`` (simulator only) makes the wearer's stream endless and paced at wall-clock
-    speed, as a live gateway would see it. ConfigError or InputError when the spec cannot work.
+    ``client_id`` None: the spec must name the client. ``realtime`` (simulator only) makes the
+    wearer's stream endless and paced at wall-clock speed, as a live gateway would see it; a
+    live device (``lsl:``, ``mqtt:``, ``follow:``) is opened, as ``client_id`` if given, and is
+    realtime anyway. ConfigError or InputError when the spec cannot work.
     """
     from edge_client.sources.datasets import open_dataset
 
     text = spec.strip()
     if not text:
         raise ConfigError("--source is empty; use e.g. sim:0/wearer-03 (see `wearfl edge --help`).")
+    if is_live(text):
+        live = open_dataset(text, live=True)
+        return live.source(client_id or live.clients[0])
     head, sep, tail = text.rpartition("/")
     named = None
     if sep and head and tail:
@@ -80,7 +108,7 @@ def resolve_source(spec: str, client_id: str, *, realtime: bool = False) -> Sour
             f"--source {spec!r}: {named.name} has no client {tail!r}; its clients: "
             f"{_clients_hint(tuple(named.clients))}."
         ) from None
-    if client_id in dataset.clients:
+    if client_id is not None and client_id in dataset.clients:
         return _source(dataset, client_id, realtime)
     raise ConfigError(
         f"--source {spec!r} names no client of {dataset.name}: add '/CLIENT' (its clients: "
@@ -107,9 +135,21 @@ def _hooks(args: argparse.Namespace) -> tuple[ResourceHook, ...]:
     return tuple(hooks)
 
 
-def config_from_args(args: argparse.Namespace) -> EdgeConfig:
-    """The :class:`~edge_client.config.EdgeConfig` the command line describes."""
+def _close(source: Source) -> None:
+    close = getattr(source, "close", None)
+    if callable(close):
+        with contextlib.suppress(Exception):
+            close()
+
+
+def config_from_args(args: argparse.Namespace, source_client: str | None = None) -> EdgeConfig:
+    """The :class:`~edge_client.config.EdgeConfig` the command line describes.
+
+    The client id is ``--client-id``, else the ``--credentials`` device's, else
+    ``source_client`` (the client the ``--source`` spec names, from :func:`resolve_source`).
+    """
     from edge_client.config import EdgeConfig
+    from models.protocol.topics import check_name
     from models.transport.mqtt import BrokerAddress
 
     BrokerAddress.parse(args.broker)  # a malformed URL fails here, before anything starts
@@ -123,8 +163,17 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         elif client_id != username:
             raise ConfigError(f"--client-id {client_id} does not match the credentials in {args.credentials}, "
                               f"which are device {username!r}'s; drop --client-id or give that device's folder.")
+    if client_id is None and source_client is not None:
+        try:
+            client_id = check_name("client id", source_client)
+        except ConfigError:
+            raise ConfigError(
+                f"--source {args.source} names the client {source_client!r}, which is no valid client id (1-64 "
+                f"letters, digits, '_', '.' or '-', starting alphanumeric); give --client-id."
+            ) from None
     if client_id is None:
-        raise ConfigError("wearfl edge needs --client-id (or --credentials, whose device id it takes).")
+        raise ConfigError("wearfl edge needs --client-id, --credentials (whose device id it takes) or a --source "
+                          "that names the client (e.g. sim:0/wearer-03 or lsl:NAME).")
     policy = FineTunePolicy().with_overrides({"min_new_windows": args.min_new_windows,
                                               "cpu_seconds": args.cpu_seconds})  # validated
     return EdgeConfig(
@@ -134,7 +183,7 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         eval_fraction=args.eval_fraction, pseudo_threshold=args.pseudo_threshold, seed=args.seed,
         hub_key=args.hub_key, credentials=Path(args.credentials) if args.credentials else None,
         peer_keyring=Path(args.peer_keyring) if args.peer_keyring else None,
-        resume_stream=not args.realtime, connect_timeout_s=args.connect_timeout,
+        resume_stream=not (args.realtime or is_live(args.source)), connect_timeout_s=args.connect_timeout,
     )
 
 
@@ -162,13 +211,23 @@ async def _run(config: EdgeConfig, source: Source) -> None:
 
 def cmd_edge(args: argparse.Namespace) -> int:
     from models.files import check_writable
+    from models.transport.mqtt import BrokerAddress
 
-    config = config_from_args(args)
-    check_writable(config.state_dir, "edge state directory")  # read-only or full: one clear line, before any write
-    source = resolve_source(args.source, config.client_id, realtime=args.realtime)
-    print(f"edge {config.client_id} of federation {config.federation} via {config.broker}, reading "
-          f"{args.source}, state in {config.state_dir}; Ctrl-C stops", file=sys.stderr)
-    asyncio.run(_run(config, source))
+    source: Source | None = None
+    try:
+        if args.client_id is None and args.credentials is None:  # the source names the client
+            BrokerAddress.parse(args.broker)  # a malformed URL fails before a device is opened
+            source = resolve_source(args.source, None, realtime=args.realtime)
+        config = config_from_args(args, None if source is None else source.client_id)
+        check_writable(config.state_dir, "edge state directory")  # read-only or full: one clear line, before any write
+        if source is None:
+            source = resolve_source(args.source, config.client_id, realtime=args.realtime)
+        print(f"edge {config.client_id} of federation {config.federation} via {config.broker}, reading "
+              f"{args.source}, state in {config.state_dir}; Ctrl-C stops", file=sys.stderr)
+        asyncio.run(_run(config, source))
+    finally:
+        if source is not None:
+            _close(source)  # a live device's connection, thread or file
     print(f"edge {config.client_id} stopped; pending updates stay in {config.state_dir}", file=sys.stderr)
     return 0
 
@@ -184,14 +243,19 @@ def add_edge_command(sub: Any) -> None:
     p.add_argument("--broker", required=True, metavar="URL", help="MQTT broker, e.g. mqtt://127.0.0.1:1883")
     p.add_argument("--federation", required=True, metavar="NAME", help="federation name (topics wearfl/v1/NAME/...)")
     p.add_argument("--client-id", metavar="ID",
-                   help="this edge's client id in the federation (default with --credentials: the device id)")
+                   help="this edge's client id in the federation (default: the device id of --credentials, else "
+                        "the client the source names, e.g. wearer-03 of sim:0/wearer-03, NAME of lsl:NAME)")
     p.add_argument("--credentials", metavar="DIR",
                    help="the device's folder from `wearfl keys add-device`: its signing key, broker password, "
                         "TLS certificates (with an mqtts:// broker) and the hub's key to pin")
-    p.add_argument("--source", required=True, metavar="SPEC", help="dataset and client, e.g. sim:0/wearer-03")
+    p.add_argument("--source", required=True, metavar="SPEC",
+                   help="dataset and client, e.g. sim:0/wearer-03, or a live device: lsl:NAME, mqtt:TOPIC, "
+                        "follow:FILE.csv (see below)")
     p.add_argument("--state", required=True, metavar="DIR", help="state directory (key, outbox, model, buffers)")
     p.add_argument("--realtime", action="store_true",
-                   help="simulator only: an endless stream paced at wall-clock speed (a live gateway)")
+                   help="simulator: an endless stream paced at wall-clock speed (a live gateway); live devices "
+                        "(lsl:, mqtt:, follow:) are realtime without it. Realtime streams are not resumed "
+                        "after a restart")
     p.add_argument("--hub-key", metavar="HEX", help="pin the hub's Ed25519 public key (default: trust the first)")
     p.add_argument("--peer-keyring", metavar="FILE",
                    help="the devices' public keys ('client_id key_hex' lines, the hub's keyring): needed to take "

@@ -21,7 +21,8 @@ never drops samples silently, because
   losing that packet is acceptable (catch the error and count it) or not.
 
 Example: a BLE IMU feeding the gateway (bleak; bleak runs notification callbacks on its
-asyncio loop's thread, so keep ``push_timeout_s`` short to not stall the loop)::
+asyncio loop's thread, so keep ``push_timeout_s`` short to not stall the loop; more in
+docs/devices.md, with the standard heart-rate characteristic)::
 
     import asyncio, struct, threading
     import numpy as np
@@ -43,10 +44,11 @@ asyncio loop's thread, so keep ``push_timeout_s`` short to not stall the loop)::
             dropped += len(xyz)  # the pipeline is stalled; count and go on
 
     async def stream(address: str) -> None:
+        gone = asyncio.Event()  # set when the device disconnects (or set it to stop)
         try:
-            async with BleakClient(address) as client:
+            async with BleakClient(address, lambda _: gone.set()) as client:
                 await client.start_notify(IMU, on_imu)
-                await client.disconnected_future  # or a stop event
+                await gone.wait()
         finally:
             source.close()  # ends chunks() in the pipeline
 

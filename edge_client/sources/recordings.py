@@ -32,11 +32,13 @@ are parsed when its chunks are iterated. Errors name the file, line and column.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -86,7 +88,7 @@ def _string_list(value: object, key: str, path: Path) -> tuple[str, ...]:
     return tuple(v.strip() for v in value)
 
 
-def _read_config(path: Path) -> _Config:
+def read_config(path: Path) -> _Config:
     """Parse and check DIR/dataset.toml."""
     if not path.is_file():
         raise InputError(
@@ -135,6 +137,11 @@ def _read_header(path: Path, config: _Config) -> _Header:
             row = next(csv.reader(f), None)
         except (csv.Error, UnicodeDecodeError) as exc:
             raise InputError(f"{path} line 1: cannot read the header ({exc}).") from exc
+    return header_from_row(row, path, config)
+
+
+def header_from_row(row: Sequence[str] | None, path: Path, config: _Config) -> _Header:
+    """A header row (the file's first line, split) mapped to wearfl names and checked; ``path`` is for messages."""
     if not row:
         raise InputError(f"{path} is empty; its first line must be a header such as 't,acc_x,acc_y,acc_z' ({_DOCS}).")
     names: list[str | None] = []
@@ -190,15 +197,22 @@ def _read_columns(header: _Header) -> list[tuple[str, ...]]:
             rows = list(reader)
         except (csv.Error, UnicodeDecodeError) as exc:
             raise InputError(f"{path} line {reader.line_num}: not readable as CSV ({exc}).") from exc
+    rows = [r for r in rows if r]  # blank lines
+    return rows_to_columns(rows, header, functools.partial(_line_of, path))
+
+
+def rows_to_columns(
+    rows: Sequence[Sequence[str]], header: _Header, line_of: Callable[[int], int]
+) -> list[tuple[str, ...]]:
+    """Rows of cells (no blank rows) as one tuple of strings per file column, every row checked for its width.
+
+    ``line_of(i)`` is the file line of row ``i``, for the error message.
+    """
     width = len(header.names)
-    lengths = set(map(len, rows))
-    if 0 in lengths:  # blank lines
-        rows = [r for r in rows if r]
-        lengths.discard(0)
-    if lengths - {width}:
+    if set(map(len, rows)) - {width}:
         bad = next(i for i, r in enumerate(rows) if len(r) != width)
         raise InputError(
-            f"{path} line {_line_of(path, bad)}: {len(rows[bad])} fields, but the header has {width}; "
+            f"{header.path} line {line_of(bad)}: {len(rows[bad])} fields, but the header has {width}; "
             f"every row needs one field per column (leave a cell empty where a value is missing)."
         )
     if not rows:
@@ -206,7 +220,9 @@ def _read_columns(header: _Header) -> list[tuple[str, ...]]:
     return list(zip(*rows, strict=True))
 
 
-def _numbers(cells: tuple[str, ...], header: _Header, column: str, allow_empty: bool) -> np.ndarray:
+def _numbers(
+    cells: Sequence[str], header: _Header, column: str, allow_empty: bool, line_of: Callable[[int], int]
+) -> np.ndarray:
     """A column of strings as float64, empty cells NaN (if allowed); errors name file, line and column."""
     try:
         return np.array(cells, dtype=np.float64)  # fast path: no empty cell
@@ -217,7 +233,7 @@ def _numbers(cells: tuple[str, ...], header: _Header, column: str, allow_empty: 
     if empty.any() and not allow_empty:
         row = int(np.argmax(empty))
         raise InputError(
-            f"{header.path.name} line {_line_of(header.path, row)}, column {column}: the cell is empty; "
+            f"{header.path.name} line {line_of(row)}, column {column}: the cell is empty; "
             f"{column} must be a number in every row ({header.path})."
         )
     out = np.full(len(cells), np.nan)
@@ -232,16 +248,75 @@ def _numbers(cells: tuple[str, ...], header: _Header, column: str, allow_empty: 
                 float(cells[row])
             except ValueError:
                 raise InputError(
-                    f"{header.path.name} line {_line_of(header.path, row)}, column {column}: {cells[row]!r} is "
+                    f"{header.path.name} line {line_of(row)}, column {column}: {cells[row]!r} is "
                     f"not a number; fix the cell or leave it empty for a missing value ({header.path})."
                 ) from None
         out[valid] = np.fromiter(map(float, strings[valid].tolist()), np.float64, count=len(rows))  # e.g. "1_000"
     return out
 
 
-def _activity_names(cells: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _activity_names(cells: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Distinct stripped names of an activity column and each row's index into them."""
     return np.unique(np.char.strip(np.array(cells, dtype=str)), return_inverse=True)
+
+
+def parse_columns(
+    header: _Header,
+    columns: Sequence[Sequence[str]],
+    client_id: str,
+    channels: tuple[str, ...],
+    classes: tuple[str, ...],
+    line_of: Callable[[int], int],
+    *,
+    unknown_activity: Literal["error", "unknown"] = "error",
+) -> tuple[Chunk, tuple[str, ...]]:
+    """Cells of one header's rows (from :func:`rows_to_columns`) as a checked :class:`Chunk`.
+
+    ``channels`` absent from the header come out NaN. An activity name not in ``classes``
+    is an error naming the line, or with ``unknown_activity="unknown"`` (a live file whose
+    labels may grow) an unknown activity; the second value lists such names.
+    """
+    n = len(columns[0]) if columns else 0
+
+    def column(name: str) -> Sequence[str] | None:
+        i = header.index(name)
+        return None if i is None else columns[i]
+
+    t = _numbers(column("t"), header, "t", False, line_of)
+    if not np.isfinite(t).all():
+        row = int(np.argmax(~np.isfinite(t)))
+        raise InputError(
+            f"{header.path.name} line {line_of(row)}, column t: {t[row]} is not a finite time; "
+            f"t must be seconds in every row ({header.path})."
+        )
+    data = np.full((n, len(channels)), np.nan, np.float32)
+    for j, name in enumerate(channels):
+        if (cells := column(name)) is not None:
+            data[:, j] = _numbers(cells, header, name, True, line_of)
+    data[~np.isfinite(data)] = np.nan
+    hr = np.full(n, np.nan, np.float32)
+    if (cells := column("hr_bpm")) is not None:
+        hr[:] = _numbers(cells, header, "hr_bpm", True, line_of)
+        hr[~np.isfinite(hr)] = np.nan
+    activity = np.full(n, UNKNOWN, np.int16)
+    strays: tuple[str, ...] = ()
+    if (cells := column("activity")) is not None and n:
+        names, inverse = _activity_names(cells)
+        index = {c: i for i, c in enumerate(classes)}
+        lookup = np.array([UNKNOWN if not s else index.get(str(s), -2) for s in names], np.int16)
+        codes = lookup[inverse.reshape(-1)]
+        if (codes == -2).any():
+            if unknown_activity == "error":
+                row = int(np.argmax(codes == -2))
+                raise InputError(
+                    f"{header.path.name} line {line_of(row)}, column activity: {cells[row].strip()!r} "
+                    f"is not one of the dataset's labels {list(classes)}; add it to labels in dataset.toml "
+                    f"or fix the cell ({header.path})."
+                )
+            strays = tuple(str(s) for s in names[lookup == -2])
+            codes[codes == -2] = UNKNOWN
+        activity[:] = codes
+    return Chunk(client_id, t, data, channels, activity, hr, classes), strays
 
 
 class RecordingSource:
@@ -258,43 +333,9 @@ class RecordingSource:
     def read(self) -> Chunk:
         """The whole file as one chunk (parsed and checked)."""
         header = self._header
-        columns = _read_columns(header)
-        n = len(columns[0]) if columns else 0
-
-        def column(name: str) -> tuple[str, ...] | None:
-            i = header.index(name)
-            return None if i is None else columns[i]
-
-        t = _numbers(column("t"), header, "t", allow_empty=False)
-        if not np.isfinite(t).all():
-            row = int(np.argmax(~np.isfinite(t)))
-            raise InputError(
-                f"{header.path.name} line {_line_of(header.path, row)}, column t: {t[row]} is not a finite time; "
-                f"t must be seconds in every row ({header.path})."
-            )
-        data = np.empty((n, len(self.channels)), np.float32)
-        for j, name in enumerate(self.channels):
-            data[:, j] = _numbers(column(name), header, name, allow_empty=True)
-        data[~np.isfinite(data)] = np.nan
-        hr = np.full(n, np.nan, np.float32)
-        if (cells := column("hr_bpm")) is not None:
-            hr[:] = _numbers(cells, header, "hr_bpm", allow_empty=True)
-            hr[~np.isfinite(hr)] = np.nan
-        activity = np.full(n, UNKNOWN, np.int16)
-        if (cells := column("activity")) is not None and n:
-            names, inverse = _activity_names(cells)
-            index = {c: i for i, c in enumerate(self.classes)}
-            lookup = np.array([UNKNOWN if not s else index.get(str(s), -2) for s in names], np.int16)
-            codes = lookup[inverse.reshape(-1)]
-            if (codes == -2).any():
-                row = int(np.argmax(codes == -2))
-                raise InputError(
-                    f"{header.path.name} line {_line_of(header.path, row)}, column activity: {cells[row].strip()!r} "
-                    f"is not one of the dataset's labels {list(self.classes)}; add it to labels in dataset.toml "
-                    f"or fix the cell ({header.path})."
-                )
-            activity[:] = codes
-        return Chunk(self.client_id, t, data, self.channels, activity, hr, self.classes)
+        chunk, _ = parse_columns(header, _read_columns(header), self.client_id, self.channels, self.classes,
+                                 functools.partial(_line_of, header.path))
+        return chunk
 
     def chunks(self, max_samples: int = 4096) -> Iterator[Chunk]:
         """Yield the file's samples in file order, at most ``max_samples`` a chunk."""
@@ -326,7 +367,7 @@ class RecordingsDataset:
                 f"the recordings folder {self.path} does not exist; point recordings:DIR at a folder with "
                 f"dataset.toml and one CSV per subject ({_DOCS})."
             )
-        config = _read_config(self.path / "dataset.toml")
+        config = read_config(self.path / "dataset.toml")
         files = sorted(p for p in self.path.glob("*.csv") if p.is_file())
         if not files:
             raise InputError(f"{self.path} holds no .csv files; put one CSV per subject beside dataset.toml ({_DOCS}).")

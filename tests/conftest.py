@@ -10,6 +10,8 @@ import pytest
 
 from models import Model, TrainConfig, activity_spec, fit, heart_rate_spec
 
+pytest_plugins = ["lsl_outlets"]  # the lsl_config and pylsl fixtures
+
 
 def synthetic_activity(n: int, seed: int, spec=None) -> tuple[np.ndarray, np.ndarray]:
     """Windows whose class sets the frequency and amplitude of a few channels: easy to separate."""

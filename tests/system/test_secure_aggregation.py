@@ -92,7 +92,7 @@ def run_secure_round(broker: Any, topic_prefix: str, tmp_path: Path, deltas: Any
     federation = "secure-" + topic_prefix.split("/")[1]
     config = HubConfig(broker=broker.url, federation=federation, state_dir=tmp_path / "hub",
                        topic_prefix=topic_prefix, min_clients=5 if dropout else 4, round_timeout_s=30, rounds=1,
-                       keyring=ring, secure_aggregation=True, secagg_stage_timeout_s=3 if dropout else 20,
+                       keyring=ring, secure_aggregation=True, secagg_stage_timeout_s=8 if dropout else 20,
                        task_config={"quantize": "none", "epochs": 1}, **hub_options)
     hub = HubService(config, Model(task_spec("activity", DATASET), seed=0))
 

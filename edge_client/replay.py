@@ -6,18 +6,18 @@ Bounded both in windows and in bytes (a gateway's SD card and RAM are small).
 by evicting from the largest class,
 so a wearer who mostly sits still does not drown out their rare runs. Every window
 remembers where its label came from (``reference``, ``annotation``, ``pseudo``).
+
+The storage for the bound is reserved once (zero pages: resident only as windows fill it)
+instead of grown by copies, and checkpoints are written from it and read into it (the
+safetensors layout, byte for byte), so a buffer never needs twice its size in memory.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 
 from models.errors import ConfigError, ModelFormatError
 from models.files import write_atomic
@@ -26,6 +26,9 @@ __all__ = ["LABEL_SOURCES", "POLICIES", "ReplayBuffer"]
 
 LABEL_SOURCES = ("reference", "annotation", "pseudo")
 POLICIES = ("reservoir", "balanced")
+_DTYPES = {"<f4": "F32", "|i1": "I8"}
+"""numpy dtype -> safetensors dtype of the stored arrays."""
+_MAX_HEADER = 1 << 20
 
 
 class ReplayBuffer:
@@ -47,15 +50,34 @@ class ReplayBuffer:
             raise ConfigError(f"a replay buffer of {max_bytes} bytes cannot hold one {window_shape} window.")
         self.window_shape, self.policy = tuple(window_shape), policy
         self.max_windows, self.max_bytes = int(max_windows), int(max_bytes)
-        self.x = np.zeros((0, *self.window_shape), np.float32)
-        self.y = np.zeros(0, np.float32)
-        self.source = np.zeros(0, np.int8)
+        self._reserve(self.capacity)
         self.seen = 0  # windows ever offered
         self.new_windows = 0  # windows added since the last mark_trained()
         self.rng = np.random.default_rng(seed)
 
+    def _reserve(self, capacity: int) -> None:
+        """Empty storage for ``capacity`` windows: np.zeros maps zero pages, which use no memory until written."""
+        self._x = np.zeros((capacity, *self.window_shape), np.float32)
+        self._y = np.zeros(capacity, np.float32)
+        self._source = np.zeros(capacity, np.int8)
+        self._n = 0
+
+    @property
+    def x(self) -> np.ndarray:
+        """The windows (n, *window_shape), a view of the storage."""
+        return self._x[: self._n]
+
+    @property
+    def y(self) -> np.ndarray:
+        return self._y[: self._n]
+
+    @property
+    def source(self) -> np.ndarray:
+        """Each window's label source, an index into :data:`LABEL_SOURCES`."""
+        return self._source[: self._n]
+
     def __len__(self) -> int:
-        return len(self.x)
+        return self._n
 
     @property
     def nbytes(self) -> int:
@@ -81,9 +103,9 @@ class ReplayBuffer:
         return stored
 
     def _append(self, x: np.ndarray, y: np.ndarray, codes: np.ndarray) -> None:
-        self.x = np.concatenate([self.x, x])
-        self.y = np.concatenate([self.y, y])
-        self.source = np.concatenate([self.source, codes])
+        n, k = self._n, len(x)
+        self._x[n : n + k], self._y[n : n + k], self._source[n : n + k] = x, y, codes
+        self._n = n + k
 
     def _replace(self, x: np.ndarray, y: np.ndarray, codes: np.ndarray) -> int:
         if self.policy == "reservoir":
@@ -126,28 +148,53 @@ class ReplayBuffer:
         self.new_windows = 0
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Persist atomically (safetensors: loading it never executes anything)."""
+        """Persist atomically (safetensors: loading it never executes anything), written from the storage."""
         meta = {"policy": self.policy, "seen": self.seen, "new_windows": self.new_windows,
                 "window_shape": list(self.window_shape), "max_windows": self.max_windows,
                 "max_bytes": self.max_bytes, "rng": self.rng.bit_generator.state}
-        data = st_save({"x": self.x, "y": self.y, "source": self.source},
-                       metadata={"wearfl_replay": json.dumps(meta, sort_keys=True)})
-        write_atomic(path, data)
+        arrays = {"x": self.x, "y": self.y, "source": self.source}
+        header: dict[str, object] = {"__metadata__": {"wearfl_replay": json.dumps(meta, sort_keys=True)}}
+        offset = 0
+        for name, a in arrays.items():
+            header[name] = {"dtype": _DTYPES[a.dtype.str], "shape": list(a.shape),
+                            "data_offsets": [offset, offset + a.nbytes]}
+            offset += a.nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        parts = [len(text).to_bytes(8, "little"), text]
+        parts += [memoryview(np.ascontiguousarray(a).reshape(-1)).cast("B") for a in arrays.values()]
+        write_atomic(path, parts)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ReplayBuffer:
+        """A buffer saved by :meth:`save`; the windows are read straight into its storage."""
         try:
-            data = Path(path).read_bytes()
-            tensors = st_load(data)
-            header_len = int.from_bytes(data[:8], "little")
-            meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["wearfl_replay"])
-            buf = cls(tuple(meta["window_shape"]), meta["max_windows"], meta["max_bytes"], meta["policy"])
-            buf.x, buf.y, buf.source = tensors["x"], tensors["y"], tensors["source"]
-            if buf.x.shape[1:] != buf.window_shape or not len(buf.x) == len(buf.y) == len(buf.source):
-                raise ValueError("array shapes disagree")
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                if not 2 <= header_len <= _MAX_HEADER:
+                    raise ValueError(f"header length {header_len}")
+                header = json.loads(f.read(header_len))
+                meta = json.loads(header["__metadata__"]["wearfl_replay"])
+                buf = cls(tuple(meta["window_shape"]), meta["max_windows"], meta["max_bytes"], meta["policy"])
+                n = int(header["y"]["shape"][0])
+                if n > buf.capacity:
+                    buf._reserve(n)
+                expect = {"x": [n, *buf.window_shape], "y": [n], "source": [n]}
+                offset = 0
+                for name, target in (("x", buf._x), ("y", buf._y), ("source", buf._source)):
+                    entry, size = header[name], n * target[0].nbytes if len(target) else 0
+                    if (entry["dtype"] != _DTYPES[target.dtype.str] or list(entry["shape"]) != expect[name]
+                            or list(entry["data_offsets"]) != [offset, offset + size]):
+                        raise ValueError(f"tensor {name} is not as saved")
+                    if f.readinto(memoryview(target[:n].reshape(-1)).cast("B")) != size:
+                        raise ValueError("the file is truncated")
+                    offset += size
+                if f.read(1):
+                    raise ValueError("trailing bytes")
+            buf._n = n
             buf.seen, buf.new_windows = int(meta["seen"]), int(meta["new_windows"])
             buf.rng.bit_generator.state = meta["rng"]
-        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
             raise ModelFormatError(
                 f"replay buffer {path} is unreadable ({exc}); move it aside to start with an empty buffer."
             ) from exc

@@ -12,13 +12,11 @@ scipy.signal`` costs a gateway ~100 MB resident and ~0.8 s, against a 60 MB budg
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import numpy as np
 
 from models.errors import ConfigError
 
-__all__ = ["StreamingResampler", "lowpass_taps"]
+__all__ = ["StreamingResampler", "lowpass_taps", "rational_ratio"]
 
 KAISER_BETA = 5.0
 """Kaiser window shape of the anti-aliasing filter (about 54 dB of stop-band attenuation)."""
@@ -39,6 +37,33 @@ def lowpass_taps(numtaps: int, cutoff: float, beta: float = KAISER_BETA) -> np.n
     return h / np.sum(h)
 
 
+def rational_ratio(x: float, max_denominator: int) -> tuple[int, int]:
+    """``Fraction(x).limit_denominator(max_denominator)`` as (numerator, denominator), x > 0.
+
+    The closest fraction with a denominator of at most ``max_denominator`` (continued fractions;
+    a tie goes to the last convergent, as in :mod:`fractions`), in integers: importing
+    :mod:`fractions` costs a gateway its ``decimal`` module as well (~0.4 MB resident).
+    """
+    n0, d0 = float(x).as_integer_ratio()
+    if d0 <= max_denominator:
+        return n0, d0
+    p0, q0, p1, q1 = 0, 1, 1, 0
+    n, d = n0, d0
+    while True:
+        a = n // d
+        q2 = q0 + a * q1
+        if q2 > max_denominator:
+            break
+        p0, q0, p1, q1 = p1, q1, p0 + a * p1, q2
+        n, d = d, n - a * d
+    k = (max_denominator - q0) // q1
+    p2, q2 = p0 + k * p1, q0 + k * q1
+    # |p1/q1 - x| <= |p2/q2 - x|, compared exactly: |p1 d0 - n0 q1| q2 <= |p2 d0 - n0 q2| q1
+    if abs(p1 * d0 - n0 * q1) * q2 <= abs(p2 * d0 - n0 * q2) * q1:
+        return p1, q1
+    return p2, q2
+
+
 class StreamingResampler:
     """Resamples (n, channels) float blocks, plus per-sample labels, from one rate to another.
 
@@ -49,8 +74,7 @@ class StreamingResampler:
     def __init__(self, from_hz: float, to_hz: float, channels: int, max_denominator: int = 1000) -> None:
         if from_hz <= 0 or to_hz <= 0:
             raise ConfigError(f"sampling rates must be > 0, got {from_hz} -> {to_hz} Hz.")
-        ratio = Fraction(to_hz / from_hz).limit_denominator(max_denominator)
-        self.up, self.down = ratio.numerator, ratio.denominator
+        self.up, self.down = rational_ratio(to_hz / from_hz, max_denominator)
         self.from_hz, self.to_hz, self.channels = from_hz, to_hz, channels
         self.identity = self.up == self.down
         self.reset()

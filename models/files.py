@@ -14,6 +14,7 @@ import logging
 import os
 import sqlite3
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from models.errors import StorageError, StorageKind
@@ -187,8 +188,13 @@ def make_dirs(directory: str | os.PathLike[str]) -> None:
         fsync_dir(new.parent)
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes, *, doing: str = "writing it") -> None:
+def write_atomic(
+    path: str | os.PathLike[str], data: bytes | Sequence[bytes | memoryview], *, doing: str = "writing it"
+) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never half.
+
+    ``data`` may be a sequence of byte buffers (e.g. memoryviews of arrays), written one after
+    the other: a large file is then never assembled in memory.
 
     Temp file in the same directory, fsync, rename over ``path``, fsync of the directory
     (and of the parent of any directory created for it). A write the storage refuses (no
@@ -205,12 +211,13 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, doing: str = "wri
         raise error from exc
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes | Sequence[bytes | memoryview]) -> None:
     make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for part in (data,) if isinstance(data, bytes | bytearray | memoryview) else data:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -29,7 +29,8 @@ The model, per sample (x: exercise intensity as a fraction of the HR reserve, ph
 
 The stream is generated in fixed internal blocks of absolute sample positions, carrying every
 state across blocks (phases, ``lfilter`` states, HR kinetics, schedule position); ``chunks``
-re-slices the blocks, so the samples never depend on ``max_samples``.
+re-slices the blocks, so the samples never depend on ``max_samples``. The noise filters are
+:func:`edge_client.filters.lfilter` (numpy; ``scipy.signal`` would cost a gateway ~65 MB resident).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.signal import lfilter
 
+from edge_client.filters import lfilter
 from edge_client.sources.base import CHANNELS, Chunk
 from models.errors import ConfigError
 
@@ -254,44 +255,72 @@ class _Stream:
             s0, x0, pos = sm[:, pos + cnt - 1], x[pos + cnt - 1], pos + cnt
         self.smooth, self.x = s0.copy(), x0
 
+        # Temporaries are dropped as soon as they are used up and sums are built in place (in the
+        # same order, so the same floats): a gateway generates this block next to its other work.
         w = self.rng.standard_normal((7, n))  # sensor noise: acc, gyro, ppg
         # Low-passed noises are near-Gaussian whatever their input, so they are fed cheaper uniforms.
-        u = (self.rng.random((7, n)) - 0.5) * math.sqrt(12.0)
+        u = self.rng.random((7, n))
+        u -= 0.5
+        u *= math.sqrt(12.0)
         lf, self.zi_lf = lfilter(_LF_B, _LF_A, u[0], zi=self.zi_lf)
         slow, self.zi_slow = lfilter(*_SLOW, u[1:3], zi=self.zi_slow)
         cadn, self.zi_cad = lfilter(*_CADN, u[3], zi=self.zi_cad)
         fid, self.zi_fid = lfilter(*_FIDN, u[4:7], zi=self.zi_fid)
+        del u
 
         xc = np.clip(x, 0.0, 1.0)
         pb = self.phase[0] + np.cumsum(p.breath_hz + 0.35 * xc) / FS
         breath = np.sin(2 * np.pi * pb)
         hr = (p.resting_hr + (p.max_hr - p.resting_hr) * x + p.hrv_bpm * (1 - 0.7 * xc) * (0.8 * lf + 0.6 * slow[0])
               + p.rsa_bpm * (1 - 0.8 * xc) * breath)
+        del x, lf
         pc = self.phase[1] + np.cumsum(hr) / (60 * FS)
         cad = sm[9] * (1 + 0.03 * cadn)
+        del cadn
         pg = self.phase[2] + np.cumsum(cad) / FS
         self.phase = np.array([pb[-1] % 1.0, pc[-1] % 1.0, pg[-1] % 2.0])
+        del pb
 
         h2, h3, p2, p3, p_swing, p_lat, p_pron = p.gait_shape
         step = 2 * np.pi * pg
+        del pg
         vert = sm[10] * (np.sin(step) + h2 * np.sin(2 * step + p2) + h3 * np.sin(3 * step + p3))
         stride = 0.5 * step + p_swing
         theta = sm[11] * np.sin(stride)
         dtheta = sm[11] * np.pi * cad * np.cos(stride)
         a_fwd = -theta * sm[12]
+        del theta
         a_lat = 0.25 * sm[10] * np.sin(stride + p_lat)
+        del stride
         pron = 0.3 * sm[11] * 2 * np.pi * cad * np.cos(step + p_pron)
+        del step, cad
 
         up, fwd, lat, fidget, vib = sm[0:3], sm[3:6], sm[6:9], sm[13], sm[14]
         up_n = up / np.sqrt((up * up).sum(axis=0))
         d_up = np.diff(up, axis=1, prepend=self.prev_up[:, None]) * FS
         self.prev_up = up[:, -1].copy()
         spin = up_n[[1, 2, 0]] * d_up[[2, 0, 1]] - up_n[[2, 0, 1]] * d_up[[1, 2, 0]]  # up x d(up)/dt
+        del d_up
         out = np.empty((7, n), dtype=np.float32)
-        out[0:3] = up_n * (1 + vert) + fwd * a_fwd + lat * a_lat + fidget * fid + (0.01 + vib) * w[0:3]
-        out[3:6] = lat * dtheta + fwd * pron + spin + 5 * fidget * fid[[1, 2, 0]] + (0.01 + 0.5 * vib) * w[3:6]
+        # acc = up_n (1 + vert) + fwd a_fwd + lat a_lat + fidget fid + (0.01 + vib) w, summed left to right
+        acc = up_n * (1 + vert)
+        acc += fwd * a_fwd
+        acc += lat * a_lat
+        acc += fidget * fid
+        acc += (0.01 + vib) * w[0:3]
+        out[0:3] = acc
+        del up_n, a_lat
+        # gyro = lat dtheta + fwd pron + spin + 5 fidget fid[1, 2, 0] + (0.01 + 0.5 vib) w
+        acc = lat * dtheta
+        acc += fwd * pron
+        acc += spin
+        acc += 5 * fidget * fid[[1, 2, 0]]
+        acc += (0.01 + 0.5 * vib) * w[3:6]
+        out[3:6] = acc
+        del acc, spin, dtheta, pron
         amp = p.perfusion * (1 - 0.35 * xc) * (1 + p.resp_am * breath)
         artifact = p.vertical_weight * vert + p.swing_weight * a_fwd + 2 * fidget * fid[0]
+        del vert, a_fwd, fid, xc
         where = (pc % 1.0) * len(self.pulse)
         i = where.astype(np.intp)
         pulse = self.pulse[i] + (where - i) * self.slope[i]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -128,6 +129,9 @@ def test_a_pipeline_that_stays_behind_drops_whole_messages_and_counts_them(mqtt_
     source = MqttSource(spec_of(mqtt_broker, topic), timeout_s=WAIT_S)
     bridge.send(topic, {"rate": 50, "ppg": [4, 5, 6]})  # no room: dropped
     bridge.send(topic, {"rate": 50, "ppg": [7, 8]})  # fits
+    deadline = time.monotonic() + WAIT_S  # the drop happens before anything is read, however busy the machine
+    while source.dropped_samples < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
     chunks = collect(source, 5, WAIT_S)
     bridge.send(topic, b"", retain=True)
 

@@ -14,6 +14,7 @@ import uuid
 
 import numpy as np
 import pytest
+from federating import run_until_hub_ends
 from waiting import until
 
 from edge_client.evaluation import task_spec
@@ -63,14 +64,7 @@ async def _federate(broker, tmp_path, decline_one: bool) -> tuple[HubService, li
                           state_dir=tmp_path / client, topic_prefix=prefix, policy=FineTunePolicy(), hooks=hooks)
 
     edges = [EdgeClient(config(client), source) for client, source in sources.items()]
-    stop = asyncio.Event()
-    running = asyncio.create_task(run_edges(edges, stop))
-    try:
-        await asyncio.wait_for(hub.run(), 180)
-    finally:
-        stop.set()
-        errors = await asyncio.wait_for(running, 60)
-    assert not errors
+    await run_until_hub_ends(hub, edges, 180)
     return hub, edges
 
 

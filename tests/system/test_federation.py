@@ -7,11 +7,12 @@ import uuid
 
 import numpy as np
 import pytest
+from federating import run_until_hub_ends
 from safetensors.numpy import load as st_load
 
 from edge_client.evaluation import load_clients, summarize, task_spec
 from edge_client.finetune import FineTunePolicy
-from edge_client.runtime import EdgeClient, EdgeConfig, run_edges
+from edge_client.runtime import EdgeClient, EdgeConfig
 from edge_client.sources.simulator import SimulatedDataset
 from hub.service import HubConfig, HubService
 from models import Model, TrainConfig
@@ -40,14 +41,7 @@ async def _federate(broker, tmp_path, quantize: str, rounds: int = 3) -> tuple[H
                               protocol=broker.protocol, topic_prefix=prefix), DATASET.source(client))
         for i, client in enumerate(DATASET.train_clients)
     ]
-    stop = asyncio.Event()
-    edge_task = asyncio.create_task(run_edges(edges, stop))
-    try:
-        await asyncio.wait_for(hub.run(), 240)
-    finally:
-        stop.set()
-        errors = await asyncio.wait_for(edge_task, 120)
-    assert not errors
+    await run_until_hub_ends(hub, edges, 240)
     return hub, summaries
 
 

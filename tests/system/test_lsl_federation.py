@@ -14,11 +14,12 @@ import uuid
 
 import numpy as np
 import pytest
+from federating import run_until_hub_ends
 from lsl_outlets import make_outlet, stream_name
 from scipy.signal import resample_poly
 
 from edge_client.edge_command import resolve_source
-from edge_client.runtime import EdgeClient, EdgeConfig, run_edges
+from edge_client.runtime import EdgeClient, EdgeConfig
 from edge_client.sources.simulator import SimulatedWearer
 from hub.service import HubConfig, HubService
 from models import Model, heart_rate_spec
@@ -93,12 +94,5 @@ async def _federate(broker, tmp_path, source) -> HubService:
     edge = EdgeClient(EdgeConfig(broker=broker.url, federation=federation, client_id=source.client_id,
                                  state_dir=tmp_path / "edge", protocol=broker.protocol, topic_prefix=prefix,
                                  resume_stream=False), source)
-    stop = asyncio.Event()
-    running = asyncio.create_task(run_edges([edge], stop))
-    try:
-        await asyncio.wait_for(hub.run(), 240)
-    finally:
-        stop.set()
-        errors = await asyncio.wait_for(running, 60)
-    assert not errors
+    await run_until_hub_ends(hub, [edge], 240)
     return hub

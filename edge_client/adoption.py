@@ -118,6 +118,11 @@ class ModelAdoption:
             return None
         if current is not None and parsed.hash == current.hash:
             return None  # the retained model again (re-subscription, redelivery)
+        if parsed.federation != self.config.federation:
+            self._counters["models_refused"] += 1
+            log.warning("%s: refused model v%d: it is released to federation %r, not %r", self.client_id,
+                        parsed.model.version, parsed.federation, self.config.federation)
+            return None
         if current is not None and parsed.model.version <= current.model.version:
             self._counters["models_refused"] += 1
             log.warning("%s: refused model v%d: not newer than the current v%d", self.client_id,

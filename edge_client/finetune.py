@@ -8,7 +8,9 @@ examples and metrics. The session never touches arrays beyond encoding them.
 
 from __future__ import annotations
 
+import math
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -93,9 +95,14 @@ class FineTunePolicy:
         train = replace(self.train, **{k: typed(self.train, k, v) for k, v in config.items() if k in train_fields})
         policy = replace(self, train=train, **{k: typed(self, k, v) for k, v in config.items() if k in own})
         train.validate()
-        if policy.cpu_seconds <= 0 or policy.min_new_windows < 0:
-            raise ConfigError("cpu_seconds must be > 0 and min_new_windows >= 0.")
-        return policy
+        if not (math.isfinite(policy.cpu_seconds) and policy.cpu_seconds > 0) or \
+                not 0 <= policy.min_new_windows <= MAX_MIN_NEW_WINDOWS:
+            raise ConfigError(f"cpu_seconds must be > 0 and min_new_windows 0 .. {MAX_MIN_NEW_WINDOWS}.")
+        # a task may lower the gateway's CPU budget, never raise it: the gateway's owner set it
+        return replace(policy, cpu_seconds=min(policy.cpu_seconds, self.cpu_seconds))
+
+
+MAX_MIN_NEW_WINDOWS = 1_000_000
 
 
 def _read_first(paths: Sequence[str]) -> str | None:
@@ -152,6 +159,11 @@ class EdgeTrainer:
     ) -> None:
         self.spec, self.buffer, self.policy, self.hooks = spec, buffer, policy, list(hooks)
         self.holdout = holdout
+        self._interrupted = threading.Event()
+
+    def interrupt(self) -> None:
+        """Stop a fit in progress (from any thread) after its current step; the edge is stopping."""
+        self._interrupted.set()
 
     def _model(self, weights: Mapping[str, np.ndarray]) -> Model:
         model = Model(self.spec)
@@ -188,7 +200,7 @@ class EdgeTrainer:
         def on_step(step: int, loss: float) -> bool:
             nonlocal budget_hit
             budget_hit = time.thread_time() - start > policy.cpu_seconds
-            return budget_hit
+            return budget_hit or self._interrupted.is_set()
 
         result = fit(model, self.buffer.x, self.buffer.y, policy.train,
                      global_weights=weights if policy.train.prox_mu > 0 else None, on_step=on_step)

@@ -73,7 +73,7 @@ from edge_client.training import RoundTrainer, WeightsHook
 from models.errors import BrokerUnavailable, ConfigError, WearflError
 from models.files import StorageError, check_writable
 from models.protocol.identity import load_or_create_key, public_hex
-from models.protocol.messages import ModelMessage
+from models.protocol.messages import MAX_MODEL_BYTES, ModelMessage
 from models.protocol.topics import Topics
 from models.transport.credentials import Credentials
 from models.transport.mqtt import BrokerAddress, MqttSession, Will
@@ -212,6 +212,9 @@ class EdgeClient:
                 will=Will(self.topics.status(self.client_id), self._offline_payload("connection lost", will=True), 1,
                           True),
                 manual_ack=True, protocol=cfg.protocol, keepalive=cfg.keepalive,
+                # the broker never sends this edge more than a model message; a flood is shed, not held
+                max_packet_size_in=MAX_MODEL_BYTES + 64 * 1024, max_buffered=1000,
+                max_buffered_bytes=3 * MAX_MODEL_BYTES,
             )
             if not await self._connect_unless_stopped(session, stop):
                 return

@@ -2,8 +2,9 @@
 
 A signed update is stored in the :class:`~edge_client.outbox.Outbox` *first* and then
 published with QoS 1 (:meth:`Sender.send`). It is removed from the outbox only on a final
-receipt that the pinned hub key signed (:meth:`Sender.on_receipt`): a forged receipt must not
-empty the outbox. Everything pending is re-published after each (re)connect
+receipt that the pinned hub key signed, for this federation and for exactly these bytes (its
+SHA-256): a forged or replayed receipt must not empty the outbox (:meth:`Sender.on_receipt`).
+Everything pending is re-published after each (re)connect
 (:meth:`Sender.connection_loop`) and every ``resend_interval_s`` (:meth:`Sender.resend_loop`);
 the hub deduplicates by (client, sequence), so re-sending is always safe. While the outbox
 is full, training pauses (:attr:`Sender.full`) until receipts free it.
@@ -12,6 +13,7 @@ is full, training pauses (:attr:`Sender.full`) until receipts free it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -177,13 +179,21 @@ class Sender:
             log.warning("%s: ignoring a receipt addressed to %r", self.client_id, receipt.client)
             return
         hub_key = self._hub_key()
-        if hub_key is not None and not receipt.verify(hub_key):
-            log.warning("%s: ignoring a receipt for update %d that the hub did not sign", self.client_id,
-                        receipt.sequence)
+        if hub_key is None or not receipt.verify(hub_key):
+            log.warning("%s: ignoring a receipt for update %d that the hub did not sign%s", self.client_id,
+                        receipt.sequence, "" if hub_key is not None else " (no hub key is pinned yet)")
+            return
+        if receipt.federation != self.config.federation:
+            log.warning("%s: ignoring a receipt of federation %r", self.client_id, receipt.federation)
             return
         if not receipt.final:
             return
         outbox = self._outbox()
+        entry = await asyncio.to_thread(outbox.get_entry, receipt.sequence)
+        if entry is not None and receipt.digest != hashlib.sha256(entry.payload).hexdigest():
+            log.warning("%s: ignoring a receipt for sequence %d that answers other bytes than the pending update",
+                        self.client_id, receipt.sequence)
+            return
         removed = await asyncio.to_thread(outbox.remove, receipt.sequence)
         self._last_sent.pop(receipt.sequence, None)
         self._sent_on.pop(receipt.sequence, None)

@@ -45,7 +45,7 @@ from edge_client.secure_aggregation import SecureRound
 from edge_client.sending import Sender
 from edge_client.shared import Wakes, wait
 from edge_client.updates import LocalRound, clipped_delta, encode_update, read_residual, residual_bytes, sign_update
-from models.errors import ConfigError, InputError, ModelFormatError
+from models.errors import ConfigError, InputError, ModelFormatError, StorageError
 from models.inference import NumpyPredictor
 from models.model import Model
 from models.protocol.codec import CodecConfig, UpdateCodec
@@ -56,6 +56,9 @@ from models.transport.mqtt import Message
 __all__ = ["DECLINE_REASONS", "FRESH_SHARE", "FitInFlight", "RoundTrainer", "WeightsHook"]
 
 log = logging.getLogger(__name__)
+
+REASK_SPACING_S = 30.0
+"""A hub that asks again (the same task, not retained) gets the pending updates re-sent at most this often."""
 
 FRESH_SHARE = 0.5
 """Of the time from seeing a task to its deadline, the share spent waiting for fresh windows."""
@@ -109,6 +112,8 @@ class RoundTrainer:
         self.outbox: Outbox | None = None  # set, with the device key, when the edge opens its state
         self.key: Ed25519PrivateKey | None = None
         self._fit: FitInFlight | None = None
+        self._unverified: bytes | None = None  # the newest task that came before the hub's key was pinned
+        self._reasked_at = -REASK_SPACING_S
         self._train_due: dict[int, float] = {}
         self._fresh_by: dict[int, float] = {}  # round -> when the wait for fresh windows ends (time.time())
         self.declined: dict[str, Any] | None = None  # the last round declined: round, reason, detail
@@ -123,29 +128,75 @@ class RoundTrainer:
     async def on_task(self, message: Message) -> None:
         if not message.payload:
             return
-        try:
-            task = Task.from_bytes(message.payload)
-        except SigningError as exc:
-            log.warning("%s: ignoring a malformed task (%s)", self.client_id, exc)
+        hub_key = self._models.pinned
+        if hub_key is None:  # no model yet: the task is checked once the first model pins the hub's key
+            self._unverified = message.payload
+            return
+        task = self._accepted_task(message.payload, hub_key)
+        if task is None:
             return
         if task == self.task:
-            if not message.retain:  # the hub asks again: whatever is pending may not have reached it
+            now = time.monotonic()
+            if not message.retain and now - self._reasked_at >= REASK_SPACING_S:
+                self._reasked_at = now  # the hub asks again: whatever is pending may not have reached it
                 await self._sender.republish_pending(again=True)
             return
         self.task = task
         log.info("%s: task for round %d on model v%d", self.client_id, task.round, task.model_version)
         self._wakes.train.set()
 
+    def _accepted_task(self, payload: bytes, hub_key: bytes) -> Task | None:
+        """The task ``payload`` carries when the hub signed it for this federation and its settings are within
+        bounds; None (and the reason logged once) otherwise. A refused task leaves the current one in place."""
+        try:
+            task = Task.from_bytes(payload)
+        except SigningError as exc:
+            return self._refuse_task(f"it is malformed ({exc.detail})")
+        if not task.verify(hub_key):
+            return self._refuse_task(f"round {task.round}: it is not signed by the hub's key")
+        if task.federation != self.config.federation:
+            return self._refuse_task(f"round {task.round}: it is for federation {str(task.federation)[:64]!r}")
+        current, model = self.task, self._models.model
+        if current is not None and task.round < current.round:
+            return self._refuse_task(f"round {task.round}: this edge has the task of round {current.round}")
+        if model is not None and task.model_version < model.model.version:
+            return self._refuse_task(f"round {task.round}: it names model v{task.model_version}, older than the "
+                                     f"current v{model.model.version}")
+        try:
+            self.config.policy.with_overrides(task.config)
+            CodecConfig.from_task(task.config)
+        except ConfigError as exc:
+            return self._refuse_task(f"round {task.round}: {exc}")
+        return task
+
+    def _refuse_task(self, why: str) -> None:
+        self._counters["tasks_refused"] = self._counters.get("tasks_refused", 0) + 1
+        self._note(f"task:{why}", logging.WARNING, "%s: refused a task message: %s", self.client_id, why)
+        return None
+
     async def loop(self) -> None:
         while not self._wakes.stopping:
             await wait(self._wakes.train, self._next_check())
             self._wakes.train.clear()
+            task = self.task
             try:
+                if self._unverified is not None and self._models.pinned is not None:
+                    payload, self._unverified = self._unverified, None
+                    if (checked := self._accepted_task(payload, self._models.pinned)) is not None \
+                            and checked != self.task:
+                        self.task = task = checked
                 await self.maybe_train()
             except (ConfigError, InputError, ModelFormatError) as exc:
-                task = self.task
                 self._note(f"error:{task.round if task else None}:{exc}", logging.ERROR,
                            "%s: cannot train round %s: %s", self.client_id, task.round if task else None, exc)
+            except (StorageError, asyncio.CancelledError):
+                raise  # a full or read-only state directory stops the edge; so does a stop
+            except Exception:  # a bug or a hostile input nothing caught: this round fails, the edge goes on
+                self._note(f"crash:{task.round if task else None}", logging.ERROR,
+                           "%s: round %s failed; the edge goes on with the next task", self.client_id,
+                           task.round if task else None)
+                log.debug("%s: the failure", self.client_id, exc_info=True)
+                self._set_state(f"round {task.round if task else None} failed; waiting for the next task")
 
     async def maybe_train(self) -> None:
         """Train the current task's round if it is due: guard, delay, fit, then store or join the secure round."""
@@ -347,7 +398,8 @@ class RoundTrainer:
         if fit is None:
             return
         if not fit.future.done():
-            log.info("%s: waiting for the running fine-tuning to end (its result is discarded)", self.client_id)
+            log.info("%s: stopping the running fine-tuning (its result is discarded)", self.client_id)
+            fit.view.trainer.interrupt()
             await fit.wait_out(self.config.policy.cpu_seconds + 30.0)
         self._give_back()
 
@@ -358,6 +410,8 @@ class RoundTrainer:
     def _note(self, key: str, level: int, msg: str, *args: Any) -> None:
         """Log a message once per key (a waiting edge re-checks often; the log says it once)."""
         if key not in self._logged:
+            if len(self._logged) >= 1000:  # keys name rounds and reasons: bounded however many come
+                self._logged.clear()
             self._logged.add(key)
             log.log(level, msg, *args)
 

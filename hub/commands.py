@@ -3,7 +3,8 @@
 ``wearfl hub`` takes its settings from flags, from a TOML file (``--config``) with the
 same keys (``broker``, ``federation``, ``state``, ``keyring``, ``credentials``, ``model``, ``task``,
 ``min_clients``, ``clients_per_round``, ``round_timeout``, ``rounds``, ``quantize``,
-``max_update_norm``, ``max_update_bytes``, ``server_lr``, ``strategy``; dashes or underscores),
+``max_update_norm``, ``max_update_bytes``, ``max_examples``, ``max_pinned``, ``keep_models``, ``server_lr``,
+``strategy``; dashes or underscores),
 a ``[task_config]`` table of scalars for the edges and a ``[strategy_args]`` table for the
 aggregation rule, or both: flags override the file. The old key ``norm_bound`` and flag
 ``--norm-bound`` are still read for one release (:mod:`hub.renamed`).
@@ -40,7 +41,8 @@ CONFIG_KEYS = {
     "broker": str, "federation": str, "state": str, "keyring": str, "credentials": str, "model": str, "task": str,
     "min_clients": int, "clients_per_round": int, "round_timeout": float, "rounds": int, "quantize": str,
     "max_update_norm": float, "max_update_bytes": int, "server_lr": float, "strategy": str,
-    "fraction": float, "max_clients": int, "stragglers": str, "evaluate_every": int, "secure_aggregation": bool,
+    "max_examples": int, "max_pinned": int, "keep_models": int, "fraction": float, "max_clients": int,
+    "stragglers": str, "evaluate_every": int, "secure_aggregation": bool,
 }
 
 
@@ -69,6 +71,13 @@ def add_commands(sub: Any) -> None:
                    help="reject updates with a larger L2 norm (receipt reason norm_bound)")
     p.add_argument("--norm-bound", type=float, help=argparse.SUPPRESS)  # renamed --max-update-norm
     p.add_argument("--max-update-bytes", type=int, metavar="B", help="reject larger updates (default 4 MiB)")
+    p.add_argument("--max-examples", type=int, metavar="N",
+                   help="reject an update that claims more examples (receipt reason too_many_examples; "
+                        "default 1000000)")
+    p.add_argument("--max-pinned", type=int, metavar="N",
+                   help="without a keyring, pin at most N clients' keys (receipt reason too_many_clients)")
+    p.add_argument("--keep-models", type=int, metavar="N",
+                   help="keep the newest N model versions in the registry (default 100; the ledger keeps all)")
     p.add_argument("--server-lr", type=float, metavar="LR", help="server learning rate of FedAvg (default 1.0)")
     p.add_argument("--fraction", type=float, metavar="F", help="select this fraction of online edges a round")
     p.add_argument("--max-clients", type=int, metavar="N", help="select at most N edges a round")
@@ -161,7 +170,8 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         "quantize": args.quantize, "max_update_norm": args.max_update_norm, "max_update_bytes": args.max_update_bytes,
         "server_lr": args.server_lr, "strategy": args.strategy, "fraction": args.fraction,
         "max_clients": args.max_clients, "stragglers": args.stragglers, "evaluate_every": args.evaluate_every,
-        "secure_aggregation": args.secure_aggregation,
+        "secure_aggregation": args.secure_aggregation, "max_examples": args.max_examples,
+        "max_pinned": args.max_pinned, "keep_models": args.keep_models,
     }
     if args.model or args.task:  # the flags' choice of initial model replaces the file's
         settings.pop("model", None)
@@ -186,7 +196,8 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         max_clients=settings.get("max_clients"), stragglers=settings.get("stragglers", "drop"),
         evaluate_every=settings.get("evaluate_every", 1),
         secure_aggregation=settings.get("secure_aggregation", False),
-        **({"max_update_bytes": settings["max_update_bytes"]} if "max_update_bytes" in settings else {}),
+        max_pinned=settings.get("max_pinned"),
+        **{k: settings[k] for k in ("max_update_bytes", "max_examples", "keep_models") if k in settings},
     )
     initial: Model | None = None
     if "model" in settings:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from hub.intake import DEFAULT_MAX_UPDATE_BYTES
+from hub.intake import DEFAULT_MAX_EXAMPLES, DEFAULT_MAX_UPDATE_BYTES
 from hub.renamed import HUB_SETTINGS, renamed, strategy_arg_renames, warn_renamed
 from hub.rounds import RoundPolicy
 from hub.schedule import check_schedule, round_task_config
@@ -75,7 +75,11 @@ class HubConfig:
     [-r, r], with r the rule's DP clip or ``secagg_range`` (a range bound, not a privacy
     setting). It needs the device keys from ``keyring`` or ``credentials``.
     ``max_update_norm``: the intake rejects an update of a larger L2 norm (receipt reason
-    ``norm_bound``); a rule's ``norm_bound`` arg scales one down instead.
+    ``norm_bound``); a rule's ``norm_bound`` arg scales one down instead. ``max_examples``:
+    the most examples one update may claim (``too_many_examples``). ``max_pinned``: without
+    a keyring, the most clients whose keys the hub pins (``too_many_clients``; None: no
+    bound). ``keep_models``: the model registry keeps the newest this many versions (and
+    the first); the ledger keeps every version's hash.
     ``max_batch`` bounds how many queued messages one intake transaction takes (and fewer for a
     model so large that their decoded deltas would pass ``hub.service.BATCH_DELTA_BYTES``).
     ``norm_bound`` and ``secagg_clip`` are the old names of ``max_update_norm`` and
@@ -90,6 +94,9 @@ class HubConfig:
     round_timeout_s: float = 60.0
     max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES
     max_update_norm: float | None = None
+    max_examples: int = DEFAULT_MAX_EXAMPLES
+    max_pinned: int | None = None
+    keep_models: int = 100
     keyring: Path | None = None
     credentials: Path | None = None
     rounds: int | None = None
@@ -136,6 +143,12 @@ class HubConfig:
             raise ConfigError(f"max_update_bytes must be at least 1024, got {self.max_update_bytes}.")
         if self.max_update_norm is not None and not (math.isfinite(self.max_update_norm) and self.max_update_norm > 0):
             raise ConfigError(f"max_update_norm must be a finite number > 0, got {self.max_update_norm}.")
+        if not 1 <= self.max_examples <= 1 << 40:
+            raise ConfigError(f"max_examples must be 1 .. 2**40, got {self.max_examples}.")
+        if self.max_pinned is not None and self.max_pinned < 1:
+            raise ConfigError(f"max_pinned must be at least 1, got {self.max_pinned}.")
+        if self.keep_models < 2:
+            raise ConfigError(f"keep_models must be at least 2, got {self.keep_models}.")
         if not (math.isfinite(self.server_lr) and self.server_lr > 0):
             raise ConfigError(f"server_lr must be a finite number > 0, got {self.server_lr}.")
         if not (math.isfinite(self.fraction) and 0.0 < self.fraction <= 1.0):
@@ -217,7 +230,8 @@ class HubConfig:
 
     def selection(self) -> SelectionPolicy:
         """Which online edges a round takes (a secure hub always names its roster)."""
-        return SelectionPolicy(self.min_clients, self.fraction, self.max_clients, always=self.secure_aggregation)
+        return SelectionPolicy(self.min_clients, self.fraction, self.max_clients, always=self.secure_aggregation,
+                               newcomer_slots=0 if self.secure_aggregation else 2)
 
     def full_task_config(self, rule: Strategy) -> dict[str, Scalar]:
         """:data:`DEFAULT_TASK_CONFIG` overridden by ``task_config`` and what ``rule`` needs of the edges, checked."""

@@ -2,8 +2,10 @@
 
 One asyncio task reads the session's messages into a queue of at most ``limit``; the hub's
 loop takes them in batches of up to ``limit`` (one intake transaction each). The session
-buffers no more than that either (``max_buffered``), so a burst of updates waits in the
-broker, not in the hub's memory. Setting ``stop``, or the session ending, ends the batches.
+buffers no more than its ``max_buffered`` either: past it the session sheds (drops and acks)
+what arrives rather than stop reading, so a burst of updates cannot fill the hub's memory
+nor hold up the hub's own acks, and an edge re-sends an update until its receipt comes.
+Setting ``stop``, or the session ending, ends the batches.
 """
 
 from __future__ import annotations

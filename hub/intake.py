@@ -14,21 +14,30 @@ order:
    bytes), ``key_mismatch`` (signed by another key: forged), ``malformed``. Tensors are
    parsed only after this check;
 4. update metadata (``malformed``); its client must be the topic's (``client_mismatch``);
-   the key is pinned here, for a verified, self-consistent message only;
+   ``num_examples`` at most ``max_examples`` (``too_many_examples``): it weights the update
+   in the mean, so an unbounded count would let one update outweigh the federation;
 5. sequence numbers: each client's grow strictly, and the round they were stored in is
    kept. The same bytes again while their round is open (a QoS 1 redelivery, an outbox
    re-send): receipt ``duplicate``, counted apart, not accepted. A sequence number used
    before in any other way (a copy from a closed round, other bytes under a used
    number, a number below the client's last stored one): rejected ``replayed``;
 6. base model version must be the open round's (``stale``), the round open and the
-   update's own (``round_closed``), and its client among the round's selected ones when
-   the hub selected some (``not_selected``);
+   update's own (``round_closed``), its client among the round's selected ones when
+   the hub selected some (``not_selected``), and without an update in this round yet
+   (``duplicate_round``: one update per client per round, whatever its sequence);
 7. decode the tensors (``wrong_shape``, ``non_finite``, ``malformed``); an L2 norm above
    ``max_update_norm``, when one is set, is rejected ``norm_bound``;
-8. persist, then the receipt ``accepted``.
+8. a new client's key is pinned (trust on first use) only now, by an update that passed
+   every check: updates refused as ``stale`` cannot squat client ids. With
+   ``max_pinned``, a client past that many is refused ``too_many_clients``;
+9. persist, then the receipt ``accepted``.
 
 Receipts for a message whose sequence cannot be read carry ``sequence = -1``; one whose
-topic names no valid client carries ``client = ""`` (there is no topic to answer on).
+topic names no valid client carries ``client = ""`` (there is no topic to answer on). A
+message refused before its signature was checked, from a client the hub does not know
+(neither in the keyring nor pinned), gets no receipt either: junk on ``update/<any id>``
+must not make the hub publish one message per message (it is counted all the same). Every
+receipt names the federation and the SHA-256 of the update it answers.
 :meth:`Intake.process_batch` runs many messages in one store transaction (one commit);
 nothing here touches the network.
 
@@ -53,16 +62,18 @@ from hub.round_state import RoundView
 from hub.store import HubStore
 from models.errors import UpdateRejected
 from models.protocol.codec import CodecError, UpdateCodec
-from models.protocol.messages import REJECT_REASONS, Receipt, UpdateMeta, parse_update_meta
+from models.protocol.messages import MAX_COUNTER, REJECT_REASONS, Receipt, UpdateMeta, parse_update_meta
 from models.protocol.signed import SIGNATURE_TENSOR, TRAILER_BYTES, SigningError, verify_and_parse
 from models.protocol.topics import Topics
 
-__all__ = ["DEFAULT_MAX_UPDATE_BYTES", "AcceptedUpdate", "Intake"]
+__all__ = ["DEFAULT_MAX_EXAMPLES", "DEFAULT_MAX_UPDATE_BYTES", "AcceptedUpdate", "Intake"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPDATE_BYTES = 4 * 1024 * 1024
-MAX_COUNTER = 1 << 62  # sequence, round, version and example counts must fit SQLite's INTEGER
+DEFAULT_MAX_EXAMPLES = 1_000_000
+"""The most examples one update may claim (a gateway trains on thousands of windows a round)."""
+MAX_EXAMPLES_BOUND = 1 << 40  # a million clients' sums of these still fit SQLite's INTEGER
 
 
 @dataclass(frozen=True)
@@ -92,7 +103,9 @@ class Intake:
     other round or base model version than the open round's (handed to each call) are
     refused, except that with ``max_staleness`` > 0 (asynchronous aggregation) an update
     up to that many versions behind, from an earlier round, is taken. ``max_update_norm``:
-    a larger update is rejected (``norm_bound``).
+    a larger update is rejected (``norm_bound``). ``max_examples``: the most examples an
+    update may claim. ``max_pinned``: without a keyring, the most clients whose keys are
+    pinned (None: no bound).
     """
 
     def __init__(
@@ -105,7 +118,13 @@ class Intake:
         max_update_norm: float | None = None,
         keyring: Mapping[str, bytes] | None = None,
         max_staleness: int = 0,
+        max_examples: int = DEFAULT_MAX_EXAMPLES,
+        max_pinned: int | None = None,
     ) -> None:
+        if not 1 <= max_examples <= MAX_EXAMPLES_BOUND:
+            raise ValueError(f"max_examples must be 1 .. 2**40, got {max_examples}")
+        if max_pinned is not None and max_pinned < 1:
+            raise ValueError(f"max_pinned must be >= 1, got {max_pinned}")
         if max_update_bytes < 1024:
             raise ValueError(f"max_update_bytes must be at least 1024, got {max_update_bytes}")
         if max_update_norm is not None and not (math.isfinite(max_update_norm) and max_update_norm > 0):
@@ -115,8 +134,13 @@ class Intake:
         self.max_update_norm = max_update_norm
         self.keyring = dict(keyring) if keyring is not None else None
         self.max_staleness = int(max_staleness)
+        self.max_examples, self.max_pinned = int(max_examples), max_pinned
         self._keys = store.pinned_keys()
         self._last_sequence = store.last_sequences()
+
+    def knows(self, client: str) -> bool:
+        """Whether ``client`` belongs: in the keyring, or (without one) its key is pinned."""
+        return client in (self.keyring if self.keyring is not None else self._keys)
 
     def process(
         self, topic: str, payload: bytes, current: RoundView, received_at: float | None = None
@@ -143,33 +167,46 @@ class Intake:
         if client is None:
             rej = UpdateRejected("malformed", f"topic {topic[:200]!r} names no valid client")
             return self._rejected(current, "", rej)
+        digest = hashlib.sha256(payload).hexdigest()
         try:
-            meta, tensors = self._verified(client, payload, now)
+            meta, tensors, public_key = self._verified(client, payload)
         except UpdateRejected as rej:
-            return self._rejected(current, client, rej)
+            return self._rejected(current, client, rej, digest, answer=self.knows(client))
         try:
-            if self._is_duplicate(meta, payload, current):
+            if self._is_duplicate(meta, digest, current):
                 self.store.touch(client, now)
                 self.store.count_duplicate()
                 log.debug("duplicate update %s/%d dropped", client, meta.sequence)
-                return _receipt(current, client, meta.sequence, "duplicate"), None
+                return self._receipt(current, client, meta.sequence, "duplicate", digest=digest), None
             accepted = self._checked(meta, tensors, len(payload), current)
+            self._pin(client, public_key, meta.sequence, now)
         except UpdateRejected as rej:
             self.store.touch(client, now)  # verified: the client is alive, its update just unusable
-            return self._rejected(current, client, rej)
+            return self._rejected(current, client, rej, digest)
         # Filed under the hub's open round: an asynchronous hub takes updates from earlier rounds.
         self.store.record_update(client, meta.sequence, current.round, meta.base_version, meta.num_examples, payload,
                                  now)
         self._last_sequence[client] = max(self._last_sequence.get(client, -1), meta.sequence)
-        return _receipt(current, client, meta.sequence, "accepted"), accepted
+        return self._receipt(current, client, meta.sequence, "accepted", digest=digest), accepted
 
-    def _is_duplicate(self, meta: UpdateMeta, payload: bytes, current: RoundView) -> bool:
+    def _pin(self, client: str, public_key: bytes, sequence: int, now: float) -> None:
+        """Pin a new client's key (trust on first use), once its update passed every check."""
+        if self._keys.get(client) == public_key:
+            return
+        if self.keyring is None and client not in self._keys and self.max_pinned is not None \
+                and len(self._keys) >= self.max_pinned:
+            raise UpdateRejected("too_many_clients", f"the hub already pins {len(self._keys)} clients "
+                                 f"(max_pinned {self.max_pinned})", sequence)
+        self.store.pin_key(client, public_key, now)
+        self._keys[client] = public_key
+
+    def _is_duplicate(self, meta: UpdateMeta, digest: str, current: RoundView) -> bool:
         """True for a harmless re-send within its open round; raises ``replayed`` for any other reuse."""
         seq = meta.sequence
         stored = self.store.stored_update(meta.client, seq)
         if stored is not None:
-            stored_round, digest = stored
-            if digest != hashlib.sha256(payload).hexdigest():
+            stored_round, stored_digest = stored
+            if stored_digest != digest:
                 raise UpdateRejected("replayed", f"sequence {seq} is already used by another stored update", seq)
             if not (current.is_open and stored_round == current.round):
                 raise UpdateRejected("replayed", f"sequence {seq} was stored in round {stored_round}, which is closed; "
@@ -181,8 +218,8 @@ class Intake:
                                         seq)
         return False
 
-    def _verified(self, client: str, payload: bytes, now: float) -> tuple[UpdateMeta, Mapping[str, np.ndarray]]:
-        """Steps 2-4: size, signature, metadata, client; pins the key of a new client."""
+    def _verified(self, client: str, payload: bytes) -> tuple[UpdateMeta, Mapping[str, np.ndarray], bytes]:
+        """Steps 2-4: size, signature, metadata, client; (metadata, tensors, the signer's key)."""
         if len(payload) > self.max_update_bytes:
             raise UpdateRejected("oversize", f"{len(payload)} bytes exceeds the {self.max_update_bytes}-byte bound")
         if not _looks_like_safetensors(payload):
@@ -207,10 +244,10 @@ class Intake:
         if meta.client != client:
             raise UpdateRejected("client_mismatch",
                                  f"the update names client {meta.client[:64]!r}, the topic {client!r}", meta.sequence)
-        if self._keys.get(client) != message.public_key:
-            self.store.pin_key(client, message.public_key, now)
-            self._keys[client] = message.public_key
-        return meta, message.tensors
+        if meta.num_examples > self.max_examples:
+            raise UpdateRejected("too_many_examples", f"the update claims {meta.num_examples} examples, more than "
+                                 f"max_examples {self.max_examples}", meta.sequence)
+        return meta, message.tensors, message.public_key
 
     def _checked(self, meta: UpdateMeta, tensors: Mapping[str, np.ndarray], size: int,
                  current: RoundView) -> AcceptedUpdate:
@@ -228,6 +265,9 @@ class Intake:
         if accepting is not None and meta.round == current.round and meta.client not in accepting:
             raise UpdateRejected("not_selected", f"client {meta.client!r} is not among the {len(accepting)} "
                                  f"clients selected for round {current.round}", seq)
+        if self.store.has_update_in(meta.client, current.round):
+            raise UpdateRejected("duplicate_round", f"client {meta.client!r} already has an update in round "
+                                 f"{current.round}; one update per client per round", seq)
         try:
             delta = self.codec.decode(tensors, meta.codec)
         except CodecError as exc:
@@ -257,17 +297,21 @@ class Intake:
             return None
         return AcceptedUpdate(meta, delta, len(payload), staleness=max(model_version - meta.base_version, 0))
 
-    def _rejected(self, current: RoundView, client: str, rej: UpdateRejected) -> tuple[Receipt, None]:
+    def _rejected(self, current: RoundView, client: str, rej: UpdateRejected, digest: str | None = None,
+                  answer: bool = True) -> tuple[Receipt, None]:
+        """Count a refusal; its receipt (client ``""``, so not sent, unless ``answer`` and the topic names one)."""
         if rej.reason not in REJECT_REASONS:  # a codec or signing reason receipts do not know
             rej = UpdateRejected("malformed", rej.detail, rej.sequence)
         self.store.count_rejection(rej.reason)
-        log.info("rejected update from %s (sequence %d): %s: %s", client or "?", rej.sequence, rej.reason, rej.detail)
-        return _receipt(current, client, rej.sequence, "rejected", rej.reason, rej.detail), None
+        log.log(logging.INFO if answer else logging.DEBUG, "rejected update from %s (sequence %d): %s: %s",
+                client or "?", rej.sequence, rej.reason, rej.detail)
+        return self._receipt(current, client if answer else "", rej.sequence, "rejected", rej.reason, rej.detail,
+                             digest), None
 
-
-def _receipt(current: RoundView, client: str, sequence: int, status: str, reason: str | None = None,
-             detail: str | None = None) -> Receipt:
-    return Receipt(client, sequence, status, reason, detail, current.round, current.base_version)
+    def _receipt(self, current: RoundView, client: str, sequence: int, status: str, reason: str | None = None,
+                 detail: str | None = None, digest: str | None = None) -> Receipt:
+        return Receipt(client, sequence, status, reason, detail, current.round, current.base_version, digest,
+                       self.topics.federation)
 
 
 def l2_norm(delta: Mapping[str, np.ndarray]) -> float:

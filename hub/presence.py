@@ -7,18 +7,28 @@ round, a reason code (:data:`DECLINE_REASONS`) and a detail. The hub keeps the l
 each so that a round that waits can say for whom and why (:meth:`Presence.waiting`), and
 so that a declined edge is neither waited for nor counted as lost: the round closes once
 every other expected edge answered.
+
+Anyone who can publish on ``status/<id>`` can claim to be an edge. Only edges that belong
+(``belongs``: in the hub's keyring, or with a pinned key) count as online: they are selected,
+waited for and reported. Others are newcomers, kept in a bounded list (:data:`MAX_NEWCOMERS`,
+oldest dropped first) from which a round may try a few (:mod:`hub.selection`) without waiting
+for them (in the first round of a hub that pins keys, every edge is new, and that round waits
+for them); an edge moves over once its first update is accepted (:meth:`Presence.admit`).
+A thousand fake statuses therefore cost list entries, never a round that waits for ghosts.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from models.protocol.messages import parse_json
 from models.protocol.signed import SigningError
 
-__all__ = ["DECLINE_REASONS", "Decline", "Presence"]
+__all__ = ["DECLINE_REASONS", "MAX_NEWCOMERS", "Decline", "Presence"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +36,8 @@ DECLINE_REASONS = ("resources", "no_data", "outbox_full", "other")
 """What a declined round is counted under; an edge's unknown code counts as ``other``."""
 
 MAX_DETAIL = 200
+MAX_NEWCOMERS = 1000
+"""Online edges that do not belong (yet) that the hub remembers; past this, the oldest are forgotten."""
 
 
 @dataclass(frozen=True)
@@ -38,18 +50,48 @@ class Decline:
     detail: str
 
 
+def _everyone(client: str) -> bool:
+    return True
+
+
 @dataclass
 class Presence:
-    """The edges' latest status messages, as the hub needs them."""
+    """The edges' latest status messages, as the hub needs them; ``belongs`` tells members from newcomers."""
 
-    online: set[str] = field(default_factory=set)
+    belongs: Callable[[str], bool] = _everyone
+    _online: set[str] = field(default_factory=set)
     doing: dict[str, str] = field(default_factory=dict)  # client -> its last published training state
     _declines: dict[tuple[str, int], Decline] = field(default_factory=dict)
+    _newcomers: OrderedDict[str, None] = field(default_factory=OrderedDict)
+
+    @property
+    def online(self) -> set[str]:
+        """The edges that belong and whose latest status says online."""
+        return {c for c in self._online if self.belongs(c)}
+
+    @property
+    def newcomers(self) -> list[str]:
+        """Online edges that do not belong yet, oldest first (at most :data:`MAX_NEWCOMERS`)."""
+        return [c for c in self._newcomers if not self.belongs(c)]
+
+    def admit(self, client: str) -> bool:
+        """A newcomer whose update was accepted now belongs: count it online; True when it was a newcomer."""
+        if client not in self._newcomers:
+            return False
+        del self._newcomers[client]
+        self._online.add(client)
+        return True
 
     def update(self, client: str, payload: bytes) -> tuple[bool, Decline | None]:
         """Take one ``status/<client>`` message: (whether it came online now, a new decline or None)."""
         if not payload:  # a cleared retained status
-            self.online.discard(client)
+            self._online.discard(client)
+            self._newcomers.pop(client, None)
+            return False, None
+        if not self.belongs(client):
+            self._online.discard(client)
+            self.doing.pop(client, None)
+            self._newcome(client, payload)
             return False, None
         try:
             body = parse_json(payload, "status")
@@ -57,17 +99,34 @@ class Presence:
             log.info("ignored status of %s: %s", client, exc)
             return False, None
         state = body.get("state")
+        self._newcomers.pop(client, None)
         if state == "offline":
-            self.online.discard(client)
+            self._online.discard(client)
             self.doing[client] = f"offline ({str(body.get('reason', ''))[:MAX_DETAIL]})"
             return False, None
         if state != "online":
             return False, None
-        came = client not in self.online
-        self.online.add(client)
+        came = client not in self._online
+        self._online.add(client)
         if isinstance(body.get("training"), str):
             self.doing[client] = body["training"][:MAX_DETAIL]
         return came, self._decline_of(client, body.get("declined"))
+
+    def _newcome(self, client: str, payload: bytes) -> None:
+        try:
+            online = parse_json(payload, "status").get("state") == "online"
+        except SigningError:
+            online = False
+        if not online:
+            self._newcomers.pop(client, None)
+            return
+        self._add_newcomer(client)
+
+    def _add_newcomer(self, client: str) -> None:
+        self._newcomers[client] = None
+        self._newcomers.move_to_end(client)
+        while len(self._newcomers) > MAX_NEWCOMERS:
+            self._newcomers.popitem(last=False)
 
     def _decline_of(self, client: str, declined: Any) -> Decline | None:
         if not isinstance(declined, dict):

@@ -138,6 +138,24 @@ class ModelRegistry:
         log.info("registered model v%d (round %d) in %s", version, round_number, path)
         return ModelVersion(version, int(round_number), path, manifest)
 
+    def prune(self, keep: int) -> list[int]:
+        """Delete all but the newest ``keep`` versions and the first; the versions deleted.
+
+        A version's manifest goes first, so a deletion cut short leaves an unfinished version
+        that is ignored. The ledger keeps every released version's hashes.
+        """
+        versions = self.versions()
+        doomed = versions[1:-keep] if keep > 0 else versions[1:]
+        for version in doomed:
+            path = self.root / self.dirname(version)
+            (path / MANIFEST).unlink(missing_ok=True)
+            for child in path.iterdir():
+                child.unlink(missing_ok=True)
+            path.rmdir()
+        if doomed:
+            log.debug("registry: removed model versions %s (keeping the newest %d)", doomed, keep)
+        return doomed
+
     @staticmethod
     def _export(kind: str, model: Model) -> bytes:
         try:

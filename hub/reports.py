@@ -28,25 +28,46 @@ __all__ = ["MetricsCollector", "budget_spent", "finish_reason", "record_release"
 log = logging.getLogger(__name__)
 
 
+MAX_METRICS = 32
+"""Metrics one report may carry (a task's metrics and their ``local_`` twins are a dozen)."""
+MAX_METRIC_NAME = 64
+MAX_METRIC_VALUE = 1e12
+MAX_REPORT_EXAMPLES = 1_000_000_000
+
+
 class MetricsCollector:
-    """Federated-evaluation reports by round: the latest report of each client counts."""
+    """Federated-evaluation reports by round: the latest report of each client counts.
+
+    Reports come from the network: the caller passes only those of members the open round
+    expects, and :meth:`add` takes only the open round's, with bounded counts and values, so
+    what is kept is one small report per expected edge.
+    """
 
     def __init__(self) -> None:
         self._reports: dict[int, dict[str, tuple[int, dict[str, float]]]] = {}
         self._personal: dict[str, dict[str, Any]] = {}
 
-    def add(self, client: str, payload: bytes) -> bool:
-        """Parse ``{"round", "model_version", "num_examples", "metrics": {...}}``; False when unusable."""
+    def add(self, client: str, payload: bytes, open_round: int | None = None) -> bool:
+        """Parse ``{"round", "model_version", "num_examples", "metrics": {...}}``; False when unusable.
+
+        ``open_round``: a report for any other round is ignored."""
         try:
             d = parse_json(payload, "metrics")
             round_number, n = int(d["round"]), int(d["num_examples"])
-            metrics = {str(k): float(v) for k, v in dict(d["metrics"]).items()}
+            raw = d["metrics"]
+            if not isinstance(raw, dict) or len(raw) > MAX_METRICS:
+                raise ValueError(f"metrics must be an object of at most {MAX_METRICS} numbers")
+            metrics = {str(k)[:MAX_METRIC_NAME]: float(v) for k, v in raw.items()}
         except (SigningError, KeyError, TypeError, ValueError, OverflowError) as exc:
             log.info("ignored metrics from %s: %s", client, exc)
             return False
-        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
-        if n < 1 or round_number < 0:
-            log.info("ignored metrics from %s: num_examples must be >= 1 and round >= 0", client)
+        metrics = {k: v for k, v in metrics.items() if math.isfinite(v) and abs(v) <= MAX_METRIC_VALUE}
+        if not 1 <= n <= MAX_REPORT_EXAMPLES or round_number < 0:
+            log.info("ignored metrics from %s: num_examples must be 1 .. %d and round >= 0", client,
+                     MAX_REPORT_EXAMPLES)
+            return False
+        if open_round is not None and round_number != open_round:
+            log.debug("ignored metrics from %s for round %d (round %d is open)", client, round_number, open_round)
             return False
         self._reports.setdefault(round_number, {})[client] = (n, metrics)
         personalized = {k[len("local_"):]: v for k, v in metrics.items() if k.startswith("local_")}

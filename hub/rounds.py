@@ -115,8 +115,10 @@ class RoundManager:
     """The current model and open round of one hub, over its store and registry."""
 
     def __init__(self, store: HubStore, registry: ModelRegistry, strategy: Strategy, policy: RoundPolicy,
-                 strategy_state: StrategyState | None = None, ledger: Ledger | None = None) -> None:
+                 strategy_state: StrategyState | None = None, ledger: Ledger | None = None,
+                 keep_models: int | None = None) -> None:
         self.store, self.registry, self.strategy, self.policy = store, registry, strategy, policy
+        self.keep_models = None if keep_models is None else max(keep_models, strategy.max_staleness + 2)
         self.strategy_state = strategy_state
         self.ledger = ledger
         self._base_statistics: dict[int, dict[str, np.ndarray]] = {}
@@ -320,6 +322,8 @@ class RoundManager:
             self.strategy_state.prune(keep=int(new.version))
         if self.ledger is not None:
             self._log_version(registered)
+        if self.keep_models is not None:
+            self.registry.prune(self.keep_models)
         return new
 
     def _aggregate_from_store(self, round_number: int, decode: Decode | None) -> dict[str, np.ndarray]:

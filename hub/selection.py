@@ -8,7 +8,10 @@ orchestrator's explicit next step, not part of picking.
 
 ``fraction`` of the edges online are picked, at least ``min_clients`` and at most
 ``max_clients``; the others sit the round out. A secure hub always selects (its roster),
-even when every edge is wanted.
+even when every edge is wanted. ``newcomers`` (online edges the hub does not know yet,
+:mod:`hub.presence`) are not candidates: up to ``newcomer_slots`` of them are added on top,
+so that a new gateway of a federation that selects can get its first update accepted, while
+fake ones take no member's place.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class SelectionPolicy:
     fraction: float = 1.0
     max_clients: int | None = None
     always: bool = False
+    newcomer_slots: int = 2
 
     @property
     def selects(self) -> bool:
@@ -36,7 +40,8 @@ class SelectionPolicy:
         return self.fraction < 1.0 or self.max_clients is not None or self.always
 
 
-def select_clients(round_number: int, online: Iterable[str], policy: SelectionPolicy) -> tuple[str, ...] | None:
+def select_clients(round_number: int, online: Iterable[str], policy: SelectionPolicy,
+                   newcomers: Iterable[str] = ()) -> tuple[str, ...] | None:
     """The clients picked for ``round_number``, sorted.
 
     None: the policy selects no one in particular (every edge takes part); empty: fewer
@@ -47,6 +52,10 @@ def select_clients(round_number: int, online: Iterable[str], policy: SelectionPo
     candidates = sorted(online)
     if len(candidates) < policy.min_clients:
         return ()
+    draw = random.Random(round_number)
     k = max(math.ceil(policy.fraction * len(candidates)), policy.min_clients)
     k = min(k, policy.max_clients or k, len(candidates))
-    return tuple(sorted(random.Random(round_number).sample(candidates, k)))
+    chosen = draw.sample(candidates, k)
+    others = sorted(set(newcomers) - set(candidates))
+    chosen += draw.sample(others, min(policy.newcomer_slots, len(others)))
+    return tuple(sorted(chosen))

@@ -72,6 +72,10 @@ log = logging.getLogger(__name__)
 BATCH_DELTA_BYTES = 64 * 1024 * 1024
 """The most decoded delta bytes one intake batch holds at once (``max_batch`` is cut to fit a large model)."""
 
+INBOX_MESSAGES = 20_000
+INBOX_BYTES = 128 * 1024 * 1024
+"""What the hub's session holds for the intake at most; a burst past it is shed (edges re-send updates)."""
+
 STORAGE_ADVICE = ("No update was acknowledged that is not stored; the restarted hub resumes from its state "
                   "directory.")
 
@@ -99,7 +103,7 @@ class HubService:
         self.on_round_closed: RoundHook | None = None
         self.summaries: list[RoundSummary] = []
         self.ready = asyncio.Event()
-        self.presence = Presence()
+        self.presence = Presence(self._belongs)
         self._selection_policy = config.selection()
         self._metrics = MetricsCollector()
         self._batch_limit = config.max_batch
@@ -117,8 +121,30 @@ class HubService:
 
     @property
     def online(self) -> set[str]:
-        """The edges whose retained status says online."""
+        """The edges that belong (keyring or pinned key) whose retained status says online."""
         return self.presence.online
+
+    def _belongs(self, client: str) -> bool:
+        return self._intake is not None and self._intake.knows(client)
+
+    def _bootstrapping(self) -> bool:
+        """A hub that pins keys, in its first round: every edge is new, and the round is for them."""
+        return (self._intake is not None and self._intake.keyring is None and self._store is not None
+                and self._store.rounds_completed() == 0)
+
+    def _candidates(self) -> tuple[set[str], list[str]]:
+        """(the online edges a round is for, the newcomers it may try on top)."""
+        if self._bootstrapping():
+            return self.online | set(self.presence.newcomers), []
+        return self.online, self.presence.newcomers
+
+    def _expected(self, selection: tuple[str, ...] | None) -> set[str]:
+        """The edges the open round waits for: its selected members (or every member online), never a newcomer
+        the round merely tries."""
+        candidates, _ = self._candidates()
+        if not selection:
+            return candidates
+        return {c for c in selection if c in candidates or self._belongs(c)}
 
     @property
     def current_model(self) -> Model | None:
@@ -174,13 +200,14 @@ class HubService:
         try:
             rounds = self._rounds = RoundManager(store, ModelRegistry(cfg.state_dir / "models"), self.strategy,
                                                  cfg.policy(), StrategyState(cfg.state_dir / "strategy"),
-                                                 Ledger(cfg.state_dir / "ledger.jsonl"))
+                                                 Ledger(cfg.state_dir / "ledger.jsonl"), keep_models=cfg.keep_models)
             model = await asyncio.to_thread(rounds.resume, self.initial_model)
             codec = UpdateCodec.for_weights(model.network.state_dict())
             intake = self._intake = Intake(store, self.topics, codec, max_update_bytes=cfg.max_update_bytes,
                                            max_update_norm=cfg.max_update_norm, keyring=keyring,
                                            max_staleness=max(self.strategy.max_staleness,
-                                                             int(cfg.stragglers == "next-round")))
+                                                             int(cfg.stragglers == "next-round")),
+                                           max_examples=cfg.max_examples, max_pinned=cfg.max_pinned)
             if cfg.secure_aggregation:
                 from hub.secure_rounds import SecureRoundDriver
 
@@ -195,7 +222,8 @@ class HubService:
             session = self._session = MqttSession(
                 address, cfg.client_id or f"wearfl-hub-{cfg.federation}", manual_ack=True,
                 protocol=cfg.protocol,  # type: ignore[arg-type]
-                max_buffered=self._batch_limit,  # a burst of updates waits in the broker, not in the hub's memory
+                # past these the session drops (and counts) what arrives: its acks must keep flowing
+                max_buffered=INBOX_MESSAGES, max_buffered_bytes=INBOX_BYTES,
             )
             publisher = self._publisher = Publisher(session, self.topics, self._key)
             await session.connect()
@@ -248,8 +276,7 @@ class HubService:
         """Say which expected edges the open round still waits for, and what each last said (log and status)."""
         self._wait_report_at = time.monotonic() + self.config.round_timeout_s / 4
         current = _running(_running(self._rounds).current)
-        waiting = self.presence.waiting(current.round, set(current.selection) if current.selection else None,
-                                        current.participants)
+        waiting = self.presence.waiting(current.round, self._expected(current.selection), current.participants)
         declined = self.presence.declined(current.round)
         snapshot = {"round": current.round, "since": current.opened_at, "deadline": current.deadline_at,
                     "answered": len(current.participants), "edges": waiting,
@@ -278,7 +305,7 @@ class HubService:
             if (client := self.topics.client_from(message.topic, "status")) is not None:
                 self._on_status(client, message.payload)
             elif (client := self.topics.client_from(message.topic, "metrics")) is not None:
-                self._metrics.add(client, message.payload)
+                self._take_metrics(client, message.payload)
             elif (client := self.topics.client_from(message.topic, "secagg")) is not None:
                 if self._secure is not None:
                     self._secure.receive(client, message.payload)
@@ -300,18 +327,26 @@ class HubService:
             session.ack(message)  # persisted (or refused for good) by the committed batch
             if accepted is not None:
                 rounds.add(accepted)
+                self.presence.admit(accepted.client)
             else:
                 rounds.count_received(len(message.payload), rejected=receipt.status == "rejected")
             if receipt.client:
                 receipts.append(receipt)
         _running(self._publisher).receipts(receipts)
 
+    def _take_metrics(self, client: str, payload: bytes) -> None:
+        """A federated-evaluation report, kept only from a member the open round expects, for that round."""
+        current = self._rounds.current if self._rounds is not None else None
+        if current is None or client not in self._expected(current.selection):
+            return
+        self._metrics.add(client, payload, current.round)
+
     def _on_status(self, client: str, payload: bytes) -> None:
         came_online, decline = self.presence.update(client, payload)
         current = self._rounds.current if self._rounds is not None else None
         if current is None:
             return
-        if came_online and self._select_awaited(current):
+        if (came_online or self._bootstrapping()) and self._select_awaited(current):
             _running(self._publisher).spawn(self._publish_task())
         if decline is not None and decline.round == current.round and client not in current.participants:
             _running(self._store).count_declined(decline.reason)
@@ -321,9 +356,10 @@ class HubService:
 
     def _make_selection(self, round_number: int) -> tuple[str, ...] | None:
         """The clients of ``round_number`` from the edges online now; once there are some, their secure round starts."""
-        chosen = select_clients(round_number, self.online, self._selection_policy)
+        candidates, newcomers = self._candidates()
+        chosen = select_clients(round_number, candidates, self._selection_policy, newcomers)
         if chosen:
-            log.info("round %d: selected %d of %d online clients", round_number, len(chosen), len(self.online))
+            log.info("round %d: selected %d of %d online clients", round_number, len(chosen), len(candidates))
             if self._secure is not None:
                 self._secure.start(round_number, chosen, _running(self._intake).codec.size)
         return chosen
@@ -350,8 +386,7 @@ class HubService:
         current = _running(rounds.current)
         if self._secure is not None:
             return await self._secure_step(self._secure, current)
-        selected = current.selection
-        expected = set(selected) if selected else self.online
+        expected = self._expected(current.selection)
         declined = self.presence.declined(current.round).keys() - current.participants
         decision = rounds.decide(len(expected) - len(declined & expected))
         if decision == "extend":
@@ -384,10 +419,11 @@ class HubService:
         closing = _running(rounds.current)
         new_model = await asyncio.to_thread(rounds.build_next_model, intake.decode_stored)
         next_round, version = closing.round + 1, int(new_model.version)
-        model_message = build_model(new_model, next_round, _running(self._key), rounds.ledger_entry(version))
+        model_message = build_model(new_model, next_round, _running(self._key), rounds.ledger_entry(version),
+                                    self.config.federation)
         selection = self._make_selection(next_round)  # before the task: a secure round's config goes in it
         task = self._build_task(next_round, version, round(time.time() + self.config.round_timeout_s, 3), selection)
-        recipients = len(self.online) or len(closing.participants)
+        recipients = len(self._candidates()[0]) or len(closing.participants)
         summary = rounds.record_close(new_model, (len(model_message) + len(task.to_bytes())) * recipients,
                                       self._metrics.result(closing.round))
         await asyncio.to_thread(record_release, store, self._metrics, self.privacy)
@@ -422,7 +458,7 @@ class HubService:
         """The task of ``round_number``, from data alone (a secure round's config included)."""
         secure = self._secure.task_config(round_number) if self._secure is not None else None
         return Task(round_number, model_version, self.config.round_config(self.strategy, round_number, secure),
-                    deadline_at, selection)
+                    deadline_at, selection, self.config.federation).signed(_running(self._key))
 
     def _task(self) -> Task:
         """The open round's task."""
@@ -444,7 +480,8 @@ class HubService:
             version = int(model.version)
             message = model_message
             if message is None:
-                message = build_model(model, current.round, _running(self._key), rounds.ledger_entry(version))
+                message = build_model(model, current.round, _running(self._key), rounds.ledger_entry(version),
+                                      self.config.federation)
             return Announcement(message, version, current.round, self._task().to_bytes() if task else None)
 
         await _running(self._publisher).announce(compose)

@@ -261,6 +261,12 @@ class HubStore:
                 return
             after = (rows[-1][5], rows[-1][0], rows[-1][1])
 
+    def has_update_in(self, client: str, round_number: int) -> bool:
+        """Whether ``client`` has an update stored for ``round_number`` (one per client per round)."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM updates WHERE round = ? AND client = ? LIMIT 1",
+                                    (round_number, client)).fetchone() is not None
+
     def round_totals(self, round_number: int) -> tuple[int, int]:
         """(clients, examples) of the updates stored for ``round_number``."""
         with self._lock:

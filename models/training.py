@@ -6,6 +6,7 @@ seeded generators.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,12 @@ from models.model import Model, check_input
 __all__ = ["TrainConfig", "TrainResult", "fit", "make_optimizer"]
 
 F32 = np.float32
+
+
+MAX_EPOCHS = 1000
+MAX_BATCH = 65_536
+MAX_LR = 10.0
+MAX_SETTING = 1e6
 
 
 @dataclass(frozen=True)
@@ -43,10 +50,18 @@ class TrainConfig:
     """Std of a random rotation (degrees) applied to each window's three-axis sensors (0: none)."""
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("epochs and batch_size must be >= 1.")
-        if self.grad_clip < 0 or self.prox_mu < 0:
-            raise ConfigError("grad_clip and prox_mu must be >= 0.")
+        """Every setting within its bounds (a task from the network sets them): ConfigError naming the first not."""
+        if not (1 <= self.epochs <= MAX_EPOCHS and 1 <= self.batch_size <= MAX_BATCH):
+            raise ConfigError(f"epochs must be 1 .. {MAX_EPOCHS} and batch_size 1 .. {MAX_BATCH}.")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= MAX_LR):
+            raise ConfigError(f"lr must be a number in (0, {MAX_LR:g}], got {self.lr}.")
+        if not (0 <= self.momentum < 1 and 0 <= self.weight_decay <= 1):
+            raise ConfigError(f"momentum must be in [0, 1) and weight_decay in [0, 1], got {self.momentum} and "
+                              f"{self.weight_decay}.")
+        if not (0 <= self.grad_clip <= MAX_SETTING and 0 <= self.prox_mu <= MAX_SETTING):
+            raise ConfigError(f"grad_clip and prox_mu must be 0 .. {MAX_SETTING:g}.")
+        if not 0 <= self.seed < 1 << 63:
+            raise ConfigError(f"seed must be 0 .. 2**63, got {self.seed}.")
         if not 0 <= self.rotation_deg <= 180:
             raise ConfigError(f"rotation_deg must be 0..180 degrees, got {self.rotation_deg}.")
         if self.optimizer not in ("sgd", "adam", "adamw"):

@@ -26,6 +26,7 @@ from models.spec import ModelSpec, declared_parameters
 
 __all__ = [
     "LEGACY_TASK_KEYS",
+    "MAX_COUNTER",
     "MAX_JSON_BYTES",
     "MAX_MODEL_BYTES",
     "REJECT_REASONS",
@@ -46,10 +47,17 @@ MAX_MODEL_BYTES = 16 * 1024 * 1024
 MAX_JSON_BYTES = 64 * 1024
 UPDATE_FORMAT = "wearfl-update/1"
 RECEIPT_DOMAIN = b"wearfl-receipt/1\n"
+TASK_DOMAIN = b"wearfl-task/1\n"
+MAX_COUNTER = 1 << 62
+"""Rounds, versions, sequences and example counts stay below this: each fits SQLite's INTEGER, and sums of a
+few still fit in 64 bits."""
+MAX_TASK_KEYS = 64
+MAX_TASK_CLIENTS = 100_000
 
 REJECT_REASONS = (
     "oversize", "malformed", "unsigned", "bad_signature", "key_mismatch", "unknown_client", "client_mismatch",
-    "replayed", "stale", "not_selected", "wrong_shape", "non_finite", "norm_bound", "round_closed",
+    "replayed", "stale", "not_selected", "wrong_shape", "non_finite", "norm_bound", "round_closed", "duplicate_round",
+    "too_many_examples", "too_many_clients",
 )
 """Why an update can be refused; every receipt and counter uses these names."""
 
@@ -97,6 +105,8 @@ def parse_update_meta(message: SignedMessage) -> UpdateMeta:
         raise SigningError("malformed", f"update metadata is invalid ({exc})") from None
     if meta.num_examples < 1 or meta.sequence < 0 or meta.round < 0 or not math.isfinite(meta.timestamp):
         raise SigningError("malformed", "num_examples must be >= 1, sequence and round >= 0")
+    if not all(v < MAX_COUNTER for v in (meta.sequence, meta.round, meta.base_version, meta.num_examples)):
+        raise SigningError("malformed", "sequence, round, base_version and num_examples must be below 2**62")
     return meta
 
 
@@ -112,18 +122,23 @@ class ModelMessage:
     public_key: bytes
     hash: str
     ledger: dict[str, Any] | None = None
+    federation: str | None = None
 
 
 def build_model(model: Model, round_number: int, key: Ed25519PrivateKey,
-                ledger: dict[str, Any] | None = None) -> bytes:
+                ledger: dict[str, Any] | None = None, federation: str | None = None) -> bytes:
     """The retained ``model`` message: a package (plain safetensors) plus the hub's signature.
 
     ``ledger``: the model's entry in the hub's ledger, which edges check on adopting it.
+    ``federation``: the federation it is released to, signed with it, so that a model of one
+    federation cannot be replayed into another that trusts the same hub key.
     """
     meta: dict[str, Any] = {"format": PACKAGE_FORMAT, "task": model.spec.task, "version": int(model.version),
                             "spec": model.spec.to_json(), "round": int(round_number)}
     if ledger is not None:
         meta["ledger"] = ledger
+    if federation is not None:
+        meta["federation"] = federation
     return sign_tensors(model.network.state_dict(), meta, key)
 
 
@@ -141,12 +156,17 @@ def parse_model(data: bytes, expected_key: bytes | None = None) -> ModelMessage:
         model = Model(spec, version=int(m["version"]))
         model.network.load_state_dict(message.tensors)
         round_number = int(m["round"])
+        if not (0 <= round_number < MAX_COUNTER and 0 <= model.version < MAX_COUNTER):
+            raise ValueError("its round and version must be 0 .. 2**62")
         ledger = m.get("ledger")
         if ledger is not None and not isinstance(ledger, dict):
             raise ValueError("its ledger entry is not an object")
+        federation = m.get("federation")
+        if federation is not None and not isinstance(federation, str):
+            raise ValueError("its federation is not a string")
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise SigningError("malformed", f"model message is invalid ({exc})") from None
-    return ModelMessage(model, round_number, message.public_key, model_hash(data), ledger)
+    return ModelMessage(model, round_number, message.public_key, model_hash(data), ledger, federation)
 
 
 # -- JSON messages -------------------------------------------------------------------
@@ -178,6 +198,23 @@ def current_task_keys(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _signature_of(d: Mapping[str, Any]) -> str | None:
+    signature = d.get("signature")
+    if signature is not None and not (isinstance(signature, str) and len(signature) == 128):
+        raise ValueError("the signature is not 64 bytes of hex")
+    return signature
+
+
+def _verify_hex(public_key: bytes, signature: str | None, signed: bytes) -> bool:
+    if signature is None:
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(bytes.fromhex(signature), signed)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Task:
     """The retained ``task``: the round the edges should train for, and its flat config.
@@ -185,6 +222,11 @@ class Task:
     ``clients``: the edges selected for this round (None: every edge). Keys renamed in 0.2
     (:data:`LEGACY_TASK_KEYS`) are read under their new names, and written under both for
     one release, so hubs and edges of neighbouring versions understand each other.
+
+    ``federation`` and ``signature``: the hub signs every task (:meth:`signed`) for its
+    federation; an edge acts only on a task that verifies against the hub key it pinned
+    (:meth:`verify`), since anyone who can publish on ``task`` could otherwise set its
+    round, learning rate or CPU budget.
     """
 
     round: int
@@ -192,9 +234,23 @@ class Task:
     config: dict[str, float | int | str | bool] = field(default_factory=dict)
     deadline: float | None = None
     clients: tuple[str, ...] | None = None
+    federation: str | None = None
+    signature: str | None = None
 
     def selects(self, client: str) -> bool:
         return self.clients is None or client in self.clients
+
+    def _signed_bytes(self) -> bytes:
+        body = {k: v for k, v in asdict(self).items() if k != "signature"}
+        return TASK_DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def signed(self, key: Ed25519PrivateKey) -> Task:
+        """This task signed by the hub's ``key``."""
+        return replace(self, signature=key.sign(self._signed_bytes()).hex())
+
+    def verify(self, public_key: bytes) -> bool:
+        """Whether the hub holding ``public_key`` signed exactly these fields."""
+        return _verify_hex(public_key, self.signature, self._signed_bytes())
 
     def to_bytes(self) -> bytes:
         body = asdict(self)
@@ -204,16 +260,37 @@ class Task:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Task:
+        """A task whose every field has its type and bounds; :class:`SigningError` ``malformed`` otherwise.
+
+        The signature is not checked here (:meth:`verify`), nor the config's values against what
+        an edge accepts (that is the edge's policy)."""
         d = parse_json(data, "task")
         try:
             clients = d.get("clients")
-            if clients is not None and not (isinstance(clients, list) and all(isinstance(c, str) for c in clients)):
-                raise TypeError("clients must be a list of client ids")
-            return cls(int(d["round"]), int(d["model_version"]), current_task_keys(dict(d.get("config", {}))),
+            if clients is not None and not (isinstance(clients, list) and len(clients) <= MAX_TASK_CLIENTS
+                                            and all(isinstance(c, str) and len(c) <= 64 for c in clients)):
+                raise TypeError(f"clients must be a list of at most {MAX_TASK_CLIENTS} client ids")
+            config = d.get("config", {})
+            if not isinstance(config, dict) or len(config) > MAX_TASK_KEYS:
+                raise TypeError(f"config must be an object of at most {MAX_TASK_KEYS} settings")
+            for key, value in config.items():
+                if not isinstance(value, bool | int | float | str):
+                    raise TypeError(f"config {key!r} must be a number, string or boolean")
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"config {key!r} is not finite")
+            federation = d.get("federation")
+            if federation is not None and not isinstance(federation, str):
+                raise TypeError("federation must be a string")
+            task = cls(int(d["round"]), int(d["model_version"]), current_task_keys(config),
                        None if d.get("deadline") is None else float(d["deadline"]),
-                       None if clients is None else tuple(clients))
+                       None if clients is None else tuple(clients), federation, _signature_of(d))
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise SigningError("malformed", f"task is invalid ({exc})") from None
+        if not (0 <= task.round < MAX_COUNTER and 0 <= task.model_version < MAX_COUNTER):
+            raise SigningError("malformed", "task round and model_version must be 0 .. 2**62")
+        if task.deadline is not None and not math.isfinite(task.deadline):
+            raise SigningError("malformed", "task deadline is not finite")
+        return task
 
 
 @dataclass(frozen=True)
@@ -223,7 +300,9 @@ class Receipt:
     ``signature``: the hub's Ed25519 signature (hex) over every other field. An edge drops an
     update from its outbox on a final receipt, so a receipt forged by anyone who can publish
     on ``receipt/<client>`` could make it lose an update; the edge checks the signature
-    against the hub key it pinned and ignores a receipt that fails.
+    against the hub key it pinned and ignores a receipt that fails. ``digest`` (SHA-256 of
+    the update's bytes) and ``federation`` bind it to one update of one federation: a signed
+    receipt cannot be replayed onto another update under the same sequence number.
     """
 
     client: str
@@ -233,6 +312,8 @@ class Receipt:
     detail: str | None = None
     round: int | None = None
     model_version: int | None = None
+    digest: str | None = None
+    federation: str | None = None
     signature: str | None = None
 
     @property
@@ -250,13 +331,7 @@ class Receipt:
 
     def verify(self, public_key: bytes) -> bool:
         """Whether the signature is the holder of ``public_key``'s, over exactly these fields."""
-        if self.signature is None:
-            return False
-        try:
-            Ed25519PublicKey.from_public_bytes(public_key).verify(bytes.fromhex(self.signature), self._signed_bytes())
-        except (InvalidSignature, ValueError):
-            return False
-        return True
+        return _verify_hex(public_key, self.signature, self._signed_bytes())
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -265,11 +340,11 @@ class Receipt:
     def from_bytes(cls, data: bytes) -> Receipt:
         d = parse_json(data, "receipt")
         try:
-            signature = d.get("signature")
-            if signature is not None and not (isinstance(signature, str) and len(signature) == 128):
-                raise ValueError("the signature is not 64 bytes of hex")
+            digest, federation = d.get("digest"), d.get("federation")
+            if not all(v is None or isinstance(v, str) for v in (digest, federation, d.get("reason"), d.get("detail"))):
+                raise TypeError("digest, federation, reason and detail must be strings")
             receipt = cls(str(d["client"]), int(d["sequence"]), str(d["status"]), d.get("reason"), d.get("detail"),
-                          d.get("round"), d.get("model_version"), signature)
+                          d.get("round"), d.get("model_version"), digest, federation, _signature_of(d))
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise SigningError("malformed", f"receipt is invalid ({exc})") from None
         if receipt.status not in ("accepted", "duplicate", "rejected"):

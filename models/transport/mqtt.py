@@ -28,6 +28,15 @@ Rules the code keeps:
   redelivered by the broker on the next connection of the same persistent session.
 - A publish larger than the packet size the broker announced is refused before it is sent
   (paho 2.2 would send it, the broker would disconnect, paho would re-send it forever).
+- Reading never pauses: acknowledgements (PUBACK, SUBACK, PINGRESP) share the socket with
+  deliveries, so a session that stopped reading because its consumer was behind could no
+  longer publish, subscribe or keep alive (a flood of junk publishes killed the hub that way).
+  Instead a session with ``max_buffered`` / ``max_buffered_bytes`` sheds: a message arriving
+  while the consumer's backlog is at a bound is dropped, counted in :attr:`MqttSession.shed`
+  and, on a manual-ack session, acknowledged at once so the broker's inflight window moves
+  on. Senders that need delivery retry at the application level (wearfl edges re-send an
+  update until the hub's receipt arrives). ``max_packet_size_in`` caps what the broker may
+  send this client (MQTT 5 CONNECT property; on 3.1.1 larger messages are shed on arrival).
 
 Example::
 
@@ -72,6 +81,8 @@ ATTEMPT_TIMEOUT_S = 10.0  # one connect attempt inside the reconnect loop
 AUTO_PROBE_S = 3.0  # protocol="auto": wait this long for an MQTT 5 CONNACK before trying 3.1.1
 TCP_CONNECT_TIMEOUT_S = 5.0  # the blocking TCP (+TLS) connect in the executor; paho's default
 MISC_INTERVAL_S = 1.0
+SHED_LOG_INTERVAL_S = 10.0  # at most one summary line this often while a session sheds messages
+MQTT_MAX_PACKET_BYTES = 268_435_460  # MQTT's own bound: 1 + 4 length bytes + 268,435,455
 UNSUPPORTED_PROTOCOL = (0x01, 0x84)  # CONNACK: 3.1.1 return code, MQTT 5 reason code
 
 
@@ -176,10 +187,21 @@ class MqttSession:
     - ``protocol``: ``"5"``, ``"3.1.1"`` or ``"auto"`` (5, else 3.1.1).
     - ``max_inflight`` / ``max_queued``: paho's bounds on outgoing QoS 1 messages awaiting
       PUBACK / waiting in all (0 = unbounded).
-    - ``max_buffered``: received messages held for :meth:`messages` (0 = unbounded). At the
-      bound the session stops reading the socket until the consumer has taken half of them,
-      so a burst waits in the broker's queue instead of this process's memory (Mosquitto
-      2.0 does not hold back deliveries at the client's receive maximum once acks flow).
+    - ``max_buffered`` / ``max_buffered_bytes``: bounds on the received messages (count /
+      payload bytes) waiting for :meth:`messages` (0 = unbounded). A message that arrives
+      while either bound is reached is shed: dropped, counted in :attr:`shed` and, with
+      ``manual_ack``, acknowledged at once. The session never stops reading instead, because
+      acknowledgements share the socket with deliveries: paused reads would leave this
+      session's own PUBACKs and SUBACKs unread, and its publishes and subscriptions would
+      time out behind a burst it cannot refuse. A burst therefore costs at most the bounds
+      in memory; the sender's application-level retry recovers the messages that matter.
+      The first shed message of a quiet spell is logged at WARNING, then at most one
+      summary line every ``SHED_LOG_INTERVAL_S`` seconds.
+    - ``max_packet_size_in``: the largest packet (bytes) the broker may send this session.
+      MQTT 5 sends it in CONNECT (Maximum Packet Size): a broker that honours it, as
+      Mosquitto does, drops a larger message for this client. On 3.1.1 the broker cannot be
+      told; a larger message is then shed on arrival (paho has read it, but the consumer
+      never holds it). None: no bound beyond MQTT's own.
 
     One consumer should iterate :meth:`messages`. All methods must be called from the loop
     that ran :meth:`connect`.
@@ -199,15 +221,20 @@ class MqttSession:
         max_inflight: int = 20,
         max_queued: int = 0,
         max_buffered: int = 0,
+        max_buffered_bytes: int = 0,
+        max_packet_size_in: int | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         if not client_id:
             raise ConfigError("an MQTT session needs a non-empty client id (persistent sessions are keyed by it).")
         if protocol not in ("auto", "5", "3.1.1"):
             raise ConfigError(f"unknown MQTT protocol {protocol!r}; use 'auto', '5' or '3.1.1'.")
-        if keepalive < 0 or session_expiry_s < 0 or max_inflight < 0 or max_queued < 0 or max_buffered < 0:
-            raise ConfigError("keepalive, session_expiry_s, max_inflight, max_queued and max_buffered must be "
-                              "non-negative.")
+        if min(keepalive, session_expiry_s, max_inflight, max_queued, max_buffered, max_buffered_bytes) < 0:
+            raise ConfigError("keepalive, session_expiry_s, max_inflight, max_queued, max_buffered and "
+                              "max_buffered_bytes must be non-negative.")
+        if max_packet_size_in is not None and not 0 < max_packet_size_in <= MQTT_MAX_PACKET_BYTES:
+            raise ConfigError(f"max_packet_size_in must be between 1 and {MQTT_MAX_PACKET_BYTES} bytes "
+                              f"(or None for no bound), not {max_packet_size_in}.")
         self.address = address
         self.client_id = client_id
         self.clean_start = clean_start
@@ -218,7 +245,13 @@ class MqttSession:
         self.max_inflight = max_inflight
         self.max_queued = max_queued
         self.max_buffered = max_buffered
-        self._paused: tuple[paho.Client, Any] | None = None  # (client, socket) whose reads wait for the consumer
+        self.max_buffered_bytes = max_buffered_bytes
+        self.max_packet_size_in = max_packet_size_in
+        self._buffered_bytes = 0  # payload bytes of the messages in self._messages
+        self._shed = 0  # messages dropped since the session was made
+        self._shed_oversize = 0  # of which over max_packet_size_in
+        self._shed_logged = (0, 0)  # (_shed, _shed_oversize) when the last log line went out
+        self._shed_summary: asyncio.TimerHandle | None = None  # the next summary line, while shedding goes on
         self.log = logger or log
         self._protocol_choice = protocol
         self._mqtt_version = paho.MQTTv311 if protocol == "3.1.1" else paho.MQTTv5
@@ -264,8 +297,20 @@ class MqttSession:
 
     @property
     def buffered(self) -> int:
-        """Received messages waiting for :meth:`messages` (at most about ``max_buffered``)."""
+        """Received messages waiting for :meth:`messages` (at most ``max_buffered`` when that is set)."""
         return self._messages.qsize()
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Payload bytes of the messages waiting for :meth:`messages`; below ``max_buffered_bytes`` plus one
+        message's payload when that is set (the message that reaches the bound is kept)."""
+        return self._buffered_bytes
+
+    @property
+    def shed(self) -> int:
+        """Received messages dropped since the session was made: the consumer's backlog was at
+        ``max_buffered`` / ``max_buffered_bytes``, or the message was over ``max_packet_size_in``."""
+        return self._shed
 
     @property
     def protocol(self) -> str:
@@ -404,11 +449,10 @@ class MqttSession:
         """Received messages in arrival order; ends after :meth:`disconnect` or :meth:`abort`."""
         while True:
             message = await self._messages.get()
-            if self._paused is not None and self._messages.qsize() <= self.max_buffered // 2:
-                self._resume_reads()
             if message is None:
                 self._messages.put_nowait(None)  # let any other iterator end too
                 return
+            self._buffered_bytes -= len(message.payload)
             yield message
 
     def ack(self, message: Message) -> None:
@@ -521,6 +565,8 @@ class MqttSession:
         if self._mqtt_version == paho.MQTTv5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = self.session_expiry_s
+            if self.max_packet_size_in is not None:  # the broker drops what is larger, for this client only
+                properties.MaximumPacketSize = self.max_packet_size_in
             args.update(clean_start=self.clean_start, properties=properties)
         return args
 
@@ -672,7 +718,8 @@ class MqttSession:
             if not future.done():
                 future.set_exception(BrokerUnavailable(f"{self.client_id}: {why}.", url=self.address.url))
                 future.exception()  # retrieved: nobody may be waiting any more
-        self._messages.put_nowait(None)
+        self._report_shed(final=True)
+        self._messages.put_nowait(None)  # the end: never shed, whatever the bounds
 
     def _call_in_loop(self, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn`` in the loop: now when already there, else queued in order (executor connects)."""
@@ -702,7 +749,6 @@ class MqttSession:
     def _watch_reads(self, client: paho.Client, sock: Any) -> None:
         if client.socket() is sock and sock.fileno() != -1:  # still the live socket of this client
             self._generation += 1  # a new connection: acks for older deliveries are void
-            self._paused = None
             self._running_loop().add_reader(sock, self._readable, client, sock)
             if self._closing:  # connected from the executor after disconnect(): let paho read EOF and close
                 with contextlib.suppress(OSError):
@@ -721,31 +767,16 @@ class MqttSession:
         loop.remove_writer(sock)
 
     def _readable(self, client: paho.Client, sock: Any) -> None:
+        # Never stops reading: PUBACK, SUBACK and PINGRESP arrive on this socket between the
+        # deliveries; a consumer that falls behind makes the session shed (see _received).
         try:
             client.loop_read()
             # TLS: decrypted bytes can wait inside the SSL object while the socket is not readable
-            while (client.socket() is sock and getattr(sock, "pending", None) and sock.pending()
-                   and not self._buffer_full()):
+            while client.socket() is sock and getattr(sock, "pending", None) and sock.pending():
                 client.loop_read()
         except Exception:
             self.log.exception("%s: reading from the broker failed; dropping the connection", self.client_id)
             self._close_socket()
-            return
-        if self._buffer_full() and client.socket() is sock and self._paused is None:
-            self._running_loop().remove_reader(sock)
-            self._paused = (client, sock)
-            self.log.debug("%s: %d messages waiting; reading paused", self.client_id, self._messages.qsize())
-
-    def _buffer_full(self) -> bool:
-        return self.max_buffered > 0 and self._messages.qsize() >= self.max_buffered
-
-    def _resume_reads(self) -> None:
-        assert self._paused is not None
-        (client, sock), self._paused = self._paused, None
-        if client.socket() is sock and sock.fileno() != -1:  # not _watch_reads: the connection is the same
-            self._running_loop().add_reader(sock, self._readable, client, sock)
-            if getattr(sock, "pending", None) and sock.pending():  # TLS bytes already decrypted: no readiness event
-                self._running_loop().call_soon(self._readable, client, sock)
 
     def _writable(self, client: paho.Client) -> None:
         try:
@@ -792,16 +823,71 @@ class MqttSession:
             self._lost.set()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        topic, payload = msg.topic, bytes(msg.payload)
+        v5 = self._mqtt_version == paho.MQTTv5
+        # 3.1.1 cannot tell the broker the bound (and an MQTT 5 broker should never exceed it): shed here
+        oversize = (self.max_packet_size_in is not None
+                    and _publish_packet_size(topic, payload, msg.qos, v5) > self.max_packet_size_in)
         message = Message(
-            topic=msg.topic,
-            payload=bytes(msg.payload),
+            topic=topic,
+            payload=b"" if oversize else payload,  # the consumer never holds it
             qos=msg.qos,
             retain=bool(msg.retain),
             mid=msg.mid,
             dup=bool(msg.dup),
             connection=self._generation,
         )
-        self._call_in_loop(self._messages.put_nowait, message)
+        self._call_in_loop(self._received, message, oversize)
+
+    def _received(self, message: Message, oversize: bool) -> None:
+        """Queue a delivery for :meth:`messages`, or shed it (in the loop thread, where paho is driven)."""
+        if not oversize and not self._backlog_full():
+            self._messages.put_nowait(message)
+            self._buffered_bytes += len(message.payload)
+            return
+        self._shed += 1
+        self._shed_oversize += oversize
+        if self.manual_ack:  # the broker's inflight window moves on; the sender's retry recovers what matters
+            self.ack(message)
+        if self._shed_summary is None:  # the first of a spell: say so now, sum up the rest later
+            self.log.warning(
+                "%s: shed a message on %r: %s; a summary follows every %g s while shedding goes on",
+                self.client_id,
+                message.topic,
+                f"its packet is over max_packet_size_in={self.max_packet_size_in} bytes" if oversize else
+                f"the consumer is behind ({self.buffered} messages, {self._buffered_bytes} bytes wait; "
+                f"max_buffered={self.max_buffered}, max_buffered_bytes={self.max_buffered_bytes})",
+                SHED_LOG_INTERVAL_S,
+            )
+            self._shed_logged = (self._shed, self._shed_oversize)
+            self._shed_summary = self._running_loop().call_later(SHED_LOG_INTERVAL_S, self._report_shed)
+
+    def _backlog_full(self) -> bool:
+        return (self.max_buffered > 0 and self._messages.qsize() >= self.max_buffered) or (
+            self.max_buffered_bytes > 0 and self._buffered_bytes >= self.max_buffered_bytes
+        )
+
+    def _report_shed(self, final: bool = False) -> None:
+        """One summary line for the messages shed since the last line; re-armed while shedding goes on."""
+        if final and self._shed_summary is not None:
+            self._shed_summary.cancel()
+        self._shed_summary = None
+        shed = self._shed - self._shed_logged[0]
+        if shed == 0:
+            return
+        oversize = self._shed_oversize - self._shed_logged[1]
+        if oversize == 0:
+            why = "the consumer is behind"
+        elif oversize == shed:
+            why = f"over max_packet_size_in={self.max_packet_size_in} bytes"
+        else:
+            why = (f"{shed - oversize} because the consumer is behind, {oversize} over "
+                   f"max_packet_size_in={self.max_packet_size_in} bytes")
+        self.log.warning("%s: shed %d messages: %s (%d since the session began)", self.client_id, shed, why,
+                         self._shed)
+        self._shed_logged = (self._shed, self._shed_oversize)
+        if not final:
+            self._shed_summary = self._running_loop().call_later(SHED_LOG_INTERVAL_S, self._report_shed)
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Any) -> None:
         self._call_in_loop(self._publish_acked, mid, reason)

@@ -105,6 +105,7 @@ class FakeHub:
                                    protocol=protocol_of(broker))
         self.inbox: dict[str, asyncio.Queue[Message]] = {k: asyncio.Queue() for k in ("update", "status", "metrics")}
         self._reader: asyncio.Task[None] | None = None
+        self.digests: dict[tuple[str, int], str] = {}  # (client, sequence) -> SHA-256 of the update received
 
     async def __aenter__(self) -> FakeHub:
         await self.session.connect()
@@ -125,7 +126,7 @@ class FakeHub:
                     queue.put_nowait(message)  # (amqtt has delivered retained messages of other topics)
 
     async def publish_model(self, model: Model, round_number: int = 0, key: Ed25519PrivateKey | None = None) -> bytes:
-        data = build_model(model, round_number, key or self.key)
+        data = build_model(model, round_number, key or self.key, federation=self.topics.federation)
         await self.session.publish(self.topics.model, data, retain=True)
         return data
 
@@ -133,7 +134,9 @@ class FakeHub:
         await self.session.publish(self.topics.model, data, retain=True)
 
     async def publish_task(self, task: Task) -> None:
-        await self.session.publish(self.topics.task, task.to_bytes(), retain=True)
+        """``task`` for this federation, signed with the hub's key (as a real hub publishes it)."""
+        signed = replace(task, federation=self.topics.federation).signed(self.key)
+        await self.session.publish(self.topics.task, signed.to_bytes(), retain=True)
 
     async def next(self, kind: str, where: Callable[[Message], bool] = lambda m: True) -> Message:
         async def wait() -> Message:
@@ -147,10 +150,14 @@ class FakeHub:
     async def next_update(self) -> tuple[SignedMessage, UpdateMeta, bytes]:
         message = await self.next("update")
         signed = verify_and_parse(message.payload, MAX_MODEL_BYTES)
-        return signed, parse_update_meta(signed), message.payload
+        meta = parse_update_meta(signed)
+        self.digests[(meta.client, meta.sequence)] = hashlib.sha256(message.payload).hexdigest()
+        return signed, meta, message.payload
 
     async def receipt(self, meta: UpdateMeta, status: str = "accepted", reason: str | None = None) -> None:
-        receipt = Receipt(meta.client, meta.sequence, status, reason, round=meta.round).signed(self.key)
+        digest = self.digests.get((meta.client, meta.sequence))
+        receipt = Receipt(meta.client, meta.sequence, status, reason, round=meta.round, digest=digest,
+                          federation=self.topics.federation).signed(self.key)
         await self.session.publish(self.topics.receipt(meta.client), receipt.to_bytes())
 
     async def status_where(self, state: str, client: str = "wearer-00") -> dict[str, Any]:
@@ -235,12 +242,17 @@ def test_a_receipt_the_hub_did_not_sign_leaves_the_update_in_the_outbox(mqtt_bro
                           Receipt(meta.client, meta.sequence, "accepted", round=meta.round)
                           .signed(Ed25519PrivateKey.generate()),  # signed by someone else
                           replace(Receipt(meta.client, meta.sequence, "rejected", "stale", round=meta.round)
-                                  .signed(hub.key), status="accepted")]  # the hub's, altered
+                                  .signed(hub.key), status="accepted"),  # the hub's, altered
+                          Receipt(meta.client, meta.sequence, "accepted", round=meta.round, digest="0" * 64,
+                                  federation=fed).signed(hub.key),  # the hub's, for other bytes
+                          Receipt(meta.client, meta.sequence, "accepted", round=meta.round,
+                                  digest=hub.digests[(meta.client, meta.sequence)],
+                                  federation="another").signed(hub.key)]  # the hub's, of another federation
                 for receipt in forged:
                     await hub.session.publish(topic, receipt.to_bytes())
                 marker = Task(round=1, model_version=1, config=TASK_CONFIG, deadline=12345.0)
                 await hub.publish_task(marker)  # after them on the same connection: handled after them
-                await until(lambda: edge.task == marker, "the marker task")
+                await until(lambda: edge.task is not None and edge.task.deadline == marker.deadline, "the marker task")
                 kept = [e.sequence for e in edge.outbox.pending()]
                 await hub.receipt(meta)
                 await until(lambda: edge.outbox_stats.entries == 0, "the outbox to empty after the hub's receipt")
@@ -350,7 +362,7 @@ def test_a_restarted_edge_redelivers_its_pending_update_and_does_not_train_that_
 
 def test_an_edge_stopped_during_a_fit_publishes_nothing_and_trains_that_round_after_restart(mqtt_broker, tmp_path):
     fed, state = federation(), tmp_path / "edge"
-    slow = {**TASK_CONFIG, "epochs": 100000, "cpu_seconds": 1.0}  # a fit that runs for its whole CPU budget
+    slow = {**TASK_CONFIG, "epochs": 1000, "cpu_seconds": 1.0}  # a fit that runs for its whole CPU budget
 
     async def scenario() -> dict[str, Any]:
         async with FakeHub(mqtt_broker, fed) as hub:
@@ -387,6 +399,9 @@ def test_a_tampered_or_foreign_model_is_refused_and_the_previous_one_kept(mqtt_b
                 await until(lambda: edge.counters["models_refused"] == 1, "the tampered model to be refused")
                 await hub.publish_model(global_model(version=2, seed=1), 1, key=Ed25519PrivateKey.generate())
                 await until(lambda: edge.counters["models_refused"] == 2, "the foreign model to be refused")
+                await hub.publish_raw_model(build_model(global_model(version=2, seed=1), 1, hub.key,
+                                                        federation="another-ward"))
+                await until(lambda: edge.counters["models_refused"] == 3, "another federation's model to be refused")
                 kept = edge.model_version
                 stored_after_refusals = (state / "model.msg").read_bytes()
                 v2 = await hub.publish_model(global_model(version=2, seed=1), round_number=1)
@@ -541,13 +556,13 @@ def test_a_model_whose_ledger_entry_rewrites_history_is_refused(mqtt_broker, tmp
 
     async def scenario() -> dict[str, Any]:
         async with FakeHub(mqtt_broker, fed) as hub:
-            await hub.publish_raw_model(build_model(models[1], 0, hub.key, e1))
+            await hub.publish_raw_model(build_model(models[1], 0, hub.key, e1, fed))
             async with RunningEdge(edge_config(mqtt_broker, fed, state)) as edge:
                 await until(lambda: edge.model_version == 1, "model v1 to be accepted")
-                await hub.publish_raw_model(build_model(models[2], 1, hub.key, forged))
+                await hub.publish_raw_model(build_model(models[2], 1, hub.key, forged, fed))
                 await until(lambda: edge.counters["models_refused"] == 1, "the forged history to be refused")
                 kept = edge.model_version
-                await hub.publish_raw_model(build_model(models[2], 1, hub.key, honest))
+                await hub.publish_raw_model(build_model(models[2], 1, hub.key, honest, fed))
                 await until(lambda: edge.model_version == 2, "the model with the true entry to be accepted")
             head = json.loads((state / "ledger.head").read_text())
         return locals()

@@ -58,8 +58,14 @@ def test_a_good_update_is_accepted_stored_and_decoded(store):
 
 
 def test_garbage_bytes_are_malformed_with_sequence_minus_one(store):
-    receipt = _reject_reason(_intake(store), TOPICS.update("edge-a"), b"\x00garbage" * 20)
+    intake, key = _intake(store), Ed25519PrivateKey.generate()
+    # from a client the hub does not know: counted, never answered (junk must not make the hub publish)
+    receipt = _reject_reason(intake, TOPICS.update("junk-1"), b"\x00garbage" * 20)
+    assert (receipt.reason, receipt.sequence, receipt.client) == ("malformed", -1, "")
+    intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=0), ROUND_1)
+    receipt = _reject_reason(intake, TOPICS.update("edge-a"), b"\x00garbage" * 20)
     assert (receipt.reason, receipt.sequence, receipt.client) == ("malformed", -1, "edge-a")
+    assert store.status()["updates_rejected"]["malformed"] == 2
 
 
 def test_a_topic_without_a_valid_client_is_malformed_and_has_no_receipt_address(store):
@@ -95,7 +101,8 @@ def test_the_pin_survives_a_restart(store):
     fresh = _intake(store)
     assert _reject_reason(fresh, TOPICS.update("edge-a"),
                           make_update(Ed25519PrivateKey.generate(), "edge-a", sequence=1)).reason == "key_mismatch"
-    receipt, _ = fresh.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=1), ROUND_1)
+    receipt, _ = fresh.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=1, round_number=2),
+                               OpenRound(2, 0))
     assert receipt.status == "accepted"
 
 
@@ -188,7 +195,8 @@ def test_a_used_or_lower_sequence_number_is_replayed_even_with_new_bytes(store):
     reused = _reject_reason(intake, TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=7, seed=1))
     lower = _reject_reason(intake, TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=6, seed=2))
     assert (reused.reason, lower.reason) == ("replayed", "replayed")
-    receipt, _ = intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=8), ROUND_1)
+    receipt, _ = intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=8, round_number=2),
+                                OpenRound(2, 0))
     assert receipt.status == "accepted"
     assert store.status()["updates_accepted"] == 2
 
@@ -252,7 +260,9 @@ def test_every_rejection_is_counted_by_reason(store):
         intake.process(TOPICS.update("edge-a"), make_update(Ed25519PrivateKey.generate(), "edge-a", base_version=3),
                        ROUND_1)
     rejected = store.status()["updates_rejected"]
-    assert rejected["malformed"] == 1 and rejected["stale"] == 1 and rejected["key_mismatch"] == 1
+    # a stale update pins nothing: the second key is not a key_mismatch, the id is not squatted
+    assert rejected["malformed"] == 1 and rejected["stale"] == 2 and rejected["key_mismatch"] == 0
+    assert "edge-a" not in store.status()["clients"]
     assert json.loads(intake.process(TOPICS.update("edge-a"), b"", ROUND_1)[0].to_bytes())["status"] == "rejected"
 
 
@@ -282,3 +292,41 @@ def test_a_stored_update_decodes_again_for_a_resumed_round(store):
     for k in SHAPES:
         np.testing.assert_array_equal(again.delta[k], accepted.delta[k])
     assert _intake(store).decode_stored(b"junk" * 50, 0) is None
+
+
+def test_one_update_per_client_per_round_whatever_its_sequence(store):
+    intake, key = _intake(store), Ed25519PrivateKey.generate()
+    first = make_update(key, "edge-a", sequence=10, num_examples=5)
+    assert intake.process(TOPICS.update("edge-a"), first, ROUND_1)[0].status == "accepted"
+    for seq in (11, 12):
+        receipt = _reject_reason(intake, TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=seq, seed=seq))
+        assert (receipt.reason, receipt.sequence) == ("duplicate_round", seq)
+    assert intake.process(TOPICS.update("edge-a"), first, ROUND_1)[0].status == "duplicate"  # the same bytes again
+    assert store.round_totals(1) == (1, 5)
+
+
+def test_num_examples_is_bounded_before_it_weights_anything(store):
+    intake, key = _intake(store, max_examples=1000), Ed25519PrivateKey.generate()
+    receipt = _reject_reason(intake, TOPICS.update("edge-a"),
+                             make_update(key, "edge-a", sequence=10, num_examples=4611686018427387000))
+    assert receipt.reason == "too_many_examples" and "edge-a" not in store.status()["clients"]
+    assert intake.process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=11, num_examples=1000),
+                          ROUND_1)[0].status == "accepted"
+
+
+def test_max_pinned_bounds_the_clients_a_hub_without_keyring_trusts(store):
+    intake = _intake(store, max_pinned=2)
+    for i, client in enumerate(("edge-a", "edge-b")):
+        assert intake.process(TOPICS.update(client), make_update(Ed25519PrivateKey.generate(), client, sequence=i),
+                              ROUND_1)[0].status == "accepted"
+    third = _reject_reason(intake, TOPICS.update("edge-c"), make_update(Ed25519PrivateKey.generate(), "edge-c"))
+    assert third.reason == "too_many_clients" and sorted(store.pinned_keys()) == ["edge-a", "edge-b"]
+
+
+def test_a_receipt_names_its_federation_and_the_digest_of_the_update(store):
+    import hashlib
+
+    intake, key = _intake(store), Ed25519PrivateKey.generate()
+    payload = make_update(key, "edge-a", sequence=1)
+    receipt, _ = intake.process(TOPICS.update("edge-a"), payload, ROUND_1)
+    assert (receipt.federation, receipt.digest) == ("fed", hashlib.sha256(payload).hexdigest())

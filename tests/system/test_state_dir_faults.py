@@ -616,7 +616,7 @@ def round_one_task(fed: str, tmp_path: Path) -> Task:
     from hub.service import HubConfig
 
     config = HubConfig(broker="mqtt://127.0.0.1:1", federation=fed, state_dir=tmp_path / "unused")
-    return Task(1, 0, round_task_config(config.task_config, 1, None), time.time() + 600)
+    return Task(1, 0, round_task_config(config.task_config, 1, None), time.time() + 600, federation=fed)
 
 
 def test_edge_disk_full_while_saving_a_model_and_while_adding_an_update(
@@ -646,8 +646,8 @@ def test_edge_disk_full_while_saving_a_model_and_while_adding_an_update(
                 await observer.until("the pending update re-sent", lambda: observer.received(update_topic))
                 assert observer.received(update_topic)[0] == pending[0].payload
                 small_fs.make_full(edge.pid)
-                await observer.publish(observer.topics.model, build_model(Model(activity_spec(), seed=0), 1, hub_key),
-                                       retain=True)
+                model = build_model(Model(activity_spec(), seed=0), 1, hub_key, federation=fed)
+                await observer.publish(observer.topics.model, model, retain=True)
                 assert await edge.wait() != 0
                 line = one_error_line(edge.stderr)
                 assert str(state) in line and says_full(line, small_fs) and "model v0" in line, line
@@ -661,7 +661,8 @@ def test_edge_disk_full_while_saving_a_model_and_while_adding_an_update(
                 started.append(edge)
                 await observer.until("the model saved", lambda: (state / "model.msg").exists(), timeout=WAIT_S)
                 small_fs.make_full(edge.pid)
-                await observer.publish(observer.topics.task, round_one_task(fed, tmp_path).to_bytes(), retain=True)
+                await observer.publish(observer.topics.task, round_one_task(fed, tmp_path).signed(hub_key).to_bytes(),
+                                       retain=True)
                 assert await edge.wait(timeout=120) != 0
                 line = one_error_line(edge.stderr)
                 assert str(state) in line and says_full(line, small_fs), line

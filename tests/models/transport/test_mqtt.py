@@ -14,6 +14,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import pytest
+from waiting import until
 
 from models.errors import BrokerUnavailable, ConfigError
 from models.transport.mqtt import BrokerAddress, Message, MqttSession, Will
@@ -188,36 +189,39 @@ def test_unacked_message_is_redelivered_to_the_resumed_session(mqtt_broker, topi
     assert after_ack.payload == b"update 2"
 
 
-def test_a_bounded_session_stops_reading_at_its_bound_and_loses_nothing(mqtt_broker, topic_prefix) -> None:
+def test_a_bounded_session_keeps_reading_at_its_bound_and_sheds_the_rest(mqtt_broker, topic_prefix) -> None:
+    """Reads never pause (acks share the socket): past the bound, deliveries are shed and acked
+    (more in test_shedding.py); the edges' re-sends recover the updates that matter."""
     needs_mqtt5(mqtt_broker)
     topic = f"{topic_prefix}/update/edge-1"
     bound, sent = 5, 40
 
-    async def scenario() -> tuple[int, list[bytes]]:
+    async def scenario() -> tuple[int, int, list[bytes], bytes]:
         edge = session(mqtt_broker, uid("edge"), clean_start=True)
         hub = session(mqtt_broker, uid("hub"), manual_ack=True, clean_start=True, max_buffered=bound)
         await asyncio.gather(edge.connect(), hub.connect())
         await hub.subscribe(topic)
-        for i in range(sent):  # every PUBACK back: the broker holds them all for the hub
+        for i in range(sent):  # every PUBACK back; nobody consumes
             await edge.publish(topic, f"update {i}".encode())
-        most = 0
-        for _ in range(50):  # nobody consumes for a while: the buffer must stay at its bound
-            most = max(most, hub.buffered)
-            await asyncio.sleep(0.02)
-        received = []
+        await until(lambda: hub.shed + hub.buffered == sent, lambda: f"{sent} messages at the hub, kept or shed "
+                    f"(kept {hub.buffered}, shed {hub.shed})", WAIT_S)
+        most = hub.buffered
         stream = hub.messages()
-        while len(received) < sent:
+        received = []
+        for _ in range(most):
             message = await asyncio.wait_for(anext(stream), WAIT_S)
             hub.ack(message)
             received.append(message.payload)
-            most = max(most, hub.buffered)
+        await edge.publish(topic, b"re-sent")  # the consumer caught up: delivered again
+        later = await asyncio.wait_for(anext(stream), WAIT_S)
         await closing(hub, edge)
-        return most, received
+        return most, hub.shed, received, later.payload
 
-    most, received = run(scenario())
+    most, shed, received, later = run(scenario())
 
-    assert bound <= most <= bound + 1
-    assert received == [f"update {i}".encode() for i in range(sent)]
+    assert most == bound and shed == sent - bound
+    assert received == [f"update {i}".encode() for i in range(bound)]
+    assert later == b"re-sent"
 
 
 def test_last_will_is_published_when_the_connection_dies(mqtt_broker, topic_prefix) -> None:

@@ -286,6 +286,8 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
         f"updates rejected    {sum(rejected.values())}"
         + (f" ({', '.join(f'{k} {v}' for k, v in sorted(rejected.items()))})" if rejected else ""),
         f"duplicates dropped  {status['duplicates_dropped']}",
+        *([f"messages shed       {status['messages_shed']} (a flood: the intake was behind)"]
+          if status.get("messages_shed") else []),
         f"rounds declined     {sum(status.get('declined', {}).values())}"
         + (f" ({', '.join(f'{k} {v}' for k, v in sorted(status['declined'].items()))})"
            if status.get("declined") else ""),

@@ -116,6 +116,7 @@ class HubService:
         self._publisher: Publisher | None = None
         self._key: Ed25519PrivateKey | None = None
         self._wait_report_at = 0.0  # time.monotonic() of the next "waiting for" report
+        self._shed_counted = 0  # of the session's shed messages, how many the store counted
 
     # -- accessors ------------------------------------------------------------------
 
@@ -265,6 +266,9 @@ class HubService:
                     break
                 if batch:
                     await self._handle(batch)
+                if session.shed > self._shed_counted:
+                    await asyncio.to_thread(_running(self._store).count_shed, session.shed - self._shed_counted)
+                    self._shed_counted = session.shed
                 if await self._maybe_close() and (reason := self._finish_reason()) is not None:
                     spent = budget_spent(_running(self._store), self.privacy)
                     log.log(logging.WARNING if spent else logging.INFO, "%s; stopping", reason)

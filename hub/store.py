@@ -301,6 +301,14 @@ class HubStore:
                 " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value", (f"declined:{reason}", n)
             )
 
+    def count_shed(self, n: int) -> None:
+        """Messages the hub's session dropped unread because the intake was behind (edges re-send updates)."""
+        with self.transaction():
+            self._db.execute(
+                "INSERT INTO counters (name, value) VALUES ('messages_shed', ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value", (n,)
+            )
+
     def count_duplicate(self, n: int = 1) -> None:
         with self.transaction():
             self._db.execute(
@@ -364,6 +372,8 @@ class HubStore:
         "last_seen" (Unix time of its last verified update)}}, "personalization": {id: {"round",
         "examples", "global": metrics, "personalized": metrics}}}``: the last is each client's
         latest federated evaluation of the global model and of its own fine-tuned weights.
+        ``"messages_shed"``: messages the hub's MQTT session dropped unread while its intake was
+        behind (a flood; an edge re-sends an update that got no receipt).
         ``"declined"``: {reason: count} of rounds that expected edges sat out (apart from
         rejections). ``"waiting"``: None, or the open round's latest "waiting for" report:
         ``round``, ``since``, ``deadline`` (Unix time), ``answered``, ``edges`` ({client: what it
@@ -384,6 +394,7 @@ class HubStore:
                 rejected = dict.fromkeys(REJECT_REASONS, 0)
                 rejected.update(self._db.execute("SELECT reason, count FROM rejections").fetchall())
                 dup = self._db.execute("SELECT value FROM counters WHERE name = 'duplicates_dropped'").fetchone()
+                shed = self._db.execute("SELECT value FROM counters WHERE name = 'messages_shed'").fetchone()
                 declined = {name.split(":", 1)[1]: n for name, n in self._db.execute(
                     "SELECT name, value FROM counters WHERE name LIKE 'declined:%' ORDER BY name")}
                 clients = {
@@ -400,6 +411,7 @@ class HubStore:
             "updates_accepted": accepted,
             "updates_rejected": rejected,
             "duplicates_dropped": 0 if dup is None else dup[0],
+            "messages_shed": 0 if shed is None else shed[0],
             "declined": declined,
             "clients": clients,
             "personalization": self.get("personalization", {}),

@@ -570,3 +570,33 @@ def test_a_model_whose_ledger_entry_rewrites_history_is_refused(mqtt_broker, tmp
     r = run(scenario())
     assert r["kept"] == 1
     assert r["head"] == {"version": 2, "hash": honest["hash"]}
+
+
+def test_an_edge_acts_only_on_tasks_its_hub_signed_for_its_federation_within_bounds(mqtt_broker, tmp_path):
+    fed, state = federation(), tmp_path / "edge"
+
+    async def scenario() -> tuple[int, UpdateMeta, dict[str, int]]:
+        async with FakeHub(mqtt_broker, fed) as hub:
+            await hub.publish_model(global_model(version=1), round_number=0)
+            async with RunningEdge(edge_config(mqtt_broker, fed, state)) as edge:
+                await until(lambda: edge.model_version == 1, "model v1")
+                other = Ed25519PrivateKey.generate()
+                forged = [
+                    Task(10 ** 12, 1, TASK_CONFIG).to_bytes(),  # unsigned
+                    Task(5, 1, TASK_CONFIG, federation=fed).signed(other).to_bytes(),  # another key
+                    Task(5, 1, TASK_CONFIG, federation="elsewhere").signed(hub.key).to_bytes(),  # another federation
+                    Task(5, 1, {**TASK_CONFIG, "lr": -1.0}, federation=fed).signed(hub.key).to_bytes(),  # ascent
+                    Task(5, 1, {**TASK_CONFIG, "seed": -1}, federation=fed).signed(hub.key).to_bytes(),
+                    Task(5, 0, TASK_CONFIG, federation=fed).signed(hub.key).to_bytes(),  # an older model
+                    b'{"round": 1180591620717411303424, "model_version": 1}',
+                ]
+                for payload in forged:
+                    await hub.session.publish(hub.topics.task, payload, retain=True)
+                await until(lambda: edge.counters.get("tasks_refused", 0) == len(forged), "every forged task refused")
+                refused_while_idle = edge.task
+                await hub.publish_task(Task(round=1, model_version=1, config=TASK_CONFIG))
+                _, meta, _ = await hub.next_update()
+                return refused_while_idle, meta, dict(edge.counters)
+
+    task, meta, counters = run(scenario())
+    assert task is None and (meta.round, meta.sequence) == (1, 1) and counters["tasks_refused"] == 7

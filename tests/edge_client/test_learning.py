@@ -158,3 +158,26 @@ def test_evaluation_in_batches_matches_one_pass_over_the_holdout():
     whole, _ = model.default_loss()(model.forward_raw(x), model.encode_target(y))
     assert n == 100 and loss == pytest.approx(float(whole), rel=1e-5)
     assert metrics["accuracy"] == pytest.approx(float(np.mean(model.predict(x).argmax(axis=1) == y)))
+
+
+@pytest.mark.parametrize("config", [
+    {"epochs": 10 ** 9}, {"seed": -1}, {"lr": -1.0}, {"lr": float("nan")}, {"lr": 1e9}, {"momentum": -1},
+    {"momentum": 1.5}, {"weight_decay": -1}, {"grad_clip": float("inf")}, {"cpu_seconds": float("nan")},
+    {"min_new_windows": -3}, {"batch_size": 0},
+])
+def test_a_tasks_settings_out_of_bounds_are_refused(config):
+    with pytest.raises(ConfigError):
+        FineTunePolicy().with_overrides(config)
+
+
+def test_a_task_may_lower_the_gateways_cpu_budget_never_raise_it():
+    policy = FineTunePolicy(cpu_seconds=5.0)
+    assert policy.with_overrides({"cpu_seconds": 1e9}).cpu_seconds == 5.0
+    assert policy.with_overrides({"cpu_seconds": 2}).cpu_seconds == 2.0
+
+
+def test_an_interrupted_fit_stops_after_its_current_step():
+    trainer, weights = _trainer(FineTunePolicy(TrainConfig(epochs=1000), cpu_seconds=600))
+    trainer.interrupt()
+    _, _, metrics = trainer.fit(weights, {})
+    assert metrics["steps"] == 1

@@ -63,3 +63,13 @@ def test_a_damaged_package_is_detected(tmp_path):
     (entry.path / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(ModelFormatError, match="sha256"):
         registry.latest().load()
+
+
+def test_prune_keeps_the_first_and_the_newest_versions(tmp_path):
+    registry = ModelRegistry(tmp_path / "models")
+    for version in range(6):
+        registry.save(Model(activity_spec(), seed=0, version=version), version, onnx=False, tflite=False)
+    assert registry.prune(3) == [1, 2]
+    assert registry.versions() == [0, 3, 4, 5]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["v00000", "v00003", "v00004", "v00005"]
+    assert registry.prune(3) == [] and registry.latest().load().version == 5

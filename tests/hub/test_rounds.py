@@ -54,3 +54,18 @@ def test_metrics_are_weighted_by_examples_and_kept_per_round():
     assert result["eval_clients"] == 2 and result["eval_examples"] == 40
     collector.forget_before(2)
     assert collector.result(1) == {} and collector.result(2)["accuracy"] == pytest.approx(0.1)
+
+
+def test_metrics_from_the_network_are_bounded_and_only_the_open_rounds_are_kept():
+    collector = MetricsCollector()
+    huge = b'{"round": 1, "model_version": 0, "num_examples": 1' + b"0" * 400 + b', "metrics": {"loss": 1.0}}'
+    assert not collector.add("a", huge, open_round=1)  # 10**400 examples: refused, never a float overflow
+    many = json.dumps({"round": 1, "model_version": 0, "num_examples": 5,
+                       "metrics": {f"m{i}": 1.0 for i in range(500)}}).encode()
+    assert not collector.add("a", many, open_round=1)
+    future = json.dumps({"round": 9, "model_version": 0, "num_examples": 5, "metrics": {"loss": 1.0}}).encode()
+    assert not collector.add("a", future, open_round=1)
+    odd = json.dumps({"round": 1, "model_version": 0, "num_examples": 5,
+                      "metrics": {"loss": 1e300, "accuracy": 0.5}}).encode()
+    assert collector.add("a", odd, open_round=1)
+    assert collector.result(1) == {"accuracy": 0.5, "eval_clients": 1.0, "eval_examples": 5.0}

@@ -61,3 +61,40 @@ def test_a_task_carries_the_old_key_names_too_for_edges_of_the_last_release() ->
 
     assert sent["clip_norm"] == 2.0 and sent["update_clip_norm"] == 0.25
     assert Task.from_bytes(task.to_bytes()) == task
+
+
+def test_a_signed_task_verifies_only_unchanged_and_only_with_the_hubs_key():
+    from dataclasses import replace
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from models.protocol.signed import public_key_bytes
+
+    hub = Ed25519PrivateKey.generate()
+    task = Task(4, 3, {"lr": 0.01, "grad_clip": 1.0}, 99.5, ("a",), "ward-7").signed(hub)
+    parsed = Task.from_bytes(task.to_bytes())  # the legacy key names written beside it do not break it
+    assert parsed == task and parsed.verify(public_key_bytes(hub))
+    assert not parsed.verify(public_key_bytes(Ed25519PrivateKey.generate()))
+    for altered in (replace(task, round=5), replace(task, federation="ward-8"), replace(task, config={"lr": -1.0}),
+                    replace(task, clients=None), replace(task, signature=None)):
+        assert not altered.verify(public_key_bytes(hub))
+
+
+@pytest.mark.parametrize("body", [
+    {"round": 2 ** 70, "model_version": 0},
+    {"round": -1, "model_version": 0},
+    {"round": 1, "model_version": 0, "deadline": 1e400},
+    {"round": 1, "model_version": 0, "config": {"nested": {"a": 1}}},
+    {"round": 1, "model_version": 0, "config": {f"k{i}": i for i in range(65)}},
+    {"round": 1, "model_version": 0, "signature": "abc"},
+    {"round": 1, "model_version": 0, "federation": 7},
+])
+def test_a_task_out_of_bounds_is_malformed(body):
+    with pytest.raises(SigningError) as err:
+        Task.from_bytes(json.dumps(body).encode())
+    assert err.value.reason == "malformed"
+
+
+def test_a_task_with_nan_in_its_config_is_malformed():
+    with pytest.raises(SigningError):
+        Task.from_bytes(b'{"round": 1, "model_version": 0, "config": {"lr": NaN}}')

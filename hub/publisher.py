@@ -1,9 +1,7 @@
 """What the hub sends: signed receipts, the retained model and task, secure-round messages.
 
 Receipts go out once the intake batch they answer has committed, signed with the hub's
-key. Few are in flight at once: paho reads as many packets per socket event as it has
-messages in flight, which would let a burst of updates past the session's
-``max_buffered`` bound.
+key, a few in flight at once.
 
 The model (signed, retained) and then the task that points at it are published under one
 lock, and composed only once the lock is held: two announcements (a round's close and a
@@ -12,6 +10,11 @@ out again (:meth:`Publisher.reannouncing`): a broker that restarted may have los
 and the hub's subscription with whatever edges sent meanwhile (they re-send on hearing
 the task). Sends nothing waits for run as background tasks, which :meth:`Publisher.drain`
 waits for when the hub stops.
+
+Anyone who can publish on ``model`` or ``task`` can replace what the broker retains there.
+Edges ignore what the hub did not sign, but an edge that connects later would find nothing
+usable; so the hub reads both topics and, when the retained copy is not what it published,
+publishes its own again (:meth:`Publisher.check_retained`, at most every :data:`RESTORE_SPACING_S`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,12 +36,13 @@ if TYPE_CHECKING:
     from models.protocol.topics import Topics
     from models.transport.mqtt import MqttSession
 
-__all__ = ["RECEIPTS_IN_FLIGHT", "RECONNECT_POLL_S", "Announcement", "Publisher"]
+__all__ = ["RECEIPTS_IN_FLIGHT", "RECONNECT_POLL_S", "RESTORE_SPACING_S", "Announcement", "Publisher"]
 
 log = logging.getLogger(__name__)
 
 RECEIPTS_IN_FLIGHT = 32
 RECONNECT_POLL_S = 0.5
+RESTORE_SPACING_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,10 @@ class Publisher:
         self._receipt_slots = asyncio.Semaphore(RECEIPTS_IN_FLIGHT)
         self._announcing = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
+        self._retained: dict[str, bytes] = {}  # topic -> what this hub last published there, retained
+        self._restored_at = -RESTORE_SPACING_S
+        self._restoring: asyncio.Task[None] | None = None
+        self._restore_again = False
 
     # -- background sends -----------------------------------------------------------
 
@@ -99,7 +108,38 @@ class Publisher:
 
     async def task(self, task: Task) -> None:
         """Publish ``task`` (retained) on its own: the round's model is out already."""
-        await self.session.publish(self.topics.task, task.to_bytes(), qos=1, retain=True)
+        await self._retain(self.topics.task, task.to_bytes())
+
+    async def _retain(self, topic: str, payload: bytes) -> None:
+        self._retained[topic] = payload
+        await self.session.publish(topic, payload, qos=1, retain=True)
+
+    def check_retained(self, topic: str, payload: bytes) -> None:
+        """A message seen on ``model`` or ``task``: when it is not this hub's, publish the hub's own again."""
+        ours = self._retained.get(topic)
+        if ours is None or payload == ours:
+            return
+        log.warning("a message on %s that this hub did not publish (%d bytes): publishing the hub's own again",
+                    topic, len(payload))
+        if self._restoring is not None and not self._restoring.done():
+            self._restore_again = True  # once more after the spacing: it may have come after our restore
+            return
+        self._restoring = asyncio.create_task(self._restore())
+        self._background.add(self._restoring)
+        self._restoring.add_done_callback(self._background.discard)
+
+    async def _restore(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.0, self._restored_at + RESTORE_SPACING_S - time.monotonic()))
+            self._restore_again = False
+            self._restored_at = time.monotonic()
+            async with self._announcing:
+                for topic in (self.topics.model, self.topics.task):  # the model first: the task points at it
+                    if topic in self._retained:
+                        with contextlib.suppress(BrokerUnavailable):
+                            await self.session.publish(topic, self._retained[topic], qos=1, retain=True)
+            if not self._restore_again:
+                return
 
     async def announce(self, compose: Callable[[], Announcement | None]) -> None:
         """Publish the model (retained) and then its task, as ``compose`` makes them once no other announcement runs."""
@@ -107,9 +147,9 @@ class Publisher:
             announcement = compose()
             if announcement is None:
                 return
-            await self.session.publish(self.topics.model, announcement.model, qos=1, retain=True)
+            await self._retain(self.topics.model, announcement.model)
             if announcement.task is not None:
-                await self.session.publish(self.topics.task, announcement.task, qos=1, retain=True)
+                await self._retain(self.topics.task, announcement.task)
                 log.info("published model v%d (%d bytes) and the task for round %d", announcement.version,
                          len(announcement.model), announcement.round)
             else:

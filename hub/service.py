@@ -52,7 +52,7 @@ from models.errors import ConfigError
 from models.files import check_writable, state_dir_error
 from models.protocol.codec import UpdateCodec
 from models.protocol.identity import load_keyring, public_hex
-from models.protocol.messages import Receipt, Task, build_model
+from models.protocol.messages import MAX_MODEL_BYTES, Receipt, Task, build_model
 from models.protocol.topics import Topics
 
 if TYPE_CHECKING:
@@ -225,6 +225,7 @@ class HubService:
                 protocol=cfg.protocol,  # type: ignore[arg-type]
                 # past these the session drops (and counts) what arrives: its acks must keep flowing
                 max_buffered=INBOX_MESSAGES, max_buffered_bytes=INBOX_BYTES,
+                max_packet_size_in=max(cfg.max_update_bytes, MAX_MODEL_BYTES) + 64 * 1024,
             )
             publisher = self._publisher = Publisher(session, self.topics, self._key)
             await session.connect()
@@ -250,6 +251,8 @@ class HubService:
         if self._secure is not None:
             await session.subscribe(self.topics.all_of("secagg"), qos=1)
         await self._announce()
+        for topic in (self.topics.model, self.topics.task):  # to restore them when someone overwrites them
+            await session.subscribe(topic, qos=1)
         model = _running(rounds.model)
         log.info("hub %s for federation %s on %s (MQTT %s%s): model v%d, round %d, hub key %s", session.client_id,
                  cfg.federation, session.address.url, session.protocol, ", shared subscription" if shared else "",
@@ -313,6 +316,8 @@ class HubService:
             elif (client := self.topics.client_from(message.topic, "secagg")) is not None:
                 if self._secure is not None:
                     self._secure.receive(client, message.payload)
+            elif message.topic in (self.topics.model, self.topics.task):
+                _running(self._publisher).check_retained(message.topic, message.payload)
             else:
                 log.debug("ignored a message on %s", message.topic)
             session.ack(message)

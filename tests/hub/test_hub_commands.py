@@ -37,6 +37,7 @@ def test_status_json_is_the_store_contract(tmp_path, capsys):
     assert out == {
         "model_version": 0, "rounds_completed": 0, "updates_accepted": 1,
         "updates_rejected": {**dict.fromkeys(REJECT_REASONS, 0), "stale": 1}, "duplicates_dropped": 0,
+        "messages_shed": 0,
         "declined": {"resources": 1}, "waiting": None,
         "clients": {"edge-a": {"accepted": 1, "last_sequence": 2, "last_seen": 5.0}}, "personalization": {},
         "privacy": None,

@@ -525,3 +525,34 @@ def test_the_selection_of_a_later_round_is_enforced_too(mqtt_broker, topic_prefi
     results = run(scenario())
     assert [(t.round, r.reason) for t, r in results] == [(1, "not_selected"), (2, "not_selected")]
     assert [s.participants for s in service.summaries] == [len(t.clients) for t, _ in results]
+
+
+def test_the_hub_restores_its_retained_model_and_task_when_someone_overwrites_them(mqtt_broker, topic_prefix,
+                                                                                     tmp_path):
+    config = hub_config(mqtt_broker, topic_prefix, tmp_path / "hub", min_clients=2, round_timeout_s=60)
+    topics = Topics(config.federation, topic_prefix)
+    service = HubService(config, Model(activity_spec(), seed=1))
+
+    async def scenario() -> tuple[bytes, bytes, bytes, bytes]:
+        stop = asyncio.Event()
+        hub_task = asyncio.create_task(service.run(stop))
+        await asyncio.wait_for(service.ready.wait(), WAIT_S)
+        model = await asyncio.to_thread(retained_model, mqtt_broker, topics.model)
+        task = await asyncio.to_thread(retained_model, mqtt_broker, topics.task)
+        attacker = FakeEdge(mqtt_broker, topics, "mallory")
+        await attacker.start(online=False)
+        await attacker.session.publish(topics.task, b'{"round": 1000000000000, "model_version": 0}', retain=True)
+        await attacker.session.publish(topics.model, b"not a model", retain=True)
+        for _ in range(100):  # a new subscriber gets the retained copy: the hub's again once it noticed
+            if await asyncio.to_thread(retained_model, mqtt_broker, topics.task) == task:
+                break
+            await asyncio.sleep(0.1)
+        restored = await asyncio.to_thread(retained_model, mqtt_broker, topics.model)
+        stop.set()
+        await asyncio.wait_for(hub_task, WAIT_S)
+        await attacker.stop()
+        final_task = await asyncio.to_thread(retained_model, mqtt_broker, topics.task)
+        return model, task, restored, final_task
+
+    model, task, restored, final_task = run(scenario())
+    assert restored == model and final_task == task and Task.from_bytes(task).signature  # the hub's own, signed

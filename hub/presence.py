@@ -148,7 +148,13 @@ class Presence:
         return {c: d for (c, r), d in self._declines.items() if r == round_number}
 
     def forget_before(self, round_number: int) -> None:
+        """Drop the declines of earlier rounds; edges that no longer belong (the first round of a hub without
+        keyring took every edge) become newcomers again."""
         self._declines = {k: d for k, d in self._declines.items() if k[1] >= round_number}
+        for client in [c for c in self._online if not self.belongs(c)]:
+            self._online.discard(client)
+            self.doing.pop(client, None)
+            self._add_newcomer(client)
 
     def waiting(self, round_number: int, expected: set[str] | None, answered: set[str]) -> dict[str, str]:
         """The edges the open round still waits for, each with the last thing it said (``expected`` None: online)."""

@@ -103,7 +103,7 @@ class HubService:
         self.on_round_closed: RoundHook | None = None
         self.summaries: list[RoundSummary] = []
         self.ready = asyncio.Event()
-        self.presence = Presence(self._belongs)
+        self.presence = Presence(lambda client: self._belongs(client) or self._bootstrapping())
         self._selection_policy = config.selection()
         self._metrics = MetricsCollector()
         self._batch_limit = config.max_batch
@@ -122,8 +122,9 @@ class HubService:
 
     @property
     def online(self) -> set[str]:
-        """The edges that belong (keyring or pinned key) whose retained status says online."""
-        return self.presence.online
+        """The online edges rounds are for: those that belong (keyring or pinned key), and in the first round
+        of a hub without keyring every edge online."""
+        return self._candidates()[0]
 
     def _belongs(self, client: str) -> bool:
         return self._intake is not None and self._intake.knows(client)
@@ -135,9 +136,9 @@ class HubService:
 
     def _candidates(self) -> tuple[set[str], list[str]]:
         """(the online edges a round is for, the newcomers it may try on top)."""
-        if self._bootstrapping():
-            return self.online | set(self.presence.newcomers), []
-        return self.online, self.presence.newcomers
+        if self._bootstrapping():  # presence counts every edge a member then
+            return self.presence.online | set(self.presence.newcomers), []
+        return self.presence.online, self.presence.newcomers
 
     def _expected(self, selection: tuple[str, ...] | None) -> set[str]:
         """The edges the open round waits for: its selected members (or every member online), never a newcomer

@@ -24,6 +24,7 @@ from edge_client.sources.recordings import RecordingsDataset, write_recording
 from edge_client.sources.simulator import SimulatedDataset
 from hub.service import HubConfig, HubService
 from models import Model
+from models.protocol.identity import load_or_create_key, public_hex
 
 pytestmark = pytest.mark.slow  # the quick loop is `pytest -m "not slow"`
 
@@ -50,10 +51,14 @@ async def _federate(broker, tmp_path, decline_one: bool) -> tuple[HubService, li
     federation = f"every-{uuid.uuid4().hex[:10]}"
     prefix = f"wearfl-test/{uuid.uuid4().hex[:8]}"
     spec = task_spec("activity", DATASET)
+    a, b, c = DATASET.train_clients[:3]
+    # enrolled devices: a decliner never sends an update, so only a keyring makes it a member the hub expects
+    keyring = tmp_path / "keyring"
+    keyring.write_text("".join(f"{client} {public_hex(load_or_create_key(tmp_path / client / 'device.key'))}\n"
+                               for client in (a, b, c)))
     hub = HubService(HubConfig(broker=broker.url, federation=federation, state_dir=tmp_path / "hub",
                                min_clients=2, round_timeout_s=8, rounds=3, protocol=broker.protocol,
-                               topic_prefix=prefix), initial_model=Model(spec, seed=0))
-    a, b, c = DATASET.train_clients[:3]
+                               topic_prefix=prefix, keyring=keyring), initial_model=Model(spec, seed=0))
     sources = {a: DATASET.source(a), b: recording_of(b, tmp_path / "rec").source(b)}
     if decline_one:
         sources[c] = DATASET.source(c)

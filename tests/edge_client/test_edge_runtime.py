@@ -87,7 +87,7 @@ def global_model(version: int = 1, seed: int = 0) -> Model:
 
 
 def edge_config(broker: Any, fed: str, state_dir: Path, client: str = "wearer-00", **overrides: Any) -> EdgeConfig:
-    policy = FineTunePolicy(train=TrainConfig(epochs=1, batch_size=32))
+    policy = overrides.pop("policy", FineTunePolicy(train=TrainConfig(epochs=1, batch_size=32)))
     return EdgeConfig(broker=url_of(broker), federation=fed, client_id=client, state_dir=state_dir, policy=policy,
                       protocol=protocol_of(broker), **overrides)
 
@@ -600,3 +600,22 @@ def test_an_edge_acts_only_on_tasks_its_hub_signed_for_its_federation_within_bou
 
     task, meta, counters = run(scenario())
     assert task is None and (meta.round, meta.sequence) == (1, 1) and counters["tasks_refused"] == 7
+
+
+def test_a_stop_interrupts_a_long_fit_instead_of_waiting_for_its_cpu_budget(mqtt_broker, tmp_path):
+    fed, state = federation(), tmp_path / "edge"
+    # a fit allowed ten minutes of CPU: the stop must not wait for it (RunningEdge gives the stop WAIT_S)
+    policy = FineTunePolicy(train=TrainConfig(epochs=1000, batch_size=8), cpu_seconds=600.0)
+
+    async def scenario() -> tuple[str, list[Any]]:
+        async with FakeHub(mqtt_broker, fed) as hub:
+            await hub.publish_model(global_model(version=1))
+            await hub.publish_task(Task(round=1, model_version=1, config={"quantize": "int8"}))
+            async with RunningEdge(edge_config(mqtt_broker, fed, state, policy=policy)) as edge:
+                await until(lambda: edge.training_state == "training round 1", "the fit to start")
+                state_then = edge.training_state
+        with Outbox(state) as outbox:
+            return state_then, outbox.pending()
+
+    training, pending = run(scenario())
+    assert training == "training round 1" and pending == []

@@ -27,12 +27,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mappi
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from models.errors import BrokerUnavailable
+from models.errors import BrokerUnavailable, SigningError
+from models.protocol.messages import MAX_MODEL_BYTES, Task
+from models.protocol.signed import public_key_bytes, verify_and_parse
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from models.protocol.messages import Receipt, Task
+    from models.protocol.messages import Receipt
     from models.protocol.topics import Topics
     from models.transport.mqtt import MqttSession
 
@@ -119,14 +121,27 @@ class Publisher:
         ours = self._retained.get(topic)
         if ours is None or payload == ours:
             return
-        log.warning("a message on %s that this hub did not publish (%d bytes): publishing the hub's own again",
-                    topic, len(payload))
+        if self._signed_by_us(topic, payload):  # an older copy of ours (one the broker queued while we were away)
+            log.debug("an older %s of this hub's on %s: publishing the current one again", topic, topic)
+        else:
+            log.warning("a message on %s that this hub did not publish (%d bytes): publishing the hub's own again",
+                        topic, len(payload))
         if self._restoring is not None and not self._restoring.done():
             self._restore_again = True  # once more after the spacing: it may have come after our restore
             return
         self._restoring = asyncio.create_task(self._restore())
         self._background.add(self._restoring)
         self._restoring.add_done_callback(self._background.discard)
+
+    def _signed_by_us(self, topic: str, payload: bytes) -> bool:
+        own = public_key_bytes(self.key)
+        try:
+            if topic == self.topics.task:
+                return Task.from_bytes(payload).verify(own)
+            verify_and_parse(payload, MAX_MODEL_BYTES, own)
+        except SigningError:
+            return False
+        return True
 
     async def _restore(self) -> None:
         while True:

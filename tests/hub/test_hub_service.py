@@ -528,7 +528,8 @@ def test_the_selection_of_a_later_round_is_enforced_too(mqtt_broker, topic_prefi
 
 
 def test_the_hub_restores_its_retained_model_and_task_when_someone_overwrites_them(mqtt_broker, topic_prefix,
-                                                                                     tmp_path):
+                                                                                     tmp_path, monkeypatch):
+    monkeypatch.setattr("hub.publisher.RESTORE_SPACING_S", 1.0)
     config = hub_config(mqtt_broker, topic_prefix, tmp_path / "hub", min_clients=2, round_timeout_s=60)
     topics = Topics(config.federation, topic_prefix)
     service = HubService(config, Model(activity_spec(), seed=1))

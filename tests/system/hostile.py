@@ -144,7 +144,7 @@ class Federation:
     ``procs`` names every process the health check requires alive: ``hub`` and the edges.
     """
 
-    def __init__(self, broker: Any, root: Path, *, round_timeout: float = 4.0, task: str = "activity") -> None:
+    def __init__(self, broker: Any, root: Path, *, round_timeout: float = 3.0, task: str = "activity") -> None:
         self.broker, self.root = broker, root
         self.name = f"hostile-{uuid.uuid4().hex[:10]}"
         self.topics = Topics(self.name)

@@ -19,6 +19,7 @@ from lsl_outlets import make_outlet, stream_name
 from scipy.signal import resample_poly
 
 from edge_client.edge_command import resolve_source
+from edge_client.finetune import FineTunePolicy
 from edge_client.runtime import EdgeClient, EdgeConfig
 from edge_client.sources.simulator import SimulatedWearer
 from hub.service import HubConfig, HubService
@@ -89,10 +90,11 @@ def test_an_edge_on_an_lsl_stream_takes_part_in_three_heart_rate_rounds(mqtt_bro
 async def _federate(broker, tmp_path, source) -> HubService:
     federation, prefix = f"lsl-{uuid.uuid4().hex[:10]}", f"wearfl-test/{uuid.uuid4().hex[:8]}"
     hub = HubService(HubConfig(broker=broker.url, federation=federation, state_dir=tmp_path / "hub", min_clients=1,
-                               round_timeout_s=24, rounds=3, protocol=broker.protocol, topic_prefix=prefix),
+                               round_timeout_s=12, rounds=3, protocol=broker.protocol, topic_prefix=prefix),
                      initial_model=Model(heart_rate_spec(), seed=0))
+    # four fresh windows a round (the default is 16): a live stream needs less time to provide them
     edge = EdgeClient(EdgeConfig(broker=broker.url, federation=federation, client_id=source.client_id,
                                  state_dir=tmp_path / "edge", protocol=broker.protocol, topic_prefix=prefix,
-                                 resume_stream=False), source)
+                                 resume_stream=False, policy=FineTunePolicy(min_new_windows=4)), source)
     await run_until_hub_ends(hub, [edge], 240)
     return hub

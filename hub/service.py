@@ -227,6 +227,7 @@ class HubService:
                 # past these the session drops (and counts) what arrives: its acks must keep flowing
                 max_buffered=INBOX_MESSAGES, max_buffered_bytes=INBOX_BYTES,
                 max_packet_size_in=max(cfg.max_update_bytes, MAX_MODEL_BYTES) + 64 * 1024,
+                receive_maximum=self._batch_limit,
             )
             publisher = self._publisher = Publisher(session, self.topics, self._key)
             await session.connect()

@@ -202,6 +202,11 @@ class MqttSession:
       Mosquitto does, drops a larger message for this client. On 3.1.1 the broker cannot be
       told; a larger message is then shed on arrival (paho has read it, but the consumer
       never holds it). None: no bound beyond MQTT's own.
+    - ``receive_maximum``: MQTT 5's Receive Maximum in CONNECT, the unacknowledged QoS 1
+      deliveries the broker may have out to this session at once: with ``manual_ack``, a
+      consumer that is busy (a hub closing a round) holds the broker back instead of
+      filling the buffer. Mosquitto 2.0 honours it while no acknowledgements flow, and less
+      strictly once they do; the buffer bounds stay the guarantee.
 
     One consumer should iterate :meth:`messages`. All methods must be called from the loop
     that ran :meth:`connect`.
@@ -223,6 +228,7 @@ class MqttSession:
         max_buffered: int = 0,
         max_buffered_bytes: int = 0,
         max_packet_size_in: int | None = None,
+        receive_maximum: int | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         if not client_id:
@@ -232,6 +238,8 @@ class MqttSession:
         if min(keepalive, session_expiry_s, max_inflight, max_queued, max_buffered, max_buffered_bytes) < 0:
             raise ConfigError("keepalive, session_expiry_s, max_inflight, max_queued, max_buffered and "
                               "max_buffered_bytes must be non-negative.")
+        if receive_maximum is not None and not 0 < receive_maximum <= 65535:
+            raise ConfigError(f"receive_maximum must be 1 .. 65535, not {receive_maximum}.")
         if max_packet_size_in is not None and not 0 < max_packet_size_in <= MQTT_MAX_PACKET_BYTES:
             raise ConfigError(f"max_packet_size_in must be between 1 and {MQTT_MAX_PACKET_BYTES} bytes "
                               f"(or None for no bound), not {max_packet_size_in}.")
@@ -245,6 +253,7 @@ class MqttSession:
         self.max_inflight = max_inflight
         self.max_queued = max_queued
         self.max_buffered = max_buffered
+        self.receive_maximum = receive_maximum
         self.max_buffered_bytes = max_buffered_bytes
         self.max_packet_size_in = max_packet_size_in
         self._buffered_bytes = 0  # payload bytes of the messages in self._messages
@@ -567,6 +576,8 @@ class MqttSession:
             properties.SessionExpiryInterval = self.session_expiry_s
             if self.max_packet_size_in is not None:  # the broker drops what is larger, for this client only
                 properties.MaximumPacketSize = self.max_packet_size_in
+            if self.receive_maximum is not None:  # unacknowledged QoS 1 deliveries the broker may have out to us
+                properties.ReceiveMaximum = self.receive_maximum
             args.update(clean_start=self.clean_start, properties=properties)
         return args
 

@@ -258,3 +258,31 @@ def test_a_new_session_has_shed_nothing() -> None:
     fresh = MqttSession(BrokerAddress("127.0.0.1"), "hub", max_buffered=1, max_buffered_bytes=10, max_packet_size_in=64)
 
     assert (fresh.shed, fresh.buffered, fresh.buffered_bytes) == (0, 0, 0)
+
+
+def test_the_broker_sends_no_more_unacknowledged_messages_than_the_receive_maximum(mqtt_broker):
+    needs_mosquitto(mqtt_broker)
+    topic = f"wearfl-test/{uid('recvmax')}"
+
+    async def scenario() -> tuple[int, int]:
+        slow = session(mqtt_broker, uid("slow"), manual_ack=True, clean_start=True, receive_maximum=5)
+        sender = session(mqtt_broker, uid("sender"), clean_start=True)
+        await slow.connect(timeout=WAIT_S)
+        await sender.connect(timeout=WAIT_S)
+        await slow.subscribe(topic)
+        await burst(sender, topic, 50)
+        await until(lambda: slow.buffered >= 5, "the first five deliveries", WAIT_S)
+        await asyncio.sleep(0.5)  # the broker's chance to send more than it may (it must not)
+        held = slow.buffered
+        received = 0
+        async for message in slow.messages():  # acking one lets the broker send one more
+            slow.ack(message)
+            received += 1
+            if received == 50:
+                break
+        await sender.disconnect()
+        await slow.disconnect()
+        return held, received
+
+    held, received = run(scenario())
+    assert held == 5 and received == 50

@@ -13,7 +13,7 @@ from typing import Literal
 
 from edge_client.finetune import FineTunePolicy, ResourceHook
 from edge_client.outbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES
-from edge_client.replay import POLICIES
+from edge_client.replay import POLICIES, REPLAY_MAX_BYTES, REPLAY_MAX_WINDOWS
 from models.errors import ConfigError
 from models.protocol.topics import check_name
 from models.transport.credentials import Credentials
@@ -49,8 +49,8 @@ class EdgeConfig:
     state_dir: Path
     policy: FineTunePolicy = field(default_factory=FineTunePolicy)
     hooks: tuple[ResourceHook, ...] = ()
-    replay_max_windows: int = 2048
-    replay_max_bytes: int = 8 * 1024 * 1024
+    replay_max_windows: int = REPLAY_MAX_WINDOWS
+    replay_max_bytes: int = REPLAY_MAX_BYTES
     replay_policy: str = "reservoir"
     holdout_max_windows: int = 256
     eval_fraction: float = 0.2

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge_client.finetune import FineTunePolicy, ResourceHook, battery_hook, temperature_hook
-from edge_client.replay import POLICIES
+from edge_client.replay import POLICIES, REPLAY_MAX_BYTES, REPLAY_MAX_WINDOWS
 from edge_client.sources.base import Source
 from edge_client.sources.datasets import is_live
 from models.errors import ConfigError, WearflError
@@ -264,9 +264,11 @@ def add_edge_command(sub: Any) -> None:
                    help="share of labelled windows held out for federated evaluation (default 0.2)")
     p.add_argument("--pseudo-threshold", type=float, metavar="P",
                    help="pseudo-label unlabelled activity windows at this confidence (default: off)")
-    p.add_argument("--replay-windows", type=int, default=2048, metavar="N",
-                   help="replay buffer size in windows (default 2048)")
-    p.add_argument("--replay-mib", type=int, default=8, metavar="MIB", help="replay buffer bound in MiB (default 8)")
+    p.add_argument("--replay-windows", type=int, default=REPLAY_MAX_WINDOWS, metavar="N",
+                   help=f"replay buffer size in windows (default {REPLAY_MAX_WINDOWS})")
+    p.add_argument("--replay-mib", type=int, default=REPLAY_MAX_BYTES >> 20, metavar="MIB",
+                   help=f"replay buffer bound in MiB (default {REPLAY_MAX_BYTES >> 20}: 1022 heart-rate or 1361 "
+                        "activity windows; it is resident once full)")
     p.add_argument("--replay-policy", choices=POLICIES, default="reservoir")
     p.add_argument("--min-new-windows", type=int, default=16, metavar="N",
                    help="train a round only after this many new windows (default 16)")

@@ -22,10 +22,19 @@ import numpy as np
 from models.errors import ConfigError, ModelFormatError
 from models.files import write_atomic
 
-__all__ = ["LABEL_SOURCES", "POLICIES", "ReplayBuffer"]
+__all__ = ["LABEL_SOURCES", "POLICIES", "REPLAY_MAX_BYTES", "REPLAY_MAX_WINDOWS", "ReplayBuffer"]
 
 LABEL_SOURCES = ("reference", "annotation", "pseudo")
 POLICIES = ("reservoir", "balanced")
+REPLAY_MAX_WINDOWS = 2048
+REPLAY_MAX_BYTES = 4 * 1024 * 1024
+"""A gateway's replay buffer, resident once full: 1022 heart-rate windows (4 x 256 float32, 68 minutes
+of stream at the default half-window hop) or 1361 activity windows (6 x 128, 29 minutes). A round trains
+one epoch on the whole buffer. 30 minutes of stream, the length every training result in this repository
+was measured on (simulated wearers, recordings), leaves at most ~1125 activity and ~360 heart-rate windows
+for training after the holdout, so those buffers are the same as under the former 8 MiB; on a gateway that
+runs for months the full buffer costs 4 MiB instead of 8 (``wearfl edge`` over 10 heart-rate rounds on
+3 hours of recording peaked at 69 MiB instead of 75: scripts/bench_edge_footprint.py --recording-minutes 180)."""
 _DTYPES = {"<f4": "F32", "|i1": "I8"}
 """numpy dtype -> safetensors dtype of the stored arrays."""
 _MAX_HEADER = 1 << 20
@@ -37,8 +46,8 @@ class ReplayBuffer:
     def __init__(
         self,
         window_shape: tuple[int, int],
-        max_windows: int = 2048,
-        max_bytes: int = 8 * 1024 * 1024,
+        max_windows: int = REPLAY_MAX_WINDOWS,
+        max_bytes: int = REPLAY_MAX_BYTES,
         policy: str = "reservoir",
         seed: int = 0,
     ) -> None:

@@ -12,6 +12,10 @@ again after an abort, joins the new run with the kept delta. The peers' public k
 from the operator's keyring (:attr:`EdgeConfig.peer_keyring
 <edge_client.config.EdgeConfig.peer_keyring>`), never from the hub; an edge without one sits
 secure rounds out.
+
+The SecAgg+ library (:mod:`models.protocol.secagg`, with X25519, AES-GCM and HKDF) is imported
+when a secure round starts, not with the edge: most federations never run one, and a gateway
+keeps its resident set for the rounds it does run.
 """
 
 from __future__ import annotations
@@ -20,27 +24,21 @@ import asyncio
 import base64
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_client.config import EdgeConfig
 from edge_client.shared import Link
-from models.errors import WearflError
+from models.errors import SecAggError, WearflError
 from models.protocol.identity import load_keyring
 from models.protocol.messages import Task
-from models.protocol.secagg import (
-    ClientStage,
-    KeyBundle,
-    RoundConfig,
-    SecAggClient,
-    SecAggError,
-    ShareBundle,
-    UnmaskRequest,
-    encode,
-)
-from models.protocol.secagg.fixedpoint import levels, step
-from models.transport.mqtt import Message
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from models.protocol.secagg import RoundConfig
+    from models.transport.mqtt import Message
 
 __all__ = ["SecureParticipant", "SecureRound", "round_config_of"]
 
@@ -58,6 +56,8 @@ def round_config_of(task_config: Mapping[str, object]) -> RoundConfig | None:
         data = base64.b64decode(raw, validate=True)
     except ValueError:
         raise SecAggError("malformed", "the task's secagg entry is not valid base64") from None
+    from models.protocol.secagg import RoundConfig
+
     return RoundConfig.from_bytes(data)
 
 
@@ -66,6 +66,9 @@ class SecureParticipant:
 
     def __init__(self, client_id: str, config: RoundConfig, key: Ed25519PrivateKey, directory: Mapping[str, bytes],
                  delta: np.ndarray, rng: np.random.Generator, noise_share: float = 0.0) -> None:
+        from models.protocol.secagg import SecAggClient, encode
+        from models.protocol.secagg.fixedpoint import levels, step
+
         self.config = config
         self.client = SecAggClient(client_id, config, key, directory)
         x = encode(np.asarray(delta, np.float32), config.value_range, config.value_bits, rng)
@@ -82,13 +85,24 @@ class SecureParticipant:
 
     @property
     def done(self) -> bool:
+        from models.protocol.secagg import ClientStage
+
         return self.client.stage in (ClientStage.DONE, ClientStage.ABORTED)
+
+    @property
+    def succeeded(self) -> bool:
+        """The round's unmasking answered: this client's part is complete."""
+        from models.protocol.secagg import ClientStage
+
+        return self.client.stage is ClientStage.DONE
 
     def start(self) -> bytes:
         return self.client.advertise_keys().to_bytes()
 
     def answer(self, payload: bytes) -> bytes:
         """The reply to the hub's message for the current stage; SecAggError when it is refused."""
+        from models.protocol.secagg import ClientStage, KeyBundle, ShareBundle, UnmaskRequest
+
         stage = self.client.stage
         if stage is ClientStage.ADVERTISED:
             return self.client.share_keys(KeyBundle.from_bytes(payload)).to_bytes()
@@ -160,5 +174,5 @@ class SecureRound:
             log.warning("%s: secure round %s: %s", self.client_id, participant.round_id, exc)
             return
         await self._link.session.publish(self._link.topics.secagg_up(self.client_id), reply, qos=1)
-        if participant.client.stage is ClientStage.DONE:
+        if participant.succeeded:
             self._counters["secure_rounds"] = self._counters.get("secure_rounds", 0) + 1

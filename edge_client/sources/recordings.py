@@ -26,13 +26,17 @@ all clients and :attr:`RecordingsDataset.holdout_fraction` (0.2) says that the l
 
 Opening the dataset reads ``dataset.toml`` and every file's header (and, without
 ``labels``, every file's ``activity`` column to find the classes); a client's samples
-are parsed when its chunks are iterated. Errors name the file, line and column.
+are parsed as its chunks are iterated, :data:`BLOCK_ROWS` rows at a time, so a file of
+any length is read in bounded memory (a gateway replays hours of recording within its
+budget). Errors name the file, line and column; a bad cell deep in a file ends the stream
+there, after the chunks before it.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import itertools
 import math
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
@@ -45,14 +49,21 @@ import numpy as np
 from edge_client.sources.base import CHANNELS, UNKNOWN, Chunk
 from models.errors import ConfigError, InputError
 
-__all__ = ["COLUMNS", "HOLDOUT_FRACTION", "RecordingSource", "RecordingsDataset", "write_recording"]
+__all__ = ["BLOCK_ROWS", "COLUMNS", "HOLDOUT_FRACTION", "RecordingSource", "RecordingsDataset", "write_recording"]
 
 COLUMNS = ("t", *CHANNELS, "hr_bpm", "activity")
 """Every column a recording file may have, in wearfl order."""
 HOLDOUT_FRACTION = 0.2
 """Share of each client's stream, at its end, that is held out for testing."""
+BLOCK_ROWS = 512
+"""Rows parsed at a time. As text cells (a Python string each) a row costs ~0.6 kB until it is parsed,
+~40 bytes after; a block is ~0.3 MB whatever the file's length. Reading a 30-minute file at 50 Hz whole
+cost ``wearfl edge`` ~85 MB; in blocks of 2048 rows it kept ~4 MB more resident (the cells' memory is
+reused by other objects and not given back), in blocks of 512 ~1 MB (scripts/bench_edge_footprint.py)."""
 
 _CONFIG_KEYS = ("sampling_rate_hz", "labels", "columns", "ignore", "name")
+LineOf = Callable[[int], int]
+"""Row index (0-based, within the rows given) -> the file's line number, for error messages."""
 _DOCS = "see docs/recordings.md"
 
 
@@ -187,18 +198,34 @@ def _line_of(path: Path, row: int) -> int:
     return row + 2
 
 
-def _read_columns(header: _Header) -> list[tuple[str, ...]]:
-    """The file's data as one tuple of strings per file column."""
-    path = header.path
+def _column_blocks(header: _Header, block_rows: int | None = None) -> Iterator[tuple[list[tuple[str, ...]], LineOf]]:
+    """The file's data rows (blank lines skipped), at most ``block_rows`` (default :data:`BLOCK_ROWS`) at a
+    time, as one tuple of strings per file column (:func:`rows_to_columns`), each block with its rows' lines."""
+    path, block_rows = header.path, block_rows or BLOCK_ROWS
     with _open_csv(path) as f:
         reader = csv.reader(f)
-        try:
-            next(reader, None)
-            rows = list(reader)
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise InputError(f"{path} line {reader.line_num}: not readable as CSV ({exc}).") from exc
-    rows = [r for r in rows if r]  # blank lines
-    return rows_to_columns(rows, header, functools.partial(_line_of, path))
+        first, rest = 0, itertools.islice(reader, 1, None)  # after the header
+        while True:
+            try:
+                rows = list(itertools.islice(rest, block_rows))
+            except (csv.Error, UnicodeDecodeError) as exc:
+                raise InputError(f"{path} line {reader.line_num}: not readable as CSV ({exc}).") from exc
+            if not rows:
+                return
+            if not all(rows):
+                rows = [r for r in rows if r]  # blank lines
+            line_of = functools.partial(_line_at, path, first)
+            first += len(rows)
+            columns = rows_to_columns(rows, header, line_of)
+            del rows  # the cells live on in the columns; the row lists go before the block is parsed
+            if columns[0]:
+                yield columns, line_of
+            del columns  # before the next block is read: one block of cells at a time
+
+
+def _line_at(path: Path, first: int, row: int) -> int:
+    """The line number of row ``row`` of a block that starts at data row ``first``."""
+    return _line_of(path, first + row)
 
 
 def rows_to_columns(
@@ -319,6 +346,38 @@ def parse_columns(
     return Chunk(client_id, t, data, channels, activity, hr, classes), strays
 
 
+def _slice(chunk: Chunk, lo: int, hi: int) -> Chunk:
+    return Chunk(chunk.client_id, chunk.t[lo:hi], chunk.data[lo:hi], chunk.channels, chunk.activity[lo:hi],
+                 chunk.hr_bpm[lo:hi], chunk.classes)
+
+
+def _joined(parts: Sequence[Chunk], like: RecordingSource) -> Chunk:
+    """Consecutive chunks as one (the only one as it is)."""
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return Chunk(like.client_id, np.empty(0), np.empty((0, len(like.channels)), np.float32), like.channels,
+                     np.empty(0, np.int16), np.empty(0, np.float32), like.classes)
+    return Chunk(like.client_id, np.concatenate([p.t for p in parts]), np.concatenate([p.data for p in parts]),
+                 like.channels, np.concatenate([p.activity for p in parts]),
+                 np.concatenate([p.hr_bpm for p in parts]), like.classes)
+
+
+def _take(parts: list[Chunk], n: int, like: RecordingSource) -> tuple[Chunk, list[Chunk]]:
+    """The first ``n`` samples of ``parts`` (which hold at least ``n``) as one chunk, and the rest."""
+    if len(parts[0]) >= n:  # the usual case: a view of one block
+        head, rest = _slice(parts[0], 0, n), _slice(parts[0], n, len(parts[0]))
+        return head, ([rest] if len(rest) else []) + parts[1:]
+    used, k = 0, 0
+    while k < len(parts) and used + len(parts[k]) <= n:
+        used += len(parts[k])
+        k += 1
+    cut = n - used
+    head = [*parts[:k], *([_slice(parts[k], 0, cut)] if cut else [])]
+    rest = [_slice(parts[k], cut, len(parts[k])), *parts[k + 1:]] if k < len(parts) else []
+    return _joined(head, like), [r for r in rest if len(r)]
+
+
 class RecordingSource:
     """One recording file as a stream of chunks."""
 
@@ -330,29 +389,38 @@ class RecordingSource:
         self.classes = dataset.classes
         self._header = header
 
+    def _blocks(self, block_rows: int | None = None) -> Iterator[Chunk]:
+        """The file parsed and checked, ``block_rows`` rows at a time (the last block may be shorter)."""
+        for columns, line_of in _column_blocks(self._header, block_rows):
+            chunk, _ = parse_columns(self._header, columns, self.client_id, self.channels, self.classes, line_of)
+            del columns
+            yield chunk
+
     def read(self) -> Chunk:
         """The whole file as one chunk (parsed and checked)."""
-        header = self._header
-        chunk, _ = parse_columns(header, _read_columns(header), self.client_id, self.channels, self.classes,
-                                 functools.partial(_line_of, header.path))
-        return chunk
+        return _joined(list(self._blocks()), self)
 
     def chunks(self, max_samples: int = 4096) -> Iterator[Chunk]:
-        """Yield the file's samples in file order, at most ``max_samples`` a chunk."""
+        """Yield the file's samples in file order, ``max_samples`` a chunk (the last one may have fewer).
+
+        The file is parsed as it is read (:data:`BLOCK_ROWS` rows at a time), so memory does not
+        grow with the file's length; a chunk longer than a block is joined from several.
+        """
         if max_samples < 1:
             raise ConfigError(f"max_samples must be at least 1, got {max_samples}.")
-        whole = self.read()
-        for lo in range(0, len(whole), max_samples):
-            hi = lo + max_samples
-            yield Chunk(
-                client_id=self.client_id,
-                t=whole.t[lo:hi],
-                data=whole.data[lo:hi],
-                channels=self.channels,
-                activity=whole.activity[lo:hi],
-                hr_bpm=whole.hr_bpm[lo:hi],
-                classes=self.classes,
-            )
+        # blocks of whole chunks where a chunk is shorter than a block: every chunk is then a view of one block
+        block_rows = max(1, BLOCK_ROWS // max_samples) * max_samples if max_samples <= BLOCK_ROWS else BLOCK_ROWS
+        pending: list[Chunk] = []
+        have = 0
+        for block in self._blocks(block_rows):
+            pending.append(block)
+            have += len(block)
+            while have >= max_samples:
+                chunk, pending = _take(pending, max_samples, self)
+                have -= len(chunk)
+                yield chunk
+        if have:
+            yield _joined(pending, self)
 
 
 class RecordingsDataset:
@@ -389,13 +457,15 @@ class RecordingsDataset:
         self.classes = config.labels if config.labels is not None else self._found_classes()
 
     def _found_classes(self) -> tuple[str, ...]:
-        """The sorted activity names found in all files (the classes when dataset.toml has no labels)."""
+        """The sorted activity names found in all files (the classes when dataset.toml has no labels).
+
+        Read block by block, like the samples: only the set of names is kept.
+        """
         found: set[str] = set()
         for header in self._headers.values():
             i = header.index("activity")
             if i is not None:
-                columns = _read_columns(header)
-                if columns[i]:
+                for columns, _ in _column_blocks(header):
                     found.update(str(s) for s in _activity_names(columns[i])[0])
         found.discard("")
         return tuple(sorted(found))

@@ -7,17 +7,12 @@ a keyring file (one ``client_id public_key_hex`` a line).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    PublicFormat,
-    load_pem_private_key,
-)
 
 from models.errors import ConfigError
 from models.files import write_atomic
@@ -25,9 +20,35 @@ from models.protocol.topics import check_name
 
 __all__ = ["load_keyring", "load_or_create_key", "public_hex"]
 
+_PEM_HEAD, _PEM_TAIL = b"-----BEGIN PRIVATE KEY-----", b"-----END PRIVATE KEY-----"
+_PKCS8_ED25519 = bytes.fromhex("302e020100300506032b657004220420")
+"""The DER of an unencrypted PKCS#8 Ed25519 private key (RFC 8410) up to its 32 key bytes."""
+
 
 def public_hex(key: Ed25519PrivateKey) -> str:
-    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+    return key.public_key().public_bytes_raw().hex()
+
+
+def _pem(raw: bytes) -> bytes:
+    """The unencrypted PKCS#8 PEM of a 32-byte Ed25519 key, as OpenSSL (and ``private_bytes``) write it."""
+    return b"%s\n%s\n%s\n" % (_PEM_HEAD, base64.b64encode(_PKCS8_ED25519 + raw), _PEM_TAIL)
+
+
+def _read_key(data: bytes) -> object:
+    """The private key in PEM ``data``. The form :func:`load_or_create_key` writes is read directly;
+    any other PEM goes through cryptography's ``serialization`` (imported only then: ~1 MB resident
+    that a gateway, which only ever reads its own key, does not carry)."""
+    lines = data.strip().splitlines()
+    if len(lines) == 3 and lines[0] == _PEM_HEAD and lines[2] == _PEM_TAIL:
+        try:
+            der = base64.b64decode(lines[1], validate=True)
+        except binascii.Error:
+            der = b""
+        if len(der) == 48 and der.startswith(_PKCS8_ED25519):
+            return Ed25519PrivateKey.from_private_bytes(der[16:])
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    return load_pem_private_key(data, password=None)
 
 
 def load_or_create_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
@@ -35,14 +56,14 @@ def load_or_create_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     path = Path(path)
     if path.exists():
         try:
-            key = load_pem_private_key(path.read_bytes(), password=None)
+            key = _read_key(path.read_bytes())
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{path} is not a PEM Ed25519 private key ({exc}); restore it or remove it.") from exc
         if not isinstance(key, Ed25519PrivateKey):
             raise ConfigError(f"{path} holds a {type(key).__name__}, not an Ed25519 key.")
         return key
     key = Ed25519PrivateKey.generate()
-    write_atomic(path, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    write_atomic(path, _pem(key.private_bytes_raw()))
     os.chmod(path, 0o600)
     return key
 

@@ -340,6 +340,100 @@ def test_recordings_large_file_reads_whole(tmp_path):
     np.testing.assert_array_equal(whole["data"][:, 3], cols["gyro_x"])
 
 
+def _long_recording(folder: Path, n: int, labels: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A recording of ``n`` rows at 50 Hz (t, acc_x, hr_bpm with gaps, activity); returns t, acc_x, hr."""
+    t = np.arange(n) / 50.0
+    acc = np.round(np.sin(t), 5).astype(np.float32)
+    hr = np.where(np.arange(n) % 7 == 3, np.nan, 60 + np.arange(n) % 40).astype(np.float32)
+    activity = np.where(np.arange(n) < n // 2, "walking", np.where(np.arange(n) % 1000 == 999, "running", ""))
+    toml = "sampling_rate_hz = 50\n" + ('labels = ["walking", "running"]\n' if labels else "")
+    write(folder / "dataset.toml", toml)
+    write_recording(folder / "long.csv", t, acc_x=acc, hr_bpm=hr, activity=activity)
+    return t, acc, hr
+
+
+@pytest.mark.parametrize("max_samples", [1, 64, 100, 500, 700, 1000])
+def test_recordings_are_parsed_in_bounded_blocks(tmp_path, monkeypatch, max_samples):
+    """A file is parsed a block of rows at a time (never whole), and chunks still come out
+    ``max_samples`` long (the last one shorter), whether a chunk is shorter or longer than a block."""
+    import edge_client.sources.recordings as recordings
+
+    n = 2345
+    t, acc, hr = _long_recording(tmp_path, n)
+    monkeypatch.setattr(recordings, "BLOCK_ROWS", 200)
+    parsed: list[int] = []
+    real = recordings.rows_to_columns
+
+    def spy(rows, header, line_of):
+        parsed.append(len(rows))
+        return real(rows, header, line_of)
+
+    monkeypatch.setattr(recordings, "rows_to_columns", spy)
+    ds = RecordingsDataset(tmp_path)
+    assert ds.classes == ("running", "walking")  # found in the file without labels ...
+    assert parsed and max(parsed) <= 200 and sum(parsed) == n  # ... block by block
+    parsed.clear()
+    chunks = list(ds.source("long").chunks(max_samples))
+    assert max(parsed) <= max(200, max_samples) and sum(parsed) == n and len(parsed) >= n // max(200, max_samples)
+    tail = [n % max_samples] if n % max_samples else []
+    assert [len(c) for c in chunks] == [max_samples] * (n // max_samples) + tail
+    assert_chunks_well_formed(chunks, max_samples)
+    whole = concat(chunks)
+    np.testing.assert_array_equal(whole["t"], t)
+    np.testing.assert_array_equal(whole["data"][:, 0], acc)
+    np.testing.assert_array_equal(whole["hr_bpm"], hr)
+    expected = np.where(np.arange(n) < n // 2, 1, np.where(np.arange(n) % 1000 == 999, 0, UNKNOWN))
+    np.testing.assert_array_equal(whole["activity"], expected)
+    one = ds.source("long").read()  # the whole file as one chunk, as before
+    np.testing.assert_array_equal(one.t, t)
+    np.testing.assert_array_equal(one.hr_bpm, hr)
+
+
+def test_reading_a_long_recording_needs_a_block_of_memory_not_the_file(tmp_path):
+    import tracemalloc
+
+    from edge_client.sources.recordings import BLOCK_ROWS
+
+    n = 30_000  # 10 minutes at 50 Hz: ~18 MB as Python strings if parsed at once
+    _long_recording(tmp_path, n, labels=True)
+    ds = RecordingsDataset(tmp_path)
+    tracemalloc.start()
+    try:
+        samples = sum(len(c) for c in ds.source("long").chunks(500))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert samples == n
+    assert BLOCK_ROWS <= 4096 and peak < 2_000_000, peak
+
+
+def test_a_bad_cell_deep_in_a_recording_names_its_line(tmp_path, monkeypatch):
+    """Line numbers stay right across blocks and blank lines; the chunks before the bad block come first."""
+    import edge_client.sources.recordings as recordings
+
+    monkeypatch.setattr(recordings, "BLOCK_ROWS", 50)
+    lines = ["t,acc_x"]
+    for i in range(300):
+        lines.append(f"{i / 50},0.5")
+        if i % 40 == 0:
+            lines.append("")  # blank lines are skipped, but count as lines
+    bad = 260
+    lines[lines.index(f"{bad / 50},0.5")] = f"{bad / 50},0.5x"
+    write(tmp_path / "dataset.toml", "sampling_rate_hz = 50\n")
+    (tmp_path / "walk.csv").write_text("\n".join(lines) + "\n")
+    line = lines.index(f"{bad / 50},0.5x") + 1
+    got = []
+    with pytest.raises(InputError, match=rf"walk\.csv line {line}, column acc_x: '0\.5x' is not a number"):
+        for chunk in RecordingsDataset(tmp_path).source("walk").chunks(50):
+            got.append(chunk)
+    # the chunks read before the bad block came out first, whole (blank lines make blocks a little short)
+    assert len(got) == 4 and all(len(c) == 50 for c in got) and got[-1].t[-1] < bad / 50
+    ragged = "t,acc_x\n" + "".join(f"{i / 50},1\n" for i in range(120)) + "2.4,1,5\n"
+    (tmp_path / "walk.csv").write_text(ragged)
+    with pytest.raises(InputError, match=r"walk\.csv line 122: 3 fields, but the header has 2"):
+        list(RecordingsDataset(tmp_path).source("walk").chunks())
+
+
 # ---------------------------------------------------------------- live push source
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.augment import rotate_windows, sensor_triads
-from models.engine import SGD, Adam, AdamW, BatchNorm1D, Loss, Optimizer, clip_grad_norm
+from models.engine import SGD, Adam, AdamW, BatchNorm1D, Loss, Optimizer
 from models.engine.layers import Parameter
 from models.errors import ConfigError, InputError
 from models.model import Model, check_input
@@ -128,8 +128,11 @@ def fit(
         source = global_weights if global_weights is not None else model.network.state_dict()
         anchor = {k: np.asarray(source[k], dtype=F32) for k, p in params.items()
                   if any(p is q for q in optimizer.params)}
-    with _fixed_statistics(model, config):
-        return _loop(model, x, target, config, optimizer, loss_fn, anchor, on_step)
+    try:
+        with _fixed_statistics(model, config):
+            return _loop(model, x, target, config, optimizer, loss_fn, anchor, on_step)
+    finally:
+        model.network.release()  # the layers' training buffers: a gateway keeps no memory between rounds
 
 
 @contextmanager
@@ -146,32 +149,38 @@ def _fixed_statistics(model: Model, config: TrainConfig) -> Iterator[None]:
             layer.frozen = False
 
 
+def _flat_anchor(model: Model, optimizer: Optimizer, anchor: dict[str, np.ndarray]) -> np.ndarray:
+    """The FedProx anchor as one flat array aligned with the optimizer's packed parameters."""
+    names = {id(p): name for name, p in model.network.parameters().items()}
+    return optimizer.flat(anchor[names[id(p)]] for p in optimizer.params)
+
+
 def _loop(
     model: Model, x: np.ndarray, target: np.ndarray, config: TrainConfig, optimizer: Optimizer, loss_fn: Loss,
     anchor: dict[str, np.ndarray] | None, on_step: Callable[[int, float], bool | None] | None,
 ) -> TrainResult:
-    params = model.network.parameters()
     mu = F32(config.prox_mu)
+    prox = None if anchor is None else _flat_anchor(model, optimizer, anchor)
     rng = np.random.default_rng(config.seed)
     augment_rng = np.random.default_rng([config.seed, 1])
     triads = sensor_triads(model.spec.channels) if config.rotation_deg > 0 else []
     losses, step, examples, stop = [], 0, 0, False
+    batch_buffer = np.empty((min(config.batch_size, len(x)), *x.shape[1:]), x.dtype)  # one, not one per step
     for _ in range(config.epochs):
         order = rng.permutation(len(x))
         total, seen = 0.0, 0
         for start in range(0, len(x), config.batch_size):
             idx = order[start : start + config.batch_size]
             optimizer.zero_grad()
-            batch = rotate_windows(x[idx], triads, config.rotation_deg, augment_rng)
+            windows = np.take(x, idx, axis=0, out=batch_buffer[: len(idx)])
+            batch = rotate_windows(windows, triads, config.rotation_deg, augment_rng)
             out = model.forward_raw(batch, training=True)
             loss, dout = loss_fn(out, target[idx])
-            model.network.backward(dout)
-            if anchor is not None:
-                for k, ref in anchor.items():
-                    p = params[k]
-                    p.grad += mu * (p.value - ref)
+            model.network.backward(dout, need_dx=False)
+            if prox is not None:  # FedProx: + mu * (w - w_global), on the optimizer's flat buffers
+                optimizer.grads += mu * (optimizer.values - prox)
             if config.grad_clip > 0:
-                clip_grad_norm(optimizer.params, config.grad_clip)
+                optimizer.clip_grad_norm(config.grad_clip)
             optimizer.step()
             step += 1
             total += loss * len(idx)

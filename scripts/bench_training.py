@@ -5,9 +5,11 @@ Why: wearfl trains on gateways (a Raspberry Pi class machine: few cores, little
 memory) with its own numpy engine in ``models/`` instead of PyTorch. This script
 puts numbers on that choice for both models (``activity``, ``heart-rate``):
 
-1. Training: steps/s at batch 32 with Adam (lr 1e-3) and the process's peak RSS,
-   for the numpy engine (``models.fit``, the real code path) and for the same
-   network in PyTorch on one CPU thread, when torch is importable.
+1. Training: steps/s with Adam (lr 1e-3) at each batch size of ``--batch-sizes``
+   (default 32 and 8, a gateway's small buffers) and the process's peak RSS, for
+   the numpy engine (``models.fit``, the real code path) and for the same network
+   in PyTorch on one CPU thread, when torch is importable; the table and the JSON
+   give numpy's step time over torch's per task and batch size.
 2. Inference: median latency per ``predict`` call at batch 1 and 64 for the
    numpy, onnxruntime, LiteRT (float and int8) and torch back-ends.
 
@@ -21,6 +23,8 @@ Usage, from the repository root::
 
     python scripts/bench_training.py                      # full run, a few minutes
     python scripts/bench_training.py --quick              # smoke run
+    python scripts/bench_training.py --batch-sizes 32     # training at batch 32 only
+    python scripts/bench_training.py --no-inference       # the training table only
     python scripts/bench_training.py --tasks activity --no-torch --out /tmp/b.json
     python scripts/bench_training.py --profile 200        # cProfile of 200 numpy training steps
 
@@ -61,7 +65,7 @@ if (REPO_ROOT / "models" / "__init__.py").is_file() and str(REPO_ROOT) not in sy
     sys.path.insert(0, str(REPO_ROOT))
 
 TASKS = ("activity", "heart-rate")
-BATCH = 32
+BATCH_SIZES = (32, 8)
 STEPS_PER_EPOCH = 64  # the training set is 64 batches (2048 windows); longer runs take more epochs
 LR = 1e-3
 INFER_BATCHES = (1, 64)
@@ -202,30 +206,30 @@ def _time_training(run: Callable[[int], tuple[float, int, float]], steps: int, s
     }
 
 
-def worker_train_numpy(task: str, steps: int, seconds: float, repeats: int) -> Result:
-    """Steps/s of ``models.fit`` (batch 32, Adam) and this process's peak RSS."""
+def worker_train_numpy(task: str, batch: int, steps: int, seconds: float, repeats: int) -> Result:
+    """Steps/s of ``models.fit`` (batch ``batch``, Adam) and this process's peak RSS."""
     from models import Model, TrainConfig, fit  # imports numpy too
 
     rss_imports = _rss_now_mb()
     spec = _spec(task)
     model = Model(spec, seed=0)
-    x, y = _make_data(spec, STEPS_PER_EPOCH * BATCH)
+    x, y = _make_data(spec, STEPS_PER_EPOCH * batch)
     seed = iter(range(10**6))
 
     def run(epochs: int) -> tuple[float, int, float]:
-        config = TrainConfig(epochs=epochs, batch_size=BATCH, lr=LR, optimizer="adam", seed=next(seed))
+        config = TrainConfig(epochs=epochs, batch_size=batch, lr=LR, optimizer="adam", seed=next(seed))
         t0 = time.perf_counter()
         result = fit(model, x, y, config)
         return time.perf_counter() - t0, result.steps, result.epoch_losses[-1]
 
     timing = _time_training(run, steps, seconds, repeats)
     return {
-        "engine": "numpy", "task": task, "params": model.num_parameters(),
+        "engine": "numpy", "task": task, "batch_size": batch, "params": model.num_parameters(),
         "rss_after_imports_mb": round(rss_imports, 1), **timing, "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
 
 
-def worker_train_torch(task: str, steps: int, seconds: float, repeats: int) -> Result:
+def worker_train_torch(task: str, batch: int, steps: int, seconds: float, repeats: int) -> Result:
     """The same training loop in PyTorch on one thread: permutation per epoch, index a batch, Adam.
 
     Torch's defaults otherwise (its Adam, its conv kernels), as a PyTorch user would run it.
@@ -241,7 +245,7 @@ def worker_train_torch(task: str, steps: int, seconds: float, repeats: int) -> R
     spec = _spec(task)
     model = Model(spec, seed=0)
     net = _torch_net(spec, model)
-    x, y = _make_data(spec, STEPS_PER_EPOCH * BATCH)
+    x, y = _make_data(spec, STEPS_PER_EPOCH * batch)
     parity = _torch_parity(torch, net, model, x[:8])
     xt = torch.from_numpy(x)
     if spec.is_classifier:
@@ -269,8 +273,8 @@ def worker_train_torch(task: str, steps: int, seconds: float, repeats: int) -> R
         for _ in range(epochs):
             order = torch.randperm(n, generator=gen)
             total = 0.0
-            for start in range(0, n, BATCH):
-                idx = order[start : start + BATCH]
+            for start in range(0, n, batch):
+                idx = order[start : start + batch]
                 opt.zero_grad()
                 loss = loss_fn(net(xt[idx]), yt[idx])
                 loss.backward()
@@ -281,7 +285,7 @@ def worker_train_torch(task: str, steps: int, seconds: float, repeats: int) -> R
 
     timing = _time_training(run, steps, seconds, repeats)
     return {
-        "engine": "torch", "task": task, "params": sum(p.numel() for p in net.parameters()),
+        "engine": "torch", "task": task, "batch_size": batch, "params": sum(p.numel() for p in net.parameters()),
         "parity_max_abs_diff": parity, "torch_threads": [torch.get_num_threads(), torch.get_num_interop_threads()],
         "rss_after_imports_mb": round(rss_imports, 1), **timing, "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
@@ -312,7 +316,7 @@ def worker_infer(task: str, backend: str, seconds: float) -> Result:
     model = Model(spec, seed=0)
     x, y = _make_data(spec, 256)
     # A few steps so that batch-norm statistics are not the identity (matters for int8 calibration).
-    fit(model, x, y, TrainConfig(epochs=1, batch_size=BATCH, lr=LR, optimizer="adam", seed=0))
+    fit(model, x, y, TrainConfig(epochs=1, batch_size=32, lr=LR, optimizer="adam", seed=0))
     try:
         if backend == "torch":
             predict = _torch_predictor(spec, model)
@@ -410,19 +414,19 @@ def worker_info() -> Result:
     return info
 
 
-def worker_profile(task: str, steps: int) -> Result:
+def worker_profile(task: str, batch: int, steps: int) -> Result:
     """cProfile of ``fit`` over about ``steps`` numpy training steps: top 10 by cumulative and own time."""
     from models import Model, TrainConfig, fit
 
     spec = _spec(task)
     model = Model(spec, seed=0)
-    x, y = _make_data(spec, STEPS_PER_EPOCH * BATCH)
-    fit(model, x, y, TrainConfig(epochs=1, batch_size=BATCH, lr=LR, seed=0))  # warm-up
+    x, y = _make_data(spec, STEPS_PER_EPOCH * batch)
+    fit(model, x, y, TrainConfig(epochs=1, batch_size=batch, lr=LR, seed=0))  # warm-up
     epochs = max(1, round(steps / STEPS_PER_EPOCH))
     profiler = cProfile.Profile()
     t0 = time.perf_counter()
     profiler.enable()
-    result = fit(model, x, y, TrainConfig(epochs=epochs, batch_size=BATCH, lr=LR, seed=1))
+    result = fit(model, x, y, TrainConfig(epochs=epochs, batch_size=batch, lr=LR, seed=1))
     profiler.disable()
     wall = time.perf_counter() - t0
     texts = {}
@@ -431,21 +435,21 @@ def worker_profile(task: str, steps: int) -> Result:
         stats = pstats.Stats(profiler, stream=buf)
         stats.strip_dirs().sort_stats(key).print_stats(10)
         texts[key] = buf.getvalue()
-    return {"task": task, "steps": result.steps, "wall_s": round(wall, 3), "by_cumulative": texts["cumulative"],
-            "by_tottime": texts["tottime"]}
+    return {"task": task, "batch_size": batch, "steps": result.steps, "wall_s": round(wall, 3),
+            "by_cumulative": texts["cumulative"], "by_tottime": texts["tottime"]}
 
 
 def run_worker(args: argparse.Namespace) -> None:
     if args.worker == "info":
         result = worker_info()
     elif args.worker == "profile":
-        result = worker_profile(args.task, args.profile)
+        result = worker_profile(args.task, args.batch, args.profile)
     elif args.worker == "infer":
         result = worker_infer(args.task, args.backend, args.seconds)
     elif args.engine == "torch":
-        result = worker_train_torch(args.task, args.steps, args.seconds, args.repeats)
+        result = worker_train_torch(args.task, args.batch, args.steps, args.seconds, args.repeats)
     else:
-        result = worker_train_numpy(args.task, args.steps, args.seconds, args.repeats)
+        result = worker_train_numpy(args.task, args.batch, args.steps, args.seconds, args.repeats)
     sys.stdout.write(RESULT_MARK + json.dumps(result) + "\n")
 
 
@@ -528,40 +532,63 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def training_table(rows: list[Result], tasks: list[str], with_torch: bool) -> str:
-    head = (f"{'task':<11} {'engine':<12} {'params':>7} {'steps/s':>9} {'min-max':>11} {'ms/step':>8} "
+def compare(rows: list[Result], tasks: list[str], batches: list[int]) -> list[Result]:
+    """numpy over torch per task and batch size: step time (the target is <= 0.8) and peak RSS."""
+    out: list[Result] = []
+    for task in tasks:
+        for batch in batches:
+            got = {r["engine"]: r for r in rows
+                   if r.get("task") == task and r.get("batch_size") == batch and r.get("status") == "ok"}
+            if "numpy" not in got or "torch" not in got:
+                continue
+            np_r, t_r = got["numpy"], got["torch"]
+            step = _ratio(np_r["ms_per_step"], t_r["ms_per_step"])
+            peak = _ratio(np_r["peak_rss_mb"], t_r["peak_rss_mb"])
+            out.append({
+                "task": task, "batch_size": batch,
+                "numpy_ms_per_step": np_r["ms_per_step"], "torch_ms_per_step": t_r["ms_per_step"],
+                "step_time_ratio": None if step is None else round(step, 3),
+                "numpy_peak_rss_mb": np_r["peak_rss_mb"], "torch_peak_rss_mb": t_r["peak_rss_mb"],
+                "peak_rss_ratio": None if peak is None else round(peak, 3),
+            })
+    return out
+
+
+def training_table(rows: list[Result], tasks: list[str], batches: list[int], with_torch: bool) -> str:
+    head = (f"{'task':<11} {'batch':>5} {'engine':<12} {'params':>7} {'steps/s':>9} {'min-max':>11} {'ms/step':>8} "
             f"{'RSS after imports MB':>21} {'peak RSS MB':>12} {'peak-base MB':>13}")
-    title = (f"Training: batch {BATCH}, Adam lr {LR:g}, one thread; steps/s is the median over every repeat "
-             "of every process, peak RSS the worst process")
+    title = (f"Training: Adam lr {LR:g}, one thread; steps/s is the median over every repeat of every process, "
+             "peak RSS the worst process; numpy/torch: numpy's step time and memory over torch's")
     lines = [title, head, "-" * len(head)]
     for task in tasks:
-        got: dict[str, Result] = {}
-        for r in rows:
-            if r.get("task") != task:
-                continue
-            if r.get("status") != "ok":
-                why = r.get("error") or r.get("note")
-                lines.append(f"{task:<11} {r.get('engine', '?'):<12} {r.get('status')}: {why}")
-                continue
-            got[r["engine"]] = r
-            spread = f"{r['steps_per_s_min']:.0f}-{r['steps_per_s_max']:.0f}"
-            lines.append(
-                f"{task:<11} {r['engine']:<12} {r['params']:>7} {r['steps_per_s']:>9.1f} {spread:>11} "
-                f"{r['ms_per_step']:>8.2f} {r['rss_after_imports_mb']:>21.1f} {r['peak_rss_mb']:>12.1f} "
-                f"{r['peak_rss_mb'] - r['rss_after_imports_mb']:>13.1f}"
-            )
-        if with_torch and "numpy" in got and "torch" in got:
-            np_r, t_r = got["numpy"], got["torch"]
-            speed = _ratio(np_r["steps_per_s"], t_r["steps_per_s"])
-            step = _ratio(np_r["ms_per_step"], t_r["ms_per_step"])
-            base = _ratio(np_r["rss_after_imports_mb"], t_r["rss_after_imports_mb"])
-            peak = _ratio(np_r["peak_rss_mb"], t_r["peak_rss_mb"])
-            extra = _ratio(np_r["peak_rss_mb"] - np_r["rss_after_imports_mb"],
-                           t_r["peak_rss_mb"] - t_r["rss_after_imports_mb"])
-            lines.append(
-                f"{task:<11} {'numpy/torch':<12} {'':>7} {_fmt(speed, '>8.2f')}x {'':>11} {_fmt(step, '>7.2f')}x "
-                f"{_fmt(base, '>20.2f')}x {_fmt(peak, '>11.2f')}x {_fmt(extra, '>12.2f')}x"
-            )
+        for batch in batches:
+            got: dict[str, Result] = {}
+            for r in rows:
+                if r.get("task") != task or r.get("batch_size") != batch:
+                    continue
+                if r.get("status") != "ok":
+                    why = r.get("error") or r.get("note")
+                    lines.append(f"{task:<11} {batch:>5} {r.get('engine', '?'):<12} {r.get('status')}: {why}")
+                    continue
+                got[r["engine"]] = r
+                spread = f"{r['steps_per_s_min']:.0f}-{r['steps_per_s_max']:.0f}"
+                lines.append(
+                    f"{task:<11} {batch:>5} {r['engine']:<12} {r['params']:>7} {r['steps_per_s']:>9.1f} "
+                    f"{spread:>11} {r['ms_per_step']:>8.2f} {r['rss_after_imports_mb']:>21.1f} "
+                    f"{r['peak_rss_mb']:>12.1f} {r['peak_rss_mb'] - r['rss_after_imports_mb']:>13.1f}"
+                )
+            if with_torch and "numpy" in got and "torch" in got:
+                np_r, t_r = got["numpy"], got["torch"]
+                speed = _ratio(np_r["steps_per_s"], t_r["steps_per_s"])
+                step = _ratio(np_r["ms_per_step"], t_r["ms_per_step"])
+                base = _ratio(np_r["rss_after_imports_mb"], t_r["rss_after_imports_mb"])
+                peak = _ratio(np_r["peak_rss_mb"], t_r["peak_rss_mb"])
+                extra = _ratio(np_r["peak_rss_mb"] - np_r["rss_after_imports_mb"],
+                               t_r["peak_rss_mb"] - t_r["rss_after_imports_mb"])
+                lines.append(
+                    f"{task:<11} {batch:>5} {'numpy/torch':<12} {'':>7} {_fmt(speed, '>8.2f')}x {'':>11} "
+                    f"{_fmt(step, '>7.2f')}x {_fmt(base, '>20.2f')}x {_fmt(peak, '>11.2f')}x {_fmt(extra, '>12.2f')}x"
+                )
     return "\n".join(lines)
 
 
@@ -583,16 +610,17 @@ def inference_table(rows: list[Result], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
-def merge_processes(task: str, engine: str, runs: list[Result]) -> Result:
+def merge_processes(task: str, batch: int, engine: str, runs: list[Result]) -> Result:
     """One row from several worker processes: median over every repeat of every process, worst peak RSS."""
     ok = [r for r in runs if r.get("status") == "ok"]
     if not ok:
         first = runs[0] if runs else {}
-        return {"task": task, "engine": engine, "status": "error", "error": first.get("error", "no run")}
+        return {"task": task, "batch_size": batch, "engine": engine, "status": "error",
+                "error": first.get("error", "no run")}
     rates = [rate for r in ok for rate in r["steps_per_s_all"]]
     median = statistics.median(rates)
     merged: Result = {
-        "task": task, "engine": engine, "status": "ok", "params": ok[0]["params"],
+        "task": task, "batch_size": batch, "engine": engine, "status": "ok", "params": ok[0]["params"],
         "steps_per_s": round(median, 2),
         "ms_per_step": round(1000.0 / median, 4),
         "steps_per_s_min": min(rates),
@@ -628,16 +656,17 @@ def _describe_infer(r: Result) -> str:
 
 def run_profile(args: argparse.Namespace, tasks: list[str]) -> None:
     for task in tasks:
-        _progress(f"profiling {args.profile} numpy training steps of {task} ...")
-        r = spawn(["profile", "--task", task, "--profile", str(args.profile)])
-        if r.get("status") != "ok":
-            print(f"{task}: {r.get('error')}")
-            continue
-        print(f"=== {task}: {r['steps']} steps in {r['wall_s']} s under cProfile ===")
-        print("--- top 10 by cumulative time ---")
-        print(r["by_cumulative"])
-        print("--- top 10 by own time ---")
-        print(r["by_tottime"])
+        for batch in args.batch_sizes:
+            _progress(f"profiling {args.profile} numpy training steps of {task} at batch {batch} ...")
+            r = spawn(["profile", "--task", task, "--batch", str(batch), "--profile", str(args.profile)])
+            if r.get("status") != "ok":
+                print(f"{task} batch {batch}: {r.get('error')}")
+                continue
+            print(f"=== {task}, batch {batch}: {r['steps']} steps in {r['wall_s']} s under cProfile ===")
+            print("--- top 10 by cumulative time ---")
+            print(r["by_cumulative"])
+            print("--- top 10 by own time ---")
+            print(r["by_tottime"])
 
 
 def run_bench(args: argparse.Namespace, tasks: list[str]) -> None:
@@ -659,17 +688,20 @@ def run_bench(args: argparse.Namespace, tasks: list[str]) -> None:
 
     # Training: `processes` fresh workers per configuration, interleaved (numpy, torch, numpy, ...) so
     # that drift in the machine's state hits both engines alike; torch varies between processes.
-    train_jobs = [(task, e, k) for k in range(processes) for task in tasks for e in engines]
-    infer_jobs = [(task, b) for task in tasks for b in backends]
+    batches = args.batch_sizes
+    train_jobs = [(task, b, e, k) for k in range(processes) for task in tasks for b in batches for e in engines]
+    infer_jobs = [] if args.no_inference else [(task, b) for task in tasks for b in backends]
     total = len(train_jobs) + len(infer_jobs)
-    runs: dict[tuple[str, str], list[Result]] = {}
-    for i, (task, engine, k) in enumerate(train_jobs, start=1):
+    runs: dict[tuple[str, int, str], list[Result]] = {}
+    for i, (task, batch, engine, k) in enumerate(train_jobs, start=1):
         t0 = time.perf_counter()
-        r = spawn(["train", "--engine", engine, "--task", task, *train_common])
-        runs.setdefault((task, engine), []).append(r)
-        _progress(f"[{i}/{total}] train {task} {engine} (process {k + 1}/{processes}): {_describe_train(r)} "
-                  f"({time.perf_counter() - t0:.1f} s)")
-    training = [merge_processes(task, engine, runs[(task, engine)]) for task in tasks for engine in engines]
+        r = spawn(["train", "--engine", engine, "--task", task, "--batch", str(batch), *train_common])
+        runs.setdefault((task, batch, engine), []).append(r)
+        _progress(f"[{i}/{total}] train {task} batch {batch} {engine} (process {k + 1}/{processes}): "
+                  f"{_describe_train(r)} ({time.perf_counter() - t0:.1f} s)")
+    training = [merge_processes(task, batch, engine, runs[(task, batch, engine)])
+                for task in tasks for batch in batches for engine in engines]
+    ratios = compare(training, tasks, batches) if torch_ok else []
 
     inference: list[Result] = []
     for i, (task, backend) in enumerate(infer_jobs, start=len(train_jobs) + 1):
@@ -694,21 +726,24 @@ def run_bench(args: argparse.Namespace, tasks: list[str]) -> None:
         engine_before["changed_during_run"] = True
         _progress("warning: models/ changed while the benchmark ran; the rows may mix two versions of the engine")
 
-    print(training_table(training, tasks, torch_ok))
-    print()
-    print(inference_table(inference, tasks))
+    print(training_table(training, tasks, batches, torch_ok))
+    if inference:
+        print()
+        print(inference_table(inference, tasks))
 
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": [Path(sys.executable).name, *sys.argv],
-        "settings": {"batch_size": BATCH, "lr": LR, "optimizer": "adam", "steps_per_epoch": STEPS_PER_EPOCH,
+        "settings": {"batch_sizes": batches, "lr": LR, "optimizer": "adam", "steps_per_epoch": STEPS_PER_EPOCH,
                      "target_seconds_per_repeat": seconds, "fixed_steps": args.steps or None, "repeats": repeats,
                      "processes_per_training_config": processes,
-                     "inference_seconds_per_batch_size": infer_seconds, "quick": args.quick},
+                     "inference_seconds_per_batch_size": None if args.no_inference else infer_seconds,
+                     "quick": args.quick},
         "machine": machine_info(),
         "versions": info,
         "engine": engine_before,
         "training": training,
+        "numpy_over_torch": ratios,
         "inference": inference,
         "wall_s": round(time.perf_counter() - started, 1),
     }
@@ -724,7 +759,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: ~0.5 s per configuration, one repeat")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default: %(default)s)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=list(BATCH_SIZES), metavar="N",
+                   help="training batch sizes, e.g. --batch-sizes 32 8 (default: %(default)s)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows even if torch is importable")
+    p.add_argument("--no-inference", action="store_true", help="measure training only")
     p.add_argument("--out", default="bench-results/training.json", help="JSON output (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=None, help="target seconds per timed repeat (default 3)")
     p.add_argument("--steps", type=int, default=0, help="fixed training steps per repeat instead of --seconds")
@@ -736,6 +774,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker", choices=("info", "train", "infer", "profile"), help=argparse.SUPPRESS)
     p.add_argument("--engine", choices=("numpy", "torch"), default="numpy", help=argparse.SUPPRESS)
     p.add_argument("--task", choices=TASKS, default="activity", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=BATCH_SIZES[0], help=argparse.SUPPRESS)
     p.add_argument("--backend", choices=INFER_BACKENDS, default="numpy", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -750,6 +789,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not tasks:
         print(f"unknown tasks {unknown}; use {', '.join(TASKS)}", file=sys.stderr)
         return 2
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        print("--batch-sizes takes one or more positive integers", file=sys.stderr)
+        return 2
+    args.batch_sizes = list(dict.fromkeys(args.batch_sizes))
     if args.profile > 0:
         run_profile(args, tasks)
     else:

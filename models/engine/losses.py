@@ -47,9 +47,8 @@ class Huber(Loss):
     def __call__(self, pred: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
         diff = pred - target.reshape(pred.shape).astype(F32)
         absd = np.abs(diff)
-        quad = absd <= self.delta
-        loss = np.where(quad, F32(0.5) * diff * diff, self.delta * (absd - F32(0.5) * self.delta))
-        grad = np.where(quad, diff, self.delta * np.sign(diff)) / F32(diff.size)
+        loss = np.where(absd <= self.delta, F32(0.5) * diff * diff, self.delta * (absd - F32(0.5) * self.delta))
+        grad = np.clip(diff, -self.delta, self.delta) / F32(diff.size)  # diff inside the band, +-delta beyond
         return float(loss.mean()), grad.astype(F32)
 
 
@@ -73,11 +72,13 @@ class SoftmaxCrossEntropy(Loss):
         if labels.min(initial=0) < 0 or labels.max(initial=0) >= k:
             raise ConfigError(f"labels must lie in [0, {k}), got [{labels.min()}, {labels.max()}].")
         z = pred - pred.max(axis=1, keepdims=True)
-        log_z = np.log(np.exp(z).sum(axis=1))
-        nll = log_z - z[np.arange(n), labels]
+        e = np.exp(z)
+        sums = e.sum(axis=1)
+        rows = np.arange(n)
+        nll = np.log(sums) - z[rows, labels]
         w = np.ones(n, F32) if self.class_weights is None else self.class_weights[labels]
         total = F32(max(w.sum(), np.finfo(F32).tiny))
-        grad = softmax(pred)
-        grad[np.arange(n), labels] -= F32(1.0)
+        grad = e / sums[:, None]  # softmax(pred)
+        grad[rows, labels] -= F32(1.0)
         grad *= (w / total)[:, None]
         return float((w * nll).sum() / total), grad.astype(F32)

@@ -78,10 +78,21 @@ class Network:
             x = layer.forward(x, training)
         return x
 
-    def backward(self, dout: np.ndarray) -> np.ndarray:
-        for _, layer in reversed(self.layers):
-            dout = layer.backward(dout)
+    def backward(self, dout: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        """Fill every parameter's gradient from ``dout``, the loss gradient of the output; returns ``dx``.
+
+        ``need_dx=False`` (training: nobody needs the input's gradient) lets the first
+        layer skip it, for a first convolution a third of its work; None is returned.
+        """
+        last = len(self.layers) - 1
+        for i, (_, layer) in enumerate(reversed(self.layers)):
+            dout = layer.backward(dout, need_dx=need_dx or i < last)
         return dout
+
+    def release(self) -> None:
+        """Drop what every layer keeps for backward, buffers included (call when training is over)."""
+        for _, layer in self.layers:
+            layer.release()
 
     def parameters(self) -> dict[str, Parameter]:
         return {f"{ln}.{pn}": p for ln, layer in self.layers for pn, p in layer.params.items()}

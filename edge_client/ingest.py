@@ -15,10 +15,9 @@ a live source (stream time keeps pace with the clock) trains as soon as the poli
 Reading and preprocessing run in a worker thread and change nothing shared
 (:meth:`StreamView.read`). One asyncio lock, :attr:`Ingest.lock`, serializes whatever touches
 the buffers (committing windows, fit, evaluate, checkpoint); windows read while a fit runs
-wait in a short pending list (:data:`PENDING_WINDOWS`, then reading waits for the fit). The
-buffers and the stream position are checkpointed every ``checkpoint_interval_s`` and at stop
-(``replay.safetensors``, ``holdout.safetensors`` and the outbox's ``ingest`` state), so a restart
-resumes the stream where it was.
+wait in a short pending list. The buffers and the stream position are checkpointed every
+``checkpoint_interval_s`` and at stop (``replay.safetensors``, ``holdout.safetensors`` and
+the outbox's ``ingest`` state), so a restart resumes the stream where it was.
 
 The buffers depend on the model's input (:func:`spec_key`): a model that takes another
 input starts a new :class:`StreamView` with empty buffers; one with the same input (another
@@ -56,13 +55,6 @@ from models.spec import ModelSpec
 __all__ = ["Ingest", "StreamView", "spec_key"]
 
 log = logging.getLogger(__name__)
-
-PENDING_WINDOWS = 64
-"""Windows read while a fit holds the buffers that wait for it, at most; then reading waits too.
-Minutes of a live stream (64 heart-rate windows are 4 minutes at the default hop; a fit's CPU budget
-is one), so a live source never waits; a replayed one (a recording, the simulator) is read after the
-fit instead of piling up. Waiting for a full replay buffer's worth instead (as before) held up to
-its size again in memory while a gateway with a full buffer trained on a long recording."""
 
 
 def spec_key(spec: ModelSpec) -> str:
@@ -343,7 +335,7 @@ class Ingest:
             assert current is not None
             current.pending.append(batch)
             # commit now unless a fit holds the buffers; wait for it once enough windows are pending
-            if not self.lock.locked() or current.pending_windows >= min(PENDING_WINDOWS, current.replay.capacity):
+            if not self.lock.locked() or current.pending_windows >= current.replay.capacity:
                 await self.commit()
         self.catching_up = False
         await self.commit()

@@ -229,43 +229,6 @@ def test_the_default_replay_buffer_is_4_mib_and_holds_a_30_minute_stream(task):
     assert (args.replay_windows, args.replay_mib << 20) == (buf.max_windows, buf.max_bytes)
 
 
-def test_reading_waits_for_a_fit_once_a_few_windows_are_pending(tmp_path):
-    """Windows read while a fit holds the buffers wait for it, a few: not up to a replay buffer's worth."""
-    import asyncio
-    import time
-
-    from edge_client.config import EdgeConfig
-    from edge_client.ingest import PENDING_WINDOWS, Ingest
-    from edge_client.shared import Wakes
-    from edge_client.sources.simulator import SimulatedDataset
-    from models.model import Model
-    from models.spec import default_spec
-
-    dataset = SimulatedDataset(seed=0, wearers=1, minutes=10, test_wearers=0)
-    client = dataset.clients[0]
-    config = EdgeConfig("mqtt://127.0.0.1:1", "fed", client, tmp_path, chunk_samples=500)
-    ingest = Ingest(config, dataset.source(client), Wakes(), lambda view: False)
-    model = Model(default_spec("heart-rate"))
-    ingest.install(model, ingest.prepare(model.spec))
-    view = ingest.view
-    assert view.replay.capacity > 10 * 15  # the whole stream (~150 windows) would fit
-
-    async def run() -> None:
-        async with ingest.lock:  # as a fit does
-            reading = asyncio.create_task(ingest.run())
-            deadline = time.monotonic() + 60
-            while view.pending_windows < PENDING_WINDOWS and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.5)  # reading has stopped: the pending windows stay put
-            assert PENDING_WINDOWS <= view.pending_windows <= PENDING_WINDOWS + 3  # + one chunk's windows
-            assert not reading.done() and len(view.replay) == 0
-        await reading
-        assert ingest.source_ended and view.pending == []
-        assert len(view.replay) + len(view.holdout) == view.labelled > 2 * PENDING_WINDOWS
-
-    asyncio.run(run())
-
-
 def test_replay_files_are_safetensors_byte_for_byte(tmp_path):
     buf = _filled()
     buf.save(tmp_path / "r.safetensors")

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
@@ -215,8 +215,28 @@ def _verify_hex(public_key: bytes, signature: str | None, signed: bytes) -> bool
     return True
 
 
+class _HubSigned:
+    """A frozen dataclass whose ``signature`` (hex) is the hub's Ed25519 signature over every other field,
+    under the class's ``DOMAIN`` (so a receipt's signature never verifies as a task's)."""
+
+    DOMAIN: ClassVar[bytes]
+    signature: str | None
+
+    def _signed_bytes(self) -> bytes:
+        body = {k: v for k, v in asdict(self).items() if k != "signature"}  # type: ignore[call-overload]
+        return self.DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def signed(self, key: Ed25519PrivateKey) -> Self:
+        """This message signed by the hub's ``key``."""
+        return replace(self, signature=key.sign(self._signed_bytes()).hex())  # type: ignore[type-var]
+
+    def verify(self, public_key: bytes) -> bool:
+        """Whether the holder of ``public_key`` signed exactly these fields."""
+        return _verify_hex(public_key, self.signature, self._signed_bytes())
+
+
 @dataclass(frozen=True)
-class Task:
+class Task(_HubSigned):
     """The retained ``task``: the round the edges should train for, and its flat config.
 
     ``clients``: the edges selected for this round (None: every edge). Keys renamed in 0.2
@@ -229,6 +249,7 @@ class Task:
     round, learning rate or CPU budget.
     """
 
+    DOMAIN: ClassVar[bytes] = TASK_DOMAIN
     round: int
     model_version: int
     config: dict[str, float | int | str | bool] = field(default_factory=dict)
@@ -239,18 +260,6 @@ class Task:
 
     def selects(self, client: str) -> bool:
         return self.clients is None or client in self.clients
-
-    def _signed_bytes(self) -> bytes:
-        body = {k: v for k, v in asdict(self).items() if k != "signature"}
-        return TASK_DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-    def signed(self, key: Ed25519PrivateKey) -> Task:
-        """This task signed by the hub's ``key``."""
-        return replace(self, signature=key.sign(self._signed_bytes()).hex())
-
-    def verify(self, public_key: bytes) -> bool:
-        """Whether the hub holding ``public_key`` signed exactly these fields."""
-        return _verify_hex(public_key, self.signature, self._signed_bytes())
 
     def to_bytes(self) -> bytes:
         body = asdict(self)
@@ -294,7 +303,7 @@ class Task:
 
 
 @dataclass(frozen=True)
-class Receipt:
+class Receipt(_HubSigned):
     """The hub's answer to one update: ``accepted``, ``duplicate`` (stored before) or ``rejected``.
 
     ``signature``: the hub's Ed25519 signature (hex) over every other field. An edge drops an
@@ -305,6 +314,7 @@ class Receipt:
     receipt cannot be replayed onto another update under the same sequence number.
     """
 
+    DOMAIN: ClassVar[bytes] = RECEIPT_DOMAIN
     client: str
     sequence: int
     status: str
@@ -320,18 +330,6 @@ class Receipt:
     def final(self) -> bool:
         """The hub stored the update (or refused it for good): the edge may drop it from its outbox."""
         return self.status in ("accepted", "duplicate", "rejected")
-
-    def _signed_bytes(self) -> bytes:
-        body = {k: v for k, v in asdict(self).items() if k != "signature"}
-        return RECEIPT_DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-    def signed(self, key: Ed25519PrivateKey) -> Receipt:
-        """This receipt signed by the hub's ``key``."""
-        return replace(self, signature=key.sign(self._signed_bytes()).hex())
-
-    def verify(self, public_key: bytes) -> bool:
-        """Whether the signature is the holder of ``public_key``'s, over exactly these fields."""
-        return _verify_hex(public_key, self.signature, self._signed_bytes())
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

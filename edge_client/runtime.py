@@ -58,8 +58,6 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from edge_client.adoption import ModelAdoption
 from edge_client.config import EdgeConfig, read_credentials
 from edge_client.federated_eval import Evaluator
@@ -72,6 +70,7 @@ from edge_client.sources.base import Source
 from edge_client.training import RoundTrainer, WeightsHook
 from models.errors import BrokerUnavailable, ConfigError, WearflError
 from models.files import StorageError, check_writable
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.identity import load_or_create_key, public_hex
 from models.protocol.messages import MAX_MODEL_BYTES, ModelMessage
 from models.protocol.topics import Topics

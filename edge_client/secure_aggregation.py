@@ -35,8 +35,7 @@ from models.protocol.identity import load_keyring
 from models.protocol.messages import Task
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+    from models.protocol.ed25519 import Ed25519PrivateKey
     from models.protocol.secagg import RoundConfig
     from models.transport.mqtt import Message
 

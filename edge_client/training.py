@@ -34,7 +34,6 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_client.adoption import ModelAdoption
 from edge_client.config import EdgeConfig
@@ -49,6 +48,7 @@ from models.errors import ConfigError, InputError, ModelFormatError, StorageErro
 from models.inference import NumpyPredictor
 from models.model import Model
 from models.protocol.codec import CodecConfig, UpdateCodec
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.messages import ModelMessage, Task
 from models.protocol.signed import SigningError
 from models.transport.mqtt import Message

@@ -23,11 +23,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from models.protocol.codec import CodecConfig, UpdateCodec, clip_l2
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.messages import ModelMessage, UpdateMeta, build_update
 
 __all__ = ["EncodedUpdate", "LocalRound", "clipped_delta", "encode_update", "finite_metrics", "read_residual",

@@ -19,8 +19,6 @@ from dataclasses import InitVar, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from hub.intake import DEFAULT_MAX_EXAMPLES, DEFAULT_MAX_UPDATE_BYTES
 from hub.renamed import HUB_SETTINGS, renamed, strategy_arg_renames, warn_renamed
 from hub.rounds import RoundPolicy
@@ -29,6 +27,7 @@ from hub.selection import SelectionPolicy
 from hub.strategies import STRATEGIES, Strategy, make_strategy
 from models.errors import ConfigError
 from models.protocol.codec import CodecConfig
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.identity import load_or_create_key
 from models.protocol.messages import current_task_keys
 from models.protocol.topics import check_name

@@ -42,7 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from models.errors import ConfigError
 from models.files import write_atomic
-from models.protocol.identity import load_or_create_key, public_hex
+from models.protocol.identity import load_or_create_key, private_pem, public_hex
 from models.protocol.topics import check_name
 from models.transport.credentials import read_mqtt_json
 from models.transport.mosquitto import MAX_PACKET_BYTES, limit_lines
@@ -80,7 +80,7 @@ def init_keys(state: Path) -> Path:
     hub = keys / "hub"
     legacy = keys / "hub.key"
     signing = load_or_create_key(legacy if legacy.exists() else hub / "hub.key")
-    _write_private(hub / "hub.key", signing.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    _write_private(hub / "hub.key", private_pem(signing))
     _write_public(hub / "hub.pub", (public_hex(signing) + "\n").encode())
     _client_files(hub, HUB_USERNAME, ca_key, ca_cert)
     write_atomic(hub / "keyring", b"# client_id public_key_hex, one device a line (wearfl keys add-device)\n")

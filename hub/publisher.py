@@ -32,8 +32,7 @@ from models.protocol.messages import MAX_MODEL_BYTES, Task
 from models.protocol.signed import public_key_bytes, verify_and_parse
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+    from models.protocol.ed25519 import Ed25519PrivateKey
     from models.protocol.messages import Receipt
     from models.protocol.topics import Topics
     from models.transport.mqtt import MqttSession

@@ -56,13 +56,12 @@ from models.protocol.messages import MAX_MODEL_BYTES, Receipt, Task, build_model
 from models.protocol.topics import Topics
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     from hub.accounting import PrivacyAccountant
     from hub.round_state import OpenRound
     from hub.secure_rounds import SecureRoundDriver
     from hub.strategies import Strategy
     from models.model import Model
+    from models.protocol.ed25519 import Ed25519PrivateKey
     from models.transport.mqtt import Message, MqttSession
 
 __all__ = ["DEFAULT_TASK_CONFIG", "HubConfig", "HubService", "task_config_from"]

@@ -69,9 +69,9 @@ if (REPO_ROOT / "edge_client" / "__init__.py").is_file() and str(REPO_ROOT) not 
 TASK = "heart-rate"
 CLIENT = "wearer-01"
 HEAVY = ("scipy", "matplotlib", "onnxruntime", "onnx", "torch", "pandas", "ai_edge_litert", "tflite_runtime",
-         "tensorflow", "PIL", "tqdm", "dp_accounting", "amqtt", "flatbuffers")
+         "tensorflow", "PIL", "tqdm", "dp_accounting", "amqtt", "flatbuffers", "cryptography")
 """Top-level packages the edge should not need (onnxruntime only for its back-end)."""
-NEEDED = ("numpy", "cryptography", "safetensors", "paho")
+NEEDED = ("numpy", "nacl", "safetensors", "paho")
 DEFAULT_SOURCES = f"sim:0/{CLIENT},recordings:,lsl:"
 _IMPORT_LINE = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|(\s*)(\S+)\s*$")
 

@@ -113,10 +113,10 @@ def hub_worker(args: argparse.Namespace) -> None:
 def build_updates(n: int) -> tuple[list[tuple[str, bytes]], int]:
     """N (client, signed int8 update) pairs for round 1 on model v0, and the model's parameter count."""
     import numpy as np
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from models import Model, heart_rate_spec
     from models.protocol.codec import CodecConfig, UpdateCodec
+    from models.protocol.ed25519 import Ed25519PrivateKey
     from models.protocol.messages import UpdateMeta, build_update
 
     weights = Model(heart_rate_spec(), seed=0).network.state_dict()

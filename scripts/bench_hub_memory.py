@@ -90,10 +90,10 @@ def wearfl_command() -> list[str]:
 def build_updates(task: str, n: int) -> tuple[list[tuple[str, bytes]], int]:
     """N (client, signed int8 update) pairs for round 1 on model v0, and the model's parameter count."""
     import numpy as np
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from models import Model
     from models.protocol.codec import CodecConfig, UpdateCodec
+    from models.protocol.ed25519 import Ed25519PrivateKey
     from models.protocol.messages import UpdateMeta, build_update
     from models.spec import default_spec
 

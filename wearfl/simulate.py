@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hub.commands import add_strategy_flags
 from hub.schedule import LR_SCHEDULES
@@ -28,6 +27,7 @@ from models.errors import ConfigError
 from models.files import write_atomic
 from models.model import Model
 from models.protocol.codec import SCHEMES, CodecConfig, UpdateCodec
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.messages import UpdateMeta, build_update
 from wearfl.attacks import ATTACKS
 

@@ -12,13 +12,12 @@ import binascii
 import os
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from models.errors import ConfigError
 from models.files import write_atomic
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.topics import check_name
 
-__all__ = ["load_keyring", "load_or_create_key", "public_hex"]
+__all__ = ["load_keyring", "load_or_create_key", "private_pem", "public_hex"]
 
 _PEM_HEAD, _PEM_TAIL = b"-----BEGIN PRIVATE KEY-----", b"-----END PRIVATE KEY-----"
 _PKCS8_ED25519 = bytes.fromhex("302e020100300506032b657004220420")
@@ -29,15 +28,15 @@ def public_hex(key: Ed25519PrivateKey) -> str:
     return key.public_key().public_bytes_raw().hex()
 
 
-def _pem(raw: bytes) -> bytes:
-    """The unencrypted PKCS#8 PEM of a 32-byte Ed25519 key, as OpenSSL (and ``private_bytes``) write it."""
-    return b"%s\n%s\n%s\n" % (_PEM_HEAD, base64.b64encode(_PKCS8_ED25519 + raw), _PEM_TAIL)
+def private_pem(key: Ed25519PrivateKey) -> bytes:
+    """The key as unencrypted PKCS#8 PEM, byte for byte what OpenSSL (and cryptography) write."""
+    return b"%s\n%s\n%s\n" % (_PEM_HEAD, base64.b64encode(_PKCS8_ED25519 + key.private_bytes_raw()), _PEM_TAIL)
 
 
-def _read_key(data: bytes) -> object:
-    """The private key in PEM ``data``. The form :func:`load_or_create_key` writes is read directly;
-    any other PEM goes through cryptography's ``serialization`` (imported only then: ~1 MB resident
-    that a gateway, which only ever reads its own key, does not carry)."""
+def _read_key(data: bytes) -> Ed25519PrivateKey:
+    """The Ed25519 key in PEM ``data``. The form :func:`load_or_create_key` writes is read directly;
+    any other PEM goes through cryptography (imported only then: ~8 MB resident that a gateway, which
+    only ever reads its own key, does not carry). ValueError/TypeError when it is no Ed25519 key."""
     lines = data.strip().splitlines()
     if len(lines) == 3 and lines[0] == _PEM_HEAD and lines[2] == _PEM_TAIL:
         try:
@@ -46,9 +45,13 @@ def _read_key(data: bytes) -> object:
             der = b""
         if len(der) == 48 and der.startswith(_PKCS8_ED25519):
             return Ed25519PrivateKey.from_private_bytes(der[16:])
+    from cryptography.hazmat.primitives.asymmetric import ed25519
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    return load_pem_private_key(data, password=None)
+    key = load_pem_private_key(data, password=None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise TypeError(f"it holds a {type(key).__name__}, not an Ed25519 key")
+    return Ed25519PrivateKey.from_private_bytes(key.private_bytes_raw())
 
 
 def load_or_create_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
@@ -59,11 +62,9 @@ def load_or_create_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
             key = _read_key(path.read_bytes())
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{path} is not a PEM Ed25519 private key ({exc}); restore it or remove it.") from exc
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ConfigError(f"{path} holds a {type(key).__name__}, not an Ed25519 key.")
         return key
     key = Ed25519PrivateKey.generate()
-    write_atomic(path, _pem(key.private_bytes_raw()))
+    write_atomic(path, private_pem(key))
     os.chmod(path, 0o600)
     return key
 

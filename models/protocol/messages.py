@@ -16,11 +16,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar, Self
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from models.model import Model
 from models.package import FORMAT as PACKAGE_FORMAT
+from models.protocol.ed25519 import Ed25519PrivateKey, Ed25519PublicKey, InvalidSignature
 from models.protocol.signed import SignedMessage, SigningError, sign_tensors, verify_and_parse
 from models.spec import ModelSpec, declared_parameters
 

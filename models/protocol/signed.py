@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from models.errors import SigningError
+from models.protocol.ed25519 import Ed25519PrivateKey, Ed25519PublicKey, InvalidSignature
 
 __all__ = ["SIGNATURE_TENSOR", "TRAILER_BYTES", "SignedMessage", "SigningError", "sign_tensors", "verify_and_parse"]
 

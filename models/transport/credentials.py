@@ -23,9 +23,8 @@ import ssl
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from models.errors import ConfigError
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.identity import load_or_create_key
 from models.transport.mqtt import BrokerAddress
 

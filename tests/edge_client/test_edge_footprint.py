@@ -23,7 +23,7 @@ from wearfl.cli import COMMANDS, build_parser, command_of
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("scipy", "matplotlib", "onnx", "onnxruntime", "ai_edge_litert", "tflite_runtime", "torch", "pandas",
-         "hub", "http", "email")
+         "hub", "http", "email", "cryptography")
 
 
 def _run(code: str) -> subprocess.CompletedProcess[str]:
@@ -68,8 +68,8 @@ assert not heavy, heavy
 
 def test_secure_aggregation_and_key_formats_load_only_when_used(tmp_path):
     """The edge's runtime, its device key (made, then read back), a signed update and its check:
-    neither the SecAgg+ library (X25519, AES-GCM, HKDF) nor cryptography's serialization module
-    (which pulls in RSA, DSA, EC, ciphers and SSH) is imported; the first secure round imports SecAgg+."""
+    neither the SecAgg+ library (X25519, AES-GCM, HKDF) nor cryptography (Ed25519 is libsodium's; cryptography's
+    Rust extension alone is ~7 MB resident) is imported; the first secure round imports SecAgg+."""
     code = f"""
 import base64, sys
 from pathlib import Path
@@ -83,13 +83,12 @@ again = load_or_create_key(Path({str(tmp_path)!r}) / "device.key")
 assert public_hex(key) == public_hex(again)
 signed = sign_tensors({{"w": np.ones(3, np.float32)}}, {{"round": 1}}, key)
 verify_and_parse(signed, 1 << 20)
-lazy = ("models.protocol.secagg", "cryptography.hazmat.primitives.serialization",
-        "cryptography.hazmat.primitives.asymmetric.x25519", "cryptography.hazmat.primitives.ciphers")
-loaded = [m for m in lazy if m in sys.modules]
+lazy = ("models.protocol.secagg", "cryptography")
+loaded = [m for m in sys.modules if m.startswith(lazy)]
 assert not loaded, loaded
 assert round_config_of({{}}) is None
 from models.protocol.secagg import RoundConfig
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from models.protocol.ed25519 import Ed25519PrivateKey
 keys = {{c: Ed25519PrivateKey.generate() for c in ("a", "b", "c")}}
 directory = {{c: k.public_key().public_bytes_raw() for c, k in keys.items()}}
 config = round_config_of({{"secagg": base64.b64encode(RoundConfig.create("r1", list(keys), 4).to_bytes()).decode()}})
@@ -114,13 +113,15 @@ def test_the_device_key_file_is_what_cryptography_writes_and_other_pem_keys_stil
     from models.errors import ConfigError
     from models.protocol.identity import load_or_create_key, public_hex
 
-    key = load_or_create_key(tmp_path / "device.key")
+    ours = load_or_create_key(tmp_path / "device.key")
+    key = Ed25519PrivateKey.from_private_bytes(ours.private_bytes_raw())
+    assert ours.sign(b"message") == key.sign(b"message")  # Ed25519 is deterministic: the two libraries agree
     written = (tmp_path / "device.key").read_bytes()
     assert written == key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                         serialization.NoEncryption())
     assert (tmp_path / "device.key").stat().st_mode & 0o777 == 0o600
     assert load_or_create_key(tmp_path / "device.key").private_bytes_raw() == key.private_bytes_raw()
-    assert public_hex(key) == key.public_key().public_bytes(serialization.Encoding.Raw,
+    assert public_hex(ours) == key.public_key().public_bytes(serialization.Encoding.Raw,
                                                             serialization.PublicFormat.Raw).hex()
     # a key written another way (OpenSSH's own format) goes through cryptography's loader
     other = Ed25519PrivateKey.generate()

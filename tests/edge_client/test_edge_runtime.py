@@ -27,7 +27,6 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 import waiting
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import load as st_load
 
 from edge_client.edge_command import add_edge_command, resolve_source
@@ -41,6 +40,7 @@ from models.errors import BrokerUnavailable, ConfigError
 from models.model import Model
 from models.package import package_bytes
 from models.protocol.codec import CodecConfig, UpdateCodec
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.identity import load_or_create_key, public_hex
 from models.protocol.ledger import entry_hash
 from models.protocol.messages import (

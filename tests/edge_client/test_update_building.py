@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_client.adoption import ModelAdoption
 from edge_client.config import EdgeConfig
@@ -28,6 +27,7 @@ from edge_client.training import RoundTrainer
 from edge_client.updates import clipped_delta, encode_update, read_residual, residual_bytes
 from models.model import Model
 from models.protocol.codec import CodecConfig, UpdateCodec
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.messages import MAX_MODEL_BYTES, Task, build_model, parse_model, parse_update_meta
 from models.protocol.signed import verify_and_parse
 from models.training import TrainConfig

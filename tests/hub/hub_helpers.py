@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from models.protocol.codec import CodecConfig, UpdateCodec
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.messages import UpdateMeta, build_update
 
 SHAPES = {"conv.weight": (4, 3, 5), "conv.bias": (4,), "fc.weight": (2, 4), "fc.bias": (2,)}  # 78 values

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hub.intake import Intake
 from hub.registry import ModelRegistry
@@ -42,6 +41,7 @@ from hub.store import HubStore
 from hub.strategies import FedAvg
 from models import Model, activity_spec
 from models.protocol.codec import CodecConfig, UpdateCodec
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.messages import UpdateMeta, build_update
 from models.protocol.topics import Topics
 

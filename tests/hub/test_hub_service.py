@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hub_helpers import delta_of, make_update
 from safetensors.numpy import load as st_load
 
@@ -27,6 +26,7 @@ from hub.service import HubConfig, HubService
 from hub.store import HubStore
 from models import Model, activity_spec
 from models.errors import ConfigError
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.messages import Receipt, Task, parse_model
 from models.protocol.topics import Topics
 from models.transport.mqtt import BrokerAddress, MqttSession

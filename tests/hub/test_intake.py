@@ -7,7 +7,6 @@ import logging
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hub_helpers import SHAPES, delta_of, make_update
 from safetensors.numpy import save
 
@@ -15,6 +14,7 @@ from hub.intake import Intake
 from hub.round_state import OpenRound
 from hub.store import HubStore
 from models.protocol.codec import UpdateCodec
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.identity import public_hex
 from models.protocol.signed import sign_tensors
 from models.protocol.topics import Topics

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hub_helpers import delta_of, make_update
 
 from hub.intake import Intake
@@ -13,6 +12,7 @@ from hub.store import HubStore
 from hub.strategies import FedAvg
 from models import Model, activity_spec
 from models.protocol.codec import UpdateCodec
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.topics import Topics
 
 TOPICS = Topics("fed")

@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as paho
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from waiting import until
 
 from models.protocol.codec import CodecConfig, UpdateCodec
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.identity import load_or_create_key
 from models.protocol.messages import UpdateMeta, build_update
 from models.protocol.signed import verify_and_parse

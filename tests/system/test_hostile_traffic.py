@@ -20,7 +20,6 @@ import time
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hostile import (
     Federation,
     Heard,
@@ -35,6 +34,7 @@ from hostile import (
     wait,
 )
 
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.signed import verify_and_parse
 from wearfl.broker import MosquittoBroker, mosquitto_binary
 

@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from waiting import until
 
 from edge_client.outbox import Outbox, OutboxEntry
@@ -44,6 +43,7 @@ from hub.store import HubStore
 from models import Model, activity_spec
 from models.files import StorageError, write_atomic
 from models.protocol.codec import CodecConfig, UpdateCodec
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.messages import Receipt, Task, UpdateMeta, build_model, build_update, parse_update_meta
 from models.protocol.signed import verify_and_parse
 from models.protocol.topics import Topics

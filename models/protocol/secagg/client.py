@@ -17,9 +17,9 @@ from contextlib import contextmanager
 from enum import Enum
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.secagg import shamir
 from models.protocol.secagg.config import RoundConfig
 from models.protocol.secagg.errors import SecAggError

@@ -24,9 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from models.protocol.ed25519 import Ed25519PublicKey, InvalidSignature
 from models.protocol.secagg.config import MAX_CLIENTS, MAX_VALUES, RoundConfig
 from models.protocol.secagg.errors import SecAggError
 from models.protocol.secagg.primitives import KEY_BYTES, NONCE_BYTES, TAG_BYTES

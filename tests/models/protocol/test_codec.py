@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import load as st_load
 
 from models import Model, activity_spec
 from models.errors import ConfigError
 from models.protocol.codec import CodecConfig, CodecError, UpdateCodec
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.messages import UpdateMeta, build_model, build_update, parse_model, parse_update_meta
 from models.protocol.signed import SigningError, verify_and_parse
 

@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save as st_save
@@ -46,6 +45,7 @@ from models import Model, activity_spec
 from models.errors import WearflError
 from models.package import FORMAT as PACKAGE_FORMAT
 from models.protocol.codec import SCHEMES, CodecConfig, CodecError, UpdateCodec
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.ledger import GENESIS, check_entry, entry_hash
 from models.protocol.messages import (
     MAX_JSON_BYTES,

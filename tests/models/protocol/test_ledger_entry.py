@@ -2,11 +2,10 @@
 
 import hashlib
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from hub.ledger import Ledger
 from models import Model, activity_spec
 from models.package import package_bytes
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.ledger import check_entry
 from models.protocol.messages import build_model, parse_model
 

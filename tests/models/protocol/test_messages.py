@@ -29,8 +29,7 @@ def test_a_name_with_a_trailing_newline_is_refused():
 def test_a_signed_receipt_verifies_only_unchanged_and_only_with_the_hubs_key():
     from dataclasses import replace
 
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+    from models.protocol.ed25519 import Ed25519PrivateKey
     from models.protocol.messages import Receipt
     from models.protocol.signed import SigningError, public_key_bytes
 
@@ -66,8 +65,7 @@ def test_a_task_carries_the_old_key_names_too_for_edges_of_the_last_release() ->
 def test_a_signed_task_verifies_only_unchanged_and_only_with_the_hubs_key():
     from dataclasses import replace
 
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+    from models.protocol.ed25519 import Ed25519PrivateKey
     from models.protocol.signed import public_key_bytes
 
     hub = Ed25519PrivateKey.generate()

@@ -8,10 +8,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy import stats
 
+from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.secagg import (
     AdvertiseKeys,
     ClientStage,

@@ -1,9 +1,10 @@
-"""The gateway's commands of the ``wearfl`` CLI: evaluate."""
+"""The gateway's commands of the ``wearfl`` CLI: evaluate, record."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -104,6 +105,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_record(args: argparse.Namespace) -> int:
+    from edge_client.edge_command import resolve_source
+    from edge_client.sources.datasets import is_live
+    from edge_client.sources.recorder import record_source
+
+    if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
+        raise ConfigError(f"--minutes must be a positive number, got {args.minutes}.")
+    if is_live(args.source) and args.minutes is None:
+        raise ConfigError(f"{args.source} is a live stream that never ends; give --minutes to say how much to record.")
+    source = resolve_source(args.source, args.client_id)
+    limit = None if args.minutes is None else args.minutes * 60.0
+    from tqdm import tqdm
+
+    with tqdm(total=limit, desc=f"recording {source.client_id}", unit="s", file=sys.stderr, leave=False,
+              disable=not sys.stderr.isatty(), mininterval=0.5, bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s"
+              if limit else "{desc}: {n:.0f} s") as bar:
+        done = record_source(source, args.out, max_seconds=limit, progress=lambda s: bar.update(s - bar.n))
+    print(f"wrote {done.path}: {done.samples:,} samples ({done.seconds / 60:.1f} min at {done.sampling_rate_hz:g} Hz; "
+          f"columns {', '.join(done.columns)})")
+    print(f"use it as --source recordings:{done.path.parent}/{done.path.stem}")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     """Register the gateway's commands on an argparse sub-parser set."""
     p = sub.add_parser("evaluate", help="train centrally and/or evaluate a model on a dataset's clients")
@@ -118,3 +142,13 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("record", help="write a source's stream as a recording (docs/recordings.md)",
+                       description="Write a source's stream in the recording format, as DIR/CLIENT.csv plus "
+                                   "DIR/dataset.toml, for a `recordings:DIR/CLIENT` source.")
+    p.add_argument("--source", required=True, metavar="SPEC",
+                   help="what to record, as `wearfl edge --source`: sim:0/wearer-02, hapt:DIR/user-05, lsl:NAME, ...")
+    p.add_argument("--out", required=True, metavar="DIR", help="the recordings folder to write into")
+    p.add_argument("--client-id", metavar="ID", help="the client, when SPEC does not name one")
+    p.add_argument("--minutes", type=float, help="stop after this much stream time (required for live sources)")
+    p.set_defaults(func=cmd_record)

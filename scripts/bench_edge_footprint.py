@@ -110,25 +110,11 @@ def resident_by_mapping(pid: int, top: int = 15) -> list[tuple[str, float]]:
 
 
 def write_sim_recording(folder: Path, minutes: float) -> str:
-    """A recordings folder with ``minutes`` of simulated wearer-01; returns its ``recordings:`` spec."""
-    import numpy as np
-
-    from edge_client.sources.recordings import write_recording
+    """A recordings folder with ``minutes`` of simulated wearer-01 (as `wearfl record` writes it); its spec."""
+    from edge_client.sources.recorder import record_source
     from edge_client.sources.simulator import SimulatedWearer
 
-    wearer = SimulatedWearer(CLIENT, 0, minutes=minutes)
-    parts = list(wearer.chunks(8192))
-    t = np.concatenate([c.t for c in parts])
-    data = np.concatenate([c.data for c in parts]).astype(np.float64).round(5)
-    activity = np.concatenate([c.activity for c in parts])
-    hr = np.concatenate([c.hr_bpm for c in parts]).astype(np.float64).round(2)
-    classes = parts[0].classes
-    columns = {name: data[:, i] for i, name in enumerate(parts[0].channels)}
-    folder.mkdir(parents=True, exist_ok=True)
-    write_recording(folder / f"{CLIENT}.csv", t.round(4), **columns, hr_bpm=hr,
-                    activity=[classes[a] if a >= 0 else "" for a in activity.tolist()])
-    labels = ", ".join(f'"{c}"' for c in classes)
-    (folder / "dataset.toml").write_text(f"sampling_rate_hz = {wearer.sampling_rate_hz:g}\nlabels = [{labels}]\n")
+    record_source(SimulatedWearer(CLIENT, 0, minutes=minutes), folder)
     return f"recordings:{folder}/{CLIENT}"
 
 

@@ -34,7 +34,7 @@ _REGISTRARS = (
 
 COMMANDS = {
     **dict.fromkeys(("init", "export", "predict", "info"), _REGISTRARS[0]),
-    "evaluate": _REGISTRARS[1],
+    **dict.fromkeys(("evaluate", "record"), _REGISTRARS[1]),
     **dict.fromkeys(("hub", "status", "ledger"), _REGISTRARS[2]),
     "keys": _REGISTRARS[3],
     "privacy": _REGISTRARS[4],

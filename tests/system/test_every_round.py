@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import numpy as np
 import pytest
 from federating import run_until_hub_ends
 from waiting import until
@@ -20,7 +19,8 @@ from waiting import until
 from edge_client.evaluation import task_spec
 from edge_client.finetune import FineTunePolicy
 from edge_client.runtime import EdgeClient, EdgeConfig, run_edges
-from edge_client.sources.recordings import RecordingsDataset, write_recording
+from edge_client.sources.recorder import record_source
+from edge_client.sources.recordings import RecordingsDataset
 from edge_client.sources.simulator import SimulatedDataset
 from hub.service import HubConfig, HubService
 from models import Model
@@ -32,18 +32,8 @@ DATASET = SimulatedDataset(seed=5, wearers=3, minutes=3, test_wearers=0)
 
 
 def recording_of(client: str, folder) -> RecordingsDataset:
-    """The simulated wearer's stream written in the recording format: a ``recordings:`` source."""
-    source = DATASET.source(client)
-    chunks = list(source.chunks(10_000))
-    t = np.concatenate([c.t for c in chunks])
-    data = np.concatenate([c.data for c in chunks])
-    activity = np.concatenate([c.activity for c in chunks])
-    columns = {name: data[:, i] for i, name in enumerate(chunks[0].channels)}
-    names = np.array([*chunks[0].classes, ""], dtype=object)
-    folder.mkdir(parents=True)
-    write_recording(folder / f"{client}.csv", t, **columns, activity=[n or None for n in names[activity]])
-    (folder / "dataset.toml").write_text(f"sampling_rate_hz = {source.sampling_rate_hz}\n"
-                                         f"labels = {list(chunks[0].classes)!r}\n".replace("'", '"'))
+    """The simulated wearer's stream written in the recording format (`wearfl record`): a ``recordings:`` source."""
+    record_source(DATASET.source(client), folder)
     return RecordingsDataset(folder)
 
 

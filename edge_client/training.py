@@ -12,9 +12,10 @@ to the secure-aggregation client (:mod:`edge_client.secure_aggregation`) instead
 Every round that selects the edge gets an answer: fresh windows are preferred, never required.
 With fewer than ``min_new_windows`` new ones, the edge waits for fresh data until half of the
 time to the round's deadline has passed (:data:`FRESH_SHARE`), then trains on its replay
-buffer as it is. When it cannot take part (a resource hook vetoes, it has no windows at all,
-its outbox is full) it declines: the reason (:data:`DECLINE_REASONS`) goes out in its status
-message (``declined``), so the hub neither waits for it in silence nor counts it as lost.
+buffer as it is; a source that has ended (a replayed file) is not waited for. When it cannot
+take part (a resource hook vetoes, it has no windows at all, its outbox is full) it declines:
+the reason (:data:`DECLINE_REASONS`) goes out in its status message (``declined``), so the
+hub neither waits for it in silence nor counts it as lost.
 
 A fit takes the replay buffer's new windows. Until its update is stored, a
 :class:`FitInFlight` remembers how many there were: if the edge stops meanwhile, or the
@@ -253,7 +254,7 @@ class RoundTrainer:
             self._decline(task, "resources", vetoed)
             return f"declined round {task.round}: {vetoed}"
         fresh = view.replay.new_windows
-        if fresh < policy.min_new_windows:
+        if fresh < policy.min_new_windows and not self._ingest.source_ended:  # an ended source brings no more
             if task.round not in self._fresh_by:
                 self._fresh_by = {task.round: self._fresh_deadline(task)}
             fresh_by = self._fresh_by[task.round]

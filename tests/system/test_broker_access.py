@@ -12,6 +12,9 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import shlex
+import signal
 import ssl
 import subprocess
 import sys
@@ -363,3 +366,56 @@ def test_a_round_completes_with_credentials_through_the_locked_down_broker(provi
     assert all(e.model_version == 1 for e in edges)
     hub_pub = (provisioned.folder("hub") / "hub.pub").read_text().strip()
     assert all((tmp_path / d / "hub.pub").read_text().strip() == hub_pub for d in DEVICES)
+
+
+def unit_command(unit: Path, environment: dict[str, str]) -> list[str]:
+    """The unit's ExecStart, split, its ``${VAR}`` filled from its Environment lines (``environment`` overrides)."""
+    env: dict[str, str] = {}
+    command = None
+    for line in unit.read_text().splitlines():
+        if line.startswith("Environment="):
+            key, _, value = line.removeprefix("Environment=").partition("=")
+            env[key] = value
+        elif line.startswith("ExecStart="):
+            command = line.removeprefix("ExecStart=")
+    assert command is not None, f"{unit} has no ExecStart"
+    assert set(environment) <= set(env), f"{sorted(set(environment) - set(env))} are not variables of {unit}"
+    env.update(environment)
+    return [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], word) for word in shlex.split(command)]
+
+
+def test_the_systemd_unit_as_written_takes_part_in_a_round(provisioned, tmp_path):
+    """scripts/deploy/wearfl-edge.service with its Environment lines set for this machine (as its comment says
+    to do): the edge it starts, on a recording, through the locked-down broker, is accepted in a heart-rate round."""
+    from edge_client.sources.recorder import record_source
+
+    device = DEVICES[0]
+    record_source(DATASET.source(device), tmp_path / "recordings")
+    url = f"mqtts://{provisioned.broker.host}:{provisioned.broker.port}"
+    argv = unit_command(ROOT / "scripts/deploy/wearfl-edge.service", {
+        "WEARFL_BROKER": url, "WEARFL_FEDERATION": FED, "WEARFL_CLIENT": device,
+        "WEARFL_SOURCE": f"recordings:{tmp_path}/recordings/{device}",
+        "WEARFL_CREDENTIALS": str(provisioned.folder(device))})
+    assert argv[0] == "/opt/wearfl/.venv/bin/wearfl" and "/var/lib/wearfl/edge" in argv
+    edge_argv = [sys.executable, "-m", "wearfl", *(str(tmp_path / "edge") if a == "/var/lib/wearfl/edge" else a
+                                                   for a in argv[1:])]
+    hub_state = tmp_path / "hub"
+    hub_argv = [sys.executable, "-m", "wearfl", "hub", "--broker", url, "--federation", FED, "--state", str(hub_state),
+                "--credentials", str(provisioned.folder("hub")), "--task", "heart-rate", "--rounds", "1",
+                "--min-clients", "1", "--clients-per-round", "1", "--round-timeout", "120"]
+    with (tmp_path / "hub.log").open("w") as hub_log, (tmp_path / "edge.log").open("w") as edge_log:
+        hub = subprocess.Popen(hub_argv, stdout=hub_log, stderr=subprocess.STDOUT)
+        edge = subprocess.Popen(edge_argv, stdout=edge_log, stderr=subprocess.STDOUT)
+        try:
+            assert hub.wait(timeout=180) == 0, (tmp_path / "hub.log").read_text()[-3000:]
+            assert edge.poll() is None, (tmp_path / "edge.log").read_text()[-3000:]
+            edge.send_signal(signal.SIGTERM)  # the unit's KillSignal
+            assert edge.wait(timeout=30) == 0, (tmp_path / "edge.log").read_text()[-3000:]
+        finally:
+            for process in (edge, hub):
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+    with HubStore(hub_state, create=False) as store:
+        status = store.status()
+    assert status["updates_accepted"] == 1 and status["clients"][device]["accepted"] == 1

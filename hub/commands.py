@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hub.renamed import CLI_FLAGS, HUB_SETTINGS, renamed, warn_renamed
+from hub.reports import describe_metrics
 from models.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ CONFIG_KEYS = {
     "min_clients": int, "clients_per_round": int, "round_timeout": float, "rounds": int, "quantize": str,
     "max_update_norm": float, "max_update_bytes": int, "server_lr": float, "strategy": str,
     "max_examples": int, "max_pinned": int, "keep_models": int, "fraction": float, "max_clients": int,
-    "stragglers": str, "evaluate_every": int, "secure_aggregation": bool,
+    "stragglers": str, "evaluate_every": int, "secure_aggregation": bool, "http": str, "http_token": str,
 }
 
 
@@ -78,6 +79,10 @@ def add_commands(sub: Any) -> None:
                    help="without a keyring, pin at most N clients' keys (receipt reason too_many_clients)")
     p.add_argument("--keep-models", type=int, metavar="N",
                    help="keep the newest N model versions in the registry (default 100; the ledger keeps all)")
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="serve the operator view: dashboard at /, Prometheus /metrics, /api/status (default: off)")
+    p.add_argument("--http-token", metavar="TOKEN",
+                   help="required to serve --http beyond loopback: clients send 'Authorization: Bearer TOKEN'")
     p.add_argument("--server-lr", type=float, metavar="LR", help="server learning rate of FedAvg (default 1.0)")
     p.add_argument("--fraction", type=float, metavar="F", help="select this fraction of online edges a round")
     p.add_argument("--max-clients", type=int, metavar="N", help="select at most N edges a round")
@@ -111,10 +116,14 @@ def add_command_group(sub: Any, name: str, *, help: str, description: str) -> An
 
 
 def add_strategy_flags(p: argparse.ArgumentParser) -> None:
-    """``--strategy NAME`` and repeatable ``--strategy-arg KEY=VALUE`` (shared with ``wearfl simulate``)."""
+    """``--strategy NAME`` and repeatable ``--strategy-arg KEY=VALUE`` (shared with ``wearfl simulate``).
+
+    The help lists the names of the registry (:data:`hub.strategies.STRATEGIES`), so a new rule is never missing.
+    """
+    from hub.strategies import STRATEGIES
+
     p.add_argument("--strategy", metavar="NAME",
-                   help="aggregation rule: fedavg (default), fedavgm, fedprox, fedadam, fedyogi, fedadagrad, "
-                        "fedmedian, fedtrimmedavg, krum, multikrum, bulyan, fedbuff")
+                   help=f"aggregation rule: {', '.join(STRATEGIES)} (default: fedavg)")
     p.add_argument("--strategy-arg", action="append", metavar="KEY=VALUE",
                    help="a setting of the rule, e.g. f=2, beta=0.1, server_opt=adam, eta=0.01 (repeatable)")
 
@@ -171,7 +180,8 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         "server_lr": args.server_lr, "strategy": args.strategy, "fraction": args.fraction,
         "max_clients": args.max_clients, "stragglers": args.stragglers, "evaluate_every": args.evaluate_every,
         "secure_aggregation": args.secure_aggregation, "max_examples": args.max_examples,
-        "max_pinned": args.max_pinned, "keep_models": args.keep_models,
+        "max_pinned": args.max_pinned, "keep_models": args.keep_models, "http": args.http,
+        "http_token": args.http_token,
     }
     if args.model or args.task:  # the flags' choice of initial model replaces the file's
         settings.pop("model", None)
@@ -197,7 +207,8 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         evaluate_every=settings.get("evaluate_every", 1),
         secure_aggregation=settings.get("secure_aggregation", False),
         max_pinned=settings.get("max_pinned"),
-        **{k: settings[k] for k in ("max_update_bytes", "max_examples", "keep_models") if k in settings},
+        **{k: settings[k] for k in ("max_update_bytes", "max_examples", "keep_models", "http", "http_token")
+           if k in settings},
     )
     initial: Model | None = None
     if "model" in settings:
@@ -225,7 +236,9 @@ def cmd_hub(args: argparse.Namespace) -> int:
     def report(summary: RoundSummary) -> None:
         print(f"round {summary.round} closed: {summary.participants} clients, {summary.updates_accepted} updates "
               f"accepted, {summary.updates_rejected} rejected, model v{summary.model_version} "
-              f"({summary.duration_s:.1f} s)", flush=True)
+              f"({summary.duration_s:.1f} s)" + (f"; the edges' evaluation of the round's model: {evaluated}"
+                                                  if (evaluated := describe_metrics(summary.metrics)) else ""),
+              flush=True)
 
     service.on_round_closed = report
 
@@ -293,6 +306,10 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
            if status.get("declined") else ""),
         f"clients             {len(status['clients'])}",
     ]
+    evaluation = status.get("global_metrics")
+    if evaluation:
+        lines.insert(2, f"federated metric    {describe_metrics(evaluation['metrics'])} "
+                        f"(model v{evaluation['model_version']}, round {evaluation['round']})")
     privacy = status.get("privacy")
     if privacy:
         budget = f" of budget {privacy['budget_epsilon']:g}" if privacy.get("budget_epsilon") else ""
@@ -308,11 +325,13 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
         lines += [f"  {c}: declined ({why})" for c, why in waiting.get("declined", {}).items()]
     if status["clients"]:
         width = max(6, *(len(c) for c in status["clients"]))
-        lines += ["", f"{'client':<{width}}  {'accepted':>8}  {'last seq':>8}  last seen"]
+        lines += ["", f"{'client':<{width}}  {'accepted':>8}  {'rejected':>8}  {'declined':>8}  {'last seq':>8}  "
+                      "last seen"]
         for client, c in sorted(status["clients"].items()):
             seq = "-" if c["last_sequence"] is None else str(c["last_sequence"])
             seen = "-" if c["last_seen"] is None else f"{max(0.0, now - c['last_seen']):.0f} s ago"
-            lines.append(f"{client:<{width}}  {c['accepted']:>8}  {seq:>8}  {seen}")
+            lines.append(f"{client:<{width}}  {c['accepted']:>8}  {c.get('rejected', 0):>8}  "
+                         f"{c.get('declined', 0):>8}  {seq:>8}  {seen}")
     return "\n".join(lines)
 
 

@@ -116,6 +116,8 @@ class HubConfig:
     topic_prefix: str = "wearfl/v1"
     max_batch: int = 256
     synchronous: str = "FULL"
+    http: str | None = None
+    http_token: str | None = None
     norm_bound: InitVar[float | None] = None  # renamed max_update_norm
     secagg_clip: InitVar[float | None] = None  # renamed secagg_range
     _loaded_credentials: Any = field(default=None, init=False, repr=False, compare=False)
@@ -136,6 +138,10 @@ class HubConfig:
         if self.credentials is not None:
             self.credentials = Path(self.credentials)
         check_name("federation", self.federation)
+        if self.http is not None:
+            from hub.web import check_http_address, parse_http_address
+
+            check_http_address(parse_http_address(self.http)[0], self.http_token)
         if self.rounds is not None and self.rounds < 1:
             raise ConfigError(f"--rounds must be at least 1, got {self.rounds}.")
         if self.max_update_bytes < 1024:

@@ -302,7 +302,7 @@ class Intake:
         """Count a refusal; its receipt (client ``""``, so not sent, unless ``answer`` and the topic names one)."""
         if rej.reason not in REJECT_REASONS:  # a codec or signing reason receipts do not know
             rej = UpdateRejected("malformed", rej.detail, rej.sequence)
-        self.store.count_rejection(rej.reason)
+        self.store.count_rejection(rej.reason, client=client if answer and self.knows(client) else None)
         log.log(logging.INFO if answer else logging.DEBUG, "rejected update from %s (sequence %d): %s: %s",
                 client or "?", rej.sequence, rej.reason, rej.detail)
         return self._receipt(current, client if answer else "", rej.sequence, "rejected", rej.reason, rej.detail,

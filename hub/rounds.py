@@ -38,6 +38,7 @@ from hub.aggregation import StreamingAverage
 from hub.intake import AcceptedUpdate
 from hub.ledger import Ledger
 from hub.registry import ModelRegistry, ModelVersion
+from hub.reports import describe_metrics
 from hub.round_state import OpenRound
 from hub.store import HubStore, RoundRecord
 from hub.strategies.base import Strategy
@@ -353,8 +354,10 @@ class RoundManager:
         summary = RoundSummary(cur.round, int(new_model.version), len(cur.participants), cur.updates_accepted,
                                cur.updates_rejected, cur.bytes_up, bytes_down, closed_at - cur.opened_at, dict(metrics),
                                new_model)
-        log.info("round %d closed: %d clients, %d updates, model v%d", cur.round, summary.participants,
-                 summary.updates_accepted, summary.model_version)
+        evaluated = describe_metrics(summary.metrics)
+        log.info("round %d closed: %d clients, %d updates, model v%d%s", cur.round, summary.participants,
+                 summary.updates_accepted, summary.model_version,
+                 f"; model v{cur.base_version} evaluated by the edges: {evaluated}" if evaluated else "")
         return summary
 
     def _open(self) -> OpenRound:

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from hub.round_state import OpenRound
     from hub.secure_rounds import SecureRoundDriver
     from hub.strategies import Strategy
+    from hub.web import OperatorView
     from models.model import Model
     from models.protocol.ed25519 import Ed25519PrivateKey
     from models.transport.mqtt import Message, MqttSession
@@ -100,6 +101,7 @@ class HubService:
         self.strategy = strategy if strategy is not None else config.build_strategy()
         self.privacy = self._privacy_accountant()
         self.on_round_closed: RoundHook | None = None
+        self.operator_view: OperatorView | None = None
         self.summaries: list[RoundSummary] = []
         self.ready = asyncio.Event()
         self.presence = Presence(lambda client: self._belongs(client) or self._bootstrapping())
@@ -229,6 +231,7 @@ class HubService:
                 receive_maximum=self._batch_limit,
             )
             publisher = self._publisher = Publisher(session, self.topics, self._key)
+            self._start_operator_view()
             await session.connect()
             try:
                 if (reason := self._finish_reason()) is not None:
@@ -240,8 +243,40 @@ class HubService:
                 await publisher.drain(5.0)
                 await session.disconnect()
         finally:
+            if self.operator_view is not None:
+                self.operator_view.stop()
             self._store = None
             store.close()
+
+    def _start_operator_view(self) -> None:
+        """``--http``: the dashboard, /metrics and /api/status, served from this hub's state."""
+        if self.config.http is None or self.operator_view is not None:
+            return
+        from hub.web import OperatorView, parse_http_address
+
+        host, port = parse_http_address(self.config.http)
+        self.operator_view = OperatorView(host, port, lambda: self._store, self.live_view, self.config.http_token)
+        self.operator_view.start()
+
+    def live_view(self) -> dict[str, Any]:
+        """What only the running hub knows, for the operator view (called from its HTTP thread: copies only)."""
+        rounds = self._rounds
+        model = rounds.model if rounds is not None else None
+        current = rounds.current if rounds is not None else None
+        ledger = rounds.ledger if rounds is not None else None
+        return {
+            "federation": self.config.federation,
+            "online": sorted(self.presence.online),
+            "doing": dict(self.presence.doing),
+            "declined": {} if current is None else {
+                c: d.reason for c, d in self.presence.declined(current.round).items()},
+            "round": None if current is None else {
+                "round": current.round, "updates": len(current.participants), "deadline": current.deadline_at},
+            "task": None if model is None else model.spec.task,
+            "parameters": None if model is None else sum(int(v.size) for v in model.network.state_dict().values()),
+            "ledger": None if ledger is None else {"entries": ledger.count, "head": ledger.head,
+                                                   "version": ledger.last_version},
+        }
 
     async def _serve(self, session: MqttSession, stop: asyncio.Event) -> None:
         cfg, rounds = self.config, _running(self._rounds)
@@ -359,7 +394,7 @@ class HubService:
         if (came_online or self._bootstrapping()) and self._select_awaited(current):
             _running(self._publisher).spawn(self._publish_task())
         if decline is not None and decline.round == current.round and client not in current.participants:
-            _running(self._store).count_declined(decline.reason)
+            _running(self._store).count_declined(decline.reason, client=decline.client)
             log.info("round %d: %s declined (%s: %s)", current.round, client, decline.reason, decline.detail)
 
     # -- selection ------------------------------------------------------------------
@@ -434,6 +469,9 @@ class HubService:
         selection = self._make_selection(next_round)  # before the task: a secure round's config goes in it
         task = self._build_task(next_round, version, round(time.time() + self.config.round_timeout_s, 3), selection)
         recipients = len(self._candidates()[0]) or len(closing.participants)
+        declined = self.presence.declined(closing.round).keys()
+        missing = self._expected(closing.selection) - closing.participants - declined
+        store.put_stragglers(closing.round, len(missing))
         summary = rounds.record_close(new_model, (len(model_message) + len(task.to_bytes())) * recipients,
                                       self._metrics.result(closing.round))
         await asyncio.to_thread(record_release, store, self._metrics, self.privacy)

@@ -284,7 +284,8 @@ class HubStore:
 
     # -- counters --------------------------------------------------------------------
 
-    def count_rejection(self, reason: str, n: int = 1) -> None:
+    def count_rejection(self, reason: str, n: int = 1, client: str | None = None) -> None:
+        """A refused update; ``client``: the known client it came from (counted per client too), else None."""
         if reason not in REJECT_REASONS:
             raise ValueError(f"unknown rejection reason {reason!r}")
         with self.transaction():
@@ -292,14 +293,31 @@ class HubStore:
                 "INSERT INTO rejections (reason, count) VALUES (?, ?)"
                 " ON CONFLICT (reason) DO UPDATE SET count = count + excluded.count", (reason, n)
             )
+            if client:
+                self._add_counter(f"client:rejected:{client}", n)
 
-    def count_declined(self, reason: str, n: int = 1) -> None:
+    def count_declined(self, reason: str, n: int = 1, client: str | None = None) -> None:
         """An edge declined a round it was expected in (``reason``: a :data:`hub.presence.DECLINE_REASONS` code)."""
         with self.transaction():
-            self._db.execute(
-                "INSERT INTO counters (name, value) VALUES (?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value", (f"declined:{reason}", n)
-            )
+            self._add_counter(f"declined:{reason}", n)
+            if client:
+                self._add_counter(f"client:declined:{client}", n)
+
+    def put_stragglers(self, round_number: int, n: int) -> None:
+        """How many edges the round expected that neither answered nor declined by its close."""
+        with self.transaction():
+            self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)",
+                             (f"stragglers:{round_number}", n))
+
+    def stragglers(self) -> dict[int, int]:
+        """{round: edges expected that never answered}, for the rounds that recorded it."""
+        with self._lock:
+            rows = self._db.execute("SELECT name, value FROM counters WHERE name LIKE 'stragglers:%'").fetchall()
+        return {int(name.split(":", 1)[1]): n for name, n in rows}
+
+    def _add_counter(self, name: str, n: int) -> None:
+        self._db.execute("INSERT INTO counters (name, value) VALUES (?, ?)"
+                         " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value", (name, n))
 
     def count_shed(self, n: int) -> None:
         """Messages the hub's session dropped unread because the intake was behind (edges re-send updates)."""
@@ -369,7 +387,8 @@ class HubStore:
         ``{"model_version", "rounds_completed", "updates_accepted", "updates_rejected":
         {reason: count} (every reason, 0 included), "duplicates_dropped", "clients": {id:
         {"accepted", "last_sequence" (None before the first accepted update),
-        "last_seen" (Unix time of its last verified update)}}, "personalization": {id: {"round",
+        "last_seen" (Unix time of its last verified update), "rejected" (its updates refused),
+        "declined" (rounds it sat out)}}, "personalization": {id: {"round",
         "examples", "global": metrics, "personalized": metrics}}}``: the last is each client's
         latest federated evaluation of the global model and of its own fine-tuned weights.
         ``"messages_shed"``: messages the hub's MQTT session dropped unread while its intake was
@@ -378,6 +397,8 @@ class HubStore:
         rejections). ``"waiting"``: None, or the open round's latest "waiting for" report:
         ``round``, ``since``, ``deadline`` (Unix time), ``answered``, ``edges`` ({client: what it
         last said it was doing}) and ``declined`` ({client: reason}).
+        ``"global_metrics"``: None, or the latest federated evaluation: ``round``, ``model_version``
+        (the model the edges evaluated) and ``metrics`` (example-weighted means, ``eval_clients``).
         ``"privacy"``: None, or under a DP strategy the epsilon spent so far at ``delta``, the
         sampling assumption, the budget, ``per_round`` epsilons and ``budget_reached``.
         Read in one transaction, so ``updates_accepted`` always equals the sum of the clients'
@@ -398,10 +419,17 @@ class HubStore:
                 declined = {name.split(":", 1)[1]: n for name, n in self._db.execute(
                     "SELECT name, value FROM counters WHERE name LIKE 'declined:%' ORDER BY name")}
                 clients = {
-                    c: {"accepted": a, "last_sequence": s, "last_seen": t}
+                    c: {"accepted": a, "last_sequence": s, "last_seen": t, "rejected": 0, "declined": 0}
                     for c, a, s, t in self._db.execute(
                         "SELECT id, accepted, last_sequence, last_seen FROM clients ORDER BY id")
                 }
+                for name, n in self._db.execute("SELECT name, value FROM counters WHERE name LIKE 'client:%'"):
+                    _, kind, client = name.split(":", 2)
+                    clients.setdefault(client, {"accepted": 0, "last_sequence": None, "last_seen": None,
+                                                "rejected": 0, "declined": 0})[kind] = n
+                clients = dict(sorted(clients.items()))
+                evaluated = self._db.execute("SELECT round, base_version, metrics FROM rounds WHERE metrics != '{}'"
+                                             " ORDER BY round DESC LIMIT 1").fetchone()
             finally:
                 if outer:
                     self._db.execute("COMMIT")
@@ -414,6 +442,8 @@ class HubStore:
             "messages_shed": 0 if shed is None else shed[0],
             "declined": declined,
             "clients": clients,
+            "global_metrics": None if evaluated is None else {
+                "round": evaluated[0], "model_version": evaluated[1], "metrics": json.loads(evaluated[2])},
             "personalization": self.get("personalization", {}),
             "privacy": self.get("privacy"),
             "waiting": self.get("waiting"),

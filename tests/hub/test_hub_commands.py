@@ -27,7 +27,8 @@ def test_status_json_is_the_store_contract(tmp_path, capsys):
         store.pin_key("edge-a", b"k" * 32, now=1.0)
         store.record_update("edge-a", 2, 1, 0, 10, b"x", received_at=5.0)
         store.count_rejection("stale")
-        store.count_declined("resources")
+        store.count_rejection("norm_bound", client="edge-b")
+        store.count_declined("resources", client="edge-a")
         store.put("model_version", 0)
     args = parse("status", "--state", str(tmp_path), "--json")
 
@@ -36,11 +37,12 @@ def test_status_json_is_the_store_contract(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out == {
         "model_version": 0, "rounds_completed": 0, "updates_accepted": 1,
-        "updates_rejected": {**dict.fromkeys(REJECT_REASONS, 0), "stale": 1}, "duplicates_dropped": 0,
-        "messages_shed": 0,
+        "updates_rejected": {**dict.fromkeys(REJECT_REASONS, 0), "stale": 1, "norm_bound": 1},
+        "duplicates_dropped": 0, "messages_shed": 0,
         "declined": {"resources": 1}, "waiting": None,
-        "clients": {"edge-a": {"accepted": 1, "last_sequence": 2, "last_seen": 5.0}}, "personalization": {},
-        "privacy": None,
+        "clients": {"edge-a": {"accepted": 1, "last_sequence": 2, "last_seen": 5.0, "rejected": 0, "declined": 1},
+                    "edge-b": {"accepted": 0, "last_sequence": None, "last_seen": None, "rejected": 1, "declined": 0}},
+        "global_metrics": None, "personalization": {}, "privacy": None,
     }
 
 

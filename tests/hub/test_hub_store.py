@@ -54,13 +54,15 @@ def test_status_contract_and_accepted_equals_sum_over_clients(tmp_path):
 
     assert set(status) == {"model_version", "rounds_completed", "updates_accepted", "updates_rejected",
                            "duplicates_dropped", "messages_shed", "declined", "clients", "personalization", "privacy",
-                           "waiting"}
+                           "waiting", "global_metrics"}
     assert status["model_version"] == 4 and status["rounds_completed"] == 0
     assert status["updates_accepted"] == 4 == sum(c["accepted"] for c in status["clients"].values())
     assert status["updates_rejected"] == {**dict.fromkeys(REJECT_REASONS, 0), "stale": 2}
     assert status["duplicates_dropped"] == 1
-    assert status["clients"]["edge-a"] == {"accepted": 3, "last_sequence": 5, "last_seen": 205.0}
-    assert status["clients"]["edge-b"] == {"accepted": 1, "last_sequence": 3, "last_seen": 300.0}
+    assert status["clients"]["edge-a"] == {"accepted": 3, "last_sequence": 5, "last_seen": 205.0, "rejected": 0,
+                                           "declined": 0}
+    assert status["clients"]["edge-b"] == {"accepted": 1, "last_sequence": 3, "last_seen": 300.0, "rejected": 0,
+                                           "declined": 0}
     json.dumps(status)  # plain JSON
 
 

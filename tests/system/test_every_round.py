@@ -80,7 +80,8 @@ def test_an_edge_that_cannot_train_declines_and_the_hub_counts_it_without_waitin
     decliner = edges[-1]
     assert status["rounds_completed"] == 3
     assert status["declined"] == {"resources": 3}
-    assert decliner.client_id not in status["clients"]
+    assert status["clients"][decliner.client_id] == {"accepted": 0, "last_sequence": None, "last_seen": None,
+                                                     "rejected": 0, "declined": 3}
     assert decliner.counters["rounds_declined"] == 3
     assert all(s["accepted"] == 3 for s in status["clients"].values())
 

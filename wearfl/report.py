@@ -1,8 +1,15 @@
-"""The simulation report: ``report.json`` (the contract) and ``report.png`` (metrics and bytes per round)."""
+"""The simulation report: ``report.json`` (the contract) and ``report.png`` (the picture to show).
+
+``report.png`` has four panels: the held-out metric from round 0 (the initial model) on an
+honest axis (accuracy from 0 to 1; an error from 0), each edge's latest evaluation of the
+global model against its own fine-tuned weights, bytes per update against the float32 size,
+and how long each round took.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +17,75 @@ from models.files import write_atomic
 
 __all__ = ["write_report"]
 
+BOUNDED = {"accuracy", "macro_f1"}
+"""Metrics that live in [0, 1]: their axis shows all of it."""
+
+
+def _metric_key(report: dict[str, Any]) -> str:
+    return "accuracy" if report["task"] == "activity" else "mae_bpm"
+
+
+def _draw_metric(axis: Any, report: dict[str, Any], key: str) -> None:
+    rounds = [0, *(r["round"] for r in report["rounds"])]
+    initial = (report.get("initial_metrics") or {}).get(key, math.nan)
+    values = [initial, *(r["metrics"].get(key, math.nan) for r in report["rounds"])]
+    axis.plot(rounds, values, marker="o", color="C0")
+    axis.annotate(f"{values[-1]:.3g}", (rounds[-1], values[-1]), textcoords="offset points", xytext=(0, 6),
+                  ha="center", fontsize=8)
+    finite = [v for v in values if math.isfinite(v)]
+    axis.set_ylim(0, 1 if key in BOUNDED else max(finite, default=1) * 1.15)
+    axis.set_xlabel("round (0: the initial model)")
+    axis.set_ylabel(f"held-out {key} ({'higher' if key in BOUNDED else 'lower'} is better)")
+    axis.set_title(f"{report['task']} on {report['dataset']}, {report['clients']} edges")
+
+
+def _draw_spread(axis: Any, report: dict[str, Any], key: str) -> None:
+    clients = (report.get("personalization") or {}).get("clients") or {}
+    rows = [(c, p["global"].get(key), p["personalized"].get(key)) for c, p in sorted(clients.items())
+            if p.get("global") and p.get("personalized")]
+    axis.set_title("each edge: global model vs its own fine-tuning")
+    if not rows:
+        axis.text(0.5, 0.5, "no edge evaluated its own weights", ha="center", va="center", transform=axis.transAxes)
+        axis.set_xticks([])
+        return
+    xs = range(len(rows))
+    for x, (_, g, p) in zip(xs, rows, strict=True):
+        axis.plot([x, x], [g, p], color="0.7", zorder=1)
+    axis.scatter(xs, [g for _, g, _ in rows], color="C0", label="global", zorder=2)
+    axis.scatter(xs, [p for _, _, p in rows], color="C1", label="personalized", zorder=2)
+    values = [v for _, g, p in rows for v in (g, p) if v is not None]
+    axis.set_ylim(0, 1.05 if key in BOUNDED else max(values) * 1.15)
+    axis.set_xticks(list(xs), [c for c, _, _ in rows], rotation=45, ha="right", fontsize=7)
+    axis.set_ylabel(key)
+    axis.legend(fontsize=8)
+
+
+def _draw_bytes(axis: Any, report: dict[str, Any]) -> None:
+    rounds = [r["round"] for r in report["rounds"]]
+    per_update = [r["bytes_up"] / max(r["updates_accepted"] + r["updates_rejected"], 1) / 1024
+                  for r in report["rounds"]]
+    axis.bar(rounds, per_update, color="C0", label=f"{report['quantization']} update")
+    f32 = report.get("float32_update_bytes")
+    if f32:
+        axis.axhline(f32 / 1024, color="C1", linestyle="--", label="float32 update")
+    axis.set_ylim(0, max([*per_update, (f32 or 0) / 1024]) * 1.15 or 1)
+    axis.set_xlabel("round")
+    axis.set_ylabel("KiB per update")
+    ratio = report.get("update_bytes_ratio")
+    axis.set_title("bytes up per update" + (f": {ratio:.3g}x float32" if ratio else ""))
+    axis.legend(fontsize=8)
+
+
+def _draw_durations(axis: Any, report: dict[str, Any]) -> None:
+    rounds = [r["round"] for r in report["rounds"]]
+    axis.bar(rounds, [r["duration_s"] for r in report["rounds"]], color="C2")
+    axis.set_xlabel("round")
+    axis.set_ylabel("seconds")
+    axis.set_title("round duration (open to close)")
+
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
-    """Write ``report.json`` and a two-panel ``report.png``: held-out metric and bytes per round."""
+    """Write ``report.json`` and the four-panel ``report.png``."""
     write_atomic(out / "report.json", json.dumps(report, indent=2, sort_keys=True).encode())
     import matplotlib
 
@@ -20,24 +93,16 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    rounds = [r["round"] for r in report["rounds"]]
-    key = "accuracy" if report["task"] == "activity" else "mae_bpm"
-    values = [r["metrics"].get(key, float("nan")) for r in report["rounds"]]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
-    left.plot(rounds, values, marker="o")
-    left.set_xlabel("round")
-    left.set_ylabel(f"held-out {key}")
-    left.set_title(f"{report['task']} on {report['dataset']}")
-    left.grid(alpha=0.3)
-    right.bar(rounds, [r["bytes_up"] / 1024 for r in report["rounds"]], label="up (updates)")
-    right.plot(rounds, [r["bytes_down"] / 1024 for r in report["rounds"]], color="C1", marker=".", label="down (model)")
-    right.set_xlabel("round")
-    right.set_ylabel("KiB")
-    right.set_title(f"traffic, {report['quantization']} updates")
-    right.legend()
-    right.grid(alpha=0.3)
-    for axis in (left, right):
+    key = _metric_key(report)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=100)
+    _draw_metric(axes[0][0], report, key)
+    _draw_spread(axes[0][1], report, key)
+    _draw_bytes(axes[1][0], report)
+    _draw_durations(axes[1][1], report)
+    for axis in (axes[0][0], axes[1][0], axes[1][1]):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for axis in axes.flat:
+        axis.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "report.png")
     plt.close(fig)

@@ -20,7 +20,7 @@ import json
 import logging
 
 from edge_client.config import EdgeConfig, hub_key_bytes
-from edge_client.ingest import Ingest, StreamView
+from edge_client.ingest import Ingest, MissingChannels, StreamView
 from edge_client.shared import Wakes
 from models.errors import ConfigError, WearflError
 from models.files import write_atomic
@@ -94,6 +94,9 @@ class ModelAdoption:
             log.info("%s: pinned the hub's key %s (first model seen)", self.client_id, parsed.public_key.hex())
         try:
             fresh = await asyncio.to_thread(self._ingest.prepare, parsed.model.spec)
+        except MissingChannels:  # no later message can help: the edge stops (the runtime lets this through)
+            self._counters["models_refused"] += 1
+            raise
         except WearflError as exc:
             self._counters["models_refused"] += 1
             log.error("%s: cannot use model v%d: %s", self.client_id, parsed.model.version, exc)

@@ -18,6 +18,12 @@ The edge's client id is ``--client-id``, else the device id of ``--credentials``
 client the source names (``sim:0/wearer-03`` -> ``wearer-03``, ``lsl:wrist-07`` ->
 ``wrist-07``).
 
+At start the edge refuses, with one ``error:`` line and exit 2, a source it could never use
+(:func:`check_source`): one whose channels feed no task's model, and a recording with a bad row
+anywhere. The channels the federation's model really needs are known when the hub's model
+arrives (at once when the hub has published one: it is retained); a model that needs channels
+the source lacks stops the edge the same way (:class:`~edge_client.ingest.MissingChannels`).
+
 Stopping (SIGINT, SIGTERM) is clean: the edge publishes status offline, checkpoints its
 buffers and disconnects; pending updates stay in the outbox for the next start.
 """
@@ -31,6 +37,7 @@ import logging
 import math
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,12 +45,12 @@ from edge_client.finetune import FineTunePolicy, ResourceHook, battery_hook, tem
 from edge_client.replay import POLICIES, REPLAY_MAX_BYTES, REPLAY_MAX_WINDOWS
 from edge_client.sources.base import Source
 from edge_client.sources.datasets import is_live
-from models.errors import ConfigError, WearflError
+from models.errors import ConfigError, InputError, WearflError
 
 if TYPE_CHECKING:
     from edge_client.config import EdgeConfig
 
-__all__ = ["SOURCE_HELP", "add_edge_command", "cmd_edge", "resolve_source"]
+__all__ = ["SOURCE_HELP", "add_edge_command", "check_source", "cmd_edge", "resolve_source"]
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +131,33 @@ def _source(dataset: Any, client: str, realtime: bool) -> Source:
     if not isinstance(dataset, SimulatedDataset):
         raise ConfigError(f"--realtime works with the simulator (sim:SEED) only, not {dataset.name}.")
     return SimulatedWearer(client, dataset.seed, minutes=math.inf, realtime=True)
+
+
+def check_source(source: Source, spec: str) -> None:
+    """Refuse a source the edge could never use, at start rather than when the hub's model arrives.
+
+    * Its channels must feed some task's model, by the rule models are built from a data set with
+      (:func:`~edge_client.evaluation.task_spec`): activity reads any motion channels (an
+      accelerometer-only recording is fine, docs/recordings.md), heart rate reads ``ppg`` and the
+      accelerometer. Which task, and which channels exactly, the hub's model says when it arrives.
+    * A source that can check itself (a recording: :meth:`RecordingSource.validate
+      <edge_client.sources.recordings.RecordingSource.validate>`) reads itself through once, so a
+      bad row anywhere is an error now, naming file, line and column.
+    """
+    from models.spec import ACTIVITY_CHANNELS, HEART_RATE_CHANNELS
+
+    channels = set(source.channels)
+    if not channels & set(ACTIVITY_CHANNELS) and not channels >= set(HEART_RATE_CHANNELS):
+        raise InputError(
+            f"--source {spec}: the source {source.client_id!r} has the channels {list(source.channels)}, which no "
+            f"task's model reads: activity needs motion channels (any of {', '.join(ACTIVITY_CHANNELS)}), "
+            f"heart-rate needs {', '.join(HEART_RATE_CHANNELS)}."
+        )
+    validate = getattr(source, "validate", None)
+    if callable(validate):
+        started = time.monotonic()
+        samples = validate()
+        log.info("%s: checked %d samples in %.1f s", spec, samples, time.monotonic() - started)
 
 
 def _hooks(args: argparse.Namespace) -> tuple[ResourceHook, ...]:
@@ -218,10 +252,12 @@ def cmd_edge(args: argparse.Namespace) -> int:
         if args.client_id is None and args.credentials is None:  # the source names the client
             BrokerAddress.parse(args.broker)  # a malformed URL fails before a device is opened
             source = resolve_source(args.source, None, realtime=args.realtime)
+            check_source(source, args.source)  # here, before the state directory is made
         config = config_from_args(args, None if source is None else source.client_id)
         check_writable(config.state_dir, "edge state directory")  # read-only or full: one clear line, before any write
         if source is None:
             source = resolve_source(args.source, config.client_id, realtime=args.realtime)
+            check_source(source, args.source)
         print(f"edge {config.client_id} of federation {config.federation} via {config.broker}, reading "
               f"{args.source}, state in {config.state_dir}; Ctrl-C stops", file=sys.stderr)
         asyncio.run(_run(config, source))

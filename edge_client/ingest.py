@@ -52,9 +52,13 @@ from models.inference import NumpyPredictor, Predictor
 from models.model import Model
 from models.spec import ModelSpec
 
-__all__ = ["Ingest", "StreamView", "spec_key"]
+__all__ = ["Ingest", "MissingChannels", "StreamView", "spec_key"]
 
 log = logging.getLogger(__name__)
+
+
+class MissingChannels(InputError):
+    """The model needs channels the source does not have: the edge can never serve it, so it stops."""
 
 
 def spec_key(spec: ModelSpec) -> str:
@@ -124,9 +128,10 @@ class StreamView:
         self.spec, self.key, self.config = spec, spec_key(spec), config
         missing = [c for c in spec.channels if c not in source.channels]
         if missing:
-            raise InputError(
-                f"{config.client_id}: the global model needs channels {missing}, which the source "
-                f"{source.client_id!r} does not have (it has {list(source.channels)})."
+            raise MissingChannels(
+                f"{config.client_id}: the global {spec.task} model needs channels {missing}, which the source "
+                f"{source.client_id!r} does not have (it has {list(source.channels)}); give this edge a source "
+                f"with them, or run it in a federation whose model needs no other channels."
             )
         hop = max(1, round(spec.window * config.window_hop_fraction))
         self.preprocessor = Preprocessor(spec, source.sampling_rate_hz, hop=hop)

@@ -61,7 +61,7 @@ from typing import Any
 from edge_client.adoption import ModelAdoption
 from edge_client.config import EdgeConfig, read_credentials
 from edge_client.federated_eval import Evaluator
-from edge_client.ingest import Ingest, StreamView
+from edge_client.ingest import Ingest, MissingChannels, StreamView
 from edge_client.outbox import Outbox
 from edge_client.secure_aggregation import SecureRound
 from edge_client.sending import Sender
@@ -192,13 +192,15 @@ class EdgeClient:
 
         Raises ConfigError (state directory in use, bad settings), BrokerUnavailable (no
         broker within ``connect_timeout_s`` at start), StorageError (the state directory is
-        read-only, or its disk filled up: the outbox keeps its pending updates intact), or
-        whatever error stopped a worker.
+        read-only, or its disk filled up: the outbox keeps its pending updates intact),
+        MissingChannels (the hub's model needs channels the source lacks), or whatever error
+        stopped a worker. A malformed broker URL fails before the state directory is touched.
         """
         if self._ran:
             raise RuntimeError(f"{self!r} has already run; create a new EdgeClient to run again")
         self._ran = True
         cfg = self.config
+        BrokerAddress.parse(cfg.broker)  # ConfigError before the state directory and the device key are made
         await asyncio.to_thread(check_writable, cfg.state_dir, "edge state directory")  # read-only or full: say so
         lock = _StateDirLock(cfg.state_dir)
         try:
@@ -336,8 +338,8 @@ class EdgeClient:
                     await handler(message)
                 else:
                     log.debug("%s: ignoring a message on %s", self.client_id, message.topic)
-            except StorageError:
-                raise  # the state directory refused a write: stop the edge; the message is redelivered
+            except (StorageError, MissingChannels):
+                raise  # a full state directory, a model the source cannot feed: stop; the message is redelivered
             except Exception:
                 log.exception("%s: handling a message on %s failed", self.client_id, message.topic)
             session.ack(message)  # after handling (and persisting); not on cancellation: then it is redelivered

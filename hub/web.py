@@ -12,17 +12,11 @@ Metrics follow Prometheus' conventions: a ``wearfl_`` prefix, base units (second
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import logging
-import threading
 from collections.abc import Callable, Iterator
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -31,6 +25,7 @@ from prometheus_client.utils import floatToGoString
 
 from hub.store import HubStore
 from models.errors import ConfigError
+from models.transport.http_server import RouteServer, check_http_address, parse_http_address
 
 __all__ = ["DURATION_BUCKETS", "HubCollector", "OperatorView", "check_http_address", "parse_http_address"]
 
@@ -43,31 +38,6 @@ Live = Callable[[], dict[str, Any]]
 """The hub's in-memory view: ``online`` (client ids), ``doing`` ({client: last status line}),
 ``declined`` ({client: reason} in the open round), ``round`` (the open one or None),
 ``parameters`` (of the current model), ``ledger_head``, ``federation``, ``task``."""
-
-
-def parse_http_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``:PORT`` alone means loopback) as (host, port); ConfigError otherwise."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"--http {text!r}: give HOST:PORT, e.g. 127.0.0.1:9100 (port 0 picks a free one).")
-    return host, int(port)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_http_address(host: str, token: str | None) -> None:
-    """Anything but loopback needs a token: the page shows who takes part and how the model does."""
-    if not _is_loopback(host) and not token:
-        raise ConfigError(f"--http {host}: serving beyond this machine needs --http-token TOKEN "
-                          "(clients then send 'Authorization: Bearer TOKEN' or open /?token=TOKEN).")
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
@@ -142,95 +112,33 @@ def round_rows(store: HubStore) -> list[dict[str, Any]]:
              "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "metrics": r.metrics} for r in store.rounds()]
 
 
-class _Handler(BaseHTTPRequestHandler):
-    view: OperatorView  # set on the subclass made per server
-    server_version = "wearfl"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http %s: " + format, self.client_address[0], *args)
-
-    def _send(self, code: int, body: bytes, content_type: str) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _error(self, code: HTTPStatus, text: str) -> None:
-        self._send(code, (text + "\n").encode(), "text/plain; charset=utf-8")
-
-    def _authorized(self, query: dict[str, list[str]]) -> bool:
-        token = self.view.token
-        if not token:
-            return True
-        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip() or query.get("token", [""])[0]
-        return hmac.compare_digest(given.encode(), token.encode())
-
-    def do_GET(self) -> None:
-        url = urlsplit(self.path)
-        if not self._authorized(parse_qs(url.query)):
-            self._error(HTTPStatus.UNAUTHORIZED, "unauthorized: send 'Authorization: Bearer TOKEN' or ?token=TOKEN")
-            return
-        try:
-            route = self.view.routes.get(url.path)
-            if route is None:
-                self._error(HTTPStatus.NOT_FOUND, f"not found: {url.path} (try /, /metrics, /api/status)")
-                return
-            body, content_type = route()
-        except ConfigError as exc:  # e.g. no state yet
-            self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(exc))
-            return
-        except Exception:  # a bug must not kill the server thread; the hub goes on
-            log.exception("http %s failed", url.path)
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (see the hub's log)")
-            return
-        self._send(HTTPStatus.OK, body, content_type)
-
-    do_HEAD = do_GET
-
-    def _refuse(self) -> None:
-        self._error(HTTPStatus.METHOD_NOT_ALLOWED, "read-only: only GET")
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = _refuse
-
-
 class OperatorView:
-    """A small threaded HTTP server over a hub's state; :meth:`start` binds, :meth:`stop` closes."""
+    """The hub's routes over its state, served by a :class:`RouteServer` (:meth:`start`, :meth:`stop`)."""
 
     def __init__(self, host: str, port: int, store: Callable[[], HubStore | None], live: Live,
                  token: str | None = None) -> None:
-        check_http_address(host, token)
-        self.host, self.port, self.token = host, port, token
         self._store, self._live = store, live
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(HubCollector(self.snapshot))
-        self.routes: dict[str, Callable[[], tuple[bytes, str]]] = {
+        self.server = RouteServer(host, port, {
             "/metrics": lambda: (generate_latest(self.registry), CONTENT_TYPE_LATEST),
             "/api/status": lambda: (self._json(self.status(), indent=2), "application/json"),
             "/api/dashboard": lambda: (self._json(self.snapshot_or_error()), "application/json"),
             "/": lambda: (_page("dashboard.html"), "text/html; charset=utf-8"),
             "/dashboard.js": lambda: (_page("dashboard.js"), "text/javascript; charset=utf-8"),
             "/dashboard.css": lambda: (_page("dashboard.css"), "text/css; charset=utf-8"),
-        }
+        }, token)
 
     @staticmethod
     def _json(value: Any, indent: int | None = None) -> bytes:
         return json.dumps(value, indent=indent, sort_keys=True).encode()
 
-    def _running_store(self) -> HubStore:
+    def status(self) -> dict[str, Any]:
+        """Exactly what ``wearfl status --json`` prints."""
         store = self._store()
         if store is None:
             raise ConfigError("the hub is starting: its state is not open yet")
-        return store
-
-    def status(self) -> dict[str, Any]:
-        """Exactly what ``wearfl status --json`` prints."""
-        return self._running_store().status()
+        return store.status()
 
     def snapshot(self) -> dict[str, Any] | None:
         """Status, rounds and the live view, for metrics and the dashboard; None before the state is open."""
@@ -248,34 +156,17 @@ class OperatorView:
         return snap
 
     def start(self) -> tuple[str, int]:
-        """Bind and serve in a daemon thread; the bound (host, port). ConfigError when the address is taken."""
-        handler = type("Handler", (_Handler,), {"view": self})
-        try:
-            self._server = ThreadingHTTPServer((self.host, self.port), handler)
-        except OSError as exc:
-            raise ConfigError(f"--http {self.host}:{self.port}: cannot listen ({exc.strerror}); "
-                              "choose another port.") from exc
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="wearfl-http", daemon=True)
-        self._thread.start()
-        log.info("operator view on http://%s:%d/ (/metrics, /api/status)", self.host, self.port)
-        return self.host, self.port
+        """Bind and serve in daemon threads; the bound (host, port). ConfigError when the address is taken."""
+        bound = self.server.start()
+        log.info("operator view on %s (/metrics, /api/status)", self.server.url)
+        return bound
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self.server.stop()
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
+        return self.server.url
 
 
 def _page(name: str) -> bytes:

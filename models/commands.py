@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,22 @@ def _load_windows(path: str) -> np.ndarray:
         raise InputError(f"{p} is not a readable .npy array ({exc}); save windows with numpy.save.") from exc
 
 
+def _check_out_folder(out: str) -> None:
+    """InputError unless the folder ``out`` is to be written in exists.
+
+    A typo in ``--out`` should not leave a tree of new folders behind: the folder is the
+    operator's to create.
+    """
+    folder = Path(out).parent
+    if not folder.exists():
+        raise InputError(f"the folder {folder} of --out {out} does not exist; create it first "
+                         f"(mkdir -p {shlex.quote(str(folder))}) or give another --out.")
+    if not folder.is_dir():
+        raise InputError(f"--out {out}: {folder} is not a folder.")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    _check_out_folder(args.out)  # before the export's work
     model = load_package(args.model)
     if args.format == "onnx":
         from models.onnx_export import export_onnx

@@ -1,7 +1,8 @@
 """The ``wearfl`` command line: one parser, subcommands registered by each package.
 
 A :class:`WearflError` prints ``error: <message>`` on stderr and exits 2; anything
-else is a bug and shows its traceback.
+else is a bug and shows its traceback. A reader that leaves early (``wearfl status --json |
+head -c 10``) ends the command quietly with :data:`STDOUT_CLOSED_EXIT`.
 
 Only the module of the command being run is imported (:data:`COMMANDS`): ``wearfl edge``
 on a gateway loads neither the hub nor the simulator, and nothing loads numpy before
@@ -14,12 +15,13 @@ import argparse
 import importlib
 import logging
 import os
+import select
 import sys
 from collections.abc import Sequence
 
 from wearfl import __version__
 
-__all__ = ["COMMANDS", "build_parser", "main", "tune_gateway_process"]
+__all__ = ["COMMANDS", "STDOUT_CLOSED_EXIT", "build_parser", "main", "tune_gateway_process"]
 
 _REGISTRARS = (
     ("models.commands", "add_commands"),
@@ -49,6 +51,10 @@ GATEWAY_MMAP_THRESHOLD = 128 * 1024
 GATEWAY_ARENAS = 1
 """malloc arenas of a gateway process (glibc's default: 8 per core, one per thread that allocates)."""
 GATEWAY_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+STDOUT_CLOSED_EXIT = 128 + 13
+"""Exit status when stdout's reader has gone: 128 + SIGPIPE, what a shell reports for a tool SIGPIPE ended
+(``yes | head``), as 130 is for Ctrl-C. Python's docs (signal, "Note on SIGPIPE") exit 1, but here 1 means
+``wearfl ledger verify`` found a bad entry."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -105,7 +111,25 @@ def tune_gateway_process() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``wearfl`` on ``argv`` (default: the process's arguments, and then a gateway is tuned)."""
+    """Run ``wearfl`` on ``argv`` (default: the process's arguments, and then a gateway is tuned).
+
+    Output goes to a reader that may leave early (``| head``): writing then raises BrokenPipeError,
+    which ends the command quietly (:data:`STDOUT_CLOSED_EXIT`) instead of with a traceback. stdout is
+    flushed here, inside the handler, because Python's own flush at exit would report the error anyway.
+    (argparse's ``--help`` and ``--version`` ignore a failed write themselves.)
+    """
+    try:
+        code = _run(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # a socket or a child's pipe: a bug, with its traceback
+        _discard_stdout()
+        return STDOUT_CLOSED_EXIT
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     command = command_of(args_in)
     if argv is None and command == "edge":
@@ -125,3 +149,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reader has closed it (poll says POLLERR or POLLHUP)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced or closed: the error came from elsewhere
+        return False
+    if not hasattr(select, "poll"):  # Windows: cannot tell, so do as Python's docs do
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(mask & (select.POLLERR | select.POLLHUP) for _, mask in poller.poll(0))
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's flush at exit of what is still buffered succeeds."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)

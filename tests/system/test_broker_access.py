@@ -391,6 +391,13 @@ def test_the_systemd_unit_as_written_takes_part_in_a_round(provisioned, tmp_path
 
     device = DEVICES[0]
     record_source(DATASET.source(device), tmp_path / "recordings")
+    hub_probe = probe(provisioned, "hub")  # a fresh hub state: clear what earlier tests' hubs left retained
+    try:
+        for topic in (TOPICS.model, TOPICS.task):
+            info = hub_probe.client.publish(topic, b"", qos=1, retain=True)
+            hub_probe.wait(f"the PUBACK clearing {topic}", lambda info=info: info.mid in hub_probe.pubacks)
+    finally:
+        hub_probe.close()
     url = f"mqtts://{provisioned.broker.host}:{provisioned.broker.port}"
     argv = unit_command(ROOT / "scripts/deploy/wearfl-edge.service", {
         "WEARFL_BROKER": url, "WEARFL_FEDERATION": FED, "WEARFL_CLIENT": device,

@@ -221,7 +221,8 @@ def config_from_args(args: argparse.Namespace, source_client: str | None = None)
     )
 
 
-async def _run(config: EdgeConfig, source: Source) -> None:
+async def _run(config: EdgeConfig, source: Source, http: tuple[str, int] | None = None,
+               http_token: str | None = None) -> None:
     from edge_client.outbox import DB_NAME
     from edge_client.runtime import EdgeClient
     from models.files import state_dir_error
@@ -231,14 +232,24 @@ async def _run(config: EdgeConfig, source: Source) -> None:
     signals = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    client = EdgeClient(config, source)
+    server = None
+    if http is not None:
+        from edge_client.metrics import metrics_server
+
+        server = metrics_server(client, *http, http_token)
+        server.start()
+        print(f"metrics on {server.url}metrics", file=sys.stderr)
     try:
-        await EdgeClient(config, source).run(stop)
+        await client.run(stop)
     except OSError as exc:  # a full or read-only state directory: one clear line, not a traceback
         error = state_dir_error(exc, config.state_dir, "edge", STORAGE_ADVICE, DB_NAME)
         if error is None:
             raise
         raise error from exc
     finally:
+        if server is not None:
+            server.stop()
         for sig in signals:
             loop.remove_signal_handler(sig)
 
@@ -249,6 +260,12 @@ def cmd_edge(args: argparse.Namespace) -> int:
 
     source: Source | None = None
     try:
+        http = None
+        if args.http is not None:
+            from models.transport.http_server import check_http_address, parse_http_address
+
+            http = parse_http_address(args.http)
+            check_http_address(http[0], args.http_token)
         if args.client_id is None and args.credentials is None:  # the source names the client
             BrokerAddress.parse(args.broker)  # a malformed URL fails before a device is opened
             source = resolve_source(args.source, None, realtime=args.realtime)
@@ -260,7 +277,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
             check_source(source, args.source)
         print(f"edge {config.client_id} of federation {config.federation} via {config.broker}, reading "
               f"{args.source}, state in {config.state_dir}; Ctrl-C stops", file=sys.stderr)
-        asyncio.run(_run(config, source))
+        asyncio.run(_run(config, source, http, args.http_token))
     finally:
         if source is not None:
             _close(source)  # a live device's connection, thread or file
@@ -315,4 +332,8 @@ def add_edge_command(sub: Any) -> None:
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
                    help="seconds to reach the broker at start before giving up (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the replay sampling and the update rounding")
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="serve this gateway's Prometheus /metrics (default: off; e.g. 127.0.0.1:9101)")
+    p.add_argument("--http-token", metavar="TOKEN",
+                   help="required to serve --http beyond loopback: scrapers send 'Authorization: Bearer TOKEN'")
     p.set_defaults(func=cmd_edge)

@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from edge_client.labels import LabelledWindows, label_windows
 from edge_client.outbox import Outbox
 from edge_client.pipeline import Preprocessor
 from edge_client.replay import LABEL_SOURCES, ReplayBuffer
-from edge_client.shared import Wakes
+from edge_client.shared import Latencies, Wakes
 from edge_client.sources.base import UNKNOWN, Chunk, Source
 from edge_client.windowing import Windows
 from models.errors import InputError, ModelFormatError
@@ -108,13 +109,15 @@ def _select(labelled: LabelledWindows, mask: np.ndarray) -> LabelledWindows | No
 
 
 def _latest_prediction(predictor: Predictor, spec: ModelSpec, windows: Windows) -> dict[str, Any]:
-    """Live inference on the newest window: the class and its probability, or the BPM."""
+    """Live inference on the newest window: the class and its probability, or the BPM, and how long it took."""
+    started = time.perf_counter()
     out = predictor.predict(windows.x[-1:])
+    latency = {"latency_s": round(time.perf_counter() - started, 6)}
     t = float(windows.t_end[-1])
     if spec.is_classifier:
         i = int(np.argmax(out[0]))
-        return {"activity": spec.classes[i], "confidence": round(float(out[0][i]), 4), "t": t}
-    return {"bpm": round(float(out[0]), 1), "t": t}
+        return {"activity": spec.classes[i], "confidence": round(float(out[0][i]), 4), "t": t, **latency}
+    return {"bpm": round(float(out[0]), 1), "t": t, **latency}
 
 
 class StreamView:
@@ -262,6 +265,7 @@ class Ingest:
         self.outbox: Outbox | None = None  # keeps the stream position; set when the edge opens its state
         self.lock = asyncio.Lock()
         self.latest_prediction: dict[str, Any] | None = None
+        self.inference = Latencies()  # live inference, for the gateway's /metrics
         self.source_ended = False
         self.catching_up = False
         self.dirty = False  # the buffers changed since the last checkpoint
@@ -333,6 +337,7 @@ class Ingest:
                 break
             if batch.prediction is not None:
                 self.latest_prediction = batch.prediction
+                self.inference.observe(batch.prediction["latency_s"])
             read_s += batch.samples / rate
             # over twice as fast as real time: replayed data (a recording, the simulator) that training waits for
             self.catching_up = read_s > 2.0 * (loop.time() - started) + 1.0

@@ -147,6 +147,7 @@ class EdgeClient:
     latest_prediction = property(attrgetter("_ingest.latest_prediction"),
                                  doc="Live inference on the newest window (None before the first).")
     source_ended = property(attrgetter("_ingest.source_ended"), doc="Whether the source has delivered all it has.")
+    inference_latencies = property(attrgetter("_ingest.inference"), doc="Live inference latencies (a histogram).")
 
     @property
     def weights_hook(self) -> WeightsHook | None:

@@ -21,9 +21,29 @@ from models.errors import BrokerUnavailable
 from models.protocol.topics import Topics
 from models.transport.mqtt import MqttSession
 
-__all__ = ["Link", "Wakes", "wait"]
+__all__ = ["INFERENCE_BUCKETS", "Latencies", "Link", "Wakes", "wait"]
 
 log = logging.getLogger(__name__)
+
+INFERENCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+"""Upper bounds (seconds) of the live-inference latency histogram: a window takes about a millisecond."""
+
+
+@dataclass
+class Latencies:
+    """A histogram of latencies (cumulative counts per bound, their sum), fed by the ingest, read by /metrics."""
+
+    bounds: tuple[float, ...] = INFERENCE_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * len(INFERENCE_BUCKETS))
+    count: int = 0
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if seconds <= bound:
+                self.counts[i] += 1
+        self.count += 1
+        self.total += seconds
 
 
 @dataclass

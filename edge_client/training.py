@@ -319,6 +319,8 @@ class RoundTrainer:
             fit.spent()  # a failed fit consumed nothing
             raise
         self._ingest.dirty = True
+        self._counters["training_seconds"] = self._counters.get("training_seconds", 0.0) + float(
+            metrics.get("cpu_seconds", 0.0))
         if self._wakes.stopping:
             return None  # discard_running_fit gives the windows back: the next start trains this round
         if metrics.get("skipped") or n < 1:

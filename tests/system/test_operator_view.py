@@ -71,8 +71,10 @@ def federation(tmp_path_factory):
                                 str(tmp / "hub"), "--task", "heart-rate", "--min-clients", "2",
                                 "--clients-per-round", "2", "--round-timeout", "60", "--http", f"127.0.0.1:{port}"],
                                stdout=hub_log, stderr=subprocess.STDOUT)
+        edge_port = free_port()
         edges = [subprocess.Popen([*WEARFL, "edge", "--broker", broker.url, "--federation", name, "--source",
-                                   f"sim:0/{client}", "--state", str(tmp / client)],
+                                   f"sim:0/{client}", "--state", str(tmp / client),
+                                   *(["--http", f"127.0.0.1:{edge_port}"] if client == EDGES[0] else [])],
                                   stdout=(tmp / f"{client}.log").open("w"), stderr=subprocess.STDOUT)
                  for client in EDGES]
         base = f"http://127.0.0.1:{port}"
@@ -80,12 +82,14 @@ def federation(tmp_path_factory):
             wait_for(lambda: hub.poll() is not None or _rounds(base) >= 3, 180,
                      lambda: "3 rounds: " + (tmp / "hub.log").read_text()[-3000:])
             assert hub.poll() is None, (tmp / "hub.log").read_text()[-3000:]
+            code, edge_metrics = get(f"http://127.0.0.1:{edge_port}/metrics")
+            assert code == 200
             for edge in edges:
                 edge.send_signal(signal.SIGTERM)
                 assert edge.wait(timeout=60) == 0
             wait_for(lambda: json.loads(get(base + "/api/dashboard")[1])["live"]["online"] == [], 30,
                      "the edges' offline status")
-            yield base, tmp / "hub"
+            yield base, tmp / "hub", edge_metrics.decode()
         finally:
             for process in (*edges, hub):
                 if process.poll() is None:
@@ -112,7 +116,7 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_metrics_parse_and_equal_the_status_at_the_same_moment(federation):
-    base, state = federation
+    base, state, _ = federation
     code, metrics = get(base + "/metrics")
     assert code == 200
     _, api = get(base + "/api/status")
@@ -139,13 +143,25 @@ def test_metrics_parse_and_equal_the_status_at_the_same_moment(federation):
 
 
 def test_the_view_is_read_only_and_names_what_it_serves(federation):
-    base, _ = federation
+    base, _, _ = federation
     request = urllib.request.Request(base + "/api/status", data=b"{}", method="POST")
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 405
     code, body = get(base + "/nothing")
     assert code == 404 and b"/metrics" in body
+
+
+def test_a_gateway_serves_its_own_metrics(federation):
+    _, _, text = federation
+    samples = _samples(text)
+    trained = samples[("wearfl_edge_rounds_trained_total", ())]
+    assert trained >= 3
+    assert samples[("wearfl_edge_receipts_total", (("status", "accepted"),))] >= 3
+    assert samples[("wearfl_edge_training_seconds_total", ())] > 0
+    assert samples[("wearfl_edge_inference_seconds_count", ())] > 0
+    assert samples[("wearfl_edge_outbox_updates", ())] >= 0
+    assert samples[("wearfl_edge_model_version", ())] >= 3
 
 
 def test_a_hub_refuses_to_serve_beyond_loopback_without_a_token(tmp_path):
@@ -159,7 +175,7 @@ def test_a_hub_refuses_to_serve_beyond_loopback_without_a_token(tmp_path):
 @pytest.mark.skipif(chromium() is None and os.environ.get("CI", "").lower() != "true",
                     reason="needs Chromium (apt-get install chromium)")
 def test_the_dashboard_draws_in_headless_chromium_and_shows_the_status(federation, tmp_path):
-    base, _ = federation
+    base, _, _ = federation
     browser = chromium()
     assert browser is not None, "CI=true but Chromium is not installed: apt-get install -y chromium (see .ci/run)"
     _, api = get(base + "/api/status")

@@ -31,7 +31,7 @@ def ran(monkeypatch) -> list[tuple[Any, Any]]:
     """(config, source) of each cmd_edge call that got as far as running the edge."""
     calls: list[tuple[Any, Any]] = []
 
-    async def run(config: Any, source: Any) -> None:
+    async def run(config: Any, source: Any, http: Any = None, http_token: Any = None) -> None:
         calls.append((config, source))
 
     monkeypatch.setattr(edge_command, "_run", run)

@@ -302,7 +302,9 @@ class EdgeClient:
             await asyncio.gather(*workers, stopped, return_exceptions=True)
         if failure.done():
             exc = failure.result()
-            log.error("%s: stopping after an error: %s", self.client_id, exc)
+            # a WearflError is the caller's one clear line (the CLI prints it); anything else is a bug
+            log.log(logging.DEBUG if isinstance(exc, WearflError) else logging.ERROR,
+                    "%s: stopping after an error: %s", self.client_id, exc)
             raise exc
 
     async def _shutdown(self) -> None:
@@ -318,7 +320,7 @@ class EdgeClient:
         if session is None:
             return
         if session.connected:
-            with contextlib.suppress(BrokerUnavailable):
+            with contextlib.suppress(BrokerUnavailable, ConfigError):  # ConfigError: the broker refuses the topic
                 await session.publish(self.topics.status(self.client_id), self._offline_payload("stopped"), qos=1,
                                       retain=True, timeout=SHUTDOWN_PUBLISH_S)
         await session.disconnect()

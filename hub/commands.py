@@ -224,9 +224,18 @@ def cmd_hub(args: argparse.Namespace) -> int:
     from hub.rounds import RoundSummary
     from hub.service import HubService
     from models.files import check_writable
-    from models.protocol.identity import public_hex
+    from models.protocol.identity import load_keyring, public_hex
 
     config, initial = hub_config_from_args(args)
+    # Everything that can be checked without writing is checked first: a mistake leaves no state directory behind.
+    config.broker_address()  # the URL's scheme, host and port; the credentials folder's files
+    if (keyring := config.keyring_path()) is not None:
+        load_keyring(keyring)
+    state = config.state_dir
+    existing = next((p for p in (state, *state.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"--state {state}: {existing} is a file, not a directory; give the hub's state directory "
+                          "(it is made when missing).")
     check_writable(config.state_dir, "hub state directory")  # read-only or full: one clear line, before any write
     service = HubService(config, initial)
     key = config.signing_key()

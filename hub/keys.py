@@ -15,6 +15,11 @@ Mosquitto's own ``$7$`` format; and an ACL under which a device publishes only o
 own ``update/``, ``status/`` and ``metrics/`` topics and reads ``model``, ``task`` and its
 own ``receipt/``. The CA is a test CA in the sense that wearfl makes it: an
 organisation with its own PKI can put its certificates in the same places.
+
+Mosquitto started as root reads its config, then drops to the account of its ``user``
+option (``mosquitto`` by default) before it reads the password file and writes its
+persistence: :func:`broker_config` hands those files to that account when it runs as root,
+and :func:`broker_next_steps` says what is left to do otherwise.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ import ipaddress
 import json
 import os
 import secrets
+import stat
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -47,11 +54,22 @@ from models.protocol.topics import check_name
 from models.transport.credentials import read_mqtt_json
 from models.transport.mosquitto import MAX_PACKET_BYTES, limit_lines
 
-__all__ = ["HUB_USERNAME", "add_device", "broker_config", "init_keys", "password_hash"]
+__all__ = [
+    "HUB_USERNAME",
+    "add_device",
+    "broker_config",
+    "broker_next_steps",
+    "init_keys",
+    "mosquitto_account",
+    "password_hash",
+]
 
 HUB_USERNAME = "wearfl-hub"
 CERT_DAYS = 825
 PBKDF2_ITERATIONS = 101  # Mosquitto's own; the passwords are 256-bit random tokens, so the count adds nothing
+MOSQUITTO_USER = "mosquitto"  # the account Mosquitto started as root drops to when its config names none
+MOSQUITTO_FALLBACK_USER = "nobody"  # ... where no `mosquitto` account exists
+BROKER_PRIVATE = ("passwords", "server.key")  # mode 600: readable by the broker's account only
 
 
 def init_keys(state: Path) -> Path:
@@ -125,7 +143,11 @@ def broker_config(
 
     ``hostnames``: the names and addresses clients use to reach the broker (they go in
     its certificate). ``federation``: the one federation this broker serves ("+": any).
-    ``user``: the account Mosquitto runs as (it must be able to read these files).
+    ``user``: the account Mosquitto runs as, written as the config's ``user`` option;
+    default :func:`mosquitto_account`, the one Mosquitto started as root drops to anyway.
+    Run as root, the files that account must read (``passwords``, ``server.key``) and the
+    persistence directory it writes are handed to it, so ``mosquitto -c out/mosquitto.conf``
+    works as root out of the box; otherwise :func:`broker_next_steps` says what to do.
     """
     keys = Path(state) / "keys"
     ca_key, ca_cert = _load_ca(keys)
@@ -135,6 +157,8 @@ def broker_config(
         raise ConfigError(f"broker port {port} is out of range; use 1-65535.")
     if not hostnames:
         raise ConfigError("give at least one --hostname the clients use to reach the broker.")
+    account = mosquitto_account(user)
+    owner = _owner(account) if _running_as_root() else None  # checked before anything is written
     out = Path(out)
     server_key = ec.generate_private_key(ec.SECP256R1())
     _write_private(out / "server.key", server_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
@@ -145,7 +169,7 @@ def broker_config(
     if devices.is_dir():
         accounts += [read_mqtt_json(d / "mqtt.json") for d in sorted(devices.iterdir()) if d.is_dir()]
     _write_private(out / "passwords", "".join(f"{u}:{password_hash(p)}\n" for u, p in accounts).encode())
-    _write_public(out / "acl", _acl(federation).encode())
+    _write_public(out / "acl", _acl(federation, [u for u, _ in accounts[1:]]).encode())
     persistence = Path(persistence_dir) if persistence_dir is not None else out / "data"
     persistence.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -171,11 +195,53 @@ def broker_config(
         "log_type warning",
         "log_type notice",
     ]
-    if user:
-        lines.append(f"user {user}")
+    lines.append(f"user {account}")
     config = out / "mosquitto.conf"
     _write_public(config, ("\n".join(lines) + "\n").encode())
+    if owner is not None:
+        _hand_over([out / name for name in BROKER_PRIVATE], persistence, owner)
     return config
+
+
+def mosquitto_account(user: str | None = None) -> str:
+    """The account Mosquitto started as root runs as: ``user``, else Mosquitto's own default.
+
+    Mosquitto's default is ``mosquitto``, or ``nobody`` on a machine without that account
+    (its ``user`` option in mosquitto.conf(5)).
+    """
+    if user:
+        return user
+    return MOSQUITTO_USER if _passwd(MOSQUITTO_USER) is not None else MOSQUITTO_FALLBACK_USER
+
+
+def broker_next_steps(config: Path, user: str | None = None, persistence_dir: Path | None = None) -> list[str]:
+    """What to do to start the broker of ``config`` (from :func:`broker_config` with ``user``), a line each.
+
+    Names the account Mosquitto will run as, what that account cannot read or reach yet
+    (files it does not own when ``broker_config`` could not hand them over, a folder on
+    the way it may not enter) and the command that starts the broker.
+    """
+    out = Path(config).parent
+    persistence = Path(persistence_dir) if persistence_dir is not None else out / "data"
+    account = mosquitto_account(user)
+    private = [out / name for name in BROKER_PRIVATE]
+    shown = " ".join(os.path.relpath(p) for p in (*private, persistence))
+    steps = []
+    if _running_as_root():
+        steps.append(f"mosquitto started as root runs as {account!r} (the config's `user` line): "
+                     f"{', '.join(BROKER_PRIVATE)} and {os.path.relpath(persistence)}/ now belong to {account!r}")
+    elif account != _me():
+        steps.append(f"mosquitto started as root (e.g. by systemd) runs as {account!r} (the config's `user` line), "
+                     f"which cannot read {' and '.join(BROKER_PRIVATE)} yet: first `sudo chown -R {account} {shown}` "
+                     f"(or start it as {_me()!r} yourself)")
+    entry = _passwd(account)
+    blocked = _first_closed_folder(out.resolve(), entry) if entry is not None else None
+    if blocked is not None:
+        steps.append(f"{account!r} may not enter {blocked} (mode {stat.S_IMODE(blocked.stat().st_mode):o}), so it "
+                     f"cannot read the files in {os.path.relpath(out)}: `chmod o+x {blocked}`, or write the config "
+                     "to a folder it can reach with --out")
+    steps.append(f"start it: mosquitto -c {os.path.relpath(config)}")
+    return steps
 
 
 def password_hash(password: str, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS) -> str:
@@ -185,8 +251,16 @@ def password_hash(password: str, salt: bytes | None = None, iterations: int = PB
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
-def _acl(federation: str) -> str:
+def _acl(federation: str, devices: Sequence[str]) -> str:
+    """The ACL: a device's own topics by pattern, the shared model and task per enrolled device, the hub's all.
+
+    The model and task are granted device by device: Mosquitto warns at every start about
+    a pattern without ``%u`` or ``%c``, and a ``topic`` line before any ``user`` line is
+    for anonymous clients only.
+    """
     root = f"wearfl/v1/{federation}"
+    shared = [line for device in devices
+              for line in (f"user {device}", f"topic read {root}/model", f"topic read {root}/task")]
     return "\n".join([
         "# generated by `wearfl keys broker-config`. %u is the connecting username: a device's id.",
         "# A device publishes only its own updates, status (and will) and metrics,",
@@ -194,18 +268,78 @@ def _acl(federation: str) -> str:
         f"pattern write {root}/update/%u",
         f"pattern write {root}/status/%u",
         f"pattern write {root}/metrics/%u",
-        f"pattern read {root}/model",
-        f"pattern read {root}/task",
         f"pattern read {root}/receipt/%u",
         "# Secure aggregation: its own messages to the hub, and the hub's to it.",
         f"pattern write {root}/secagg/%u",
         f"pattern read {root}/secagg-to/%u",
+        "",
+        "# Every enrolled device reads the model and the task (run broker-config again after add-device).",
+        *shared,
         "",
         "# The hub reads every update, status and metrics message and writes models, tasks and receipts.",
         f"user {HUB_USERNAME}",
         f"topic readwrite {root}/#",
         "",
     ])
+
+
+def _running_as_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _passwd(account: str) -> Any:
+    """The ``pwd`` entry of ``account``, or None (no such account, or no ``pwd`` on this system)."""
+    try:
+        import pwd
+    except ImportError:  # Windows: Mosquitto has no `user` option there
+        return None
+    try:
+        return pwd.getpwnam(account)
+    except KeyError:
+        return None
+
+
+def _me() -> str:
+    """The name of the account running this process."""
+    import getpass
+
+    return getpass.getuser()
+
+
+def _owner(account: str) -> tuple[int, int]:
+    """(uid, gid) of ``account``; ConfigError when this machine has no such account."""
+    entry = _passwd(account)
+    if entry is None:
+        raise ConfigError(f"there is no account {account!r} on this machine for Mosquitto to run as; create it, or "
+                          "give --user an account that exists.")
+    return entry.pw_uid, entry.pw_gid
+
+
+def _hand_over(files: Sequence[Path], folder: Path, owner: tuple[int, int]) -> None:
+    """Make ``files`` (mode 600) and ``folder`` with what it holds belong to ``owner``: Mosquitto reads and
+    writes them after it dropped root."""
+    for path in (*files, folder, *folder.iterdir()):
+        os.chown(path, *owner)
+
+
+def _first_closed_folder(path: Path, entry: Any) -> Path | None:
+    """The first folder from ``/`` down to ``path`` that the account of ``entry`` may not enter, or None."""
+    if entry.pw_uid == 0:
+        return None
+    import grp
+
+    groups = {entry.pw_gid} | {g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem}
+    for folder in (*reversed(path.parents), path):
+        info = folder.stat()
+        if info.st_uid == entry.pw_uid:
+            allowed = info.st_mode & stat.S_IXUSR
+        elif info.st_gid in groups:
+            allowed = info.st_mode & stat.S_IXGRP
+        else:
+            allowed = info.st_mode & stat.S_IXOTH
+        if not allowed:
+            return folder
+    return None
 
 
 def _client_files(folder: Path, username: str, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate) -> None:

@@ -41,7 +41,8 @@ def add_keys_command(sub: Any) -> None:
     broker.add_argument("--federation", default="+", metavar="NAME",
                         help="serve only this federation's topics (default: any)")
     broker.add_argument("--user", metavar="ACCOUNT",
-                        help="the account mosquitto runs as; it must be able to read the files in OUT")
+                        help="the account mosquitto started as root runs as (default: mosquitto, its own default); "
+                             "run as root, this command hands it the files it must read")
     broker.set_defaults(func=cmd_keys_broker_config)
 
 
@@ -66,11 +67,13 @@ def cmd_keys_add_device(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_broker_config(args: argparse.Namespace) -> int:
-    from hub.keys import broker_config
+    """Write the broker's files, then the next steps: who Mosquitto runs as, what to fix first, how to start it."""
+    from hub.keys import broker_config, broker_next_steps
 
     config = broker_config(Path(args.state), Path(args.out), port=args.port, bind=args.bind,
                            hostnames=tuple(args.hostname or ("localhost", "127.0.0.1")),
                            federation=args.federation, user=args.user)
-    print(f"wrote {config} with passwords, acl, ca.crt, server.crt and server.key beside it")
-    print(f"start it: mosquitto -c {os.path.relpath(config)}")
+    print(f"wrote {os.path.relpath(config)} with passwords, acl, ca.crt, server.crt and server.key beside it")
+    for step in broker_next_steps(config, args.user):
+        print(step)
     return 0

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from models.errors import StorageError, StorageKind
+from models.errors import ConfigError, StorageError, StorageKind
 
 __all__ = [
     "StorageError",
@@ -138,10 +138,15 @@ def check_writable(directory: str | os.PathLike[str], what: str = "state directo
     """Create ``directory`` if needed and prove a file can be created and written in it.
 
     Raises :class:`StorageError` (read-only, full) with a message naming ``directory``, so a
-    service fails at start, in one clear line, rather than at its first write. Cheap (no
+    service fails at start, in one clear line, rather than at its first write; ConfigError when
+    ``directory`` or a folder on its path is a file. Cheap (no
     fsync): a thousand simulated edges each check their own directory.
     """
     directory = Path(directory)
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"the {what} {directory} cannot be made: {existing} is a file, not a folder; "
+                          "give another path.")
     try:
         make_dirs(directory)
         fd, tmp = tempfile.mkstemp(prefix=".wearfl-write-check.", dir=directory)

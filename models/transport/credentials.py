@@ -82,9 +82,15 @@ class Credentials:
         return context
 
     def apply(self, address: BrokerAddress) -> BrokerAddress:
-        """``address`` with this folder's username and password, and its TLS context for ``mqtts://``."""
+        """``address`` with this folder's username and password, and its TLS context for ``mqtts://``.
+
+        The address also names the folder's ``ca.crt``, so a broker certificate that fails
+        verification is reported with the CA it was checked against.
+        """
+        tls = address.tls
         return replace(address, username=self.username, password=self.password,
-                       ssl_context=self.ssl_context() if address.tls else None)
+                       ssl_context=self.ssl_context() if tls else None,
+                       ca_file=str(self.folder / "ca.crt") if tls else None)
 
 
 def read_mqtt_json(path: Path) -> tuple[str, str]:

@@ -15,6 +15,13 @@ Rules the code keeps:
   coroutines. The blocking TCP connect runs in the loop's executor; callbacks paho makes
   from that thread are forwarded with ``call_soon_threadsafe`` in order.
 - Every wait has a timeout and ends in :class:`~models.errors.BrokerUnavailable`.
+- A failed connect says what happened, where, and what to do: nothing listening, a TLS port
+  reached with ``mqtt://`` (probed: it answers a TLS hello), a broker certificate from another
+  CA, a refused login, a server that is not MQTT. Retrying cannot fix the last four, so
+  :meth:`MqttSession.connect` gives up on them at once. paho's own log lines (an ERROR per
+  failed socket read) go to DEBUG. A refusal by the broker's access rules (SUBACK or PUBACK
+  *Not authorized*) is a :class:`~models.errors.ConfigError`: callers retry a
+  BrokerUnavailable, and no retry lets a session into another federation's topics.
 - Sessions are persistent by default (MQTT 5 ``clean_start=False`` plus a session expiry;
   3.1.1 ``clean_session=False``), so QoS 1 messages queued while a client was away arrive
   when it returns. ``protocol="auto"`` falls back to 3.1.1 when the broker refuses MQTT 5
@@ -59,7 +66,7 @@ import socket
 import ssl
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NamedTuple
 from urllib.parse import unquote, urlsplit
 
@@ -84,6 +91,15 @@ MISC_INTERVAL_S = 1.0
 SHED_LOG_INTERVAL_S = 10.0  # at most one summary line this often while a session sheds messages
 MQTT_MAX_PACKET_BYTES = 268_435_460  # MQTT's own bound: 1 + 4 length bytes + 268,435,455
 UNSUPPORTED_PROTOCOL = (0x01, 0x84)  # CONNACK: 3.1.1 return code, MQTT 5 reason code
+BAD_LOGIN = (0x04, 0x05, 0x86, 0x87)  # CONNACK: bad user name or password, not authorized (3.1.1, MQTT 5)
+BAD_CLIENT_ID = (0x02, 0x85)
+RETRY_CONNACK = (0x03, 0x88, 0x89, 0x97, 0x9F)  # server unavailable / busy, quota, rate: worth another attempt
+NOT_AUTHORIZED = 0x87  # SUBACK / PUBACK reason code of a refusal by the broker's access rules
+PROTOCOL_ERROR = 0x82  # paho's reason when the server sent bytes that are no MQTT packet
+PROBE_S = 3.0  # the probe of what listens on a port that closed a connection unanswered (error messages only)
+PROBE_CONNECT = b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x1e\x00\x00"  # MQTT 3.1.1 CONNECT: clean, empty client id
+X509_HOSTNAME_MISMATCH = 62  # OpenSSL verify codes
+X509_NOT_YET_VALID, X509_EXPIRED = 9, 10
 
 
 @dataclass(frozen=True)
@@ -92,6 +108,8 @@ class BrokerAddress:
 
     ``ssl_context`` is the hook for TLS beyond the system defaults (client certificates,
     private CAs); with ``tls=True`` and no context, the system trust store verifies the broker.
+    ``ca_file`` names the CA file that context trusts, for the error when the broker's
+    certificate fails verification.
     """
 
     host: str
@@ -100,6 +118,7 @@ class BrokerAddress:
     password: str | None = field(default=None, repr=False)
     tls: bool = False
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
+    ca_file: str | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
@@ -166,12 +185,22 @@ class Will(NamedTuple):
 
 
 class _AttemptFailed(Exception):
-    """One connect attempt did not end in an accepted CONNACK (``refused``: the broker said no)."""
+    """One connect attempt did not end in an accepted CONNACK.
 
-    def __init__(self, reason: str, *, refused: bool = False, unsupported_protocol: bool = False) -> None:
+    ``str()`` is a short reason for the debug log; ``advice`` the sentence an operator reads:
+    what happened, where, and what to do. ``final``: another attempt cannot help (a refused
+    login, a certificate that fails verification), so :meth:`MqttSession.connect` gives up at
+    once. ``closed``: the server closed the connection without an answer (a TLS port does
+    that to a plain MQTT connection).
+    """
+
+    def __init__(self, reason: str, advice: str = "", *, final: bool = False, unsupported_protocol: bool = False,
+                 closed: bool = False) -> None:
         super().__init__(reason)
-        self.refused = refused
+        self.advice = advice or reason
+        self.final = final
         self.unsupported_protocol = unsupported_protocol
+        self.closed = closed
 
 
 class MqttSession:
@@ -329,8 +358,10 @@ class MqttSession:
     async def connect(self, timeout: float = 10.0) -> None:
         """Connect, retrying with backoff until ``timeout``; then keep reconnecting in the background.
 
-        Raises BrokerUnavailable when no attempt succeeds in time, or at once when the broker
-        refuses the session (bad credentials, client id rejected).
+        Raises BrokerUnavailable when no attempt succeeds in time, or at once when another
+        attempt cannot help: the broker refuses the login, its TLS certificate fails
+        verification, or the port wants TLS and the URL says ``mqtt://``. The message says
+        what happened, where, and what to do.
         """
         if self._closing:
             raise BrokerUnavailable(f"session {self.client_id!r} was closed; create a new one.", url=self.address.url)
@@ -342,16 +373,21 @@ class MqttSession:
         self._closed = self._loop.create_future()
         deadline = self._loop.time() + timeout
         delay = BACKOFF_FIRST_S
+        probed = False
         while True:
             remaining = deadline - self._loop.time()
             try:
                 await self._attempt(min(remaining, ATTEMPT_TIMEOUT_S))
                 break
             except _AttemptFailed as exc:
-                if exc.refused or deadline - self._loop.time() <= 0:
+                failure = exc
+                if exc.closed and not self.address.tls and not probed:  # a TLS port? not MQTT at all?
+                    probed = True
+                    failure = await self._explain_closed(exc)
+                if failure.final or deadline - self._loop.time() <= 0:
+                    tried = "" if failure.final else f" (tried for {timeout:g} s)"
                     raise BrokerUnavailable(
-                        f"cannot connect {self.client_id!r} to the MQTT broker at {self.address.url}: {exc}. "
-                        "Check that the broker runs and the URL is right.",
+                        f"cannot connect to the MQTT broker at {self.address.url}{tried}: {failure.advice}",
                         url=self.address.url,
                     ) from None
                 self.log.debug("%s: connect attempt failed (%s); retrying", self.client_id, exc)
@@ -393,8 +429,13 @@ class MqttSession:
                 del self._sub_waiters[topic]
         if reason.is_failure:
             self._subscriptions.pop(topic, None)
+            if self._not_authorized(reason):  # waiting on would be waiting for messages that never come
+                raise ConfigError(
+                    f"the broker at {self.address.url} refused the subscription to {topic} ({reason}): its access "
+                    f"rules do not let {self._who} read it. Is --federation right for these credentials?"
+                )
             raise BrokerUnavailable(
-                f"the broker at {self.address.url} refused the subscription to {topic!r} ({reason}).",
+                f"the broker at {self.address.url} refused the subscription to {topic} ({reason}).",
                 url=self.address.url,
             )
 
@@ -448,9 +489,14 @@ class MqttSession:
             if self._publishes.get(info.mid) is future:
                 del self._publishes[info.mid]
         if reason.is_failure:
+            if self._not_authorized(reason):  # a ConfigError: retrying (as callers do on BrokerUnavailable) cannot help
+                raise ConfigError(
+                    f"the broker at {self.address.url} refused a message on {topic} ({reason}): its access rules do "
+                    f"not let {self._who} publish there. Is --federation right for these credentials?"
+                )
             raise BrokerUnavailable(
                 f"the broker at {self.address.url} refused a {len(payload)}-byte message on {topic!r} ({reason}); "
-                "check its message_size_limit and access rules.",
+                "check its message_size_limit.",
                 url=self.address.url,
             )
 
@@ -520,8 +566,8 @@ class MqttSession:
         try:
             try:
                 await loop.run_in_executor(None, functools.partial(client.connect, **self._connect_args()))
-            except (OSError, ValueError) as exc:  # refused, unreachable, DNS; paho closes its socket itself
-                raise _AttemptFailed(f"{type(exc).__name__}: {exc}") from None
+            except (OSError, ValueError) as exc:  # refused, unreachable, DNS, TLS; paho closes its socket itself
+                raise _socket_failure(self.address, exc) from None
             wait = deadline - loop.time()
             try:
                 reason, session_present, max_packet_size = await asyncio.wait_for(
@@ -530,7 +576,9 @@ class MqttSession:
             except TimeoutError:
                 self._close_socket()
                 if not probing or deadline - loop.time() <= 0:
-                    raise _AttemptFailed("no CONNACK in time") from None
+                    raise _AttemptFailed("no CONNACK in time", f"the server at {self.address.host}:{self.address.port} "
+                                         "took the connection but sent no MQTT answer in time. Is it an MQTT broker, "
+                                         "and the port of the broker URL (--broker) its MQTT port?") from None
                 reason, session_present, max_packet_size = ReasonCode(PacketTypes.CONNACK, identifier=0x84), False, None
                 self.log.info("%s: no answer to an MQTT 5 CONNECT from %s", self.client_id, self.address.url)
         finally:
@@ -546,9 +594,7 @@ class MqttSession:
                 except _AttemptFailed:
                     self._mqtt_version, self._client = paho.MQTTv5, None  # maybe it was just slow: 5 next time
                     raise
-            # "server unavailable / busy" is worth retrying; the rest is a configuration problem
-            retry = reason.value in (0x03, 0x88, 0x89, 0x97, 0x9F)
-            raise _AttemptFailed(f"CONNACK {reason}", refused=not retry, unsupported_protocol=unsupported)
+            raise _connack_failure(self.address, reason, unsupported)
         if client.socket() is None:  # accepted, then dropped before this coroutine resumed
             raise _AttemptFailed("connection closed right after CONNACK")
         self.session_present = session_present
@@ -568,6 +614,31 @@ class MqttSession:
             self.protocol,
             "resumed" if session_present else "new",
         )
+
+    async def _explain_closed(self, failure: _AttemptFailed) -> _AttemptFailed:
+        """``failure`` (a plain connection closed unanswered), explained by what listens on the port.
+
+        A TLS listener closes a plain MQTT connection, and so may a server that is no MQTT
+        broker at all; either is final. Anything else (a broker at its connection limit) stays
+        worth another attempt.
+        """
+        host, port = self.address.host, self.address.port
+        kind, answer = await self._running_loop().run_in_executor(None, _what_listens, host, port)
+        if kind == "tls":
+            return _AttemptFailed(
+                f"{failure} (the port speaks TLS)",
+                f"port {port} expects TLS, and the broker closed this plain MQTT connection. Use "
+                f"{replace(self.address, tls=True).url} (with the credentials folder's certificates, --credentials).",
+                final=True,
+            )
+        if kind == "other":
+            return _AttemptFailed(
+                f"{failure} (the port does not speak MQTT)",
+                f"the server at {host}:{port} answered with something that is not MQTT ({_show(answer)}). Check the "
+                "port of the broker URL (--broker).",
+                final=True,
+            )
+        return failure
 
     def _connect_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {"host": self.address.host, "port": self.address.port, "keepalive": self.keepalive}
@@ -591,7 +662,7 @@ class MqttSession:
             reconnect_on_failure=False,
             manual_ack=self.manual_ack,
         )
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        client.enable_logger(_PAHO_LOG)  # type: ignore[arg-type]  # an adapter: paho only calls .log()
         client.connect_timeout = TCP_CONNECT_TIMEOUT_S
         client.max_inflight_messages_set(self.max_inflight)
         client.max_queued_messages_set(self.max_queued)
@@ -654,6 +725,15 @@ class MqttSession:
             await asyncio.sleep(MISC_INTERVAL_S)
 
     # -- helpers -----------------------------------------------------------------------------
+
+    @property
+    def _who(self) -> str:
+        """This session's login, as the broker's access rules see it."""
+        return f"user {self.address.username!r}" if self.address.username else "a client without username"
+
+    def _not_authorized(self, reason: ReasonCode) -> bool:
+        """A refusal by the broker's access rules: MQTT 5's reason code, or 3.1.1's one failure code (0x80)."""
+        return reason.value == NOT_AUTHORIZED or (reason.is_failure and self._mqtt_version == paho.MQTTv311)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -817,7 +897,7 @@ class MqttSession:
         if client is not self._client:
             return
         if self._connack is not None and not self._connack.done():
-            self._connack.set_exception(_AttemptFailed(f"connection closed before CONNACK ({reason})"))
+            self._connack.set_exception(_closed_before_connack(self.address, reason))
             self._connack.exception()
         was_connected, self._connected = self._connected, False
         self._connected_event.clear()
@@ -918,9 +998,9 @@ class MqttSession:
         topic = self._sub_mids.pop(mid, None)
         if topic is None:
             return
-        if reason.is_failure:
-            self.log.warning("%s: broker refused subscription %s (%s)", self.client_id, topic, reason)
         future = self._sub_waiters.get(topic)
+        if reason.is_failure and future is None:  # a re-subscription on reconnect: nobody waits to raise it
+            self.log.warning("%s: the broker refused the subscription to %s (%s)", self.client_id, topic, reason)
         if future is not None and not future.done():
             future.set_result(reason)
 
@@ -940,3 +1020,155 @@ def _why_closed(reason: ReasonCode) -> str:
 def _jitter(delay: float) -> float:
     """Between half and all of ``delay``: reconnecting clients spread out instead of stampeding."""
     return random.uniform(delay / 2, delay)
+
+
+class _PahoLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """paho's log lines at DEBUG, but for a crash in one of the session's callbacks.
+
+    paho logs every failed socket read at ERROR ("failed to receive on socket"), once per
+    connect attempt: six lines for one broker that wants TLS. The session says itself what
+    went wrong (the error of :meth:`MqttSession.connect`, the reconnect warning), so paho's
+    lines are detail for ``-vv``.
+    """
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level > logging.DEBUG and not str(msg).startswith("Caught exception"):
+            level = logging.DEBUG
+        super().log(level, msg, *args, **kwargs)
+
+
+_PAHO_LOG = _PahoLog(logging.getLogger(f"{__name__}.paho"), {})
+
+
+def _socket_failure(address: BrokerAddress, exc: OSError | ValueError) -> _AttemptFailed:
+    """What a failed TCP (+TLS) connect means for the operator: nothing listening, no route, DNS, TLS."""
+    where = f"{address.host}:{address.port}"
+    short = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _certificate_failure(address, exc)
+    if isinstance(exc, ssl.SSLError) and "ALERT" in (exc.reason or ""):  # the broker ended the handshake
+        return _AttemptFailed(short, f"the broker refused the TLS handshake ({exc.reason}): it wants a client "
+                                     "certificate signed by its own CA. Give the credentials folder of its federation "
+                                     "(--credentials).", final=True)
+    if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":  # the answer was no TLS record
+        return _AttemptFailed(short, f"the server at {where} does not speak TLS. If it is a plain MQTT port, use "
+                                     f"{replace(address, tls=False).url}; otherwise check the port.", final=True)
+    if address.tls and isinstance(exc, ssl.SSLError | ConnectionResetError | BrokenPipeError):
+        return _AttemptFailed(short, f"the server at {where} closed the connection during the TLS handshake. A plain "
+                                     f"MQTT port does that (then use {replace(address, tls=False).url}); otherwise "
+                                     "see the broker's log.")
+    if isinstance(exc, ConnectionRefusedError):
+        return _AttemptFailed(short, f"nothing listens on {where} (connection refused). Start the broker, or correct "
+                                     "the host and port of the broker URL (--broker).")
+    if isinstance(exc, socket.gaierror):
+        return _AttemptFailed(short, f"the host name {address.host!r} does not resolve ({exc.strerror}). Correct the "
+                                     "host of the broker URL (--broker), or check this machine's DNS.")
+    if isinstance(exc, TimeoutError):
+        return _AttemptFailed(short, f"{where} did not answer within {TCP_CONNECT_TIMEOUT_S:g} s. Check that the host "
+                                     "is up and reachable from here (network, firewall) and the port is right.")
+    if isinstance(exc, OSError):
+        return _AttemptFailed(short, f"cannot reach {where} ({exc.strerror or exc}). Check the network and the host "
+                                     "of the broker URL (--broker).")
+    return _AttemptFailed(short, f"cannot connect to {where} ({exc}).", final=True)  # paho's checks of host and port
+
+
+def _certificate_failure(address: BrokerAddress, exc: ssl.SSLCertVerificationError) -> _AttemptFailed:
+    """The broker's TLS certificate failed verification: not for this host, out of date, or from another CA."""
+    detail = exc.verify_message or str(exc)
+    if exc.verify_code == X509_HOSTNAME_MISMATCH:
+        advice = (f"its TLS certificate is not made for the name {address.host!r} ({detail}). Connect by a name or "
+                  "address the certificate names, or write the broker's config again with `wearfl keys broker-config "
+                  f"--hostname {address.host}` and restart Mosquitto.")
+    elif exc.verify_code in (X509_NOT_YET_VALID, X509_EXPIRED):
+        advice = (f"its TLS certificate is not valid now ({detail}). Check both machines' clocks; write the broker's "
+                  "config again with `wearfl keys broker-config` (a new certificate) and restart Mosquitto.")
+    else:
+        trusted = f"the CA in {address.ca_file}" if address.ca_file else "a CA this machine trusts"
+        advice = (f"its TLS certificate is not signed by {trusted} ({detail}): the broker and these credentials "
+                  "belong to different federations. Use the credentials folder made from the same `wearfl keys` "
+                  "state as the broker's config (--credentials).")
+    return _AttemptFailed(f"TLS certificate verification failed: {detail}", advice, final=True)
+
+
+def _connack_failure(address: BrokerAddress, reason: ReasonCode, unsupported: bool) -> _AttemptFailed:
+    """The broker answered CONNECT with a refusal: a bad login is the operator's to fix, a busy broker is not."""
+    if reason.value in BAD_LOGIN and address.username is None:
+        advice = (f"it refused a login without username ({reason}). Give the credentials it expects: --credentials "
+                  "DIR (a `wearfl keys` folder) or mqtt://USER:PASSWORD@HOST in the broker URL.")
+    elif reason.value in BAD_LOGIN:
+        advice = (f"it refused the login of user {address.username!r} ({reason}): the password is wrong, or the "
+                  "broker's password file does not hold this user. Check the credentials (mqtt.json of the "
+                  "--credentials folder, or USER:PASSWORD in the broker URL); after `wearfl keys add-device`, run "
+                  "`wearfl keys broker-config` again and restart Mosquitto.")
+    elif reason.value in BAD_CLIENT_ID:
+        advice = f"it refused the client id ({reason}); see the broker's log for the rule it broke."
+    elif unsupported:
+        advice = f"it does not speak this MQTT version ({reason}); use protocol 'auto' or the version it speaks."
+    else:
+        advice = f"it refused the connection ({reason}); see the broker's log."
+    return _AttemptFailed(f"CONNACK {reason}", advice, final=reason.value not in RETRY_CONNACK,
+                          unsupported_protocol=unsupported)
+
+
+def _closed_before_connack(address: BrokerAddress, reason: ReasonCode) -> _AttemptFailed:
+    """The connection ended before the broker answered CONNECT: not MQTT there, or the broker hung up."""
+    where = f"{address.host}:{address.port}"
+    if reason.value == PROTOCOL_ERROR:
+        return _AttemptFailed(f"no MQTT answer ({reason})", f"the server at {where} answered with something that is "
+                              "not MQTT (an HTTP server or a proxy?). Check the port of the broker URL (--broker).",
+                              final=True, closed=True)
+    if address.tls:
+        advice = ("the broker closed the TLS connection before answering the MQTT CONNECT: it may have refused this "
+                  "client's certificate (give the credentials folder of its federation, --credentials); see the "
+                  "broker's log.")
+    else:
+        advice = (f"the server at {where} closed the connection before answering the MQTT CONNECT; see the broker's "
+                  "log (a connection limit?).")
+    return _AttemptFailed(f"connection closed before CONNACK ({reason})", advice, closed=True)
+
+
+def _what_listens(host: str, port: int, timeout: float = PROBE_S) -> tuple[str, bytes]:
+    """What serves ``host:port``, for an error message: ``"mqtt"``, ``"tls"``, ``"other"`` or ``"silent"``.
+
+    A bare MQTT 3.1.1 CONNECT goes out: a broker answers CONNACK (``"mqtt"``); any other
+    answer is returned (``"other"``), unless it is a TLS record (``"tls"``). A server that
+    closes without a word gets a TLS hello next (:func:`_speaks_tls`).
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(PROBE_CONNECT)
+            answer = sock.recv(64)
+    except OSError:  # reset, or no answer in time
+        answer = b""
+    if answer[:1] == b"\x20":  # CONNACK
+        return "mqtt", answer
+    if answer[:1] == b"\x15" and answer[1:2] == b"\x03":  # a TLS alert record
+        return "tls", answer
+    if answer:
+        return "other", answer
+    return ("tls" if _speaks_tls(host, port, timeout) else "silent"), answer
+
+
+def _show(answer: bytes) -> str:
+    """The start of a server's answer, as text when it is text (``'HTTP/1.1 400 Bad Request'``)."""
+    line = answer.split(b"\r\n", 1)[0].split(b"\n", 1)[0][:40]
+    text = line.decode("ascii", errors="replace")
+    return f"{text!r}" if text.isprintable() and text else f"bytes {answer[:8].hex(' ')}"
+
+
+def _speaks_tls(host: str, port: int, timeout: float = PROBE_S) -> bool:
+    """Whether ``host:port`` answers a TLS hello as a TLS server does: a handshake, or a TLS alert.
+
+    Nothing is verified and nothing is sent after the handshake: this only tells a TLS
+    listener from a plain one, for the error message of a plain connection it closed.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, context.wrap_socket(raw):
+            return True
+    except ssl.SSLError as exc:  # e.g. "certificate required": only a TLS server sends an alert
+        return "ALERT" in (exc.reason or "")
+    except OSError:
+        return False

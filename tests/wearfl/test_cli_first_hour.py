@@ -101,3 +101,17 @@ def test_export_into_an_existing_folder_still_writes(tmp_path, capsys):
     assert main(["init", "--task", "activity", "--out", str(package)]) == 0
     assert main(["export", "--model", str(package), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
     assert (tmp_path / "m.onnx").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_an_edge_state_that_is_a_file_is_one_error_line(tmp_path, under):
+    blocker = tmp_path / "state"
+    blocker.write_text("not a folder")
+    state = blocker / "edge" if under else blocker
+    done = subprocess.run([sys.executable, "-m", "wearfl", "edge", "--broker", "mqtt://127.0.0.1:1", "--federation",
+                           "f", "--source", "sim:0/wearer-01", "--state", str(state)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "is a file, not a folder" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr

@@ -10,7 +10,8 @@ usable as context managers):
   daemon thread, for machines without Mosquitto. It speaks MQTT 3.1.1 only (no shared
   subscriptions, no session expiry), so anything that depends on MQTT 5 needs Mosquitto.
 
-:func:`start_broker` picks Mosquitto whenever a binary is installed.
+:func:`start_broker` picks Mosquitto whenever a binary is installed (:func:`make_broker`: the same
+choice, not started yet).
 
 Every config written here carries wearfl's queue and packet limits
 (:mod:`models.transport.mosquitto`).
@@ -39,6 +40,7 @@ __all__ = [
     "EmbeddedBroker",
     "MosquittoBroker",
     "free_port",
+    "make_broker",
     "mosquitto_binary",
     "mosquitto_config",
     "start_broker",
@@ -260,6 +262,9 @@ class MosquittoBroker(_BrokerBase):
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
+            # Its own process group: a terminal's Ctrl-C goes to the whole foreground group, and would stop
+            # the broker under the clients still saying goodbye through it. Its owner stops it by PID.
+            process_group=0,
         )
         try:
             wait_for_port(self.host, self.port, self.startup_timeout, self._proc)
@@ -423,16 +428,29 @@ def start_broker(
     ``prefer="mosquitto"`` fails with :class:`BrokerUnavailable` when Mosquitto is missing;
     ``prefer="amqtt"`` always uses the embedded broker.
     """
-    if prefer not in ("auto", "mosquitto", "amqtt"):
-        raise ConfigError(f"unknown broker kind {prefer!r}; use 'auto', 'mosquitto' or 'amqtt'.")
-    if prefer == "mosquitto" or (prefer == "auto" and mosquitto_binary() is not None):
-        broker: MosquittoBroker | EmbeddedBroker = MosquittoBroker(port, workdir=workdir, persistence=persistence)
-    else:
-        if prefer == "auto":
-            log.warning("mosquitto is not installed; using the embedded amqtt broker (MQTT 3.1.1 only)")
-        if persistence:
-            log.warning("the embedded amqtt broker keeps no state across restarts; persistence ignored")
-        broker = EmbeddedBroker(port)
+    broker = make_broker(prefer, workdir, port=port, persistence=persistence)
     broker.start()
     log.info("using %s broker at %s", broker.kind, broker.url)
     return broker
+
+
+def make_broker(
+    prefer: Literal["auto", "mosquitto", "amqtt"] = "auto",
+    workdir: Path | str | None = None,
+    *,
+    port: int | None = None,
+    persistence: bool = False,
+) -> MosquittoBroker | EmbeddedBroker:
+    """The broker :func:`start_broker` would start, not started yet: its URL is known, nothing runs or is written.
+
+    For callers that check all their settings (which name the URL) before they start anything.
+    """
+    if prefer not in ("auto", "mosquitto", "amqtt"):
+        raise ConfigError(f"unknown broker kind {prefer!r}; use 'auto', 'mosquitto' or 'amqtt'.")
+    if prefer == "mosquitto" or (prefer == "auto" and mosquitto_binary() is not None):
+        return MosquittoBroker(port, workdir=workdir, persistence=persistence)
+    if prefer == "auto":
+        log.warning("mosquitto is not installed; using the embedded amqtt broker (MQTT 3.1.1 only)")
+    if persistence:
+        log.warning("the embedded amqtt broker keeps no state across restarts; persistence ignored")
+    return EmbeddedBroker(port)

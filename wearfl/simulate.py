@@ -257,6 +257,7 @@ def _hub(args: argparse.Namespace, url: str, federation: str, out: Path, model: 
         round_timeout_s=args.round_timeout, rounds=args.rounds, task_config=task_config, strategy=args.strategy,
         strategy_args=strategy_args, evaluate_every=args.eval_every,
         server_lr=args.server_lr, keyring=keyring, secure_aggregation=args.secure_aggregation,
+        http=args.http, http_token=args.http_token,
     )
     return HubService(config, initial_model=model)
 
@@ -520,6 +521,8 @@ def _announce(sim: Simulation) -> None:
     args, n = sim.args, len(sim.clients)
     print(f"simulating {n} edges x {args.rounds} rounds of {args.task} on {sim.dataset_name} "
           f"({args.quantize} updates) through {sim.url}", file=sys.stderr)
+    if args.http:
+        print(f"dashboard: http://{args.http}/ (while the simulation runs)", file=sys.stderr)
     if sim.plan is not None:
         print(f"attack: {sim.plan.kind} by {len(sim.plan.malicious)} of {n} edges ({', '.join(sim.plan.malicious)})",
               file=sys.stderr)
@@ -688,6 +691,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--attack-scale", type=float, default=10.0,
                    help="s of the scale (s * delta) and sign-flip (-s * delta) attacks")
     p.add_argument("--out", help="output folder (default: a new folder under ./runs/)")
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="serve the hub's live dashboard, /metrics and /api/status while the simulation runs "
+                        "(default: off)")
+    p.add_argument("--http-token", metavar="TOKEN", help="required for --http beyond loopback")
     p.set_defaults(func=_with_default_dataset)
 
 

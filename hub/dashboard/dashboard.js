@@ -23,6 +23,11 @@ function fmt(v, digits) {
   return Number.isInteger(v) ? String(v) : v.toFixed(digits === undefined ? 3 : digits);
 }
 
+// Counts: a maximum that four grid steps divide into whole numbers.
+function countMax(v) {
+  return Math.max(4, 4 * Math.ceil(v / 4));
+}
+
 function niceMax(v) {
   if (v <= 0) return 1;
   const p = Math.pow(10, Math.floor(Math.log10(v)));
@@ -93,7 +98,7 @@ function drawSpread(personalization) {
   const ymax = unit ? 1 : niceMax(Math.max(...vals) * 1.1);
   const { sx, sy } = frame(svg, -0.5, rows.length - 0.5, ymax, `${name} per edge: global (blue), personalized (orange)`, []);
   rows.forEach(([c, g, p], i) => {
-    if (rows.length <= 12 || i % Math.ceil(rows.length / 12) === 0)
+    if (rows.length <= 6 || i % Math.ceil(rows.length / 6) === 0)
       el("text", { x: sx(i), y: H - M.b + 12, "text-anchor": "middle" }, svg, c);
     el("circle", { cx: sx(i) - 3, cy: sy(g[name]), r: 3.5, class: "dot-a" }, svg).appendChild(el("title", {}, null, `${c} global ${fmt(g[name], 4)}`));
     if (p[name] !== undefined) el("circle", { cx: sx(i) + 3, cy: sy(p[name]), r: 3.5, class: "dot-b" }, svg).appendChild(el("title", {}, null, `${c} personalized ${fmt(p[name], 4)}`));
@@ -121,7 +126,7 @@ function drawParticipation(rounds) {
   if (!rounds.length) return empty(svg, "no round closed yet");
   const last = rounds.slice(-40);
   const acc = last.map((r) => r.participants), rej = last.map((r) => r.updates_rejected), str = last.map((r) => r.stragglers || 0);
-  bars(svg, [acc, rej, str], last.map((r) => r.round), niceMax(Math.max(...acc, ...rej, ...str, 4)),
+  bars(svg, [acc, rej, str], last.map((r) => r.round), countMax(Math.max(...acc, ...rej, ...str)),
        "round: edges accepted (blue), rejected (red), stragglers (orange)", ["bar-a", "bar-b", "bar-c"]);
 }
 
@@ -129,7 +134,7 @@ function drawRejections(rejected) {
   const svg = document.getElementById("chart-rejections");
   const rows = Object.entries(rejected).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1]);
   if (!rows.length) return empty(svg, "no update rejected");
-  bars(svg, [rows.map((r) => r[1])], rows.map((r) => r[0]), niceMax(Math.max(...rows.map((r) => r[1]), 4)), "reason",
+  bars(svg, [rows.map((r) => r[1])], rows.map((r) => r[0]), countMax(Math.max(...rows.map((r) => r[1]))), "reason",
        ["bar-b"]);
 }
 

@@ -266,3 +266,11 @@ def test_the_bar_shows_the_headline_metric():
     assert round_postfix({"accuracy": 0.91519, "macro_f1": 0.9}, "accuracy") == "accuracy 0.9152"
     assert round_postfix({"mae_bpm": 7.25}, "mae_bpm") == "mae_bpm 7.2500"
     assert round_postfix({}, "accuracy") == ""
+
+
+def test_simulate_http_beyond_loopback_needs_a_token_before_anything_starts(tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "wearfl", "simulate", "--http", "0.0.0.0:9100", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--http-token" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()

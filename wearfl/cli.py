@@ -122,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _run(argv)
         sys.stdout.flush()
         return code
+    except KeyboardInterrupt:  # Ctrl-C while the command's modules still load
+        print("interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         if not _stdout_reader_gone():
             raise  # a socket or a child's pipe: a bug, with its traceback

@@ -83,7 +83,7 @@ def test_an_edge_on_an_lsl_stream_takes_part_in_three_heart_rate_rounds(mqtt_bro
 
     status = hub.status()
     assert status["rounds_completed"] == 3
-    assert status["clients"] == {name: {"accepted": 3, "last_sequence": 3,
+    assert status["clients"] == {name: {"accepted": 3, "last_sequence": 3, "rejected": 0, "declined": 0,
                                         "last_seen": status["clients"][name]["last_seen"]}}
 
 

@@ -73,10 +73,13 @@ class OpenRound:
         return self.selection == ()
 
     def select(self, selection: tuple[str, ...] | None, plain_updates: bool = True) -> None:
-        """Record the round's selection; a made one also limits the intake to it (to no one without plain updates)."""
+        """Record the round's selection; a made one also limits the intake to it. Without plain updates (a
+        secure round) the intake takes no one's, whether or not the selection is made yet."""
         self.selection = selection
-        if selection:
-            self.accept_only(selection if plain_updates else ())
+        if not plain_updates:
+            self.accept_only(())
+        elif selection:
+            self.accept_only(selection)
 
     def accept_only(self, clients: Iterable[str]) -> None:
         """Take plain updates for this round from these clients only."""

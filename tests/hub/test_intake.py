@@ -240,6 +240,12 @@ def test_a_client_not_selected_for_the_round_is_refused(store):
     refused = _reject_reason(intake, TOPICS.update("edge-d"), make_update(Ed25519PrivateKey.generate(), "edge-d",
                                                                           round_number=3), secure)
     assert refused.reason == "not_selected"
+    for selection in ((), None):  # a secure hub still waiting for enough edges to select: no plain updates either
+        waiting = OpenRound(4, 0)
+        waiting.select(selection, plain_updates=False)
+        anyone = _reject_reason(intake, TOPICS.update("edge-e"), make_update(Ed25519PrivateKey.generate(), "edge-e",
+                                                                             round_number=4), waiting)
+        assert anyone.reason == "not_selected"
 
 
 def test_hostile_metadata_gives_a_receipt_not_a_traceback(store):

@@ -297,6 +297,18 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ago(seconds: float) -> str:
+    """``42 s ago``, ``18 min ago``, ``3.5 h ago``, ``2.0 days ago``."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 36 * 3600:
+        return f"{seconds / 3600:.1f} h ago"
+    return f"{seconds / 86400:.1f} days ago"
+
+
 def format_status(status: dict[str, Any], now: float | None = None) -> str:
     """The status as a short text report with a table of clients."""
     now = time.time() if now is None else now
@@ -338,7 +350,7 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
                       "last seen"]
         for client, c in sorted(status["clients"].items()):
             seq = "-" if c["last_sequence"] is None else str(c["last_sequence"])
-            seen = "-" if c["last_seen"] is None else f"{max(0.0, now - c['last_seen']):.0f} s ago"
+            seen = "-" if c["last_seen"] is None else _ago(now - c["last_seen"])
             lines.append(f"{client:<{width}}  {c['accepted']:>8}  {c.get('rejected', 0):>8}  "
                          f"{c.get('declined', 0):>8}  {seq:>8}  {seen}")
     return "\n".join(lines)

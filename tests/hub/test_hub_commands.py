@@ -127,3 +127,16 @@ def test_bad_hub_settings_are_config_errors(tmp_path, toml, message):
     path.write_text(toml)
     with pytest.raises(ConfigError, match=message):
         hub_config_from_args(parse("hub", "--config", str(path)))
+
+
+def test_status_text_says_how_long_ago_in_readable_units(tmp_path, capsys):
+    from hub.commands import format_status
+
+    with HubStore(tmp_path) as store:
+        for client, seen in (("a", 958.0), ("b", 1000.0 - 1108.0), ("c", 1000.0 - 5 * 3600), ("d", -2e5)):
+            store.pin_key(client, b"k" * 32)
+            store.record_update(client, 0, 1, 0, 10, client.encode(), received_at=seen)
+        status = store.status()
+    rows = {line.split()[0]: line for line in format_status(status, now=1000.0).splitlines()[-4:]}
+    assert rows["a"].endswith("42 s ago") and rows["b"].endswith("18 min ago")
+    assert rows["c"].endswith("5.0 h ago") and rows["d"].endswith("2.3 days ago")

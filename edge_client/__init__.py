@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from edge_client.config import EdgeConfig
     from edge_client.finetune import FineTunePolicy
-    from edge_client.outbox import Outbox
     from edge_client.runtime import EdgeClient, run_edges
     from edge_client.training import WeightsHook
+    from models.transport.outbox import Outbox
 
 __all__ = ["EdgeClient", "EdgeConfig", "FineTunePolicy", "Outbox", "WeightsHook", "run_edges"]
 

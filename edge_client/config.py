@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Literal
 
 from edge_client.finetune import FineTunePolicy, ResourceHook
-from edge_client.outbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES
 from edge_client.replay import POLICIES, REPLAY_MAX_BYTES, REPLAY_MAX_WINDOWS
 from models.errors import ConfigError
 from models.protocol.topics import check_name
 from models.transport.credentials import Credentials
+from models.transport.outbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES
 
 __all__ = ["EdgeConfig", "hub_key_bytes", "read_credentials"]
 

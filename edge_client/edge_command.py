@@ -223,9 +223,9 @@ def config_from_args(args: argparse.Namespace, source_client: str | None = None)
 
 async def _run(config: EdgeConfig, source: Source, http: tuple[str, int] | None = None,
                http_token: str | None = None) -> None:
-    from edge_client.outbox import DB_NAME
     from edge_client.runtime import EdgeClient
     from models.files import state_dir_error
+    from models.transport.outbox import DB_NAME
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -42,7 +42,6 @@ import numpy as np
 from edge_client.config import EdgeConfig
 from edge_client.finetune import EdgeTrainer
 from edge_client.labels import LabelledWindows, label_windows
-from edge_client.outbox import Outbox
 from edge_client.pipeline import Preprocessor
 from edge_client.replay import LABEL_SOURCES, ReplayBuffer
 from edge_client.shared import Latencies, Wakes
@@ -52,6 +51,7 @@ from models.errors import InputError, ModelFormatError
 from models.inference import NumpyPredictor, Predictor
 from models.model import Model
 from models.spec import ModelSpec
+from models.transport.outbox import Outbox
 
 __all__ = ["Ingest", "MissingChannels", "StreamView", "spec_key"]
 

@@ -62,7 +62,6 @@ from edge_client.adoption import ModelAdoption
 from edge_client.config import EdgeConfig, read_credentials
 from edge_client.federated_eval import Evaluator
 from edge_client.ingest import Ingest, MissingChannels, StreamView
-from edge_client.outbox import Outbox
 from edge_client.secure_aggregation import SecureRound
 from edge_client.sending import Sender
 from edge_client.shared import Link, Wakes, wait
@@ -76,6 +75,7 @@ from models.protocol.messages import MAX_MODEL_BYTES, ModelMessage
 from models.protocol.topics import Topics
 from models.transport.credentials import Credentials
 from models.transport.mqtt import BrokerAddress, MqttSession, Will
+from models.transport.outbox import Outbox
 
 __all__ = ["EdgeClient", "EdgeConfig", "WeightsHook", "run_edges"]
 

@@ -1,6 +1,6 @@
 """Sending: the outbox, publishing updates, re-sending them, and the hub's receipts.
 
-A signed update is stored in the :class:`~edge_client.outbox.Outbox` *first* and then
+A signed update is stored in the :class:`~models.transport.outbox.Outbox` *first* and then
 published with QoS 1 (:meth:`Sender.send`). It is removed from the outbox only on a final
 receipt that the pinned hub key signed, for this federation and for exactly these bytes (its
 SHA-256): a forged or replayed receipt must not empty the outbox (:meth:`Sender.on_receipt`).
@@ -19,13 +19,13 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from edge_client.config import EdgeConfig
-from edge_client.outbox import Outbox, OutboxEntry, OutboxFull, OutboxStats
 from edge_client.shared import Link, Wakes
 from models.errors import BrokerUnavailable
 from models.files import StorageError
 from models.protocol.messages import Receipt
 from models.protocol.signed import SigningError
 from models.transport.mqtt import Message
+from models.transport.outbox import Outbox, OutboxEntry, OutboxFull, OutboxStats
 
 __all__ = ["Sender"]
 

@@ -40,7 +40,6 @@ from edge_client.adoption import ModelAdoption
 from edge_client.config import EdgeConfig
 from edge_client.federated_eval import Evaluator
 from edge_client.ingest import Ingest, StreamView
-from edge_client.outbox import Outbox
 from edge_client.secure_aggregation import SecureRound
 from edge_client.sending import Sender
 from edge_client.shared import Wakes, wait
@@ -53,6 +52,7 @@ from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.messages import ModelMessage, Task
 from models.protocol.signed import SigningError
 from models.transport.mqtt import Message
+from models.transport.outbox import Outbox
 
 __all__ = ["DECLINE_REASONS", "FRESH_SHARE", "FitInFlight", "RoundTrainer", "WeightsHook"]
 

@@ -8,8 +8,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_client.metrics import EdgeCollector
-from edge_client.outbox import OutboxStats
 from edge_client.shared import Latencies
+from models.transport.outbox import OutboxStats
 
 
 def scrape(collector: EdgeCollector) -> dict:

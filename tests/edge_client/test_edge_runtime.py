@@ -32,7 +32,6 @@ from safetensors.numpy import load as st_load
 from edge_client.edge_command import add_edge_command, resolve_source
 from edge_client.evaluation import task_spec
 from edge_client.finetune import FineTunePolicy
-from edge_client.outbox import Outbox
 from edge_client.runtime import EdgeClient, EdgeConfig, run_edges
 from edge_client.sources.simulator import SimulatedDataset
 from hub.ledger import Ledger
@@ -56,6 +55,7 @@ from models.protocol.signed import SignedMessage, verify_and_parse
 from models.protocol.topics import Topics
 from models.training import TrainConfig
 from models.transport.mqtt import BrokerAddress, Message, MqttSession
+from models.transport.outbox import Outbox
 from wearfl.broker import free_port
 
 T = TypeVar("T")

@@ -6,10 +6,10 @@ import asyncio
 from pathlib import Path
 
 from edge_client.config import EdgeConfig
-from edge_client.outbox import Outbox, OutboxEntry
 from edge_client.sending import Sender
 from edge_client.shared import Link, Wakes
 from models.protocol.topics import Topics
+from models.transport.outbox import Outbox, OutboxEntry
 
 INTERVAL = 120.0
 

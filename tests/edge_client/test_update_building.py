@@ -20,7 +20,6 @@ from edge_client.config import EdgeConfig
 from edge_client.evaluation import task_spec
 from edge_client.finetune import FineTunePolicy
 from edge_client.ingest import Ingest
-from edge_client.outbox import Outbox
 from edge_client.shared import Wakes
 from edge_client.sources.simulator import SimulatedDataset
 from edge_client.training import RoundTrainer
@@ -31,6 +30,7 @@ from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.messages import MAX_MODEL_BYTES, Task, build_model, parse_model, parse_update_meta
 from models.protocol.signed import verify_and_parse
 from models.training import TrainConfig
+from models.transport.outbox import Outbox
 
 DATASET = SimulatedDataset(seed=0, wearers=1, minutes=3, test_wearers=0)
 CLIENT = DATASET.clients[0]

@@ -36,7 +36,6 @@ import numpy as np
 import pytest
 from waiting import until
 
-from edge_client.outbox import Outbox, OutboxEntry
 from hub.ledger import Ledger, verify
 from hub.registry import ModelRegistry
 from hub.store import HubStore
@@ -48,6 +47,7 @@ from models.protocol.messages import Receipt, Task, UpdateMeta, build_model, bui
 from models.protocol.signed import verify_and_parse
 from models.protocol.topics import Topics
 from models.transport.mqtt import BrokerAddress, MqttSession
+from models.transport.outbox import Outbox, OutboxEntry
 from wearfl.broker import free_port
 
 pytestmark = pytest.mark.slow  # the quick loop is `pytest -m "not slow"`

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edge_client.outbox import Outbox, OutboxFull
 from models.errors import WearflError
+from models.transport.outbox import Outbox, OutboxFull
 
 
 def test_pending_updates_survive_reopening_in_sequence_order(tmp_path):

@@ -1,4 +1,4 @@
-"""The edge's durable outbox: signed updates kept on disk until the hub's receipt is final.
+"""A durable outbox: signed updates kept on disk until the receiver's receipt is final.
 
 Why: a PUBACK only says the *broker* has an update; the hub may not have stored it yet
 (it may be down, or lose its session). So an update stays here, and is re-published after

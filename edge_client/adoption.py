@@ -26,7 +26,7 @@ from models.errors import ConfigError, WearflError
 from models.files import write_atomic
 from models.package import package_bytes
 from models.protocol.ledger import check_entry
-from models.protocol.messages import ModelMessage, parse_model
+from models.protocol.messages import Grant, ModelMessage, parse_model
 from models.protocol.signed import SigningError
 from models.transport.credentials import Credentials
 from models.transport.mqtt import Message
@@ -47,6 +47,38 @@ class ModelAdoption:
         self._ingest, self._wakes, self._counters = ingest, wakes, counters
         self.model: ModelMessage | None = None
         self.pinned: bytes | None = None
+        self.granted: Grant | None = None  # a site hub's key the pinned key vouches for (federation of sites)
+        self._grant_payload: bytes | None = None  # the latest retained grant, checked once a key is pinned
+
+    def signers(self) -> list[bytes]:
+        """The keys whose tasks and receipts this edge believes: the pinned hub key and a key it granted."""
+        keys = [] if self.pinned is None else [self.pinned]
+        return keys + ([self.granted.public_key] if self.granted is not None else [])
+
+    async def on_grant(self, message: Message) -> None:
+        """A site's retained grant (empty: withdrawn); believed once the pinned hub key verifies it."""
+        self._grant_payload = message.payload or None
+        self._check_grant()
+
+    def _check_grant(self) -> None:
+        payload, before = self._grant_payload, self.granted
+        self.granted = None
+        if payload is None or self.pinned is None:
+            return
+        try:
+            grant = Grant.from_bytes(payload)
+        except SigningError as exc:
+            log.warning("%s: ignoring a malformed grant (%s)", self.client_id, exc.detail)
+            return
+        if not grant.verify(self.pinned) or grant.federation != self.config.federation:
+            log.warning("%s: ignoring a grant for site %r: not signed by the hub's key for federation %s",
+                        self.client_id, grant.site[:64], self.config.federation)
+            return
+        self.granted = grant
+        if before != grant:
+            log.info("%s: site %s's hub key %s may sign tasks and receipts (granted by the hub)", self.client_id,
+                     grant.site, grant.key)
+            self._wakes.train.set()  # a task signed by the site's key may be waiting for this
 
     @property
     def version(self) -> int | None:
@@ -92,6 +124,7 @@ class ModelAdoption:
             self.pinned = parsed.public_key
             await asyncio.to_thread(write_atomic, self.state_dir / "hub.pub", (parsed.public_key.hex() + "\n").encode())
             log.info("%s: pinned the hub's key %s (first model seen)", self.client_id, parsed.public_key.hex())
+            self._check_grant()
         try:
             fresh = await asyncio.to_thread(self._ingest.prepare, parsed.model.spec)
         except MissingChannels:  # no later message can help: the edge stops (the runtime lets this through)

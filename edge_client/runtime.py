@@ -123,7 +123,7 @@ class EdgeClient:
         self._wakes = Wakes()
         self._ingest = Ingest(config, source, self._wakes, lambda view: self._evaluator.due(view))
         self._models = ModelAdoption(config, self._ingest, self._wakes, self.counters)
-        self._sender = Sender(config, self._link, self._wakes, self.counters, lambda: self._models.pinned)
+        self._sender = Sender(config, self._link, self._wakes, self.counters, self._models.signers)
         self._secure = SecureRound(config, self._link, self.counters)
         self._evaluator = Evaluator(self._link, self._ingest, self._models, self._wakes, self.counters,
                                     lambda: self._trainer.task)
@@ -221,8 +221,8 @@ class EdgeClient:
             if not await self._connect_unless_stopped(session, stop):
                 return
             try:
-                for topic in (self.topics.model, self.topics.task, self.topics.receipt(self.client_id),
-                              self.topics.secagg_down(self.client_id)):
+                for topic in (self.topics.model, self.topics.grant, self.topics.task,
+                              self.topics.receipt(self.client_id), self.topics.secagg_down(self.client_id)):
                     await session.subscribe(topic, qos=1, timeout=cfg.connect_timeout_s)
                 log.info("%s: connected to %s (MQTT %s), federation %s", self.client_id, session.address.url,
                          session.protocol, cfg.federation)
@@ -331,7 +331,8 @@ class EdgeClient:
 
     async def _message_loop(self) -> None:
         session = self._link.session
-        handlers = {self.topics.model: self._models.on_model, self.topics.task: self._trainer.on_task,
+        handlers = {self.topics.model: self._models.on_model, self.topics.grant: self._models.on_grant,
+                    self.topics.task: self._trainer.on_task,
                     self.topics.receipt(self.client_id): self._sender.on_receipt,
                     self.topics.secagg_down(self.client_id): self._secure.on_message}
         async for message in session.messages():

@@ -39,9 +39,9 @@ class Sender:
     """
 
     def __init__(self, config: EdgeConfig, link: Link, wakes: Wakes, counters: dict[str, int],
-                 hub_key: Callable[[], bytes | None]) -> None:
+                 signers: Callable[[], list[bytes]]) -> None:
         self.config, self.client_id = config, config.client_id
-        self._link, self._wakes, self._counters, self._hub_key = link, wakes, counters, hub_key
+        self._link, self._wakes, self._counters, self._signers = link, wakes, counters, signers
         self.outbox: Outbox | None = None
         self.stats: OutboxStats | None = None
         self._last_sent: dict[int, float] = {}  # sequence -> loop time it was last published
@@ -178,10 +178,10 @@ class Sender:
         if receipt.client != self.client_id:
             log.warning("%s: ignoring a receipt addressed to %r", self.client_id, receipt.client)
             return
-        hub_key = self._hub_key()
-        if hub_key is None or not receipt.verify(hub_key):
+        signers = self._signers()
+        if not any(receipt.verify(key) for key in signers):
             log.warning("%s: ignoring a receipt for update %d that the hub did not sign%s", self.client_id,
-                        receipt.sequence, "" if hub_key is not None else " (no hub key is pinned yet)")
+                        receipt.sequence, "" if signers else " (no hub key is pinned yet)")
             return
         if receipt.federation != self.config.federation:
             log.warning("%s: ignoring a receipt of federation %r", self.client_id, receipt.federation)

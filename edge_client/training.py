@@ -114,6 +114,7 @@ class RoundTrainer:
         self.key: Ed25519PrivateKey | None = None
         self._fit: FitInFlight | None = None
         self._unverified: bytes | None = None  # the newest task that came before the hub's key was pinned
+        self._awaiting_grant: bytes | None = None  # the newest task refused for its signer (a grant may name it)
         self._reasked_at = -REASK_SPACING_S
         self._train_due: dict[int, float] = {}
         self._fresh_by: dict[int, float] = {}  # round -> when the wait for fresh windows ends (time.time())
@@ -129,11 +130,10 @@ class RoundTrainer:
     async def on_task(self, message: Message) -> None:
         if not message.payload:
             return
-        hub_key = self._models.pinned
-        if hub_key is None:  # no model yet: the task is checked once the first model pins the hub's key
+        if self._models.pinned is None:  # no model yet: the task is checked once the first model pins the hub's key
             self._unverified = message.payload
             return
-        task = self._accepted_task(message.payload, hub_key)
+        task = self._accepted_task(message.payload, self._models.signers())
         if task is None:
             return
         if task == self.task:
@@ -146,15 +146,17 @@ class RoundTrainer:
         log.info("%s: task for round %d on model v%d", self.client_id, task.round, task.model_version)
         self._wakes.train.set()
 
-    def _accepted_task(self, payload: bytes, hub_key: bytes) -> Task | None:
-        """The task ``payload`` carries when the hub signed it for this federation and its settings are within
-        bounds; None (and the reason logged once) otherwise. A refused task leaves the current one in place."""
+    def _accepted_task(self, payload: bytes, signers: list[bytes]) -> Task | None:
+        """The task ``payload`` carries when the hub (or a site it granted) signed it for this federation and its
+        settings are within bounds; None (and the reason logged once) otherwise. A refused task leaves the
+        current one in place; one whose signer is unknown waits for a grant that may name it."""
         try:
             task = Task.from_bytes(payload)
         except SigningError as exc:
             return self._refuse_task(f"it is malformed ({exc.detail})")
-        if not task.verify(hub_key):
-            return self._refuse_task(f"round {task.round}: it is not signed by the hub's key")
+        if not any(task.verify(key) for key in signers):
+            self._awaiting_grant = payload  # a site's task may come before its grant: looked at again when one does
+            return self._refuse_task(f"round {task.round}: it is not signed by the hub's key or a key it granted")
         if task.federation != self.config.federation:
             return self._refuse_task(f"round {task.round}: it is for federation {str(task.federation)[:64]!r}")
         current, model = self.task, self._models.model
@@ -170,6 +172,21 @@ class RoundTrainer:
             return self._refuse_task(f"round {task.round}: {exc}")
         return task
 
+    def _granted_task(self) -> Task | None:
+        """The task refused for its signer, now that a grant names that signer (and it is newer); else None."""
+        payload, granted = self._awaiting_grant, self._models.granted
+        if payload is None or granted is None:
+            return None
+        try:
+            signed_by_site = Task.from_bytes(payload).verify(granted.public_key)
+        except SigningError:
+            signed_by_site = False
+        if not signed_by_site:
+            return None
+        self._awaiting_grant = None
+        checked = self._accepted_task(payload, self._models.signers())
+        return checked if checked is not None and checked != self.task else None
+
     def _refuse_task(self, why: str) -> None:
         self._counters["tasks_refused"] = self._counters.get("tasks_refused", 0) + 1
         self._note(f"task:{why}", logging.WARNING, "%s: refused a task message: %s", self.client_id, why)
@@ -183,9 +200,11 @@ class RoundTrainer:
             try:
                 if self._unverified is not None and self._models.pinned is not None:
                     payload, self._unverified = self._unverified, None
-                    if (checked := self._accepted_task(payload, self._models.pinned)) is not None \
+                    if (checked := self._accepted_task(payload, self._models.signers())) is not None \
                             and checked != self.task:
                         self.task = task = checked
+                if (checked := self._granted_task()) is not None:
+                    self.task = task = checked
                 await self.maybe_train()
             except (ConfigError, InputError, ModelFormatError) as exc:
                 self._note(f"error:{task.round if task else None}:{exc}", logging.ERROR,

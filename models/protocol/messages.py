@@ -29,6 +29,7 @@ __all__ = [
     "MAX_JSON_BYTES",
     "MAX_MODEL_BYTES",
     "REJECT_REASONS",
+    "Grant",
     "ModelMessage",
     "Receipt",
     "Task",
@@ -47,6 +48,7 @@ MAX_JSON_BYTES = 64 * 1024
 UPDATE_FORMAT = "wearfl-update/1"
 RECEIPT_DOMAIN = b"wearfl-receipt/1\n"
 TASK_DOMAIN = b"wearfl-task/1\n"
+GRANT_DOMAIN = b"wearfl-grant/1\n"
 MAX_COUNTER = 1 << 62
 """Rounds, versions, sequences and example counts stay below this: each fits SQLite's INTEGER, and sums of a
 few still fit in 64 bits."""
@@ -299,6 +301,48 @@ class Task(_HubSigned):
         if task.deadline is not None and not math.isfinite(task.deadline):
             raise SigningError("malformed", "task deadline is not finite")
         return task
+
+
+@dataclass(frozen=True)
+class Grant(_HubSigned):
+    """The top hub's word that ``key`` (a site hub's Ed25519 public key, 64 hex digits) may sign the tasks and
+    receipts of ``site``'s gateways in ``federation``.
+
+    In a federation of sites, gateways pin the consortium hub's key: models reach them as the
+    consortium signed them, so a site hub cannot forge one. A site runs its own rounds, though
+    (its selection, its deadline), and answers its gateways' updates; it signs those tasks and
+    receipts with its own key, which the consortium vouches for with a grant (retained on the
+    site's broker at ``grant``). An edge believes a task or receipt signed by the pinned key, or by
+    the key of a grant the pinned key signed for its federation.
+    """
+
+    DOMAIN: ClassVar[bytes] = GRANT_DOMAIN
+    federation: str
+    site: str
+    key: str
+    signature: str | None = None
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes.fromhex(self.key)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Grant:
+        """A grant whose fields have their types; :class:`SigningError` ``malformed`` otherwise (the
+        signature is checked by :meth:`verify`)."""
+        d = parse_json(data, "grant")
+        try:
+            fields = {name: d[name] for name in ("federation", "site", "key")}
+            if not all(isinstance(v, str) and 0 < len(v) <= 128 for v in fields.values()):
+                raise TypeError("federation, site and key must be non-empty strings")
+            if len(bytes.fromhex(fields["key"])) != 32:
+                raise ValueError("key must be an Ed25519 public key (64 hex digits)")
+            return cls(**fields, signature=_signature_of(d))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SigningError("malformed", f"grant is invalid ({exc})") from None
 
 
 @dataclass(frozen=True)

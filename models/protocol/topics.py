@@ -41,6 +41,11 @@ class Topics:
     def task(self) -> str:
         return f"{self.root}/task"
 
+    @property
+    def grant(self) -> str:
+        """Retained: the consortium's grant that lets a site hub sign tasks and receipts (site hubs only)."""
+        return f"{self.root}/grant"
+
     def update(self, client: str) -> str:
         return f"{self.root}/update/{client}"
 

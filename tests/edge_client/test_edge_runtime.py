@@ -619,3 +619,61 @@ def test_a_stop_interrupts_a_long_fit_instead_of_waiting_for_its_cpu_budget(mqtt
 
     training, pending = run(scenario())
     assert training == "training round 1" and pending == []
+
+
+def test_a_site_hub_granted_by_the_hub_signs_tasks_and_receipts_while_models_stay_the_hubs(mqtt_broker, tmp_path):
+    """A federation of sites: the edge pins the consortium's key (models), and believes tasks and receipts
+    signed by a site hub's key once the consortium's grant for that key arrives, in whichever order."""
+    from models.protocol.messages import Grant
+
+    fed, state = federation(), tmp_path / "edge"
+    site = Ed25519PrivateKey.generate()
+
+    async def scenario() -> tuple[Any, ...]:
+        async with FakeHub(mqtt_broker, fed) as hub:
+            await hub.publish_model(global_model(version=1), round_number=0)
+            async with RunningEdge(edge_config(mqtt_broker, fed, state)) as edge:
+                await until(lambda: edge.model_version == 1, "model v1")
+                task = Task(1, 1, TASK_CONFIG, federation=fed).signed(site)
+                await hub.session.publish(hub.topics.task, task.to_bytes(), retain=True)
+                await until(lambda: edge.counters.get("tasks_refused", 0) == 1, "the site's task refused (no grant)")
+                before = edge.task
+                grant = Grant(fed, "site-a", site.public_key().public_bytes_raw().hex()).signed(hub.key)
+                await hub.session.publish(hub.topics.grant, grant.to_bytes(), retain=True)
+                _, meta, payload = await hub.next_update()  # the task, now believed, is trained
+                receipt = Receipt(meta.client, meta.sequence, "accepted", round=1,
+                                  digest=hashlib.sha256(payload).hexdigest(), federation=fed).signed(site)
+                await hub.session.publish(hub.topics.receipt(meta.client), receipt.to_bytes())
+                await until(lambda: edge.counters["receipts_accepted"] == 1, "the site's receipt")
+                await hub.session.publish(hub.topics.grant, b"", retain=True)  # tidy the shared broker
+                return before, meta, edge.outbox_stats.entries
+
+    before, meta, pending = run(scenario())
+    assert before is None and (meta.round, pending) == (1, 0)
+
+
+def test_only_a_grant_the_pinned_key_signed_for_this_federation_is_believed(tmp_path):
+    from edge_client.adoption import ModelAdoption
+    from edge_client.shared import Wakes
+    from models.protocol.messages import Grant
+    from models.transport.mqtt import Message
+
+    hub, site, stranger = (Ed25519PrivateKey.generate() for _ in range(3))
+    config = EdgeConfig("mqtt://127.0.0.1:1", "ward-7", "gw-1", tmp_path)
+    adoption = ModelAdoption(config, None, Wakes(), {})
+    key = site.public_key().public_bytes_raw()
+
+    def offer(payload: bytes) -> list[bytes]:
+        asyncio.run(adoption.on_grant(Message("wearfl/v1/ward-7/grant", payload, 1, True, 1)))
+        return adoption.signers()
+
+    good = Grant("ward-7", "site-a", key.hex()).signed(hub).to_bytes()
+    assert offer(good) == []  # nothing is believed before a hub key is pinned
+    adoption.pinned = hub.public_key().public_bytes_raw()
+    adoption._check_grant()  # as on pinning
+    assert adoption.signers() == [adoption.pinned, key]
+    assert offer(Grant("ward-7", "site-a", key.hex()).signed(stranger).to_bytes()) == [adoption.pinned]
+    assert offer(Grant("ward-9", "site-a", key.hex()).signed(hub).to_bytes()) == [adoption.pinned]
+    assert offer(b'{"federation": "ward-7", "site": "a", "key": "00"}') == [adoption.pinned]
+    assert offer(good) == [adoption.pinned, key]
+    assert offer(b"") == [adoption.pinned]  # a withdrawn grant

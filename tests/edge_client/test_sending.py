@@ -32,7 +32,7 @@ def sender_with_outbox(tmp_path: Path) -> tuple[Sender, Outbox, RecordingSession
     link = Link("edge-a", Topics("fed"), 5.0)
     session = RecordingSession()
     link.session = session  # type: ignore[assignment]
-    sender = Sender(config, link, Wakes(), {"updates_published": 0}, lambda: None)
+    sender = Sender(config, link, Wakes(), {"updates_published": 0}, lambda: [])
     outbox = Outbox(tmp_path)
     sender.open(outbox)
     return sender, outbox, session

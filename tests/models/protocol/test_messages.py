@@ -96,3 +96,25 @@ def test_a_task_out_of_bounds_is_malformed(body):
 def test_a_task_with_nan_in_its_config_is_malformed():
     with pytest.raises(SigningError):
         Task.from_bytes(b'{"round": 1, "model_version": 0, "config": {"lr": NaN}}')
+
+
+def test_a_grant_round_trips_verifies_only_unchanged_and_never_as_another_message():
+    from dataclasses import replace
+
+    from models.protocol.ed25519 import Ed25519PrivateKey
+    from models.protocol.messages import Grant
+    from models.protocol.signed import public_key_bytes
+
+    hub, site = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    grant = Grant("ward-7", "site-a", public_key_bytes(site).hex()).signed(hub)
+    again = Grant.from_bytes(grant.to_bytes())
+    assert again == grant and again.verify(public_key_bytes(hub)) and again.public_key == public_key_bytes(site)
+    assert not replace(grant, site="site-b").verify(public_key_bytes(hub))
+    assert not replace(grant, key=public_key_bytes(hub).hex()).verify(public_key_bytes(hub))
+    assert not grant.verify(public_key_bytes(site))
+    task = Task(1, 1, federation="ward-7", signature=grant.signature)  # the same signature under another domain
+    assert not task.verify(public_key_bytes(hub))
+    for junk in (b'{"federation": "f", "site": "s"}', b'{"federation": "f", "site": "s", "key": "abcd"}',
+                 b'{"federation": 1, "site": "s", "key": "' + b"00" * 32 + b'"}'):
+        with pytest.raises(SigningError):
+            Grant.from_bytes(junk)

@@ -71,7 +71,7 @@ def make_strategy(name: str, args: Mapping[str, Any] | None = None, **kwargs: An
     """The strategy called ``name``, configured by ``args`` (strings or numbers) and ``kwargs``."""
     cls = STRATEGIES.get(name)
     if cls is None:
-        raise ConfigError(f"unknown strategy {name!r}; use one of {', '.join(sorted(STRATEGIES))}.")
+        raise ConfigError(f"unknown strategy {name!r} (--strategy); use one of {', '.join(sorted(STRATEGIES))}.")
     settings = renamed({**(args or {}), **kwargs}, strategy_arg_renames(name), "strategy arg")
     opt_name = str(settings.pop("server_opt", cls.default_optimizer))
     if opt_name not in OPTIMIZERS:
@@ -85,8 +85,8 @@ def make_strategy(name: str, args: Mapping[str, Any] | None = None, **kwargs: An
     unknown = sorted(set(settings) - set(rule_types))
     if unknown:
         accepted = sorted({*rule_types, *mapping, "server_opt"})
-        raise ConfigError(f"strategy {name!r} with server_opt {opt_name} takes no {', '.join(unknown)}; "
-                          f"it takes {', '.join(accepted)}.")
+        raise ConfigError(f"strategy {name!r} with server_opt {opt_name} takes no {', '.join(unknown)} "
+                          f"(--strategy-arg); it takes {', '.join(accepted)}.")
     rule_kw = {k: _typed(name, k, v, rule_types[k]) for k, v in settings.items()}
     try:
         optimizer: ServerOptimizer = OPTIMIZERS[opt_name](**opt_kw)

@@ -119,8 +119,8 @@ def until_first_round(proc: subprocess.Popen[str]) -> list[str]:
 
 
 @pytest.mark.parametrize(("argv", "says"), [
-    (("--strategy", "nope"), "unknown strategy 'nope'"),
-    (("--strategy-arg", "q=1"), "takes no q"),
+    (("--strategy", "nope"), "unknown strategy 'nope' (--strategy)"),
+    (("--strategy-arg", "q=1"), "takes no q (--strategy-arg)"),
     (("--attack", "sign-flip", "--malicious", "5"), "--malicious 5"),
     (("--malicious", "5"), "--malicious 5"),
 ])

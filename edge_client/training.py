@@ -157,6 +157,8 @@ class RoundTrainer:
         if not any(task.verify(key) for key in signers):
             self._awaiting_grant = payload  # a site's task may come before its grant: looked at again when one does
             return self._refuse_task(f"round {task.round}: it is not signed by the hub's key or a key it granted")
+        if not task.verify(signers[0]) and (why := self._site_task_mismatch(task, signers[0])) is not None:
+            return self._refuse_task(f"round {task.round}: site task: {why}")
         if task.federation != self.config.federation:
             return self._refuse_task(f"round {task.round}: it is for federation {str(task.federation)[:64]!r}")
         current, model = self.task, self._models.model
@@ -171,6 +173,25 @@ class RoundTrainer:
         except ConfigError as exc:
             return self._refuse_task(f"round {task.round}: {exc}")
         return task
+
+    def _site_task_mismatch(self, task: Task, hub_key: bytes) -> str | None:
+        """Why a task signed by a granted site key does not run the hub's own task unchanged, or None."""
+        grant = self._models.granted
+        if task.upstream is None or grant is None:
+            return "it carries no task of the hub's"
+        try:
+            hub_task = Task.from_bytes(task.upstream.encode())
+        except SigningError as exc:
+            return f"the hub's task in it is malformed ({exc.detail})"
+        if not hub_task.verify(hub_key) or hub_task.federation != task.federation:
+            return "the task in it is not the hub's for this federation"
+        if (hub_task.round, hub_task.model_version, hub_task.config) != (task.round, task.model_version, task.config):
+            return "it changes the hub's round, model or settings"
+        if not hub_task.selects(grant.site):
+            return f"the hub did not select site {grant.site!r} for this round"
+        if hub_task.deadline is not None and (task.deadline is None or task.deadline > hub_task.deadline):
+            return "its deadline is later than the hub's"
+        return None
 
     def _granted_task(self) -> Task | None:
         """The task refused for its signer, now that a grant names that signer (and it is newer); else None."""

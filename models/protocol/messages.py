@@ -248,6 +248,10 @@ class Task(_HubSigned):
     federation; an edge acts only on a task that verifies against the hub key it pinned
     (:meth:`verify`), since anyone who can publish on ``task`` could otherwise set its
     round, learning rate or CPU budget.
+
+    ``upstream``: in a federation of sites, a site hub's task (signed by the key a :class:`Grant`
+    names) carries the consortium hub's own signed task as JSON; an edge checks that the site kept
+    its round, model and settings, so a site chooses only which of its gateways train, and when.
     """
 
     DOMAIN: ClassVar[bytes] = TASK_DOMAIN
@@ -258,12 +262,19 @@ class Task(_HubSigned):
     clients: tuple[str, ...] | None = None
     federation: str | None = None
     signature: str | None = None
+    upstream: str | None = None
 
     def selects(self, client: str) -> bool:
         return self.clients is None or client in self.clients
 
+    def _signed_bytes(self) -> bytes:
+        body = {k: v for k, v in asdict(self).items() if k != "signature" and not (k == "upstream" and v is None)}
+        return self.DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
     def to_bytes(self) -> bytes:
         body = asdict(self)
+        if self.upstream is None:
+            del body["upstream"]  # what every task was before sites: older edges verify it alike
         body["config"] = {**self.config, **{old: self.config[new] for old, new in LEGACY_TASK_KEYS.items()
                                              if new in self.config}}
         return json.dumps(body, sort_keys=True).encode()
@@ -291,9 +302,12 @@ class Task(_HubSigned):
             federation = d.get("federation")
             if federation is not None and not isinstance(federation, str):
                 raise TypeError("federation must be a string")
+            upstream = d.get("upstream")
+            if upstream is not None and not (isinstance(upstream, str) and len(upstream) <= MAX_JSON_BYTES // 2):
+                raise TypeError(f"upstream must be a task's JSON of at most {MAX_JSON_BYTES // 2} characters")
             task = cls(int(d["round"]), int(d["model_version"]), current_task_keys(config),
                        None if d.get("deadline") is None else float(d["deadline"]),
-                       None if clients is None else tuple(clients), federation, _signature_of(d))
+                       None if clients is None else tuple(clients), federation, _signature_of(d), upstream)
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise SigningError("malformed", f"task is invalid ({exc})") from None
         if not (0 <= task.round < MAX_COUNTER and 0 <= task.model_version < MAX_COUNTER):

@@ -634,7 +634,8 @@ def test_a_site_hub_granted_by_the_hub_signs_tasks_and_receipts_while_models_sta
             await hub.publish_model(global_model(version=1), round_number=0)
             async with RunningEdge(edge_config(mqtt_broker, fed, state)) as edge:
                 await until(lambda: edge.model_version == 1, "model v1")
-                task = Task(1, 1, TASK_CONFIG, federation=fed).signed(site)
+                hub_task = Task(1, 1, TASK_CONFIG, clients=("site-a",), federation=fed).signed(hub.key)
+                task = Task(1, 1, TASK_CONFIG, federation=fed, upstream=hub_task.to_bytes().decode()).signed(site)
                 await hub.session.publish(hub.topics.task, task.to_bytes(), retain=True)
                 await until(lambda: edge.counters.get("tasks_refused", 0) == 1, "the site's task refused (no grant)")
                 before = edge.task
@@ -677,3 +678,39 @@ def test_only_a_grant_the_pinned_key_signed_for_this_federation_is_believed(tmp_
     assert offer(b'{"federation": "ward-7", "site": "a", "key": "00"}') == [adoption.pinned]
     assert offer(good) == [adoption.pinned, key]
     assert offer(b"") == [adoption.pinned]  # a withdrawn grant
+
+
+@pytest.mark.parametrize(("change", "refused"), [
+    ({}, None),
+    ({"upstream": None}, "carries no task of the hub's"),
+    ({"config": {**TASK_CONFIG, "lr": 0.5}}, "changes the hub's round, model or settings"),
+    ({"round": 2}, "changes the hub's round"),
+    ({"deadline": 2e9}, "deadline is later"),
+    ({"hub_clients": ("site-b",)}, "did not select site 'site-a'"),
+    ({"hub_signer": "site"}, "not the hub's for this federation"),
+])
+def test_a_site_task_must_run_the_hubs_task_unchanged(tmp_path, caplog, change, refused):
+    from types import SimpleNamespace
+
+    from edge_client.shared import Wakes
+    from edge_client.training import RoundTrainer
+    from models.protocol.messages import Grant
+
+    hub, site = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    hub_pub, site_pub = (k.public_key().public_bytes_raw() for k in (hub, site))
+    grant = Grant("ward-7", "site-a", site_pub.hex()).signed(hub)
+    hub_task = Task(3, 1, TASK_CONFIG, deadline=1e9, clients=change.pop("hub_clients", ("site-a", "site-b")),
+                    federation="ward-7").signed(site if change.pop("hub_signer", None) else hub)
+    fields = {"round": 3, "model_version": 1, "config": TASK_CONFIG, "deadline": 1e9 - 60, "clients": ("gw-1",),
+              "federation": "ward-7", "upstream": hub_task.to_bytes().decode(), **change}
+    task = Task(**fields).signed(site)
+    models = SimpleNamespace(pinned=hub_pub, granted=grant, model=None, signers=lambda: [hub_pub, site_pub])
+    counters: dict[str, int] = {}
+    trainer = RoundTrainer(EdgeConfig("mqtt://127.0.0.1:1", "ward-7", "gw-1", tmp_path), None, models, None, None,
+                           None, Wakes(), counters)
+    with caplog.at_level(logging.WARNING, logger="edge_client.training"):
+        accepted = trainer._accepted_task(task.to_bytes(), models.signers())
+    if refused is None:
+        assert accepted == task and not counters
+    else:
+        assert accepted is None and counters["tasks_refused"] == 1 and refused in caplog.text

@@ -118,3 +118,19 @@ def test_a_grant_round_trips_verifies_only_unchanged_and_never_as_another_messag
                  b'{"federation": 1, "site": "s", "key": "' + b"00" * 32 + b'"}'):
         with pytest.raises(SigningError):
             Grant.from_bytes(junk)
+
+
+def test_a_task_carries_its_hubs_task_only_when_it_has_one():
+    from models.protocol.ed25519 import Ed25519PrivateKey
+    from models.protocol.signed import public_key_bytes
+
+    key = Ed25519PrivateKey.generate()
+    plain = Task(2, 1, {"lr": 0.001}, federation="f").signed(key)
+    assert b"upstream" not in plain.to_bytes()  # tasks as before sites: older edges verify them alike
+    assert b"upstream" not in plain._signed_bytes()
+    site = Task(2, 1, {"lr": 0.001}, federation="f", upstream=plain.to_bytes().decode()).signed(key)
+    again = Task.from_bytes(site.to_bytes())
+    assert again == site and again.verify(public_key_bytes(key))
+    assert Task.from_bytes(again.upstream.encode()) == plain
+    with pytest.raises(SigningError, match="upstream"):
+        Task.from_bytes(json.dumps({"round": 1, "model_version": 1, "upstream": 5}).encode())

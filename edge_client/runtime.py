@@ -221,9 +221,13 @@ class EdgeClient:
             if not await self._connect_unless_stopped(session, stop):
                 return
             try:
-                for topic in (self.topics.model, self.topics.grant, self.topics.task,
-                              self.topics.receipt(self.client_id), self.topics.secagg_down(self.client_id)):
+                for topic in (self.topics.model, self.topics.task, self.topics.receipt(self.client_id),
+                              self.topics.secagg_down(self.client_id)):
                     await session.subscribe(topic, qos=1, timeout=cfg.connect_timeout_s)
+                try:  # only a site's gateways need it; a broker whose ACL predates grants may refuse it
+                    await session.subscribe(self.topics.grant, qos=1, timeout=cfg.connect_timeout_s)
+                except ConfigError as exc:
+                    log.info("%s: no site grants on this broker (%s)", self.client_id, exc)
                 log.info("%s: connected to %s (MQTT %s), federation %s", self.client_id, session.address.url,
                          session.protocol, cfg.federation)
                 await self._serve(stop)

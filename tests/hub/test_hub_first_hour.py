@@ -8,7 +8,6 @@ federation); Mosquitto grants any subscription, so the refusal arrives on the fi
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from provisioned import provisioned_broker
 
-from hub.keys import add_device, broker_config, init_keys
-from wearfl.broker import MosquittoBroker, free_port, mosquitto_binary
+from wearfl.broker import MosquittoBroker
 
 ROOT = Path(__file__).resolve().parents[2]
 FED = "clinic"
@@ -103,18 +102,7 @@ class Provisioned:
 
 @pytest.fixture(scope="module")
 def provisioned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provisioned]:
-    if mosquitto_binary() is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI=true but mosquitto is not installed: `apt-get install -y mosquitto` (see .ci/run).")
-        pytest.skip("needs the mosquitto binary (`apt-get install mosquitto`)")
-    state = tmp_path_factory.mktemp("hub-state")
-    init_keys(state)
-    add_device(state, DEVICE)
-    port = free_port()
-    out = tmp_path_factory.mktemp("broker")
-    config = broker_config(state, out, port=port, bind="127.0.0.1", federation=FED,
-                           user="root" if hasattr(os, "geteuid") and os.geteuid() == 0 else None)
-    with MosquittoBroker(port, config_file=config, workdir=out) as broker:
+    with provisioned_broker(tmp_path_factory, [DEVICE], FED) as (state, broker):
         yield Provisioned(state, broker)
 
 

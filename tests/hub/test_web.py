@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from web_client import http_get as fetch
 
 from hub.store import HubStore, RoundRecord
 from hub.web import OperatorView, check_http_address, parse_http_address
@@ -17,13 +16,6 @@ LIVE = {"federation": "f", "online": ["a"], "doing": {"a": "training round 2"}, 
         "task": "activity", "parameters": 100, "ledger": None}
 
 
-def fetch(url: str, token: str | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import shlex
 import signal
@@ -19,19 +18,21 @@ import ssl
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
+from provisioned import provisioned_broker
 
 from edge_client.edge_command import add_edge_command, config_from_args
 from edge_client.evaluation import task_spec
 from edge_client.finetune import FineTunePolicy
 from edge_client.runtime import EdgeClient, EdgeConfig
 from edge_client.sources.simulator import SimulatedDataset
-from hub.keys import add_device, broker_config, init_keys, password_hash
+from hub.keys import password_hash
 from hub.service import HubConfig, HubService
 from hub.store import HubStore
 from models.errors import ConfigError
@@ -40,7 +41,7 @@ from models.protocol.topics import Topics
 from models.training import TrainConfig
 from models.transport.credentials import Credentials
 from models.transport.mqtt import BrokerAddress, MqttSession
-from wearfl.broker import MosquittoBroker, free_port, mosquitto_binary
+from wearfl.broker import MosquittoBroker
 
 WAIT_S = 20.0
 FED = "clinic"
@@ -60,20 +61,8 @@ class Provisioned:
 
 
 @pytest.fixture(scope="module")
-def provisioned(tmp_path_factory: pytest.TempPathFactory) -> Provisioned:
-    if mosquitto_binary() is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI=true but mosquitto is not installed: `apt-get install -y mosquitto` (see .ci/run).")
-        pytest.skip("needs the mosquitto binary (`apt-get install mosquitto`)")
-    state = tmp_path_factory.mktemp("hub-state")
-    init_keys(state)
-    for device in DEVICES:
-        add_device(state, device)
-    port = free_port()
-    out = tmp_path_factory.mktemp("broker")
-    config = broker_config(state, out, port=port, bind="127.0.0.1",
-                           user="root" if hasattr(os, "geteuid") and os.geteuid() == 0 else None)
-    with MosquittoBroker(port, config_file=config, workdir=out) as broker:
+def provisioned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provisioned]:
+    with provisioned_broker(tmp_path_factory, DEVICES) as (state, broker):
         yield Provisioned(state, broker)
 
 

@@ -22,6 +22,7 @@ import uuid
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from web_client import http_get as get
 
 from wearfl.broker import free_port
 
@@ -40,13 +41,6 @@ def wait_for(predicate, timeout: float, message) -> None:
         time.sleep(0.2)
 
 
-def get(url: str, token: str | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
 
 
 def chromium() -> str | None:

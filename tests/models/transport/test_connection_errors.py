@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from provisioned import needs_mosquitto, provisioned_broker
 
-from hub.keys import add_device, broker_config, init_keys
+from hub.keys import init_keys
 from models.errors import BrokerUnavailable, ConfigError
 from models.protocol.topics import Topics
 from models.transport.credentials import Credentials
 from models.transport.mqtt import BrokerAddress, MqttSession
-from wearfl.broker import MosquittoBroker, free_port, mosquitto_binary
+from wearfl.broker import MosquittoBroker, free_port
 
 T = TypeVar("T")
 FED = "clinic"
@@ -42,13 +43,6 @@ DYNSEC_PLUGINS = ("/usr/lib/*/mosquitto_dynamic_security.so", "/usr/lib/mosquitt
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = WAIT_S) -> T:
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-def needs_mosquitto() -> None:
-    if mosquitto_binary() is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI=true but mosquitto is not installed: `apt-get install -y mosquitto` (see .ci/run).")
-        pytest.skip("needs the mosquitto binary (`apt-get install mosquitto`)")
 
 
 @dataclasses.dataclass
@@ -69,16 +63,7 @@ class Federation:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    needs_mosquitto()
-    state = tmp_path_factory.mktemp("hub-state")
-    init_keys(state)
-    add_device(state, DEVICE)
-    port = free_port()
-    out = tmp_path_factory.mktemp("broker")
-    # as root, Mosquitto stays root: pytest's temporary folders are closed to the `mosquitto` account
-    config = broker_config(state, out, port=port, bind="127.0.0.1", federation=FED,
-                           user="root" if hasattr(os, "geteuid") and os.geteuid() == 0 else None)
-    with MosquittoBroker(port, config_file=config, workdir=out) as broker:
+    with provisioned_broker(tmp_path_factory, [DEVICE], FED) as (state, broker):
         yield Federation(state, broker)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -481,9 +482,20 @@ def run_simulation(sim: Simulation, signals: StopSignals) -> dict[str, Any] | No
         if sim.broker is not None:
             sim.broker.stop()
     if signals.signum is not None:
+        _keep_rounds_done(sim, report, signals.signum)
         return None
     _finish_report(sim, report, recorder)
     return report
+
+
+def _keep_rounds_done(sim: Simulation, report: dict[str, Any], signum: int) -> None:
+    """An interrupted run's rounds so far, in ``report.json`` with ``interrupted`` (no picture, no model files:
+    a signal should end the run within seconds)."""
+    if not report["rounds"]:
+        return
+    report["interrupted"] = signal.Signals(signum).name
+    write_atomic(sim.out / "report.json", json.dumps(report, indent=2, sort_keys=True).encode())
+    print(f"the {len(report['rounds'])} round(s) done are in {sim.out / 'report.json'}", file=sys.stderr)
 
 
 def _make_out(out: Path) -> None:

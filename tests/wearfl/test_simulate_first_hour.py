@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import re
 import signal
@@ -161,6 +162,8 @@ def test_ctrl_c_in_a_terminal_ends_the_run_within_5_s_and_stops_the_broker(runs,
     assert stderr.splitlines()[-1] == "interrupted"
     assert stdout == ""
     assert mosquittos_under(tmp_path) == []
+    kept = json.loads((tmp_path / "run" / "report.json").read_text())  # the rounds done are not lost
+    assert kept["interrupted"] == "SIGINT" and len(kept["rounds"]) >= 1
 
 
 @pytest.mark.slow

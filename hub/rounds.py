@@ -327,6 +327,19 @@ class RoundManager:
             self.registry.prune(self.keep_models)
         return new
 
+    def partial(self, decode: Decode | None = None) -> tuple[dict[str, np.ndarray], int]:
+        """Close the open round and return what a site hub sends up instead of releasing a model: its rule's
+        aggregate of the round's deltas (under FedAvg, the example-weighted mean) and the examples behind it.
+
+        A consortium that averages the sites' partials weighted by their examples computes the FedAvg of
+        every gateway's update (sums compose; a median of medians is not a median). The model stays as it
+        is: record the round with :meth:`record_close` and the current model.
+        """
+        cur = self._open()
+        cur.close()
+        avg = cur.aggregate.mean() if cur.aggregate is not None else self._aggregate_from_store(cur.round, decode)
+        return self.strategy.finalize(avg, cur.updates_accepted), cur.num_examples
+
     def _aggregate_from_store(self, round_number: int, decode: Decode | None) -> dict[str, np.ndarray]:
         if decode is None:
             raise ValueError("a non-streaming strategy needs a decode function to read the stored updates")

@@ -240,6 +240,7 @@ async def _run(config: EdgeConfig, source: Source, http: tuple[str, int] | None 
         server = metrics_server(client, *http, http_token)
         server.start()
         print(f"metrics on {server.url}metrics", file=sys.stderr)
+    progress = asyncio.create_task(_print_progress(client, stop))
     try:
         await client.run(stop)
     except OSError as exc:  # a full or read-only state directory: one clear line, not a traceback
@@ -248,10 +249,45 @@ async def _run(config: EdgeConfig, source: Source, http: tuple[str, int] | None 
             raise
         raise error from exc
     finally:
+        progress.cancel()
         if server is not None:
             server.stop()
         for sig in signals:
             loop.remove_signal_handler(sig)
+
+
+def progress_lines(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What changed between two snapshots of an edge (:func:`_snapshot`), as lines an operator reads."""
+    lines = []
+    if now["model"] is not None and now["model"] != before["model"]:
+        lines.append(f"model v{now['model']} adopted")
+    if now["round"] > before["round"]:
+        lines.append(f"round {now['round']}: trained, update stored and sent")
+    for kind in ("accepted", "duplicate", "rejected"):
+        if (n := now[kind] - before[kind]) > 0:
+            lines.append(f"{n} update(s) {kind} by the hub ({now['accepted']} accepted in all)")
+    declined = now["declined"]
+    if declined is not None and declined != before["declined"]:
+        lines.append(f"round {declined['round']} declined: {declined['reason']} ({declined['detail']})")
+    return lines
+
+
+def _snapshot(client: Any) -> dict[str, Any]:
+    counters = client.counters
+    return {"model": client.model_version, "round": client.last_round, "declined": client.status()["declined"],
+            **{kind: counters.get(f"receipts_{kind}", 0) for kind in ("accepted", "duplicate", "rejected")}}
+
+
+async def _print_progress(client: Any, stop: asyncio.Event, every_s: float = 1.0) -> None:
+    """A line on stderr whenever the edge adopts a model, trains a round, hears back or declines (the
+    default log level shows nothing else while a gateway runs)."""
+    before = _snapshot(client)
+    while not stop.is_set():
+        await asyncio.sleep(every_s)
+        now = _snapshot(client)
+        for line in progress_lines(before, now):
+            print(f"{time.strftime('%H:%M:%S')} {client.client_id}: {line}", file=sys.stderr, flush=True)
+        before = now
 
 
 def cmd_edge(args: argparse.Namespace) -> int:

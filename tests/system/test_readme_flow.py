@@ -15,6 +15,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,14 @@ def test_the_readme_flow_runs_three_rounds_with_every_edge_accepted(tmp_path):
         accepted = {client: info["accepted"] for client, info in report["clients"].items()}
         assert accepted == {"wearer-01": 3, "wearer-02": 3}, report
         assert report["updates_accepted"] == 6
+        for name in ("sim-edge", "rec-edge"):  # what an operator watching a gateway's terminal sees
+            log = tmp_path / f"{name}.log"
+            deadline = time.monotonic() + 30
+            while "(3 accepted in all)" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            text = log.read_text()
+            assert "model v0 adopted" in text and "round 3: trained, update stored and sent" in text, text
+            assert "(3 accepted in all)" in text, text
         for edge in (sim_edge, rec_edge):  # a gateway runs until it is told to stop, and stops cleanly
             assert edge.poll() is None
             edge.send_signal(signal.SIGTERM)

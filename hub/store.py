@@ -168,6 +168,21 @@ class HubStore:
             finally:
                 self._depth = 0
 
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Several reads from one snapshot, without the write lock; inside a transaction, that one's view."""
+        with self._lock:
+            if self._depth:
+                yield
+                return
+            self._db.execute("BEGIN")  # deferred: a read snapshot
+            self._depth = 1
+            try:
+                yield
+            finally:
+                self._depth = 0
+                self._db.execute("COMMIT")
+
     def _rollback(self) -> None:
         rollback(self._db, str(self.path))
 
@@ -404,35 +419,28 @@ class HubStore:
         Read in one transaction, so ``updates_accepted`` always equals the sum of the clients'
         ``accepted``.
         """
-        with self._lock:
-            outer = self._depth == 0
-            if outer:
-                self._db.execute("BEGIN")  # deferred: a read snapshot, no write lock
-            try:
-                version = self._db.execute("SELECT value FROM kv WHERE key = 'model_version'").fetchone()
-                rounds = self._db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
-                accepted = self._db.execute("SELECT COUNT(*) FROM updates").fetchone()[0]
-                rejected = dict.fromkeys(REJECT_REASONS, 0)
-                rejected.update(self._db.execute("SELECT reason, count FROM rejections").fetchall())
-                dup = self._db.execute("SELECT value FROM counters WHERE name = 'duplicates_dropped'").fetchone()
-                shed = self._db.execute("SELECT value FROM counters WHERE name = 'messages_shed'").fetchone()
-                declined = {name.split(":", 1)[1]: n for name, n in self._db.execute(
-                    "SELECT name, value FROM counters WHERE name LIKE 'declined:%' ORDER BY name")}
-                clients = {
-                    c: {"accepted": a, "last_sequence": s, "last_seen": t, "rejected": 0, "declined": 0}
-                    for c, a, s, t in self._db.execute(
-                        "SELECT id, accepted, last_sequence, last_seen FROM clients ORDER BY id")
-                }
-                for name, n in self._db.execute("SELECT name, value FROM counters WHERE name LIKE 'client:%'"):
-                    _, kind, client = name.split(":", 2)
-                    clients.setdefault(client, {"accepted": 0, "last_sequence": None, "last_seen": None,
-                                                "rejected": 0, "declined": 0})[kind] = n
-                clients = dict(sorted(clients.items()))
-                evaluated = self._db.execute("SELECT round, base_version, metrics FROM rounds WHERE metrics != '{}'"
-                                             " ORDER BY round DESC LIMIT 1").fetchone()
-            finally:
-                if outer:
-                    self._db.execute("COMMIT")
+        with self.reading():
+            version = self._db.execute("SELECT value FROM kv WHERE key = 'model_version'").fetchone()
+            rounds = self._db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+            accepted = self._db.execute("SELECT COUNT(*) FROM updates").fetchone()[0]
+            rejected = dict.fromkeys(REJECT_REASONS, 0)
+            rejected.update(self._db.execute("SELECT reason, count FROM rejections").fetchall())
+            dup = self._db.execute("SELECT value FROM counters WHERE name = 'duplicates_dropped'").fetchone()
+            shed = self._db.execute("SELECT value FROM counters WHERE name = 'messages_shed'").fetchone()
+            declined = {name.split(":", 1)[1]: n for name, n in self._db.execute(
+                "SELECT name, value FROM counters WHERE name LIKE 'declined:%' ORDER BY name")}
+            clients = {
+                c: {"accepted": a, "last_sequence": s, "last_seen": t, "rejected": 0, "declined": 0}
+                for c, a, s, t in self._db.execute(
+                    "SELECT id, accepted, last_sequence, last_seen FROM clients ORDER BY id")
+            }
+            for name, n in self._db.execute("SELECT name, value FROM counters WHERE name LIKE 'client:%'"):
+                _, kind, client = name.split(":", 2)
+                clients.setdefault(client, {"accepted": 0, "last_sequence": None, "last_seen": None,
+                                            "rejected": 0, "declined": 0})[kind] = n
+            clients = dict(sorted(clients.items()))
+            evaluated = self._db.execute("SELECT round, base_version, metrics FROM rounds WHERE metrics != '{}'"
+                                         " ORDER BY round DESC LIMIT 1").fetchone()
         return {
             "model_version": None if version is None else json.loads(version[0]),
             "rounds_completed": rounds,

@@ -145,7 +145,7 @@ class OperatorView:
         store = self._store()
         if store is None:
             return None
-        with store.transaction():  # one read snapshot for the status and the rounds
+        with store.reading():  # one snapshot for the status and the rounds
             status, rounds = store.status(), round_rows(store)
         return {"status": status, "rounds": rounds, "live": self._live()}
 

@@ -231,12 +231,8 @@ def cmd_hub(args: argparse.Namespace) -> int:
     config.broker_address()  # the URL's scheme, host and port; the credentials folder's files
     if (keyring := config.keyring_path()) is not None:
         load_keyring(keyring)
-    state = config.state_dir
-    existing = next((p for p in (state, *state.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ConfigError(f"--state {state}: {existing} is a file, not a directory; give the hub's state directory "
-                          "(it is made when missing).")
-    check_writable(config.state_dir, "hub state directory")  # read-only or full: one clear line, before any write
+    # a file on the way, read-only or full: one clear line, before any write
+    check_writable(config.state_dir, "hub state directory (--state)")
     service = HubService(config, initial)
     key = config.signing_key()
     print(f"hub for federation {config.federation} on {config.broker}; hub public key {public_hex(key)} "

@@ -273,7 +273,7 @@ class HubService:
             "round": None if current is None else {
                 "round": current.round, "updates": len(current.participants), "deadline": current.deadline_at},
             "task": None if model is None else model.spec.task,
-            "parameters": None if model is None else sum(int(v.size) for v in model.network.state_dict().values()),
+            "parameters": None if self._intake is None else self._intake.codec.size,
             "ledger": None if ledger is None else {"entries": ledger.count, "head": ledger.head,
                                                    "version": ledger.last_version},
         }

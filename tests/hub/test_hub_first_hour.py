@@ -48,8 +48,8 @@ def test_a_state_path_that_is_a_file_is_one_error_line(tmp_path):
     error = one_error(wearfl("hub", "--broker", "mqtt://127.0.0.1:1", "--federation", FED, "--state", str(state),
                              "--task", "heart-rate"))
 
-    assert error == (f"error: --state {state}: {state} is a file, not a directory; give the hub's state directory "
-                     "(it is made when missing).")
+    assert error == (f"error: the hub state directory (--state) {state} cannot be made: {state} is a file, "
+                     "not a folder; give another path.")
     assert state.read_text() == "not a directory"
 
 
@@ -60,7 +60,7 @@ def test_a_state_path_under_a_file_is_one_error_line(tmp_path):
     error = one_error(wearfl("hub", "--broker", "mqtt://127.0.0.1:1", "--federation", FED, "--state",
                              str(blocker / "state"), "--task", "heart-rate"))
 
-    assert f"{blocker} is a file, not a directory" in error
+    assert f"{blocker} is a file, not a folder" in error
 
 
 @pytest.mark.parametrize("broker", ["http://x", "mqtt://host:port", "mqtt://127.0.0.1:1/path"])

@@ -274,7 +274,7 @@ def progress_lines(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def _snapshot(client: Any) -> dict[str, Any]:
     counters = client.counters
-    return {"model": client.model_version, "round": client.last_round, "declined": client.status()["declined"],
+    return {"model": client.model_version, "round": client.last_round, "declined": client.declined,
             **{kind: counters.get(f"receipts_{kind}", 0) for kind in ("accepted", "duplicate", "rejected")}}
 
 

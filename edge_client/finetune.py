@@ -105,7 +105,8 @@ class FineTunePolicy:
 MAX_MIN_NEW_WINDOWS = 1_000_000
 
 
-def _read_first(paths: Sequence[str]) -> str | None:
+def read_first(paths: Sequence[str]) -> str | None:
+    """The stripped text of the first of ``paths`` that can be read (sysfs values), or None."""
     for p in paths:
         try:
             return Path(p).read_text().strip()
@@ -119,8 +120,8 @@ def battery_hook(min_percent: float = 30.0, require_charging: bool = False,
     """Veto training below ``min_percent`` battery unless charging (or always unless charging)."""
 
     def check() -> str | None:
-        capacity = _read_first([f"{supply}/capacity"])
-        status = (_read_first([f"{supply}/status"]) or "").lower()
+        capacity = read_first([f"{supply}/capacity"])
+        status = (read_first([f"{supply}/status"]) or "").lower()
         if capacity is None:
             return None  # mains-powered gateway
         charging = status in ("charging", "full")
@@ -137,7 +138,7 @@ def temperature_hook(max_celsius: float = 70.0, zone: str = "/sys/class/thermal/
     """Veto training while the SoC is hotter than ``max_celsius`` (a Pi throttles at 80-85 C)."""
 
     def check() -> str | None:
-        raw = _read_first([zone])
+        raw = read_first([zone])
         if raw is None:
             return None
         celsius = float(raw) / 1000.0

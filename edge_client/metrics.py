@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import glob
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edge_client.finetune import read_first
 from models.transport.http_server import RouteServer
 
 if TYPE_CHECKING:
@@ -26,9 +26,10 @@ THERMAL_ZONE = "/sys/class/thermal/thermal_zone0/temp"
 
 
 def _read_number(path: str) -> float | None:
+    text = read_first([path])
     try:
-        return float(Path(path).read_text().strip())
-    except (OSError, ValueError):
+        return None if text is None else float(text)
+    except ValueError:
         return None
 
 

@@ -143,6 +143,7 @@ class EdgeClient:
     task = property(attrgetter("_trainer.task"), doc="The hub's current task, or None.")
     last_round = property(attrgetter("_trainer.last_round"), doc="The last round this edge trained (-1: none).")
     training_state = property(attrgetter("_trainer.state"), doc="What training does or waits for, in words.")
+    declined = property(attrgetter("_trainer.declined"), doc="The last round declined (round, reason, detail) or None.")
     outbox_stats = property(attrgetter("_sender.stats"), doc="The outbox's entries and bytes (None before run).")
     latest_prediction = property(attrgetter("_ingest.latest_prediction"),
                                  doc="Live inference on the newest window (None before the first).")
@@ -179,7 +180,7 @@ class EdgeClient:
             "model_version": self.model_version,
             "last_round": self.last_round,
             "training": self.training_state,
-            "declined": self._trainer.declined,
+            "declined": self.declined,
             "outbox": stats.as_dict() if stats is not None else None,
             **self._ingest.status(),
             "prediction": self.latest_prediction,

@@ -198,13 +198,13 @@ class RoundTrainer:
         payload, granted = self._awaiting_grant, self._models.granted
         if payload is None or granted is None:
             return None
+        self._awaiting_grant = None  # looked at once per grant: a task its key did not sign stays refused
         try:
             signed_by_site = Task.from_bytes(payload).verify(granted.public_key)
         except SigningError:
             signed_by_site = False
         if not signed_by_site:
             return None
-        self._awaiting_grant = None
         checked = self._accepted_task(payload, self._models.signers())
         return checked if checked is not None and checked != self.task else None
 

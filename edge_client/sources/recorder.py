@@ -20,6 +20,7 @@ import numpy as np
 from edge_client.sources.base import UNKNOWN, Source
 from edge_client.sources.recordings import COLUMNS, read_config
 from models.errors import ConfigError
+from models.files import write_atomic
 
 __all__ = ["Recorded", "record_source"]
 
@@ -50,7 +51,7 @@ def _dataset_toml(folder: Path, source: Source) -> None:
     text = f"sampling_rate_hz = {rate:g}\n"
     if labels:
         text += "labels = [" + ", ".join(f'"{c}"' for c in labels) + "]\n"
-    path.write_text(text, encoding="utf-8")
+    write_atomic(path, text.encode())
 
 
 def _cells(values: np.ndarray, digits: int) -> list[str]:

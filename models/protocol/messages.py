@@ -222,10 +222,22 @@ class _HubSigned:
 
     DOMAIN: ClassVar[bytes]
     signature: str | None
+    OMITTED_WHEN_NONE: ClassVar[tuple[str, ...]] = ()
+    """Fields added later: left out while None, so the bytes (and signatures) of older messages stay the same."""
+
+    def _fields(self) -> dict[str, Any]:
+        body = asdict(self)  # type: ignore[call-overload]
+        for name in self.OMITTED_WHEN_NONE:
+            if body[name] is None:
+                del body[name]
+        return body
 
     def _signed_bytes(self) -> bytes:
-        body = {k: v for k, v in asdict(self).items() if k != "signature"}  # type: ignore[call-overload]
+        body = {k: v for k, v in self._fields().items() if k != "signature"}
         return self.DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self._fields(), sort_keys=True).encode()
 
     def signed(self, key: Ed25519PrivateKey) -> Self:
         """This message signed by the hub's ``key``."""
@@ -255,6 +267,7 @@ class Task(_HubSigned):
     """
 
     DOMAIN: ClassVar[bytes] = TASK_DOMAIN
+    OMITTED_WHEN_NONE: ClassVar[tuple[str, ...]] = ("upstream",)
     round: int
     model_version: int
     config: dict[str, float | int | str | bool] = field(default_factory=dict)
@@ -267,14 +280,8 @@ class Task(_HubSigned):
     def selects(self, client: str) -> bool:
         return self.clients is None or client in self.clients
 
-    def _signed_bytes(self) -> bytes:
-        body = {k: v for k, v in asdict(self).items() if k != "signature" and not (k == "upstream" and v is None)}
-        return self.DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
     def to_bytes(self) -> bytes:
-        body = asdict(self)
-        if self.upstream is None:
-            del body["upstream"]  # what every task was before sites: older edges verify it alike
+        body = self._fields()
         body["config"] = {**self.config, **{old: self.config[new] for old, new in LEGACY_TASK_KEYS.items()
                                              if new in self.config}}
         return json.dumps(body, sort_keys=True).encode()
@@ -340,9 +347,6 @@ class Grant(_HubSigned):
     def public_key(self) -> bytes:
         return bytes.fromhex(self.key)
 
-    def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
     @classmethod
     def from_bytes(cls, data: bytes) -> Grant:
         """A grant whose fields have their types; :class:`SigningError` ``malformed`` otherwise (the
@@ -387,9 +391,6 @@ class Receipt(_HubSigned):
     def final(self) -> bool:
         """The hub stored the update (or refused it for good): the edge may drop it from its outbox."""
         return self.status in ("accepted", "duplicate", "rejected")
-
-    def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Receipt:

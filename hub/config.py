@@ -139,7 +139,7 @@ class HubConfig:
             self.credentials = Path(self.credentials)
         check_name("federation", self.federation)
         if self.http is not None:
-            from hub.web import check_http_address, parse_http_address
+            from models.transport.http_server import check_http_address, parse_http_address
 
             check_http_address(parse_http_address(self.http)[0], self.http_token)
         if self.rounds is not None and self.rounds < 1:

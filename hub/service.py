@@ -252,7 +252,8 @@ class HubService:
         """``--http``: the dashboard, /metrics and /api/status, served from this hub's state."""
         if self.config.http is None or self.operator_view is not None:
             return
-        from hub.web import OperatorView, parse_http_address
+        from hub.web import OperatorView
+        from models.transport.http_server import parse_http_address
 
         host, port = parse_http_address(self.config.http)
         self.operator_view = OperatorView(host, port, lambda: self._store, self.live_view, self.config.http_token)

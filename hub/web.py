@@ -25,9 +25,9 @@ from prometheus_client.utils import floatToGoString
 
 from hub.store import HubStore
 from models.errors import ConfigError
-from models.transport.http_server import RouteServer, check_http_address, parse_http_address
+from models.transport.http_server import RouteServer
 
-__all__ = ["DURATION_BUCKETS", "HubCollector", "OperatorView", "check_http_address", "parse_http_address"]
+__all__ = ["DURATION_BUCKETS", "HubCollector", "OperatorView"]
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from web_client import http_get as fetch
 
 from hub.store import HubStore, RoundRecord
-from hub.web import OperatorView, check_http_address, parse_http_address
+from hub.web import OperatorView
 from models.errors import ConfigError
+from models.transport.http_server import check_http_address, parse_http_address
 
 LIVE = {"federation": "f", "online": ["a"], "doing": {"a": "training round 2"}, "declined": {}, "round": None,
         "task": "activity", "parameters": 100, "ledger": None}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from importlib import resources
 from typing import Any
 
@@ -37,7 +38,7 @@ DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 360
 Live = Callable[[], dict[str, Any]]
 """The hub's in-memory view: ``online`` (client ids), ``doing`` ({client: last status line}),
 ``declined`` ({client: reason} in the open round), ``round`` (the open one or None),
-``parameters`` (of the current model), ``ledger_head``, ``federation``, ``task``."""
+``parameters`` (values in an update), ``ledger`` (entries, head, version), ``federation``, ``task``."""
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
@@ -105,11 +106,8 @@ class HubCollector:
 def round_rows(store: HubStore) -> list[dict[str, Any]]:
     """Every closed round as plain JSON (``stragglers``: None where the hub did not record it)."""
     stragglers = store.stragglers()
-    return [{"round": r.round, "stragglers": stragglers.get(r.round), "base_version": r.base_version,
-             "model_version": r.model_version,
-             "opened_at": r.opened_at, "closed_at": r.closed_at, "duration_s": max(0.0, r.closed_at - r.opened_at),
-             "participants": r.participants, "num_examples": r.num_examples, "updates_rejected": r.updates_rejected,
-             "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "metrics": r.metrics} for r in store.rounds()]
+    return [{**asdict(r), "stragglers": stragglers.get(r.round), "duration_s": max(0.0, r.closed_at - r.opened_at)}
+            for r in store.rounds()]
 
 
 class OperatorView:

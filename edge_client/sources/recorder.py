@@ -99,4 +99,4 @@ def record_source(source: Source, folder: str | os.PathLike[str], *, max_seconds
     finally:
         partial.unlink(missing_ok=True)
     seconds = 0.0 if start is None else end - start
-    return Recorded(target, samples, seconds, float(source.sampling_rate_hz), ("t", *channels, "hr_bpm", "activity"))
+    return Recorded(target, samples, seconds, float(source.sampling_rate_hz), tuple(names))

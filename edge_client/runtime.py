@@ -14,7 +14,7 @@ one event loop, what ``wearfl simulate`` runs (:func:`run_edges`). It
    (:mod:`edge_client.federated_eval`), or joins the round's secure aggregation
    (:mod:`edge_client.secure_aggregation`);
 5. stores every update in the outbox before it publishes it, and keeps it there until the
-   hub's signed receipt (:mod:`edge_client.sending`).
+   hub's signed receipt (:mod:`models.transport.sender`).
 
 Each part owns its state; this module only wires them together, dispatches the session's
 messages to them and runs their loops. They share the MQTT link and wake one another
@@ -63,7 +63,6 @@ from edge_client.config import EdgeConfig, read_credentials
 from edge_client.federated_eval import Evaluator
 from edge_client.ingest import Ingest, MissingChannels, StreamView
 from edge_client.secure_aggregation import SecureRound
-from edge_client.sending import Sender
 from edge_client.shared import Link, Wakes, wait
 from edge_client.sources.base import Source
 from edge_client.training import RoundTrainer, WeightsHook
@@ -76,6 +75,7 @@ from models.protocol.topics import Topics
 from models.transport.credentials import Credentials
 from models.transport.mqtt import BrokerAddress, MqttSession, Will
 from models.transport.outbox import Outbox
+from models.transport.sender import Sender
 
 __all__ = ["EdgeClient", "EdgeConfig", "WeightsHook", "run_edges"]
 
@@ -123,7 +123,8 @@ class EdgeClient:
         self._wakes = Wakes()
         self._ingest = Ingest(config, source, self._wakes, lambda view: self._evaluator.due(view))
         self._models = ModelAdoption(config, self._ingest, self._wakes, self.counters)
-        self._sender = Sender(config, self._link, self._wakes, self.counters, self._models.signers)
+        self._sender = Sender(config, self._link, self._wakes.stop, self.counters, self._models.signers,
+                             on_freed=self._outbox_freed)
         self._secure = SecureRound(config, self._link, self.counters)
         self._evaluator = Evaluator(self._link, self._ingest, self._models, self._wakes, self.counters,
                                     lambda: self._trainer.task)
@@ -257,6 +258,10 @@ class EdgeClient:
             return False
         connecting.result()  # BrokerUnavailable when no attempt succeeded in time
         return True
+
+    def _outbox_freed(self) -> None:
+        self._wakes.train.set()  # room in the outbox
+        self._wakes.status.set()
 
     def _open_state(self) -> tuple[ModelMessage, StreamView | None] | None:
         """(worker thread) Key, outbox and pinned hub key to the parts; the stored model and its stream view, if any."""

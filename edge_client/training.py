@@ -6,7 +6,7 @@ its resource hooks and the CPU budget) unless :meth:`RoundTrainer.why_not` gives
 to wait (not selected, another model, outbox full, replayed data still streaming in, a
 veto of the policy). A plain round's update is built (:mod:`edge_client.updates`), stored
 in the outbox and, after the global and the fine-tuned model are evaluated on the holdout
-(``metrics/<client>``), published (:mod:`edge_client.sending`); a secure round's delta goes
+(``metrics/<client>``), published (:mod:`models.transport.sender`); a secure round's delta goes
 to the secure-aggregation client (:mod:`edge_client.secure_aggregation`) instead.
 
 Every round that selects the edge gets an answer: fresh windows are preferred, never required.
@@ -41,7 +41,6 @@ from edge_client.config import EdgeConfig
 from edge_client.federated_eval import Evaluator
 from edge_client.ingest import Ingest, StreamView
 from edge_client.secure_aggregation import SecureRound
-from edge_client.sending import Sender
 from edge_client.shared import Wakes, wait
 from edge_client.updates import LocalRound, clipped_delta, encode_update, read_residual, residual_bytes, sign_update
 from models.errors import ConfigError, InputError, ModelFormatError, StorageError
@@ -53,6 +52,7 @@ from models.protocol.messages import ModelMessage, Task
 from models.protocol.signed import SigningError
 from models.transport.mqtt import Message
 from models.transport.outbox import Outbox
+from models.transport.sender import Sender
 
 __all__ = ["DECLINE_REASONS", "FRESH_SHARE", "FitInFlight", "RoundTrainer", "WeightsHook"]
 

@@ -6,10 +6,10 @@ import asyncio
 from pathlib import Path
 
 from edge_client.config import EdgeConfig
-from edge_client.sending import Sender
 from edge_client.shared import Link, Wakes
 from models.protocol.topics import Topics
 from models.transport.outbox import Outbox, OutboxEntry
+from models.transport.sender import Sender
 
 INTERVAL = 120.0
 
@@ -32,7 +32,7 @@ def sender_with_outbox(tmp_path: Path) -> tuple[Sender, Outbox, RecordingSession
     link = Link("edge-a", Topics("fed"), 5.0)
     session = RecordingSession()
     link.session = session  # type: ignore[assignment]
-    sender = Sender(config, link, Wakes(), {"updates_published": 0}, lambda: [])
+    sender = Sender(config, link, Wakes().stop, {"updates_published": 0}, lambda: [])
     outbox = Outbox(tmp_path)
     sender.open(outbox)
     return sender, outbox, session

@@ -17,31 +17,50 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Protocol
 
-from edge_client.config import EdgeConfig
-from edge_client.shared import Link, Wakes
 from models.errors import BrokerUnavailable
 from models.files import StorageError
 from models.protocol.messages import Receipt
 from models.protocol.signed import SigningError
+from models.transport.link import Link
 from models.transport.mqtt import Message
 from models.transport.outbox import Outbox, OutboxEntry, OutboxFull, OutboxStats
 
-__all__ = ["Sender"]
+__all__ = ["Sender", "SenderSettings"]
 
 log = logging.getLogger(__name__)
+
+
+class SenderSettings(Protocol):
+    """What a sender reads of its owner's configuration (an edge's, or a site hub's upstream link)."""
+
+    @property
+    def client_id(self) -> str: ...
+
+    @property
+    def federation(self) -> str: ...
+
+    @property
+    def publish_timeout_s(self) -> float: ...
+
+    @property
+    def resend_interval_s(self) -> float: ...
 
 
 class Sender:
     """Owns the outbox and every copy of an update on its way to the hub.
 
-    ``hub_key`` gives the pinned hub key that receipts must carry (None: not pinned yet).
+    ``signers()`` gives the keys a receipt may be signed by (empty: no hub key pinned yet);
+    ``on_freed`` runs when a receipt removed an update (room in the outbox, news for the status).
+    Used by an edge, and by a site hub for its partials to the consortium.
     """
 
-    def __init__(self, config: EdgeConfig, link: Link, wakes: Wakes, counters: dict[str, int],
-                 signers: Callable[[], list[bytes]]) -> None:
+    def __init__(self, config: SenderSettings, link: Link, stop: asyncio.Event, counters: dict[str, int],
+                 signers: Callable[[], list[bytes]], on_freed: Callable[[], None] | None = None) -> None:
         self.config, self.client_id = config, config.client_id
-        self._link, self._wakes, self._counters, self._signers = link, wakes, counters, signers
+        self._link, self._stop, self._counters, self._signers = link, stop, counters, signers
+        self._on_freed = on_freed
         self.outbox: Outbox | None = None
         self.stats: OutboxStats | None = None
         self._last_sent: dict[int, float] = {}  # sequence -> loop time it was last published
@@ -123,13 +142,13 @@ class Sender:
         if pending:
             log.info("%s: re-publishing %d pending update(s)", self.client_id, len(pending))
         for entry in pending:
-            if self._wakes.stopping or not await self.send(entry.sequence, entry.payload, again):
+            if self._stop.is_set() or not await self.send(entry.sequence, entry.payload, again):
                 return  # the connection dropped again: the next connection starts over
 
     async def connection_loop(self, poll_s: float, on_connect: Callable[[], Awaitable[None]]) -> None:
         """After every (re)connect: ``on_connect`` (status online), then every pending update again."""
         session = self._link.session
-        while not self._wakes.stopping:
+        while not self._stop.is_set():
             await session.connected_event.wait()
             connection = session.connection
             await on_connect()
@@ -144,13 +163,13 @@ class Sender:
             return
         loop = asyncio.get_running_loop()
         session = self._link.session
-        while not self._wakes.stopping:
+        while not self._stop.is_set():
             await asyncio.sleep(max(1.0, interval / 4))
             if not session.connected or self.stats is None or self.stats.entries == 0:
                 continue
             pending = await asyncio.to_thread(self._outbox().pending)
             for entry in self.overdue(pending, loop.time(), time.time()):
-                if self._wakes.stopping or not await self.send(entry.sequence, entry.payload, again=True):
+                if self._stop.is_set() or not await self.send(entry.sequence, entry.payload, again=True):
                     break
 
     def overdue(self, pending: Sequence[OutboxEntry], loop_now: float, wall_now: float) -> list[OutboxEntry]:
@@ -208,5 +227,5 @@ class Sender:
         else:
             log.info("%s: update %d %s by the hub%s", self.client_id, receipt.sequence, receipt.status,
                      "" if removed else " (already gone from the outbox)")
-        self._wakes.train.set()  # room in the outbox
-        self._wakes.status.set()
+        if self._on_freed is not None:
+            self._on_freed()

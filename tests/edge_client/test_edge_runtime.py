@@ -275,7 +275,7 @@ def test_a_rejected_update_also_leaves_the_outbox_and_its_reason_is_logged(mqtt_
                 await until(lambda: edge.outbox_stats.entries == 0, "the rejected update to leave the outbox")
                 assert edge.counters["receipts_rejected"] == 1
 
-    with caplog.at_level(logging.WARNING, logger="edge_client.sending"):
+    with caplog.at_level(logging.WARNING, logger="models.transport.sender"):
         run(scenario())
 
     assert any("rejected update" in r.getMessage() and "stale" in r.getMessage() for r in caplog.records)

@@ -185,7 +185,8 @@ class RoundTrainer:
             return f"the hub's task in it is malformed ({exc.detail})"
         if not hub_task.verify(hub_key) or hub_task.federation != task.federation:
             return "the task in it is not the hub's for this federation"
-        if (hub_task.round, hub_task.model_version, hub_task.config) != (task.round, task.model_version, task.config):
+        if (hub_task.round, hub_task.model_version, _hub_settings(hub_task)) != (task.round, task.model_version,
+                                                                                  _hub_settings(task)):
             return "it changes the hub's round, model or settings"
         if not hub_task.selects(grant.site):
             return f"the hub did not select site {grant.site!r} for this round"
@@ -462,3 +463,12 @@ class RoundTrainer:
         if state != self.state:
             self.state = state
             self._wakes.status.set()
+
+
+SITE_ROUND_KEYS = ("secagg", "dp_noise_share")
+"""Task settings a site hub sets for its own gateways (its secure round inside the site), not the hub's."""
+
+
+def _hub_settings(task: Task) -> dict[str, Any]:
+    """A task's settings but those a site hub sets for its own secure round."""
+    return {k: v for k, v in task.config.items() if k not in SITE_ROUND_KEYS}

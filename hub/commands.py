@@ -44,6 +44,8 @@ CONFIG_KEYS = {
     "max_update_norm": float, "max_update_bytes": int, "server_lr": float, "strategy": str,
     "max_examples": int, "max_pinned": int, "keep_models": int, "fraction": float, "max_clients": int,
     "stragglers": str, "evaluate_every": int, "secure_aggregation": bool, "http": str, "http_token": str,
+    "upstream": str, "upstream_federation": str, "upstream_credentials": str, "site_id": str,
+    "consortium_key": str,
 }
 
 
@@ -92,6 +94,21 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--secure-aggregation", action="store_true", default=None,
                    help="run SecAgg+ over MQTT: the hub learns only the sum of the selected edges' updates "
                         "(needs --keyring or --credentials; the edges need the keyring as --peer-keyring)")
+    site = p.add_argument_group("a site hub under a consortium hub (docs/sites.md)")
+    site.add_argument("--upstream", metavar="URL",
+                      help="the consortium's broker: run its rounds with this hub's gateways and send one partial "
+                           "aggregate a round there")
+    site.add_argument("--upstream-federation", metavar="NAME",
+                      help="the consortium's federation (default and only choice: --federation)")
+    site.add_argument("--upstream-credentials", metavar="DIR",
+                      help="the site's folder from `wearfl keys add-site ID` on the consortium: its key, grant, "
+                           "the consortium's key and broker login")
+    site.add_argument("--site-id", metavar="ID",
+                      help="this site's client id at the consortium (default: the --upstream-credentials folder's "
+                           "name, else the host name)")
+    site.add_argument("--consortium-key", metavar="HEX",
+                      help="pin the consortium hub's public key (default: --upstream-credentials' hub.pub, else "
+                           "the first model's)")
     add_strategy_flags(p)
     p.set_defaults(func=cmd_hub)
 
@@ -181,7 +198,9 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         "max_clients": args.max_clients, "stragglers": args.stragglers, "evaluate_every": args.evaluate_every,
         "secure_aggregation": args.secure_aggregation, "max_examples": args.max_examples,
         "max_pinned": args.max_pinned, "keep_models": args.keep_models, "http": args.http,
-        "http_token": args.http_token,
+        "http_token": args.http_token, "upstream": args.upstream, "upstream_federation": args.upstream_federation,
+        "upstream_credentials": args.upstream_credentials, "site_id": args.site_id,
+        "consortium_key": args.consortium_key,
     }
     if args.model or args.task:  # the flags' choice of initial model replaces the file's
         settings.pop("model", None)
@@ -207,8 +226,9 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         evaluate_every=settings.get("evaluate_every", 1),
         secure_aggregation=settings.get("secure_aggregation", False),
         max_pinned=settings.get("max_pinned"),
-        **{k: settings[k] for k in ("max_update_bytes", "max_examples", "keep_models", "http", "http_token")
-           if k in settings},
+        **{k: settings[k] for k in ("max_update_bytes", "max_examples", "keep_models", "http", "http_token",
+                                    "upstream", "upstream_federation", "site_id", "consortium_key") if k in settings},
+        upstream_credentials=Path(settings["upstream_credentials"]) if "upstream_credentials" in settings else None,
     )
     initial: Model | None = None
     if "model" in settings:
@@ -234,11 +254,20 @@ def cmd_hub(args: argparse.Namespace) -> int:
     # a file on the way, read-only or full: one clear line, before any write
     check_writable(config.state_dir, "hub state directory (--state)")
     service = HubService(config, initial)
-    key = config.signing_key()
-    print(f"hub for federation {config.federation} on {config.broker}; hub public key {public_hex(key)} "
-          "(edges pin it to trust the models)", flush=True)
+    if config.is_site:
+        print(f"site hub {config.site_id} for federation {config.federation} on {config.broker}, under the "
+              f"consortium at {config.upstream}; site key {public_hex(config.site_key())} (the consortium's grant "
+              "names it; gateways pin the consortium's key)", flush=True)
+    else:
+        print(f"hub for federation {config.federation} on {config.broker}; hub public key "
+              f"{public_hex(config.signing_key())} (edges pin it to trust the models)", flush=True)
 
     def report(summary: RoundSummary) -> None:
+        if config.is_site:
+            print(f"round {summary.round} closed: {summary.participants} gateways, {summary.updates_accepted} updates "
+                  f"accepted, {summary.updates_rejected} rejected; partial sent to the consortium "
+                  f"({summary.duration_s:.1f} s)", flush=True)
+            return
         print(f"round {summary.round} closed: {summary.participants} clients, {summary.updates_accepted} updates "
               f"accepted, {summary.updates_rejected} rejected, model v{summary.model_version} "
               f"({summary.duration_s:.1f} s)" + (f"; the edges' evaluation of the round's model: {evaluated}"

@@ -14,6 +14,7 @@ warning naming the new one (:mod:`hub.renamed`).
 from __future__ import annotations
 
 import math
+import socket
 from collections.abc import Mapping
 from dataclasses import InitVar, dataclass, field, fields
 from pathlib import Path
@@ -29,10 +30,12 @@ from models.errors import ConfigError
 from models.protocol.codec import CodecConfig
 from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.identity import load_or_create_key
-from models.protocol.messages import current_task_keys
+from models.protocol.messages import Grant, current_task_keys
+from models.protocol.signed import SigningError
 from models.protocol.topics import check_name
 
 if TYPE_CHECKING:
+    from hub.upstream import UpstreamSettings
     from models.transport.credentials import Credentials
     from models.transport.mqtt import BrokerAddress
 
@@ -81,6 +84,12 @@ class HubConfig:
     the first); the ledger keeps every version's hash.
     ``max_batch`` bounds how many queued messages one intake transaction takes (and fewer for a
     model so large that their decoded deltas would pass ``hub.service.BATCH_DELTA_BYTES``).
+    ``upstream`` (a broker URL) makes this hub a site hub under the consortium hub there
+    (:mod:`hub.upstream`): it runs the consortium's rounds with its own gateways and sends
+    one partial a round upstream as client ``site_id``, signed with the key of
+    ``upstream_credentials`` (a ``wearfl keys add-site`` folder, with the consortium's grant)
+    or its own hub key. ``consortium_key`` pins the consortium's key (default: the folder's
+    ``hub.pub``, else the first model's).
     ``norm_bound`` and ``secagg_clip`` are the old names of ``max_update_norm`` and
     ``secagg_range``, taken for one release.
     """
@@ -118,6 +127,11 @@ class HubConfig:
     synchronous: str = "FULL"
     http: str | None = None
     http_token: str | None = None
+    upstream: str | None = None
+    upstream_federation: str | None = None
+    upstream_credentials: Path | None = None
+    site_id: str | None = None
+    consortium_key: str | None = None
     norm_bound: InitVar[float | None] = None  # renamed max_update_norm
     secagg_clip: InitVar[float | None] = None  # renamed secagg_range
     _loaded_credentials: Any = field(default=None, init=False, repr=False, compare=False)
@@ -167,6 +181,7 @@ class HubConfig:
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}.")
         self.policy()  # validates the round settings
+        self._check_site()
         self.strategy_args = renamed(self.strategy_args, strategy_arg_renames(self.strategy), "strategy arg")
         rule = self.build_strategy()
         if self.min_clients < rule.min_updates():
@@ -190,6 +205,66 @@ class HubConfig:
                     and math.isfinite(self.secagg_range) and self.secagg_range > 0):
                 raise ConfigError("secagg_stage_timeout_s and secagg_range must be > 0, secagg_value_bits in [2, 48].")
         self.task_config = self.full_task_config(rule)
+
+    def _check_site(self) -> None:
+        """A site hub's settings: the consortium's address, the same federation, a site id, drop stragglers."""
+        if self.upstream is None:
+            for name in ("upstream_federation", "upstream_credentials", "site_id", "consortium_key"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"--{name.replace('_', '-')} is a site hub's setting; give --upstream URL too.")
+            return
+        from models.transport.mqtt import BrokerAddress
+
+        BrokerAddress.parse(self.upstream)
+        if self.upstream_federation is not None and self.upstream_federation != self.federation:
+            raise ConfigError(f"--upstream-federation {self.upstream_federation} differs from --federation "
+                              f"{self.federation}: a site's gateways check that the consortium's models are for "
+                              "their federation, so a site hub serves the consortium's federation; give "
+                              f"--federation {self.upstream_federation}.")
+        if self.upstream_credentials is not None:
+            self.upstream_credentials = Path(self.upstream_credentials)
+        if self.site_id is None:
+            self.site_id = (self.upstream_credentials.name if self.upstream_credentials is not None
+                            else socket.gethostname().split(".")[0])
+        check_name("site id", self.site_id)
+        if self.stragglers != "drop":
+            raise ConfigError("a site hub sends each round's partial once; --stragglers next-round does not apply.")
+        if self.build_strategy().asynchronous:
+            raise ConfigError(f"strategy {self.strategy} releases models on its own schedule; a site hub follows "
+                              "the consortium's rounds: choose a synchronous rule (fedavg, trimmed-mean, ...).")
+
+    @property
+    def is_site(self) -> bool:
+        return self.upstream is not None
+
+    def upstream_settings(self) -> UpstreamSettings:
+        """Where this site hub's consortium is, and who the site is there."""
+        from hub.upstream import UpstreamSettings
+
+        assert self.upstream is not None and self.site_id is not None
+        return UpstreamSettings(self.upstream, self.federation, self.site_id, self.upstream_credentials,
+                                self.consortium_key, self.topic_prefix, self.protocol,
+                                resend_interval_s=max(5.0, self.round_timeout_s / 2))
+
+    def site_key(self) -> Ed25519PrivateKey:
+        """The key a site signs its partials, tasks and receipts with: the one the consortium granted."""
+        if self.upstream_credentials is not None:
+            from models.transport.credentials import Credentials
+
+            return Credentials.load(self.upstream_credentials, "device").signing_key()
+        return self.signing_key()
+
+    def grant(self) -> Grant | None:
+        """The consortium's grant for this site's key: ``grant.json`` of the upstream credentials, else of
+        ``state/upstream``; None when there is none."""
+        folders = [self.upstream_credentials] if self.upstream_credentials is not None else []
+        for path in (*(f / "grant.json" for f in folders), self.state_dir / "upstream" / "grant.json"):
+            if path.is_file():
+                try:
+                    return Grant.from_bytes(path.read_bytes())
+                except SigningError as exc:
+                    raise ConfigError(f"{path}: {exc.detail}; make it again with `wearfl keys add-site`.") from None
+        return None
 
     def build_strategy(self) -> Strategy:
         """A fresh instance of the configured rule (``server_lr`` applies unless the args set it)."""

@@ -111,6 +111,10 @@ class Publisher:
         """Publish ``task`` (retained) on its own: the round's model is out already."""
         await self._retain(self.topics.task, task.to_bytes())
 
+    async def grant(self, payload: bytes) -> None:
+        """Publish the consortium's grant for this site hub's key (retained): its gateways believe its tasks."""
+        await self._retain(self.topics.grant, payload)
+
     async def _retain(self, topic: str, payload: bytes) -> None:
         self._retained[topic] = payload
         await self.session.publish(topic, payload, qos=1, retain=True)

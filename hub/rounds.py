@@ -171,6 +171,11 @@ class RoundManager:
         self.model = model
         return model
 
+    def follow(self, model: Model) -> None:
+        """A site hub's current model: the consortium's, taken as it is (nothing is registered or logged here)."""
+        self.model = model
+        self.store.put("model_version", int(model.version))
+
     def ledger_entry(self, version: int) -> dict[str, Any] | None:
         """The ledger entry of model ``version`` when it is the latest (what its model message carries)."""
         entry = self.ledger.last_entry if self.ledger is not None else None

@@ -24,6 +24,13 @@ State lives in ``state_dir``: ``hub.db`` (:mod:`hub.store`), ``models/``
 (:mod:`hub.registry`) and ``keys/hub.key`` (the hub's signing key). A restarted hub
 takes its model from the registry, its counters and pinned keys from the database, and
 re-aggregates the open round's stored updates; the round's deadline starts anew.
+
+A site hub (``upstream`` set) runs the consortium's rounds instead of its own
+(:mod:`hub.upstream`): its model is the consortium's, re-published unchanged; it opens a
+round when the consortium's task for it arrives (same round, model and settings, its own
+selection, a deadline no later than the consortium's), and closing a round sends the
+rule's aggregate upstream as one partial instead of releasing a model. Between its
+partial and the consortium's next task the open round is a placeholder: no task, no close.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable
@@ -60,9 +68,11 @@ if TYPE_CHECKING:
     from hub.round_state import OpenRound
     from hub.secure_rounds import SecureRoundDriver
     from hub.strategies import Strategy
+    from hub.upstream import Upstream
     from hub.web import OperatorView
     from models.model import Model
     from models.protocol.ed25519 import Ed25519PrivateKey
+    from models.protocol.messages import ModelMessage
     from models.transport.mqtt import Message, MqttSession
 
 __all__ = ["DEFAULT_TASK_CONFIG", "HubConfig", "HubService", "task_config_from"]
@@ -118,6 +128,10 @@ class HubService:
         self._key: Ed25519PrivateKey | None = None
         self._wait_report_at = 0.0  # time.monotonic() of the next "waiting for" report
         self._shed_counted = 0  # of the session's shed messages, how many the store counted
+        # a site hub's: its link to the consortium, and the consortium's task and model the open round runs
+        self._upstream: Upstream | None = None
+        self._site_task: tuple[Task, bytes] | None = None  # None: the open round is a placeholder
+        self._site_model: tuple[ModelMessage, bytes] | None = None  # as the consortium signed it
 
     # -- accessors ------------------------------------------------------------------
 
@@ -198,13 +212,19 @@ class HubService:
         address = cfg.broker_address()
         keyring_path = cfg.keyring_path()
         keyring = load_keyring(keyring_path) if keyring_path is not None else None
-        self._key = cfg.signing_key()
+        self._key = cfg.site_key() if cfg.is_site else cfg.signing_key()
         store = self._store = HubStore(cfg.state_dir, synchronous=cfg.synchronous)
         try:
             rounds = self._rounds = RoundManager(store, ModelRegistry(cfg.state_dir / "models"), self.strategy,
                                                  cfg.policy(), StrategyState(cfg.state_dir / "strategy"),
                                                  Ledger(cfg.state_dir / "ledger.jsonl"), keep_models=cfg.keep_models)
-            model = await asyncio.to_thread(rounds.resume, self.initial_model)
+            if cfg.is_site:
+                site_model = await self._start_upstream(stop)
+                if site_model is None:
+                    return
+                model = site_model
+            else:
+                model = await asyncio.to_thread(rounds.resume, self.initial_model)
             codec = UpdateCodec.for_weights(model.network.state_dict())
             intake = self._intake = Intake(store, self.topics, codec, max_update_bytes=cfg.max_update_bytes,
                                            max_update_norm=cfg.max_update_norm, keyring=keyring,
@@ -220,8 +240,11 @@ class HubService:
                                                  round_timeout_s=cfg.round_timeout_s)
             # One batch's decoded deltas are in memory together: bound them in bytes, whatever the model's size.
             self._batch_limit = max(1, min(cfg.max_batch, BATCH_DELTA_BYTES // (4 * codec.size)))
-            current = await asyncio.to_thread(rounds.open, int(store.get("round")), intake.decode_stored)
-            current.select(self._make_selection(current.round), plain_updates=self._secure is None)
+            if cfg.is_site:  # a placeholder until the consortium's task for this site comes
+                await asyncio.to_thread(rounds.open, int(store.get("round", 1)), None, math.inf)
+            else:
+                current = await asyncio.to_thread(rounds.open, int(store.get("round")), intake.decode_stored)
+                current.select(self._make_selection(current.round), plain_updates=self._secure is None)
             session = self._session = MqttSession(
                 address, cfg.client_id or f"wearfl-hub-{cfg.federation}", manual_ack=True,
                 protocol=cfg.protocol,  # type: ignore[arg-type]
@@ -243,10 +266,40 @@ class HubService:
                 await publisher.drain(5.0)
                 await session.disconnect()
         finally:
+            if self._upstream is not None:
+                await self._upstream.close()
             if self.operator_view is not None:
                 self.operator_view.stop()
             self._store = None
             store.close()
+
+    async def _start_upstream(self, stop: asyncio.Event) -> Model | None:
+        """A site hub: connect to the consortium and wait for its model (the stored one, or the first to come);
+        None when stopped first."""
+        from hub.upstream import Upstream
+
+        cfg = self.config
+        grant = cfg.grant()
+        if grant is None:
+            log.warning("site %s: no grant from the consortium (grant.json in --upstream-credentials); the gateways "
+                        "will not believe this site's tasks. Make one with `wearfl keys add-site %s`.", cfg.site_id,
+                        cfg.site_id)
+        upstream = self._upstream = Upstream(cfg.upstream_settings(), cfg.state_dir / "upstream",
+                                             _running(self._key), grant)
+        await upstream.start()
+        waited = time.monotonic()
+        while upstream.model is None:
+            if stop.is_set():
+                return None
+            if time.monotonic() - waited > 10:
+                log.info("site %s: waiting for the consortium's model on %s", cfg.site_id, cfg.upstream)
+                waited = time.monotonic()
+            await asyncio.sleep(0.2)
+        self._site_model = (upstream.model, _running(upstream.model_payload))
+        upstream.changed.set()  # its task, if any, is looked at once the hub serves
+        model = upstream.model.model
+        await asyncio.to_thread(_running(self._rounds).follow, model)
+        return model
 
     def _start_operator_view(self) -> None:
         """``--http``: the dashboard, /metrics and /api/status, served from this hub's state."""
@@ -277,6 +330,7 @@ class HubService:
             "parameters": None if self._intake is None else self._intake.codec.size,
             "ledger": None if ledger is None else {"entries": ledger.count, "head": ledger.head,
                                                    "version": ledger.last_version},
+            "upstream": None if self._upstream is None else self._upstream.status(),
         }
 
     async def _serve(self, session: MqttSession, stop: asyncio.Event) -> None:
@@ -288,6 +342,7 @@ class HubService:
         if self._secure is not None:
             await session.subscribe(self.topics.all_of("secagg"), qos=1)
         await self._announce()
+        await self._publish_grant()
         for topic in (self.topics.model, self.topics.task):  # to restore them when someone overwrites them
             await session.subscribe(topic, qos=1)
         model = _running(rounds.model)
@@ -301,11 +356,16 @@ class HubService:
             self._wait_report_at = time.monotonic() + cfg.round_timeout_s / 4
             while not stop.is_set():
                 wake = min(_running(rounds.current).deadline, self._wait_report_at)
+                if self._upstream is not None:  # the consortium's news are looked at between batches
+                    wake = min(wake, time.monotonic() + 0.25)
                 batch = await inbox.next_batch(wake - time.monotonic())
                 if batch is None:
                     break
                 if batch:
                     await self._handle(batch)
+                if self._upstream is not None and self._upstream.changed.is_set():
+                    self._upstream.changed.clear()
+                    await self._follow_upstream()
                 if session.shed > self._shed_counted:
                     await asyncio.to_thread(_running(self._store).count_shed, session.shed - self._shed_counted)
                     self._shed_counted = session.shed
@@ -320,6 +380,10 @@ class HubService:
         """Say which expected edges the open round still waits for, and what each last said (log and status)."""
         self._wait_report_at = time.monotonic() + self.config.round_timeout_s / 4
         current = _running(_running(self._rounds).current)
+        if self._upstream is not None:
+            await asyncio.to_thread(_running(self._store).put, "upstream", self._upstream.status())
+            if self._site_task is None:
+                return
         waiting = self.presence.waiting(current.round, self._expected(current.selection), current.participants)
         declined = self.presence.declined(current.round)
         snapshot = {"round": current.round, "since": current.opened_at, "deadline": current.deadline_at,
@@ -335,6 +399,12 @@ class HubService:
 
     async def _reannounce(self) -> None:
         await self._announce(task=not self._finished())
+        await self._publish_grant()
+
+    async def _publish_grant(self) -> None:
+        grant = self._upstream.grant if self._upstream is not None else None
+        if grant is not None:
+            await _running(self._publisher).grant(grant.to_bytes())
 
     # -- messages -------------------------------------------------------------------
 
@@ -412,12 +482,16 @@ class HubService:
 
     def _select_awaited(self, current: OpenRound) -> bool:
         """Select the open round's clients when it still awaits them; True when it got them now."""
-        if not current.awaiting_selection:
+        if not current.awaiting_selection or self._placeholder():
             return False
         current.select(self._make_selection(current.round), plain_updates=self._secure is None)
         return not current.awaiting_selection
 
     # -- rounds ---------------------------------------------------------------------
+
+    def _placeholder(self) -> bool:
+        """A site hub between rounds: it sent its partial and waits for the consortium's next task."""
+        return self._upstream is not None and self._site_task is None
 
     def _finished(self) -> bool:
         return self._finish_reason() is not None
@@ -430,6 +504,8 @@ class HubService:
         """Close or extend the round when the policy says so; True when a round closed."""
         rounds = _running(self._rounds)
         current = _running(rounds.current)
+        if self._placeholder():
+            return False
         if self._secure is not None:
             return await self._secure_step(self._secure, current)
         expected = self._expected(current.selection)
@@ -461,6 +537,8 @@ class HubService:
 
     async def _close_round(self) -> bool:
         """Aggregate, release the next model and open the next round."""
+        if self._upstream is not None:
+            return await self._close_site_round(self._upstream)
         rounds, intake, store = _running(self._rounds), _running(self._intake), _running(self._store)
         closing = _running(rounds.current)
         new_model = await asyncio.to_thread(rounds.build_next_model, intake.decode_stored)
@@ -489,6 +567,92 @@ class HubService:
         await self._run_hook(summary)
         return True
 
+    # -- a site hub's rounds -----------------------------------------------------------
+
+    async def _follow_upstream(self) -> None:
+        """Take what the consortium published: run its task's round with this site's gateways, or pass on its
+        newer model while no round of this site is open."""
+        upstream, rounds, store = _running(self._upstream), _running(self._rounds), _running(self._store)
+        message, current = upstream.model, _running(rounds.current)
+        if message is None:
+            return
+        task, payload = upstream.task, upstream.task_payload
+        runs = (task is not None and payload is not None and task.model_version == message.model.version
+                and task.selects(_running(self.config.site_id)))
+        if runs and self._site_task is not None and current.round == task.round:  # the same round, moved on
+            if payload != self._site_task[1]:
+                self._site_task = (task, payload)
+                await self._publish_task()
+            return
+        if runs and task.round >= int(store.get("round", 1)) and (self._site_task is None
+                                                                 or current.round < task.round):
+            if self._site_task is not None:
+                await self._abandon(current, task.round)
+            await self._open_site_round(task, payload, message)
+            return
+        if self._site_task is None and int(message.model.version) > int(_running(rounds.model).version):
+            self._site_model = (message, _running(upstream.model_payload))
+            await asyncio.to_thread(rounds.follow, message.model)
+            await self._announce()
+        await asyncio.to_thread(store.put, "upstream", upstream.status())
+
+    async def _open_site_round(self, task: Task, payload: bytes, message: ModelMessage) -> None:
+        upstream, rounds, store = _running(self._upstream), _running(self._rounds), _running(self._store)
+        intake = _running(self._intake)
+        self._site_model = (message, _running(upstream.model_payload))
+        self._site_task = (task, payload)
+        now = time.time()
+        deadline = now + self.config.round_timeout_s
+        if task.deadline is not None:  # some time for the partial to reach the consortium
+            deadline = min(deadline, task.deadline - max(0.5, 0.1 * (task.deadline - now)))
+        if int(message.model.version) != int(_running(rounds.model).version):
+            await asyncio.to_thread(rounds.follow, message.model)
+        await asyncio.to_thread(store.put, "round", task.round)
+        # with the updates stored for it before a restart
+        current = await asyncio.to_thread(rounds.open, task.round, intake.decode_stored, deadline)
+        current.select(self._make_selection(task.round), plain_updates=self._secure is None)
+        log.info("site %s: round %d of the consortium on model v%d, deadline in %.0f s", self.config.site_id,
+                 task.round, task.model_version, max(0.0, deadline - now))
+        self._wait_report_at = time.monotonic() + self.config.round_timeout_s / 4
+        await self._announce()
+        await asyncio.to_thread(store.put, "upstream", upstream.status())
+
+    async def _abandon(self, current: OpenRound, next_round: int) -> None:
+        """The consortium moved on before this site closed ``current``: record it; its updates are not sent."""
+        rounds = _running(self._rounds)
+        log.warning("site %s: the consortium opened round %d before this site's round %d closed; its %d update(s) "
+                    "are not sent upstream", self.config.site_id, next_round, current.round, current.updates_accepted)
+        current.close()
+        summary = await asyncio.to_thread(rounds.record_close, _running(rounds.model), 0, {})
+        self._site_task = None
+        self.summaries.append(summary)
+        await self._run_hook(summary)
+
+    async def _close_site_round(self, upstream: Upstream) -> bool:
+        """Send the round's partial upstream (stored in the outbox first), record the round, and wait for the
+        consortium's next task."""
+        rounds, intake, store = _running(self._rounds), _running(self._intake), _running(self._store)
+        closing, (task, _) = _running(rounds.current), _running(self._site_task)
+        base = _running(self._site_model)[0]
+        delta, examples = await asyncio.to_thread(rounds.partial, intake.decode_stored)
+        metrics = self._metrics.result(closing.round)
+        # a secure round tells the hub no example counts: its survivors weigh one each
+        await upstream.send_partial(closing.round, base, delta, examples or len(closing.participants), task.config,
+                                    metrics)
+        declined = self.presence.declined(closing.round).keys()
+        missing = self._expected(closing.selection) - closing.participants - declined
+        store.put_stragglers(closing.round, len(missing))
+        summary = rounds.record_close(_running(rounds.model), 0, metrics)
+        self._site_task = None
+        await asyncio.to_thread(rounds.open, closing.round + 1, None, math.inf)
+        self._metrics.forget_before(closing.round + 1)
+        self.presence.forget_before(closing.round + 1)
+        await asyncio.to_thread(store.put, "waiting", None)
+        await asyncio.to_thread(store.put, "upstream", upstream.status())
+        self.summaries.append(summary)
+        await self._run_hook(summary)
+        return True
+
     async def _run_hook(self, summary: RoundSummary) -> None:
         hook = self.on_round_closed
         if hook is None:
@@ -506,6 +670,12 @@ class HubService:
                     selection: tuple[str, ...] | None) -> Task:
         """The task of ``round_number``, from data alone (a secure round's config included)."""
         secure = self._secure.task_config(round_number) if self._secure is not None else None
+        if self._site_task is not None:  # the consortium's task, for this site's gateways
+            upstream, payload = self._site_task
+            if upstream.deadline is not None:
+                deadline_at = min(deadline_at, upstream.deadline)
+            return Task(upstream.round, upstream.model_version, {**upstream.config, **(secure or {})}, deadline_at,
+                        selection, self.config.federation, upstream=payload.decode()).signed(_running(self._key))
         return Task(round_number, model_version, self.config.round_config(self.strategy, round_number, secure),
                     deadline_at, selection, self.config.federation).signed(_running(self._key))
 
@@ -516,7 +686,8 @@ class HubService:
         return self._build_task(current.round, int(model.version), current.deadline_at, current.selection)
 
     async def _publish_task(self) -> None:
-        await _running(self._publisher).task(self._task())
+        if not self._placeholder():
+            await _running(self._publisher).task(self._task())
 
     async def _announce(self, model_message: bytes | None = None, task: bool = True) -> None:
         """Publish the current model (retained, signed) and then the task that points at it."""
@@ -528,10 +699,13 @@ class HubService:
                 return None
             version = int(model.version)
             message = model_message
+            if self._site_model is not None:  # the consortium's model, as it signed it
+                message = self._site_model[1]
             if message is None:
                 message = build_model(model, current.round, _running(self._key), rounds.ledger_entry(version),
                                       self.config.federation)
-            return Announcement(message, version, current.round, self._task().to_bytes() if task else None)
+            with_task = task and not self._placeholder()
+            return Announcement(message, version, current.round, self._task().to_bytes() if with_task else None)
 
         await _running(self._publisher).announce(compose)
 

@@ -416,6 +416,10 @@ class HubStore:
         (the model the edges evaluated) and ``metrics`` (example-weighted means, ``eval_clients``).
         ``"privacy"``: None, or under a DP strategy the epsilon spent so far at ``delta``, the
         sampling assumption, the budget, ``per_round`` epsilons and ``budget_reached``.
+        ``"upstream"``: None, or on a site hub its link to the consortium: ``site``, ``broker``,
+        ``connected``, ``consortium_version`` and ``consortium_round`` (the latest it took), and
+        ``partial`` (``round``, ``state``: ``pending`` until the consortium's receipt, then
+        ``acknowledged``).
         Read in one transaction, so ``updates_accepted`` always equals the sum of the clients'
         ``accepted``.
         """
@@ -455,4 +459,5 @@ class HubStore:
             "personalization": self.get("personalization", {}),
             "privacy": self.get("privacy"),
             "waiting": self.get("waiting"),
+            "upstream": self.get("upstream"),
         }

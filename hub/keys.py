@@ -5,15 +5,24 @@ identities the hub accepts. Everything lives under ``STATE/keys/``::
 
     ca.key, ca.crt            the federation's CA (EC P-256): signs the broker's and every client's certificate
     hub/                      hub.key (Ed25519, signs models), hub.pub, mqtt.json, client.crt, client.key,
-                              ca.crt, keyring (the device keys the hub accepts)
+                              ca.crt, keyring (the device and site keys the hub accepts); on a site
+                              (``keys init --consortium``) also consortium.pub, the consortium hub's key
     devices/<ID>/             device.key (Ed25519, signs updates), mqtt.json, client.crt, client.key,
-                              ca.crt, hub.pub
+                              ca.crt, hub.pub (the key the device pins: the consortium's on a site)
+    sites/<ID>/               (a consortium's) one site hub's upstream credentials: device.key (the site's
+                              Ed25519 key, signs its partials), mqtt.json, client.crt, client.key, ca.crt,
+                              hub.pub (the consortium's key), grant.json (the consortium's grant of that key)
+
+A site of a federation of sites is a client of the consortium's broker like a device
+(:func:`add_site`), and provisions its own broker and gateways with ``init_keys(state,
+consortium=FOLDER)``: its hub then signs with the granted key, and its gateways pin the
+consortium's key, since the models reach them as the consortium signed them.
 
 :func:`broker_config` writes a Mosquitto config that accepts only those identities: TLS
 only, with a client certificate from the CA; a PBKDF2-SHA512 password file in
 Mosquitto's own ``$7$`` format; and an ACL under which a device publishes only on its
 own ``update/``, ``status/`` and ``metrics/`` topics and reads ``model``, ``task`` and its
-own ``receipt/``. The CA is a test CA in the sense that wearfl makes it: an
+own ``receipt/``; a site is one more such client. The CA is a test CA in the sense that wearfl makes it: an
 organisation with its own PKI can put its certificates in the same places.
 
 Mosquitto started as root reads its config, then drops to the account of its ``user``
@@ -47,9 +56,11 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from models.errors import ConfigError
+from models.errors import ConfigError, SigningError
 from models.files import write_atomic
-from models.protocol.identity import load_or_create_key, private_pem, public_hex
+from models.protocol.ed25519 import Ed25519PrivateKey
+from models.protocol.identity import load_keyring, load_or_create_key, private_pem, public_hex
+from models.protocol.messages import Grant
 from models.protocol.topics import check_name
 from models.transport.credentials import read_mqtt_json
 from models.transport.mosquitto import MAX_PACKET_BYTES, limit_lines
@@ -57,6 +68,7 @@ from models.transport.mosquitto import MAX_PACKET_BYTES, limit_lines
 __all__ = [
     "HUB_USERNAME",
     "add_device",
+    "add_site",
     "broker_config",
     "broker_next_steps",
     "init_keys",
@@ -72,16 +84,20 @@ MOSQUITTO_FALLBACK_USER = "nobody"  # ... where no `mosquitto` account exists
 BROKER_PRIVATE = ("passwords", "server.key")  # mode 600: readable by the broker's account only
 
 
-def init_keys(state: Path) -> Path:
+def init_keys(state: Path, consortium: Path | None = None) -> Path:
     """Make the CA and the hub's credentials under ``state/keys``; returns the hub's folder.
 
     An existing hub signing key (``keys/hub.key``, from a hub run without credentials)
-    is kept, so edges that pinned it keep trusting the hub's models.
+    is kept, so edges that pinned it keep trusting the hub's models. ``consortium``: this
+    hub is a site, and that is its folder from :func:`add_site` on the consortium's keys;
+    the hub then signs with the key the consortium granted, and ``hub/consortium.pub`` holds
+    the consortium's key for :func:`add_device` to give the site's gateways.
     """
     keys = Path(state) / "keys"
     if (keys / "ca.key").exists():
         raise ConfigError(f"{keys} already holds a CA; its devices' certificates depend on it. Remove {keys / 'ca.key'}"
                           " and every folder under keys/ to start over.")
+    granted = _read_site_folder(Path(consortium)) if consortium is not None else None
     ca_key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"wearfl federation CA ({Path(state).resolve().name})")])
     now = dt.datetime.now(dt.UTC)
@@ -97,34 +113,126 @@ def init_keys(state: Path) -> Path:
     )
     hub = keys / "hub"
     legacy = keys / "hub.key"
-    signing = load_or_create_key(legacy if legacy.exists() else hub / "hub.key")
+    if granted is not None:
+        signing, consortium_hex = granted
+        _write_public(hub / "consortium.pub", (consortium_hex + "\n").encode())
+    else:
+        signing = load_or_create_key(legacy if legacy.exists() else hub / "hub.key")
     _write_private(hub / "hub.key", private_pem(signing))
     _write_public(hub / "hub.pub", (public_hex(signing) + "\n").encode())
     _client_files(hub, HUB_USERNAME, ca_key, ca_cert)
-    write_atomic(hub / "keyring", b"# client_id public_key_hex, one device a line (wearfl keys add-device)\n")
+    write_atomic(hub / "keyring", b"# client_id public_key_hex, one device or site a line (wearfl keys add-device, "
+                                  b"add-site)\n")
     _write_private(keys / "ca.key", ca_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
     _write_public(keys / "ca.crt", ca_cert.public_bytes(Encoding.PEM))
     return hub
 
 
 def add_device(state: Path, device_id: str) -> Path:
-    """Enrol ``device_id``: its credentials folder, and its key in the hub's keyring. Returns the folder."""
+    """Enrol ``device_id``: its credentials folder, and its key in the hub's keyring. Returns the folder.
+
+    The device pins ``hub/consortium.pub`` when there is one (this hub is a site: the models
+    reach its gateways as the consortium signed them), else this hub's ``hub.pub``.
+    """
     check_name("device id", device_id)
     keys = Path(state) / "keys"
     ca_key, ca_cert = _load_ca(keys)
+    _check_new_client(keys, "devices", device_id)
     folder = keys / "devices" / device_id
-    if folder.exists():
-        raise ConfigError(f"device {device_id} is already enrolled ({folder}); to re-key it, remove that folder and "
-                          f"its line in {keys / 'hub' / 'keyring'}, then add it again.")
-    if device_id == HUB_USERNAME:
-        raise ConfigError(f"{HUB_USERNAME!r} is the hub's broker username; choose another device id.")
     device_key = load_or_create_key(folder / "device.key")
     _client_files(folder, device_id, ca_key, ca_cert)
-    _write_public(folder / "hub.pub", (keys / "hub" / "hub.pub").read_bytes())
+    consortium = keys / "hub" / "consortium.pub"
+    _write_public(folder / "hub.pub", (consortium if consortium.is_file() else keys / "hub" / "hub.pub").read_bytes())
+    _add_to_keyring(keys, device_id, public_hex(device_key))
+    return folder
+
+
+def add_site(state: Path, site_id: str, federation: str) -> Path:
+    """Enrol site ``site_id`` of ``federation`` on the consortium's keys; returns its folder ``keys/sites/<ID>``.
+
+    On the consortium's broker a site hub is a client like a device (username ``site_id``),
+    so it gets a device's files: its own Ed25519 key as ``device.key`` (it signs the site's
+    partial updates; added to the hub's keyring), broker credentials, and ``hub.pub`` (the
+    consortium's key). ``grant.json`` is the consortium hub's signed word that this key may
+    sign the site's tasks and receipts, which the site's gateways check.
+    """
+    check_name("site id", site_id)
+    check_name("federation", federation)
+    keys = Path(state) / "keys"
+    ca_key, ca_cert = _load_ca(keys)
+    _check_new_client(keys, "sites", site_id)
+    consortium = _hub_signing_key(keys)
+    folder = keys / "sites" / site_id
+    site_key = load_or_create_key(folder / "device.key")
+    _client_files(folder, site_id, ca_key, ca_cert)
+    _write_public(folder / "hub.pub", (public_hex(consortium) + "\n").encode())
+    grant = Grant(federation, site_id, public_hex(site_key)).signed(consortium)
+    _write_public(folder / "grant.json", grant.to_bytes() + b"\n")
+    _add_to_keyring(keys, site_id, public_hex(site_key))
+    return folder
+
+
+def _check_new_client(keys: Path, kind: str, client_id: str) -> None:
+    """ConfigError unless ``client_id`` is free for a new device or site (``kind``: "devices" or "sites").
+
+    Devices and sites share the broker's usernames and the hub's keyring, so an id may
+    name only one of them, and never the hub itself.
+    """
+    noun = kind[:-1]
+    if client_id == HUB_USERNAME:
+        raise ConfigError(f"{HUB_USERNAME!r} is the hub's broker username; choose another {noun} id.")
+    ring = keys / "hub" / "keyring"
+    for other in ("devices", "sites"):
+        folder = keys / other / client_id
+        if not folder.exists():
+            continue
+        if other == kind:
+            raise ConfigError(f"{noun} {client_id} is already enrolled ({folder}); to re-key it, remove that folder "
+                              f"and its line in {ring}, then add it again.")
+        raise ConfigError(f"{client_id} is already the id of a {other[:-1]} ({folder}); devices and sites share the "
+                          f"broker's usernames, so choose another {noun} id.")
+    if ring.is_file() and client_id in load_keyring(ring):
+        raise ConfigError(f"{client_id} already has a key in {ring}; remove its line there, or choose another "
+                          f"{noun} id.")
+
+
+def _add_to_keyring(keys: Path, client_id: str, key_hex: str) -> None:
+    """Append ``client_id key_hex`` to the hub's keyring: the hub accepts that client's signed updates."""
     ring = keys / "hub" / "keyring"
     lines = ring.read_text() if ring.exists() else ""
-    write_atomic(ring, (lines + f"{device_id} {public_hex(device_key)}\n").encode())
-    return folder
+    write_atomic(ring, (lines + f"{client_id} {key_hex}\n").encode())
+
+
+def _hub_signing_key(keys: Path) -> Ed25519PrivateKey:
+    """The hub's Ed25519 key ``keys/hub/hub.key`` (never created here: a grant needs the key edges pin)."""
+    path = keys / "hub" / "hub.key"
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; it is the consortium hub's signing key, made by `wearfl keys init "
+                          f"--state {keys.parent}`. Restore it.")
+    return load_or_create_key(path)
+
+
+def _read_site_folder(folder: Path) -> tuple[Ed25519PrivateKey, str]:
+    """(the site's granted key, the consortium's public key hex) from an :func:`add_site` folder.
+
+    Checked before anything is written: the files are there, ``hub.pub`` is a key, and
+    ``grant.json`` grants this ``device.key`` and is signed by that ``hub.pub``.
+    """
+    redo = "copy the whole folder from the consortium's `wearfl keys add-site ID --state DIR --federation NAME`"
+    missing = [name for name in ("device.key", "hub.pub", "grant.json") if not (folder / name).is_file()]
+    if missing:
+        raise ConfigError(f"{folder} lacks {', '.join(missing)}; --consortium takes the site's folder: {redo}.")
+    site_key = load_or_create_key(folder / "device.key")
+    consortium_hex = (folder / "hub.pub").read_text().strip()
+    try:
+        consortium = bytes.fromhex(consortium_hex)
+        grant = Grant.from_bytes((folder / "grant.json").read_bytes())
+    except (ValueError, SigningError) as exc:
+        raise ConfigError(f"{folder}'s hub.pub or grant.json cannot be read ({exc}); {redo}.") from None
+    if len(consortium) != 32 or grant.key != public_hex(site_key) or not grant.verify(consortium):
+        raise ConfigError(f"{folder / 'grant.json'} does not grant {folder / 'device.key'} under the consortium's "
+                          f"key {folder / 'hub.pub'}; the files come from different add-site runs: {redo}.")
+    return site_key, consortium.hex()
 
 
 def broker_config(
@@ -164,10 +272,8 @@ def broker_config(
     _write_private(out / "server.key", server_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
     _write_public(out / "server.crt", _leaf(hostnames[0], server_key, ca_key, ca_cert, server_names=hostnames))
     _write_public(out / "ca.crt", ca_cert.public_bytes(Encoding.PEM))
-    accounts = [read_mqtt_json(keys / "hub" / "mqtt.json")]
-    devices = keys / "devices"
-    if devices.is_dir():
-        accounts += [read_mqtt_json(d / "mqtt.json") for d in sorted(devices.iterdir()) if d.is_dir()]
+    accounts = [read_mqtt_json(keys / "hub" / "mqtt.json")] + [read_mqtt_json(f / "mqtt.json")
+                                                                for f in _client_folders(keys)]
     _write_private(out / "passwords", "".join(f"{u}:{password_hash(p)}\n" for u, p in accounts).encode())
     _write_public(out / "acl", _acl(federation, [u for u, _ in accounts[1:]]).encode())
     persistence = Path(persistence_dir) if persistence_dir is not None else out / "data"
@@ -201,6 +307,13 @@ def broker_config(
     if owner is not None:
         _hand_over([out / name for name in BROKER_PRIVATE], persistence, owner)
     return config
+
+
+def _client_folders(keys: Path) -> list[Path]:
+    """The folders of the broker's clients besides the hub: ``devices/*``, then ``sites/*`` (a site hub is a
+    client of the consortium's broker like a device)."""
+    return [folder for kind in ("devices", "sites") if (keys / kind).is_dir()
+            for folder in sorted((keys / kind).iterdir()) if folder.is_dir()]
 
 
 def mosquitto_account(user: str | None = None) -> str:
@@ -262,7 +375,7 @@ def _acl(federation: str, devices: Sequence[str]) -> str:
     shared = [line for device in devices
               for line in (f"user {device}", *(f"topic read {root}/{kind}" for kind in ("model", "task", "grant")))]
     return "\n".join([
-        "# generated by `wearfl keys broker-config`. %u is the connecting username: a device's id.",
+        "# generated by `wearfl keys broker-config`. %u is the connecting username: a device's (or site's) id.",
         "# A device publishes only its own updates, status (and will) and metrics,",
         "# and reads the model, the task, a site's grant and its own receipts.",
         f"pattern write {root}/update/%u",
@@ -273,7 +386,8 @@ def _acl(federation: str, devices: Sequence[str]) -> str:
         f"pattern write {root}/secagg/%u",
         f"pattern read {root}/secagg-to/%u",
         "",
-        "# Every enrolled device reads the model and the task (run broker-config again after add-device).",
+        "# Every enrolled device and site reads the model and the task (run broker-config again after add-device"
+        " or add-site).",
         *shared,
         "",
         "# The hub reads every update, status and metrics message and writes models, tasks and receipts.",

@@ -33,7 +33,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from hub.service import HubService
     from wearfl.attacks import AttackPlan
     from wearfl.broker import EmbeddedBroker, MosquittoBroker
+    from wearfl.sites import SimulatedSites
 
 __all__ = [
     "GRACE_S", "Interrupted", "RoundProgress", "Simulation", "StopSignals", "add_commands", "float32_update_bytes",
@@ -117,8 +118,9 @@ def headline_metric(task: str) -> str:
 class Simulation:
     """A checked federation, ready to run: nothing runs and nothing is written before :func:`run_simulation`.
 
-    ``broker`` is the one the run starts and stops (None: ``--broker`` names a running one);
-    ``keyring`` is where the run writes the device keys secure aggregation needs (None: no secure rounds).
+    ``broker`` is the one the run starts and stops (None: ``--broker`` names a running one, or ``sites``
+    brings its own); ``keyring`` is where the run writes the device keys secure aggregation needs (None: no
+    secure rounds). ``sites`` (``--sites K``): the site hubs and their brokers under ``hub``, the consortium.
     """
 
     args: argparse.Namespace
@@ -133,6 +135,7 @@ class Simulation:
     edges: list[EdgeClient]
     plan: AttackPlan | None
     keyring: Path | None
+    sites: SimulatedSites | None = None
 
 
 def prepare_simulation(args: argparse.Namespace) -> Simulation:
@@ -145,6 +148,7 @@ def prepare_simulation(args: argparse.Namespace) -> Simulation:
     from edge_client.sources.datasets import open_dataset
     from wearfl.attacks import AttackPlan
     from wearfl.broker import make_broker
+    from wearfl.sites import SimulatedSites
 
     if not args.verbose:
         logging.getLogger("hub.store").setLevel(logging.ERROR)  # one "pinned key" line per simulated edge
@@ -157,17 +161,25 @@ def prepare_simulation(args: argparse.Namespace) -> Simulation:
     clients = _clients(args, dataset)
     if args.strategy == "dpfedavg":
         strategy_args.setdefault("population", len(clients))
-    broker = None if args.broker else make_broker(workdir=out)  # not started: only its URL is needed yet
-    url = args.broker or broker.url
+    sites = SimulatedSites.plan(args.sites, clients, out) if args.sites else None
+    # not started: only the URLs are needed yet
+    broker = None if args.broker or sites is not None else make_broker(workdir=out)
+    url = args.broker or (sites.consortium_url if sites is not None else broker.url)
     federation = f"sim-{int(time.time())}"
     keyring = out / "keyring" if args.secure_aggregation else None
-    hub = _hub(args, url, federation, out, model, len(clients), strategy_args, keyring)
+    if sites is not None:  # the consortium: an ordinary hub whose clients are the sites
+        hub = _hub(args, url, federation, out, model, len(sites.members), strategy_args, out / "sites.keyring",
+                   consortium=True)
+        sites.build_hubs(args, federation, out, keyring)
+    else:
+        hub = _hub(args, url, federation, out, model, len(clients), strategy_args, keyring)
     plan = None
     if args.attack:
         plan = AttackPlan.choose(args.attack, args.malicious, clients, args.seed, args.attack_scale)
-    edges = _edges(args, url, federation, out, dataset, clients, plan, keyring)
+    edges = _edges(args, url, federation, out, dataset, clients, plan, keyring,
+                   sites.url_of if sites is not None else None)
     return Simulation(args, dataset.name, out, url, broker, model, clients, _held_out(dataset, model), hub, edges,
-                      plan, keyring)
+                      plan, keyring, sites)
 
 
 def _check_out(out: Path) -> None:
@@ -190,6 +202,10 @@ def _check_flags(args: argparse.Namespace) -> None:
                           "give e.g. --malicious 0.2.")
     if args.broker:
         BrokerAddress.parse(args.broker)
+    if args.sites and args.broker:
+        raise ConfigError("--sites starts a broker for each site and one for the consortium; leave out --broker.")
+    if args.sites < 0:
+        raise ConfigError(f"--sites {args.sites}: give a number of sites (0: one flat federation).")
 
 
 def _strategy_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -245,27 +261,35 @@ def _held_out(dataset: Dataset, model: Model) -> list[ClientData]:
 
 
 def _hub(args: argparse.Namespace, url: str, federation: str, out: Path, model: Model, n: int,
-         strategy_args: dict[str, Any], keyring: Path | None) -> HubService:
-    """The hub, its config checked: the strategy and its args, the rounds, timeouts and the edges' task."""
+         strategy_args: dict[str, Any], keyring: Path | None, consortium: bool = False) -> HubService:
+    """The hub, its config checked: the strategy and its args, the rounds, timeouts and the edges' task.
+
+    ``consortium``: its ``n`` clients are sites, every one in every round (selection and secure rounds
+    happen inside the sites).
+    """
     from hub.service import HubConfig, HubService
 
+    fraction = 1.0 if consortium else args.fraction
     task_config = {"quantize": args.quantize, "epochs": args.local_epochs, "batch_size": 32, "lr": args.lr,
                    "lr_schedule": args.lr_schedule, "rotation_deg": args.rotation}
     config = HubConfig(
         broker=url, federation=federation, state_dir=out / "hub",
-        min_clients=n if args.fraction >= 1 else max(1, math.ceil(args.fraction * n)),
-        clients_per_round=n if args.fraction >= 1 else None, fraction=args.fraction,
+        min_clients=n if fraction >= 1 else max(1, math.ceil(fraction * n)),
+        clients_per_round=n if fraction >= 1 else None, fraction=fraction,
         round_timeout_s=args.round_timeout, rounds=args.rounds, task_config=task_config, strategy=args.strategy,
         strategy_args=strategy_args, evaluate_every=args.eval_every,
-        server_lr=args.server_lr, keyring=keyring, secure_aggregation=args.secure_aggregation,
+        server_lr=args.server_lr, keyring=keyring, secure_aggregation=args.secure_aggregation and not consortium,
         http=args.http, http_token=args.http_token,
     )
     return HubService(config, initial_model=model)
 
 
 def _edges(args: argparse.Namespace, url: str, federation: str, out: Path, dataset: Dataset, clients: list[str],
-           plan: AttackPlan | None, keyring: Path | None) -> list[EdgeClient]:
-    """One edge per client, each with its own state folder and seed; ``plan``'s hostile ones poisoned or hooked."""
+           plan: AttackPlan | None, keyring: Path | None,
+           broker_of: Callable[[str], str] | None = None) -> list[EdgeClient]:
+    """One edge per client, each with its own state folder and seed; ``plan``'s hostile ones poisoned or hooked.
+
+    ``broker_of``: the broker of each client's site (default: ``url`` for every edge)."""
     from edge_client.finetune import FineTunePolicy
     from edge_client.runtime import EdgeClient, EdgeConfig
     from wearfl.attacks import Collusion, PoisonedSource, weights_hook
@@ -274,7 +298,8 @@ def _edges(args: argparse.Namespace, url: str, federation: str, out: Path, datas
     collusion = Collusion(plan.malicious, len(clients)) if plan and plan.kind == "alie" else None
     edges = []
     for i, client in enumerate(clients):
-        config = EdgeConfig(broker=url, federation=federation, client_id=client, state_dir=out / "edges" / client,
+        broker = broker_of(client) if broker_of is not None else url
+        config = EdgeConfig(broker=broker, federation=federation, client_id=client, state_dir=out / "edges" / client,
                             policy=replace(policy, train=replace(policy.train, seed=args.seed + i)),
                             seed=args.seed + i, window_hop_fraction=args.window_hop,
                             train_delay_s=args.edge_delay, peer_keyring=keyring)
@@ -470,10 +495,14 @@ def run_simulation(sim: Simulation, signals: StopSignals) -> dict[str, Any] | No
     _make_out(sim.out)
     if sim.keyring is not None:
         _write_keyring(sim.keyring, sim.out, sim.clients)
+    if sim.sites is not None:
+        sim.sites.provision(sim.out, sim.hub.config.federation)
     report = _new_report(sim)
     try:
         if sim.broker is not None:
             sim.broker.start()
+        if sim.sites is not None:
+            sim.sites.start()
         _announce(sim)
         with RoundProgress(sim.args.rounds, headline_metric(sim.args.task)) as progress:
             recorder = sim.hub.on_round_closed = RoundRecorder(sim, report, progress)
@@ -481,6 +510,8 @@ def run_simulation(sim: Simulation, signals: StopSignals) -> dict[str, Any] | No
     finally:
         if sim.broker is not None:
             sim.broker.stop()
+        if sim.sites is not None:
+            sim.sites.stop()
     if signals.signum is not None:
         _keep_rounds_done(sim, report, signals.signum)
         return None
@@ -518,7 +549,8 @@ def _new_report(sim: Simulation) -> dict[str, Any]:
 
     args = sim.args
     report: dict[str, Any] = {
-        "task": args.task, "dataset": args.dataset, "clients": len(sim.clients), "strategy": args.strategy,
+        "task": args.task, "dataset": args.dataset, "clients": len(sim.clients), "sites": args.sites,
+        "strategy": args.strategy,
         "secure_aggregation": args.secure_aggregation, "strategy_args": dict(sim.hub.config.strategy_args),
         "quantization": args.quantize, "float32_update_bytes": float32_update_bytes(sim.model), "rounds": [],
         "initial_metrics": summarize(sim.model, sim.held_out)["metrics"],
@@ -531,8 +563,10 @@ def _new_report(sim: Simulation) -> dict[str, Any]:
 
 def _announce(sim: Simulation) -> None:
     args, n = sim.args, len(sim.clients)
+    where = sim.url if sim.sites is None else (f"{len(sim.sites.members)} site brokers under the consortium's "
+                                               f"{sim.url}")
     print(f"simulating {n} edges x {args.rounds} rounds of {args.task} on {sim.dataset_name} "
-          f"({args.quantize} updates) through {sim.url}", file=sys.stderr)
+          f"({args.quantize} updates) through {where}", file=sys.stderr)
     if args.http:
         print(f"dashboard: http://{args.http}/ (while the simulation runs)", file=sys.stderr)
     if sim.plan is not None:
@@ -553,14 +587,16 @@ async def _federate(sim: Simulation, signals: StopSignals) -> None:
     with signals.stopping(stop):
         hub = asyncio.create_task(sim.hub.run(stop), name="the hub")
         edges = asyncio.create_task(run_edges(sim.edges, stop), name="the edges")
+        sites = [asyncio.create_task(site.run(stop), name=f"the hub of {name}")
+                 for name, site in (sim.sites.hubs.items() if sim.sites is not None else ())]
         stopped = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait([hub, stopped], return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopped.cancel()
             stop.set()
-            await _settle([hub, edges], GRACE_S if signals.signum is not None else EDGES_STOP_S)
-    for task in (hub, edges):
+            await _settle([hub, edges, *sites], GRACE_S if signals.signum is not None else EDGES_STOP_S)
+    for task in (hub, edges, *sites):
         if task.done() and not task.cancelled():
             task.result()  # the error that ended it, if any
 
@@ -593,6 +629,8 @@ def _finish_report(sim: Simulation, report: dict[str, Any], recorder: RoundRecor
     report["update_bytes"] = float(np.median(per_update)) if per_update else None
     if per_update:
         report["update_bytes_ratio"] = report["update_bytes"] / report["float32_update_bytes"]
+    if sim.sites is not None:
+        report["tiers"] = sim.sites.tiers(report["rounds"])
     save_package(final, sim.out / "model.safetensors")
     write_atomic(sim.out / "model.onnx", export_onnx(final))
     write_atomic(sim.out / "model.tflite", export_tflite(final))
@@ -702,6 +740,9 @@ def add_commands(sub: Any) -> None:
                    help="the fraction of edges that attack, in (0, 1) (with --attack)")
     p.add_argument("--attack-scale", type=float, default=10.0,
                    help="s of the scale (s * delta) and sign-flip (-s * delta) attacks")
+    p.add_argument("--sites", type=int, default=0, metavar="K",
+                   help="split the edges over K site hubs, each with its own broker, under a consortium hub "
+                        "(0: one flat federation; docs/sites.md)")
     p.add_argument("--out", help="output folder (default: a new folder under ./runs/)")
     p.add_argument("--http", metavar="HOST:PORT",
                    help="serve the hub's live dashboard, /metrics and /api/status while the simulation runs "

@@ -352,6 +352,16 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
            if status.get("declined") else ""),
         f"clients             {len(status['clients'])}",
     ]
+    upstream = status.get("upstream")
+    if upstream:
+        partial = upstream.get("partial") or {}
+        lines.insert(1, f"upstream            site {upstream['site']} under the consortium at {upstream['broker']}"
+                        f" ({'connected' if upstream.get('connected') else 'not connected'}): consortium model "
+                        f"v{upstream.get('consortium_version')}, round {upstream.get('consortium_round')}"
+                        + (f"; partial of round {partial['round']} {partial['state']}" if partial else ""))
+    if status.get("sites"):
+        lines.append(f"sites               {len(status['sites'])} (this hub is a consortium: its clients are site "
+                     "hubs)")
     evaluation = status.get("global_metrics")
     if evaluation:
         lines.insert(2, f"federated metric    {describe_metrics(evaluation['metrics'])} "

@@ -63,6 +63,7 @@ class Presence:
     doing: dict[str, str] = field(default_factory=dict)  # client -> its last published training state
     _declines: dict[tuple[str, int], Decline] = field(default_factory=dict)
     _newcomers: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    sites: set[str] = field(default_factory=set)  # members whose status says they are site hubs
 
     @property
     def online(self) -> set[str]:
@@ -108,6 +109,8 @@ class Presence:
             return False, None
         came = client not in self._online
         self._online.add(client)
+        if body.get("role") == "site":
+            self.sites.add(client)
         if isinstance(body.get("training"), str):
             self.doing[client] = body["training"][:MAX_DETAIL]
         return came, self._decline_of(client, body.get("declined"))

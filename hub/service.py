@@ -268,6 +268,7 @@ class HubService:
         finally:
             if self._upstream is not None:
                 await self._upstream.close()
+                store.put("upstream", self._upstream.status())  # not connected, and where it stopped
             if self.operator_view is not None:
                 self.operator_view.stop()
             self._store = None
@@ -458,7 +459,10 @@ class HubService:
         self._metrics.add(client, payload, current.round)
 
     def _on_status(self, client: str, payload: bytes) -> None:
+        sites = len(self.presence.sites)
         came_online, decline = self.presence.update(client, payload)
+        if len(self.presence.sites) > sites:  # a consortium hub: its clients are sites
+            _running(self._store).put("sites", sorted(self.presence.sites))
         current = self._rounds.current if self._rounds is not None else None
         if current is None:
             return

@@ -419,7 +419,7 @@ class HubStore:
         ``"upstream"``: None, or on a site hub its link to the consortium: ``site``, ``broker``,
         ``connected``, ``consortium_version`` and ``consortium_round`` (the latest it took), and
         ``partial`` (``round``, ``state``: ``pending`` until the consortium's receipt, then
-        ``acknowledged``).
+        ``acknowledged``). ``"sites"``: on a consortium hub, the clients that are site hubs.
         Read in one transaction, so ``updates_accepted`` always equals the sum of the clients'
         ``accepted``.
         """
@@ -460,4 +460,5 @@ class HubStore:
             "privacy": self.get("privacy"),
             "waiting": self.get("waiting"),
             "upstream": self.get("upstream"),
+            "sites": self.get("sites", []),
         }

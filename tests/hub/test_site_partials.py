@@ -61,3 +61,28 @@ def test_fedavg_of_site_partials_is_fedavg_of_every_gateway(tmp_path):
     for name, value in flat_model.network.state_dict().items():
         np.testing.assert_allclose(consortium_model.network.state_dict()[name], value, rtol=1e-5, atol=1e-7)
     assert flat.model.version == consortium.model.version == 0 and consortium_model.version == 1
+
+
+def test_a_site_cannot_send_a_partial_for_another_site(tmp_path):
+    """The consortium's keyring names each site's key: a partial under another site's id is refused."""
+    site_a, site_b = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    keyring = {"site-a": site_a.public_key().public_bytes_raw(), "site-b": site_b.public_key().public_bytes_raw()}
+    store = HubStore(tmp_path)
+    rounds = RoundManager(store, ModelRegistry(tmp_path / "models"), FedAvg(), RoundPolicy(min_clients=1))
+    model = rounds.resume(Model(activity_spec(), seed=0))
+    intake = Intake(store, TOPICS, UpdateCodec.for_weights(model.network.state_dict()), keyring=keyring)
+    current = rounds.open(1, intake.decode_stored)
+    shapes = {k: v.shape for k, v in model.network.state_dict().items()}
+    forged = make_update(site_b, "site-a", delta=delta_of(shapes, seed=1), shapes=shapes, num_examples=500)
+    receipt, accepted = intake.process(TOPICS.update("site-a"), forged, current)
+    assert accepted is None and receipt.status == "rejected" and receipt.reason == "key_mismatch"
+    genuine = make_update(site_a, "site-a", delta=delta_of(shapes, seed=1), shapes=shapes, num_examples=500)
+    assert intake.process(TOPICS.update("site-a"), genuine, current)[1] is not None
+
+
+def test_a_partial_is_encoded_whole_and_unclipped():
+    from hub.upstream import partial_codec
+
+    codec = partial_codec({"quantize": "topk", "topk_fraction": 0.04, "update_clip": 2.0})
+    assert (codec.quantize, codec.update_clip) == ("int8", 0.0)
+    assert partial_codec({"quantize": "int4"}).quantize == "int4"

@@ -16,7 +16,9 @@ from edge_client.sources.simulator import SimulatedDataset
 from hub.service import HubConfig, HubService
 from models import Model, TrainConfig
 from models.protocol.identity import load_or_create_key, public_hex
-from models.protocol.messages import Grant
+from models.protocol.messages import Grant, build_model
+from models.protocol.topics import Topics
+from models.transport.mqtt import BrokerAddress, MqttSession
 from wearfl.broker import MosquittoBroker
 
 pytestmark = pytest.mark.slow
@@ -39,7 +41,19 @@ def provision(tmp_path: Path, federation: str) -> str:
     return public_hex(consortium)
 
 
-async def federate(tmp_path: Path, brokers: dict[str, MosquittoBroker], rounds: int) -> dict[str, HubService]:
+async def forge_a_model(tmp_path: Path, broker: MosquittoBroker, federation: str) -> None:
+    """Publish, retained on a site's broker, a newer model that the site hub's own key signed."""
+    site_key = load_or_create_key(tmp_path / "site-a" / "keys" / "hub.key")
+    forged = build_model(Model(task_spec("activity", DATASET), seed=9, version=99), 99, site_key, None, federation)
+    session = MqttSession(BrokerAddress.parse(broker.url), "forger")
+    await session.connect()
+    await session.publish(Topics(federation).model, forged, qos=1, retain=True)
+    await session.disconnect()
+    await asyncio.sleep(1.5)
+
+
+async def federate(tmp_path: Path, brokers: dict[str, MosquittoBroker], rounds: int,
+                   forge: bool = False) -> tuple[dict[str, HubService], list[EdgeClient]]:
     federation = f"sites-{uuid.uuid4().hex[:8]}"
     consortium_pub = provision(tmp_path, federation)
     spec = task_spec("activity", DATASET)
@@ -65,10 +79,12 @@ async def federate(tmp_path: Path, brokers: dict[str, MosquittoBroker], rounds: 
     try:
         await asyncio.wait_for(hubs["consortium"].run(), 240)
         await asyncio.sleep(1.0)  # the sites take the final model
+        if forge:
+            await forge_a_model(tmp_path, brokers["site-a"], federation)
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*running), 60)
-    return hubs
+    return hubs, edges
 
 
 @pytest.fixture
@@ -82,8 +98,8 @@ def brokers(tmp_path):
         broker.stop()
 
 
-def test_two_sites_run_three_consortium_rounds(tmp_path, brokers):
-    hubs = asyncio.run(federate(tmp_path, brokers, rounds=3))
+def test_two_sites_run_three_consortium_rounds_and_gateways_refuse_a_model_the_site_forged(tmp_path, brokers):
+    hubs, edges = asyncio.run(federate(tmp_path, brokers, rounds=3, forge=True))
     consortium = hubs["consortium"].status()
     assert consortium["rounds_completed"] == 3
     assert consortium["updates_accepted"] == 6 == sum(c["accepted"] for c in consortium["clients"].values())
@@ -93,3 +109,5 @@ def test_two_sites_run_three_consortium_rounds(tmp_path, brokers):
         assert status["updates_accepted"] == 6 == sum(c["accepted"] for c in status["clients"].values())
         assert status["upstream"]["consortium_version"] == consortium["model_version"] == 3
         assert status["upstream"]["partial"]["state"] == "acknowledged"
+    site_a = [e for e in edges if e.client_id in SITES["site-a"]]
+    assert all(e.model_version == 3 and e.counters["models_refused"] >= 1 for e in site_a)  # not v99

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import json
+import sqlite3
 import uuid
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
+import waiting
+from hub_process import WAIT_S, HubProcess
 from provisioned import needs_mosquitto
 
 from edge_client.evaluation import task_spec
@@ -14,6 +22,7 @@ from edge_client.finetune import FineTunePolicy
 from edge_client.runtime import EdgeClient, EdgeConfig, run_edges
 from edge_client.sources.simulator import SimulatedDataset
 from hub.service import HubConfig, HubService
+from hub.store import HubStore
 from models import Model, TrainConfig
 from models.protocol.identity import load_or_create_key, public_hex
 from models.protocol.messages import Grant, build_model
@@ -111,3 +120,99 @@ def test_two_sites_run_three_consortium_rounds_and_gateways_refuse_a_model_the_s
         assert status["upstream"]["partial"]["state"] == "acknowledged"
     site_a = [e for e in edges if e.client_id in SITES["site-a"]]
     assert all(e.model_version == 3 and e.counters["models_refused"] >= 1 for e in site_a)  # not v99
+
+
+# -- a site hub SIGKILLed mid-round ------------------------------------------------------------------
+
+
+def stored(state: Path, key: str | None = None) -> Any:
+    """A running site hub's stored updates (or its kv ``key``), read-only."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{state / 'hub.db'}?mode=ro", uri=True, timeout=5)) as db:
+            if key is None:
+                return db.execute("SELECT COUNT(*) FROM updates").fetchone()[0]
+            row = db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+    except sqlite3.Error:
+        return None
+    return None if row is None else json.loads(row[0])
+
+
+@pytest.mark.parametrize("kill_at", ["some_stored", "partial_stored"])
+def test_a_site_hub_killed_mid_round_loses_and_double_counts_nothing(tmp_path, brokers, monkeypatch, kill_at):
+    """Round 2 of 3: ``some_stored``: one gateway's update is stored at site A when its hub dies;
+    ``partial_stored``: site A's partial is in its outbox, not yet published. The restarted site hub
+    finishes; every hub counts each update once and every site follows the consortium to v3."""
+    federation = f"sites-{uuid.uuid4().hex[:8]}"
+    consortium_pub = provision(tmp_path, federation)
+    until = functools.partial(waiting.until, timeout=WAIT_S)
+    site_a = HubProcess(tmp_path / "site-a", [
+        "--broker", brokers["site-a"].url, "--federation", federation, "--upstream", brokers["consortium"].url,
+        "--site-id", "site-a", "--min-clients", "2", "--round-timeout", "300"])
+    monkeypatch.setenv("WEARFL_TEST_PAUSE_ROUND", "2")
+    gates: defaultdict[tuple[str, int], asyncio.Event] = defaultdict(asyncio.Event)
+    held: defaultdict[tuple[str, int], asyncio.Event] = defaultdict(asyncio.Event)
+    a0, a1 = SITES["site-a"]
+
+    def edge(client: str, site: str) -> EdgeClient:
+        made = EdgeClient(EdgeConfig(
+            broker=brokers[site].url, federation=federation, client_id=client, state_dir=tmp_path / "edges" / client,
+            policy=FineTunePolicy(TrainConfig(), min_new_windows=0), seed=0, hub_key=consortium_pub),
+            DATASET.source(client))
+
+        async def gate(round_number: int, base: Any, weights: Any) -> Any:
+            held[client, round_number].set()
+            if site == "site-a" and round_number == 2:
+                await gates[client, round_number].wait()
+            return weights
+
+        made.weights_hook = gate
+        return made
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        consortium = HubService(HubConfig(
+            broker=brokers["consortium"].url, federation=federation, state_dir=tmp_path / "consortium",
+            min_clients=2, clients_per_round=2, round_timeout_s=300, rounds=3, keyring=tmp_path / "sites.keyring",
+            task_config={"epochs": 1, "lr": 3e-3}), initial_model=Model(task_spec("activity", DATASET), seed=0))
+        site_b = HubService(HubConfig(broker=brokers["site-b"].url, federation=federation,
+                                      state_dir=tmp_path / "site-b", min_clients=2, round_timeout_s=300,
+                                      upstream=brokers["consortium"].url, site_id="site-b"))
+        edges = [edge(c, site) for site, clients in SITES.items() for c in clients]
+        stop = asyncio.Event()
+        running = [asyncio.create_task(site_b.run(stop)), asyncio.create_task(run_edges(edges, stop))]
+        consortium_run = asyncio.create_task(consortium.run())
+        try:
+            site_a.start("partial_stored" if kill_at == "partial_stored" else None)
+            await until(lambda: site_a.alive() and held[a0, 2].is_set() and held[a1, 2].is_set(),
+                        "site A's gateways to train round 2")
+            if kill_at == "some_stored":
+                gates[a0, 2].set()
+                await until(lambda: site_a.alive() and stored(site_a.state) == 3, "gateway a0's round-2 update")
+                site_a.kill()
+                gates[a1, 2].set()
+            else:
+                gates[a0, 2].set()
+                gates[a1, 2].set()
+                await until(lambda: site_a.alive() and site_a.mark.exists(), "site A's partial in its outbox")
+                site_a.kill()
+            site_a.start()
+            await asyncio.wait_for(consortium_run, 240)
+            await until(lambda: all(e.model_version == 3 for e in edges), "every gateway to adopt v3")
+            await until(lambda: (stored(site_a.state, "upstream") or {}).get("consortium_version") == 3,
+                        "site A to take v3")
+        finally:
+            stop.set()
+            site_a.stop()
+            await asyncio.wait_for(asyncio.gather(*running), 60)
+        return consortium.status(), site_b.status()
+
+    consortium, site_b = asyncio.run(scenario())
+    assert consortium["rounds_completed"] == 3
+    assert consortium["updates_accepted"] == 6 == sum(c["accepted"] for c in consortium["clients"].values())
+    assert {c: v["accepted"] for c, v in consortium["clients"].items()} == {"site-a": 3, "site-b": 3}
+    with HubStore(site_a.state, create=False) as store:
+        a = store.status()
+    for status in (a, site_b):
+        assert status["updates_accepted"] == 6 == sum(c["accepted"] for c in status["clients"].values())
+        assert all(c["accepted"] == 3 for c in status["clients"].values())
+        assert status["upstream"]["consortium_version"] == 3
+    assert a["rounds_completed"] == 3

@@ -45,7 +45,7 @@ CONFIG_KEYS = {
     "max_examples": int, "max_pinned": int, "keep_models": int, "fraction": float, "max_clients": int,
     "stragglers": str, "evaluate_every": int, "secure_aggregation": bool, "http": str, "http_token": str,
     "upstream": str, "upstream_federation": str, "upstream_credentials": str, "site_id": str,
-    "consortium_key": str,
+    "consortium_key": str, "upstream_topic_prefix": str,
 }
 
 
@@ -109,6 +109,9 @@ def add_commands(sub: Any) -> None:
     site.add_argument("--consortium-key", metavar="HEX",
                       help="pin the consortium hub's public key (default: --upstream-credentials' hub.pub, else "
                            "the first model's)")
+    site.add_argument("--upstream-topic-prefix", metavar="PREFIX",
+                      help="the consortium's topics on --upstream start with PREFIX (default wearfl/v1; e.g. "
+                           "consortium/wearfl/v1 under a Mosquitto bridge's local prefix)")
     add_strategy_flags(p)
     p.set_defaults(func=cmd_hub)
 
@@ -200,7 +203,7 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         "max_pinned": args.max_pinned, "keep_models": args.keep_models, "http": args.http,
         "http_token": args.http_token, "upstream": args.upstream, "upstream_federation": args.upstream_federation,
         "upstream_credentials": args.upstream_credentials, "site_id": args.site_id,
-        "consortium_key": args.consortium_key,
+        "consortium_key": args.consortium_key, "upstream_topic_prefix": args.upstream_topic_prefix,
     }
     if args.model or args.task:  # the flags' choice of initial model replaces the file's
         settings.pop("model", None)
@@ -227,7 +230,8 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         secure_aggregation=settings.get("secure_aggregation", False),
         max_pinned=settings.get("max_pinned"),
         **{k: settings[k] for k in ("max_update_bytes", "max_examples", "keep_models", "http", "http_token",
-                                    "upstream", "upstream_federation", "site_id", "consortium_key") if k in settings},
+                                    "upstream", "upstream_federation", "site_id", "consortium_key",
+                                    "upstream_topic_prefix") if k in settings},
         upstream_credentials=Path(settings["upstream_credentials"]) if "upstream_credentials" in settings else None,
     )
     initial: Model | None = None

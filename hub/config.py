@@ -89,7 +89,8 @@ class HubConfig:
     one partial a round upstream as client ``site_id``, signed with the key of
     ``upstream_credentials`` (a ``wearfl keys add-site`` folder, with the consortium's grant)
     or its own hub key. ``consortium_key`` pins the consortium's key (default: the folder's
-    ``hub.pub``, else the first model's).
+    ``hub.pub``, else the first model's). ``upstream_topic_prefix`` (default ``topic_prefix``): where
+    the consortium's topics are on the upstream broker, e.g. under a Mosquitto bridge's local prefix.
     ``norm_bound`` and ``secagg_clip`` are the old names of ``max_update_norm`` and
     ``secagg_range``, taken for one release.
     """
@@ -132,6 +133,7 @@ class HubConfig:
     upstream_credentials: Path | None = None
     site_id: str | None = None
     consortium_key: str | None = None
+    upstream_topic_prefix: str | None = None
     norm_bound: InitVar[float | None] = None  # renamed max_update_norm
     secagg_clip: InitVar[float | None] = None  # renamed secagg_range
     _loaded_credentials: Any = field(default=None, init=False, repr=False, compare=False)
@@ -209,7 +211,8 @@ class HubConfig:
     def _check_site(self) -> None:
         """A site hub's settings: the consortium's address, the same federation, a site id, drop stragglers."""
         if self.upstream is None:
-            for name in ("upstream_federation", "upstream_credentials", "site_id", "consortium_key"):
+            for name in ("upstream_federation", "upstream_credentials", "site_id", "consortium_key",
+                         "upstream_topic_prefix"):
                 if getattr(self, name) is not None:
                     raise ConfigError(f"--{name.replace('_', '-')} is a site hub's setting; give --upstream URL too.")
             return
@@ -243,7 +246,8 @@ class HubConfig:
 
         assert self.upstream is not None and self.site_id is not None
         return UpstreamSettings(self.upstream, self.federation, self.site_id, self.upstream_credentials,
-                                self.consortium_key, self.topic_prefix, self.protocol,
+                                self.consortium_key, self.upstream_topic_prefix or self.topic_prefix,
+                                self.protocol,
                                 resend_interval_s=max(5.0, self.round_timeout_s / 2))
 
     def site_key(self) -> Ed25519PrivateKey:

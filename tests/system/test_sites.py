@@ -28,7 +28,7 @@ from models.protocol.identity import load_or_create_key, public_hex
 from models.protocol.messages import Grant, build_model
 from models.protocol.topics import Topics
 from models.transport.mqtt import BrokerAddress, MqttSession
-from wearfl.broker import MosquittoBroker
+from wearfl.broker import MosquittoBroker, free_port, mosquitto_config
 
 pytestmark = pytest.mark.slow
 
@@ -61,10 +61,15 @@ async def forge_a_model(tmp_path: Path, broker: MosquittoBroker, federation: str
     await asyncio.sleep(1.5)
 
 
-async def federate(tmp_path: Path, brokers: dict[str, MosquittoBroker], rounds: int,
-                   forge: bool = False) -> tuple[dict[str, HubService], list[EdgeClient]]:
-    federation = f"sites-{uuid.uuid4().hex[:8]}"
-    consortium_pub = provision(tmp_path, federation)
+async def federate(tmp_path: Path, brokers: dict[str, MosquittoBroker], rounds: int, forge: bool = False,
+                   federation: str | None = None, consortium_pub: str | None = None,
+                   upstream: dict[str, tuple[str, str]] | None = None,
+                   ) -> tuple[dict[str, HubService], list[EdgeClient]]:
+    """Run the consortium for ``rounds`` rounds with both sites; ``upstream``: a site's own way to the consortium
+    (broker URL, topic prefix) instead of the consortium's broker."""
+    if federation is None:
+        federation = f"sites-{uuid.uuid4().hex[:8]}"
+        consortium_pub = provision(tmp_path, federation)
     spec = task_spec("activity", DATASET)
     hubs = {"consortium": HubService(
         HubConfig(broker=brokers["consortium"].url, federation=federation, state_dir=tmp_path / "consortium",
@@ -74,9 +79,10 @@ async def federate(tmp_path: Path, brokers: dict[str, MosquittoBroker], rounds: 
     edges = []
     policy = FineTunePolicy(TrainConfig(), min_new_windows=0)
     for site, clients in SITES.items():
+        url, prefix = (upstream or {}).get(site, (brokers["consortium"].url, None))
         hubs[site] = HubService(HubConfig(
             broker=brokers[site].url, federation=federation, state_dir=tmp_path / site, min_clients=2,
-            round_timeout_s=60, upstream=brokers["consortium"].url, site_id=site))
+            round_timeout_s=60, upstream=url, upstream_topic_prefix=prefix, site_id=site))
         for i, client in enumerate(clients):
             edges.append(EdgeClient(EdgeConfig(
                 broker=brokers[site].url, federation=federation, client_id=client,
@@ -216,3 +222,44 @@ def test_a_site_hub_killed_mid_round_loses_and_double_counts_nothing(tmp_path, b
         assert all(c["accepted"] == 3 for c in status["clients"].values())
         assert status["upstream"]["consortium_version"] == 3
     assert a["rounds_completed"] == 3
+
+
+# -- a Mosquitto bridge instead of the site hub's own session to the consortium ------------------------
+
+
+def bridged_config(port: int, consortium: MosquittoBroker, federation: str, site: str) -> str:
+    """Site A's broker: its own listener, and a bridge that maps the consortium's topics for this site
+    under the local prefix ``consortium/`` (as docs/sites.md shows)."""
+    local, remote = f"consortium/wearfl/v1/{federation}/", f"wearfl/v1/{federation}/"
+    topics = [f"topic {t} in 1 {local} {remote}" for t in ("model", "task", f"receipt/{site}")]
+    topics += [f"topic {t}/{site} out 1 {local} {remote}" for t in ("update", "status", "metrics")]
+    return "\n".join([
+        mosquitto_config(port).strip(), "",
+        "connection consortium", f"address {consortium.host}:{consortium.port}", f"remote_clientid bridge-{site}",
+        "cleansession false", "bridge_protocol_version mqttv50", *topics, "",
+    ])
+
+
+def test_a_site_hub_reaches_the_consortium_through_a_mosquitto_bridge(tmp_path, brokers):
+    """Site A's hub talks only to its own broker (--upstream-topic-prefix consortium/wearfl/v1); a bridge on
+    that broker carries its partials out and the consortium's model, task and receipts in."""
+    federation = f"sites-{uuid.uuid4().hex[:8]}"
+    consortium_pub = provision(tmp_path, federation)
+    brokers["site-a"].stop()
+    port = free_port()
+    config = tmp_path / "bridged.conf"
+    config.write_text(bridged_config(port, brokers["consortium"], federation, "site-a"))
+    bridged = MosquittoBroker(port, workdir=tmp_path / "mosquitto-bridged", config_file=config)
+    bridged.start()
+    try:
+        hubs, _ = asyncio.run(federate(tmp_path, {**brokers, "site-a": bridged}, rounds=2, federation=federation,
+                                       consortium_pub=consortium_pub,
+                                       upstream={"site-a": (bridged.url, "consortium/wearfl/v1")}))
+    finally:
+        bridged.stop()
+    consortium = hubs["consortium"].status()
+    assert consortium["rounds_completed"] == 2
+    assert {c: v["accepted"] for c, v in consortium["clients"].items()} == {"site-a": 2, "site-b": 2}
+    status = hubs["site-a"].status()
+    assert status["updates_accepted"] == 4 and status["upstream"]["consortium_version"] == 2
+    assert status["upstream"]["broker"] == bridged.url

@@ -356,6 +356,10 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
            if status.get("declined") else ""),
         f"clients             {len(status['clients'])}",
     ]
+    evaluation = status.get("global_metrics")
+    if evaluation:
+        lines.insert(2, f"federated metric    {describe_metrics(evaluation['metrics'])} "
+                        f"(model v{evaluation['model_version']}, round {evaluation['round']})")
     upstream = status.get("upstream")
     if upstream:
         partial = upstream.get("partial") or {}
@@ -366,10 +370,6 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
     if status.get("sites"):
         lines.append(f"sites               {len(status['sites'])} (this hub is a consortium: its clients are site "
                      "hubs)")
-    evaluation = status.get("global_metrics")
-    if evaluation:
-        lines.insert(2, f"federated metric    {describe_metrics(evaluation['metrics'])} "
-                        f"(model v{evaluation['model_version']}, round {evaluation['round']})")
     privacy = status.get("privacy")
     if privacy:
         budget = f" of budget {privacy['budget_epsilon']:g}" if privacy.get("budget_epsilon") else ""

@@ -647,6 +647,7 @@ class HubService:
         missing = self._expected(closing.selection) - closing.participants - declined
         store.put_stragglers(closing.round, len(missing))
         summary = rounds.record_close(_running(rounds.model), 0, metrics)
+        await asyncio.to_thread(record_release, store, self._metrics, self.privacy)  # the gateways' personalization
         self._site_task = None
         await asyncio.to_thread(rounds.open, closing.round + 1, None, math.inf)
         self._metrics.forget_before(closing.round + 1)

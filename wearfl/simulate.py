@@ -620,7 +620,10 @@ def _finish_report(sim: Simulation, report: dict[str, Any], recorder: RoundRecor
 
     final = sim.hub.current_model
     status = sim.hub.status()
-    report["personalization"] = personalization_report(status.get("personalization", {}), sim.args.task)
+    personal = status.get("personalization", {})
+    if sim.sites is not None:  # each gateway's own figures are at its site (the consortium sees sites)
+        personal = {c: v for site in sim.sites.hubs.values() for c, v in site.status()["personalization"].items()}
+    report["personalization"] = personalization_report(personal, sim.args.task)
     if status.get("privacy"):
         report["privacy"] = status["privacy"]
     report["final_metrics"] = recorder.metrics(final)

@@ -24,6 +24,7 @@ from edge_client.sources.simulator import SimulatedDataset
 from hub.service import HubConfig, HubService
 from hub.store import HubStore
 from models import Model, TrainConfig
+from models.package import save_package
 from models.protocol.identity import load_or_create_key, public_hex
 from models.protocol.messages import Grant, build_model
 from models.protocol.topics import Topics
@@ -263,3 +264,84 @@ def test_a_site_hub_reaches_the_consortium_through_a_mosquitto_bridge(tmp_path, 
     status = hubs["site-a"].status()
     assert status["updates_accepted"] == 4 and status["upstream"]["consortium_version"] == 2
     assert status["upstream"]["broker"] == bridged.url
+
+
+# -- the consortium's hub or broker SIGKILLed mid-round ------------------------------------------------
+
+
+@pytest.mark.parametrize("kill", ["consortium_hub", "consortium_broker"])
+def test_the_consortium_hub_or_broker_killed_mid_round_loses_and_double_counts_nothing(tmp_path, brokers, kill):
+    """Round 2 of 3, site B's partial in and site A's still to come: the consortium's hub (a child
+    process, SIGKILLed with B's partial stored) or its broker (SIGKILLed without persistence: retained
+    messages and sessions gone) dies; A's partial is built meanwhile. After the restart the round
+    completes with both partials, each counted once, and the sites follow to v3."""
+    federation = f"sites-{uuid.uuid4().hex[:8]}"
+    consortium_pub = provision(tmp_path, federation)
+    until = functools.partial(waiting.until, timeout=WAIT_S)
+    state = tmp_path / "consortium"
+    save_package(Model(task_spec("activity", DATASET), seed=0), tmp_path / "initial.safetensors")
+    consortium = HubProcess(state, [
+        "--broker", brokers["consortium"].url, "--federation", federation, "--keyring", str(tmp_path / "sites.keyring"),
+        "--model", str(tmp_path / "initial.safetensors"), "--min-clients", "2", "--clients-per-round", "2",
+        "--round-timeout", "300", "--rounds", "3", "--quantize", "int8"])
+    gates: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+    held: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+
+    def edge(client: str, site: str) -> EdgeClient:
+        made = EdgeClient(EdgeConfig(
+            broker=brokers[site].url, federation=federation, client_id=client, state_dir=tmp_path / "edges" / client,
+            policy=FineTunePolicy(TrainConfig(), min_new_windows=0), seed=0, hub_key=consortium_pub),
+            DATASET.source(client))
+
+        async def gate(round_number: int, base: Any, weights: Any) -> Any:
+            if site == "site-a" and round_number == 2:
+                held[client].set()
+                await gates[client].wait()
+            return weights
+
+        made.weights_hook = gate
+        return made
+
+    async def scenario() -> dict[str, HubService]:
+        sites = {site: HubService(HubConfig(broker=brokers[site].url, federation=federation,
+                                            state_dir=tmp_path / site, min_clients=2, round_timeout_s=300,
+                                            upstream=brokers["consortium"].url, site_id=site)) for site in SITES}
+        edges = [edge(c, site) for site, clients in SITES.items() for c in clients]
+        stop = asyncio.Event()
+        running = [asyncio.create_task(hub.run(stop)) for hub in sites.values()]
+        running.append(asyncio.create_task(run_edges(edges, stop)))
+        try:
+            consortium.start()
+            await until(lambda: consortium.alive() and all(held[c].is_set() for c in SITES["site-a"])
+                        and stored(state) == 3, "site B's round-2 partial at the consortium, site A's gateways held")
+            if kill == "consortium_hub":
+                consortium.kill()
+            else:
+                await asyncio.to_thread(brokers["consortium"].kill)
+            for client in SITES["site-a"]:
+                gates[client].set()
+            await until(lambda: sites["site-a"].status()["rounds_completed"] == 2, "site A's round 2 to close")
+            if kill == "consortium_hub":
+                consortium.start()
+            else:
+                await asyncio.to_thread(brokers["consortium"].start)
+            assert await consortium.exited() == 0, consortium.log_tail()
+            await until(lambda: all(e.model_version == 3 for e in edges), "every gateway to adopt v3")
+            await until(lambda: all((h.status()["upstream"] or {}).get("consortium_version") == 3
+                                    for h in sites.values()), "both sites to take v3")
+        finally:
+            stop.set()
+            consortium.stop()
+            await asyncio.wait_for(asyncio.gather(*running), 60)
+        return sites
+
+    sites = asyncio.run(scenario())
+    with HubStore(state, create=False) as store:
+        top = store.status()
+    assert top["rounds_completed"] == 3
+    assert {c: v["accepted"] for c, v in top["clients"].items()} == {"site-a": 3, "site-b": 3}
+    assert top["updates_accepted"] == 6
+    for hub in sites.values():
+        status = hub.status()
+        assert status["updates_accepted"] == 6 == sum(c["accepted"] for c in status["clients"].values())
+        assert status["rounds_completed"] == 3

@@ -156,6 +156,11 @@ class RoundTrainer:
             return self._refuse_task(f"it is malformed ({exc.detail})")
         if not any(task.verify(key) for key in signers):
             self._awaiting_grant = payload  # a site's task may come before its grant: looked at again when one does
+            if self._models.granted is None and task.upstream is not None:  # the usual order on a site's broker
+                self._counters["tasks_awaiting_grant"] = self._counters.get("tasks_awaiting_grant", 0) + 1
+                self._note(f"task:grant:{task.round}", logging.INFO, "%s: round %d: a site's task; waiting for the "
+                           "grant that names its key", self.client_id, task.round)
+                return None
             return self._refuse_task(f"round {task.round}: it is not signed by the hub's key or a key it granted")
         if not task.verify(signers[0]) and (why := self._site_task_mismatch(task, signers[0])) is not None:
             return self._refuse_task(f"round {task.round}: site task: {why}")

@@ -248,7 +248,7 @@ class HubConfig:
         return UpstreamSettings(self.upstream, self.federation, self.site_id, self.upstream_credentials,
                                 self.consortium_key, self.upstream_topic_prefix or self.topic_prefix,
                                 self.protocol,
-                                resend_interval_s=max(5.0, self.round_timeout_s / 2))
+                                resend_interval_s=min(30.0, max(5.0, self.round_timeout_s / 4)))
 
     def site_key(self) -> Ed25519PrivateKey:
         """The key a site signs its partials, tasks and receipts with: the one the consortium granted."""

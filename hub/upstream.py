@@ -238,9 +238,13 @@ class Upstream:
             if await asyncio.to_thread(self._take_model, message.payload):
                 self.changed.set()
                 await self._publish_status()
-        elif (message.topic == self.topics.task and message.payload
-              and await asyncio.to_thread(self._take_task, message.payload)):
-            self.changed.set()
+        elif message.topic == self.topics.task and message.payload:
+            if await asyncio.to_thread(self._take_task, message.payload):
+                self.changed.set()
+            elif self.sender.stats is not None and self.sender.stats.entries:
+                # the consortium announced its task again (it reconnected, perhaps to a broker that lost
+                # everything): a partial still without a receipt goes again, as an edge's update does
+                await self.sender.republish_pending(again=True)
 
     def _take_model(self, payload: bytes, save: bool = True) -> bool:
         """(worker thread) Take a model message when it is the consortium's and newer; True when it was taken."""

@@ -1,4 +1,4 @@
-"""The hub's durable state: one SQLite database (WAL) in the state directory.
+"""The hub's durable state: one SQLite database (WAL) in the state directory, or a PostgreSQL database.
 
 Why SQLite: the hub must persist an accepted update before it acknowledges it, survive
 a restart with its counters, pinned keys and open round intact, and let ``wearfl
@@ -18,7 +18,8 @@ Tables::
     rounds      one row per closed round: versions, participants, bytes, metrics
     kv          small JSON values: current round and model version, strategy state
 
-``status()`` is the contract of ``wearfl status --json``.
+``status()`` is the contract of ``wearfl status --json``. With ``--state postgresql://...``
+the same tables live in PostgreSQL (:mod:`hub.database`), which several hub replicas share.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hub.database import Database, PostgresDatabase, SqliteDatabase, is_database_url, redact
 from models.errors import ConfigError
-from models.files import open_database, rollback
 from models.protocol.messages import REJECT_REASONS
 
 __all__ = ["DB_NAME", "HubStore", "RoundRecord", "StoredUpdate"]
@@ -48,38 +49,38 @@ DB_NAME = "hub.db"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (
     id TEXT PRIMARY KEY,
-    public_key BLOB NOT NULL,
-    accepted INTEGER NOT NULL DEFAULT 0,
-    last_sequence INTEGER,
-    last_seen REAL
+    public_key {BLOB} NOT NULL,
+    accepted {INT} NOT NULL DEFAULT 0,
+    last_sequence {INT},
+    last_seen {FLOAT}
 );
 CREATE TABLE IF NOT EXISTS updates (
     client TEXT NOT NULL,
-    sequence INTEGER NOT NULL,
-    round INTEGER NOT NULL,
-    base_version INTEGER NOT NULL,
-    num_examples INTEGER NOT NULL,
-    received_at REAL NOT NULL,
-    size INTEGER NOT NULL,
+    sequence {INT} NOT NULL,
+    round {INT} NOT NULL,
+    base_version {INT} NOT NULL,
+    num_examples {INT} NOT NULL,
+    received_at {FLOAT} NOT NULL,
+    size {INT} NOT NULL,
     sha256 TEXT NOT NULL,
-    payload BLOB,
+    payload {BLOB},
     PRIMARY KEY (client, sequence)
-) WITHOUT ROWID;
+) {WITHOUT_ROWID};
 CREATE INDEX IF NOT EXISTS updates_by_round ON updates (round);
 CREATE INDEX IF NOT EXISTS updates_in_arrival_order ON updates (round, received_at, client, sequence);
-CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count {INT} NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value {INT} NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
-    round INTEGER PRIMARY KEY,
-    base_version INTEGER NOT NULL,
-    model_version INTEGER NOT NULL,
-    opened_at REAL,
-    closed_at REAL NOT NULL,
-    participants INTEGER NOT NULL,
-    num_examples INTEGER NOT NULL,
-    updates_rejected INTEGER NOT NULL,
-    bytes_up INTEGER NOT NULL,
-    bytes_down INTEGER NOT NULL,
+    round {INT} PRIMARY KEY,
+    base_version {INT} NOT NULL,
+    model_version {INT} NOT NULL,
+    opened_at {FLOAT},
+    closed_at {FLOAT} NOT NULL,
+    participants {INT} NOT NULL,
+    num_examples {INT} NOT NULL,
+    updates_rejected {INT} NOT NULL,
+    bytes_up {INT} NOT NULL,
+    bytes_down {INT} NOT NULL,
     metrics TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -117,22 +118,44 @@ class RoundRecord:
 
 
 class HubStore:
-    """The SQLite state of one hub; safe to call from one thread at a time (a lock guards it).
+    """The state of one hub (or of its replicas); safe to call from one thread at a time (a lock guards it).
 
-    ``synchronous`` is SQLite's durability level: ``FULL`` (default) fsyncs every commit,
-    so an acknowledged update survives power loss; ``NORMAL`` survives a crash of the hub
-    process only.
+    ``state`` is the state directory (SQLite) or a ``postgresql://`` URL. ``synchronous`` is
+    SQLite's durability level: ``FULL`` (default) fsyncs every commit, so an acknowledged
+    update survives power loss; ``NORMAL`` survives a crash of the hub process only.
+    PostgreSQL's is the server's (``synchronous_commit``, on by default).
     """
 
-    def __init__(self, state_dir: str | os.PathLike[str], *, synchronous: str = "FULL", create: bool = True) -> None:
-        self.state_dir = Path(state_dir)
-        self.path = self.state_dir / DB_NAME
-        if not create and not self.path.is_file():
-            raise ConfigError(f"no hub state in {self.state_dir} ({DB_NAME} is missing); is --state right?")
-        self._db = open_database(self.state_dir, DB_NAME, SCHEMA, what=f"the hub database {DB_NAME}",
-                                 advice="restore it or use another --state.", synchronous=synchronous)
+    def __init__(self, state: str | os.PathLike[str], *, synchronous: str = "FULL", create: bool = True) -> None:
+        self._db: Database
+        if is_database_url(state):
+            self.state_dir, self.path = None, None
+            self.where = redact(str(state))
+            self._db = PostgresDatabase(str(state))
+            if not create and self._db.execute("SELECT to_regclass('kv')").fetchone()[0] is None:
+                self._db.close()
+                raise ConfigError(f"no hub state in the database {self.where}; is --state right?")
+        else:
+            self.state_dir = Path(state)
+            self.path = self.state_dir / DB_NAME
+            self.where = str(self.state_dir)
+            if not create and not self.path.is_file():
+                raise ConfigError(f"no hub state in {self.state_dir} ({DB_NAME} is missing); is --state right?")
+            self._db = SqliteDatabase(self.state_dir, DB_NAME, what=f"the hub database {DB_NAME}",
+                                      advice="restore it or use another --state.", synchronous=synchronous)
+        self._db.create(SCHEMA)
         self._lock = threading.RLock()
         self._depth = 0
+
+    @property
+    def integrity_error(self) -> type[BaseException]:
+        """What :meth:`record_update` raises for an update already stored."""
+        return self._db.integrity_error
+
+    @property
+    def storage_errors(self) -> tuple[type[BaseException], ...]:
+        """The errors of this back-end that mean its storage failed (not a bug)."""
+        return self._db.storage_errors
 
     def close(self) -> None:
         with self._lock:
@@ -157,11 +180,11 @@ class HubStore:
                 finally:
                     self._depth -= 1
                 return
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.begin(write=True)
             self._depth = 1
             try:
                 yield
-                self._db.execute("COMMIT")
+                self._db.commit()
             except BaseException:
                 self._rollback()
                 raise
@@ -175,16 +198,16 @@ class HubStore:
             if self._depth:
                 yield
                 return
-            self._db.execute("BEGIN")  # deferred: a read snapshot
+            self._db.begin(write=False)
             self._depth = 1
             try:
                 yield
             finally:
                 self._depth = 0
-                self._db.execute("COMMIT")
+                self._db.commit()
 
     def _rollback(self) -> None:
-        rollback(self._db, str(self.path))
+        self._db.rollback()
 
     # -- clients and keys ------------------------------------------------------------
 
@@ -236,7 +259,7 @@ class HubStore:
     ) -> None:
         """Store an accepted update and count it for its client, atomically.
 
-        The client must have a pinned key. ``sqlite3.IntegrityError`` when (client,
+        The client must have a pinned key. :attr:`integrity_error` when (client,
         sequence) is already stored: check :meth:`stored_update` first.
         """
         now = time.time() if received_at is None else received_at
@@ -249,7 +272,7 @@ class HubStore:
             )
             cur = self._db.execute(
                 "UPDATE clients SET accepted = accepted + 1, last_seen = ?,"
-                " last_sequence = MAX(COALESCE(last_sequence, -1), ?) WHERE id = ?",
+                f" last_sequence = {self._db.greatest}(COALESCE(last_sequence, -1), ?) WHERE id = ?",
                 (now, sequence, client),
             )
             if cur.rowcount != 1:
@@ -306,7 +329,7 @@ class HubStore:
         with self.transaction():
             self._db.execute(
                 "INSERT INTO rejections (reason, count) VALUES (?, ?)"
-                " ON CONFLICT (reason) DO UPDATE SET count = count + excluded.count", (reason, n)
+                " ON CONFLICT (reason) DO UPDATE SET count = rejections.count + excluded.count", (reason, n)
             )
             if client:
                 self._add_counter(f"client:rejected:{client}", n)
@@ -321,8 +344,8 @@ class HubStore:
     def put_stragglers(self, round_number: int, n: int) -> None:
         """How many edges the round expected that neither answered nor declined by its close."""
         with self.transaction():
-            self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)",
-                             (f"stragglers:{round_number}", n))
+            self._db.execute("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name)"
+                             " DO UPDATE SET value = excluded.value", (f"stragglers:{round_number}", n))
 
     def stragglers(self) -> dict[int, int]:
         """{round: edges expected that never answered}, for the rounds that recorded it."""
@@ -332,21 +355,21 @@ class HubStore:
 
     def _add_counter(self, name: str, n: int) -> None:
         self._db.execute("INSERT INTO counters (name, value) VALUES (?, ?)"
-                         " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value", (name, n))
+                         " ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value", (name, n))
 
     def count_shed(self, n: int) -> None:
         """Messages the hub's session dropped unread because the intake was behind (edges re-send updates)."""
         with self.transaction():
             self._db.execute(
                 "INSERT INTO counters (name, value) VALUES ('messages_shed', ?)"
-                " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value", (n,)
+                " ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value", (n,)
             )
 
     def count_duplicate(self, n: int = 1) -> None:
         with self.transaction():
             self._db.execute(
                 "INSERT INTO counters (name, value) VALUES ('duplicates_dropped', ?)"
-                " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value", (n,)
+                " ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value", (n,)
             )
 
     # -- rounds and small values ----------------------------------------------------

@@ -103,3 +103,27 @@ def hapt_dir():
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{HAPT_HINT} (looked in {path}; CI=true requires it).")
     pytest.skip(f"{HAPT_HINT} (looked in {path}).")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL cluster for the whole session (Debian's initdb and pg_ctl), stopped at the end."""
+    from postgres import PostgresServer, needs_postgres
+
+    server = PostgresServer(needs_postgres()).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty database of the session's cluster."""
+    return postgres_server.database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def hub_state(request, tmp_path) -> str:
+    """Where a hub's state lives, for tests of both back-ends: a folder, or a fresh PostgreSQL database."""
+    return str(tmp_path) if request.param == "sqlite" else request.getfixturevalue("postgres_url")

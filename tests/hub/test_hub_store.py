@@ -1,10 +1,9 @@
-"""HubStore: deduplication, atomic transactions, the status contract, rounds, reopening."""
+"""HubStore: deduplication, atomic transactions, the status contract, rounds, reopening; on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 
 import pytest
 
@@ -15,18 +14,18 @@ from models.protocol.messages import REJECT_REASONS
 KEY_A, KEY_B = b"a" * 32, b"b" * 32
 
 
-def test_a_client_sequence_is_stored_once(tmp_path):
-    store = HubStore(tmp_path)
+def test_a_client_sequence_is_stored_once(hub_state):
+    store = HubStore(hub_state)
     store.pin_key("edge-a", KEY_A)
     store.record_update("edge-a", 0, 1, 0, 10, b"payload")
     assert store.stored_update("edge-a", 0) is not None and store.stored_update("edge-a", 1) is None
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(store.integrity_error):
         store.record_update("edge-a", 0, 1, 0, 10, b"payload")
     assert store.status()["clients"]["edge-a"]["accepted"] == 1
 
 
-def test_a_failed_transaction_leaves_nothing_behind(tmp_path):
-    store = HubStore(tmp_path)
+def test_a_failed_transaction_leaves_nothing_behind(hub_state):
+    store = HubStore(hub_state)
     store.pin_key("edge-a", KEY_A)
     with pytest.raises(RuntimeError), store.transaction():
         store.record_update("edge-a", 0, 1, 0, 10, b"x")
@@ -38,8 +37,8 @@ def test_a_failed_transaction_leaves_nothing_behind(tmp_path):
     assert status["updates_rejected"]["stale"] == 0 and status["duplicates_dropped"] == 0
 
 
-def test_status_contract_and_accepted_equals_sum_over_clients(tmp_path):
-    store = HubStore(tmp_path)
+def test_status_contract_and_accepted_equals_sum_over_clients(hub_state):
+    store = HubStore(hub_state)
     with store.transaction():
         store.pin_key("edge-a", KEY_A, now=100.0)
         store.pin_key("edge-b", KEY_B, now=100.0)
@@ -66,8 +65,8 @@ def test_status_contract_and_accepted_equals_sum_over_clients(tmp_path):
     json.dumps(status)  # plain JSON
 
 
-def test_pinning_is_logged_once_per_client(tmp_path, caplog):
-    store = HubStore(tmp_path)
+def test_pinning_is_logged_once_per_client(hub_state, caplog):
+    store = HubStore(hub_state)
     with caplog.at_level(logging.INFO, logger="hub.store"):
         assert store.pin_key("edge-a", KEY_A) is True
         assert store.pin_key("edge-a", KEY_A) is False
@@ -76,8 +75,8 @@ def test_pinning_is_logged_once_per_client(tmp_path, caplog):
     assert store.status()["clients"]["edge-a"]["last_sequence"] is None
 
 
-def test_record_round_moves_state_on_and_drops_closed_payloads(tmp_path):
-    store = HubStore(tmp_path)
+def test_record_round_moves_state_on_and_drops_closed_payloads(hub_state):
+    store = HubStore(hub_state)
     store.pin_key("edge-a", KEY_A)
     store.record_update("edge-a", 0, 1, 0, 10, b"round one")
     store.record_update("edge-a", 1, 2, 1, 10, b"round two")
@@ -88,23 +87,23 @@ def test_record_round_moves_state_on_and_drops_closed_payloads(tmp_path):
     assert store.rounds()[0].metrics == {"accuracy": 0.5} and store.rounds_completed() == 1
 
 
-def test_state_survives_reopening(tmp_path):
-    with HubStore(tmp_path) as store:
+def test_state_survives_reopening(hub_state, tmp_path):
+    with HubStore(hub_state) as store:
         store.pin_key("edge-a", KEY_A)
         store.record_update("edge-a", 7, 1, 0, 10, b"x")
         store.count_rejection("bad_signature")
-    with HubStore(tmp_path, create=False) as again:
+    with HubStore(hub_state, create=False) as again:
         status = again.status()
         assert again.pinned_keys() == {"edge-a": KEY_A}
     assert status["updates_accepted"] == 1 and status["updates_rejected"]["bad_signature"] == 1
-    assert (tmp_path / "hub.db").is_file()
+    assert hub_state.startswith("postgresql://") or (tmp_path / "hub.db").is_file()
 
 
-def test_missing_state_is_a_clear_error(tmp_path):
+def test_missing_state_is_a_clear_error(hub_state, tmp_path):
     with pytest.raises(ConfigError, match="no hub state"):
-        HubStore(tmp_path / "nowhere", create=False)
+        HubStore(hub_state if hub_state.startswith("postgresql://") else tmp_path / "nowhere", create=False)
 
 
-def test_unknown_rejection_reason_is_a_bug(tmp_path):
+def test_unknown_rejection_reason_is_a_bug(hub_state):
     with pytest.raises(ValueError):
-        HubStore(tmp_path).count_rejection("because")
+        HubStore(hub_state).count_rejection("because")

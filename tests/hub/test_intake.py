@@ -23,8 +23,8 @@ TOPICS = Topics("fed")
 
 
 @pytest.fixture
-def store(tmp_path):
-    with HubStore(tmp_path) as s:
+def store(hub_state):
+    with HubStore(hub_state) as s:
         yield s
 
 
@@ -201,11 +201,11 @@ def test_a_used_or_lower_sequence_number_is_replayed_even_with_new_bytes(store):
     assert store.status()["updates_accepted"] == 2
 
 
-def test_the_sequence_floor_survives_a_restart(tmp_path):
+def test_the_sequence_floor_survives_a_restart(hub_state):
     key = Ed25519PrivateKey.generate()
-    with HubStore(tmp_path) as store:
+    with HubStore(hub_state) as store:
         _intake(store).process(TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=9), ROUND_1)
-    with HubStore(tmp_path) as store:
+    with HubStore(hub_state) as store:
         receipt = _reject_reason(_intake(store), TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=3))
     assert receipt.reason == "replayed"
 

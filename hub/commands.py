@@ -217,7 +217,7 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
     if "quantize" in settings:
         task_config["quantize"] = settings["quantize"]
     config = HubConfig(
-        broker=settings["broker"], federation=settings["federation"], state_dir=Path(settings["state"]),
+        broker=settings["broker"], federation=settings["federation"], state_dir=settings["state"],
         min_clients=settings.get("min_clients", 2), clients_per_round=settings.get("clients_per_round"),
         round_timeout_s=settings.get("round_timeout", 60.0), rounds=settings.get("rounds"),
         keyring=Path(settings["keyring"]) if "keyring" in settings else None,
@@ -256,7 +256,8 @@ def cmd_hub(args: argparse.Namespace) -> int:
     if (keyring := config.keyring_path()) is not None:
         load_keyring(keyring)
     # a file on the way, read-only or full: one clear line, before any write
-    check_writable(config.state_dir, "hub state directory (--state)")
+    if not config.in_database:
+        check_writable(config.state_dir, "hub state directory (--state)")
     service = HubService(config, initial)
     if config.is_site:
         print(f"site hub {config.site_id} for federation {config.federation} on {config.broker}, under the "
@@ -306,10 +307,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
     """Exit 0 when the chain holds; 1, naming the first bad entry, when it does not."""
+    from hub.database import is_database_url
     from hub.ledger import LedgerError, verify
 
-    path = Path(args.state) / "ledger.jsonl"
-    if not Path(args.state).is_dir():
+    if is_database_url(args.state):
+        path: str | Path = args.state
+    elif Path(args.state).is_dir():
+        path = Path(args.state) / "ledger.jsonl"
+    else:
         raise ConfigError(f"{args.state} is not a hub state directory.")
     try:
         result = verify(path)

@@ -20,6 +20,8 @@ from dataclasses import InitVar, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hub.blobs import Blobs, blobs_for
+from hub.database import is_database_url
 from hub.intake import DEFAULT_MAX_EXAMPLES, DEFAULT_MAX_UPDATE_BYTES
 from hub.renamed import HUB_SETTINGS, renamed, strategy_arg_renames, warn_renamed
 from hub.rounds import RoundPolicy
@@ -97,7 +99,7 @@ class HubConfig:
 
     broker: str
     federation: str
-    state_dir: Path
+    state_dir: Path | str
     min_clients: int = 2
     clients_per_round: int | None = None
     round_timeout_s: float = 60.0
@@ -148,7 +150,7 @@ class HubConfig:
                 raise ConfigError(f"hub setting {old} is the old name of {new}; give only {new}.")
             warn_renamed(old, new, "hub setting")
             setattr(self, new, value)
-        self.state_dir = Path(self.state_dir)
+        self.state_dir = self.state_dir if self.in_database else Path(self.state_dir)
         if self.keyring is not None:
             self.keyring = Path(self.keyring)
         if self.credentials is not None:
@@ -224,6 +226,8 @@ class HubConfig:
                               f"{self.federation}: a site's gateways check that the consortium's models are for "
                               "their federation, so a site hub serves the consortium's federation; give "
                               f"--federation {self.upstream_federation}.")
+        if self.in_database:
+            raise ConfigError("a site hub keeps its link to the consortium in a state folder; give --state DIR.")
         if self.upstream_credentials is not None:
             self.upstream_credentials = Path(self.upstream_credentials)
         if self.site_id is None:
@@ -262,7 +266,7 @@ class HubConfig:
         """The consortium's grant for this site's key: ``grant.json`` of the upstream credentials, else of
         ``state/upstream``; None when there is none."""
         folders = [self.upstream_credentials] if self.upstream_credentials is not None else []
-        for path in (*(f / "grant.json" for f in folders), self.state_dir / "upstream" / "grant.json"):
+        for path in (*(f / "grant.json" for f in folders), Path(self.state_dir) / "upstream" / "grant.json"):
             if path.is_file():
                 try:
                     return Grant.from_bytes(path.read_bytes())
@@ -306,7 +310,16 @@ class HubConfig:
     def signing_key(self) -> Ed25519PrivateKey:
         """The key that signs models: the credentials folder's, else ``state/keys/hub.key`` (made on first run)."""
         creds = self.credentials_folder()
-        return creds.signing_key() if creds is not None else load_or_create_key(self.state_dir / "keys" / "hub.key")
+        if creds is not None:
+            return creds.signing_key()
+        if self.in_database:  # replicas share the database, and so the key
+            return _key_in(blobs_for(self.state_dir, "keys"))
+        return load_or_create_key(Path(self.state_dir) / "keys" / "hub.key")
+
+    @property
+    def in_database(self) -> bool:
+        """The state is a PostgreSQL database (``--state postgresql://...``), not a folder."""
+        return is_database_url(self.state_dir)
 
     def policy(self) -> RoundPolicy:
         """When rounds close."""
@@ -339,6 +352,19 @@ class HubConfig:
         if self.evaluate_every > 1:
             config["evaluate"] = round_number % self.evaluate_every == 0 or round_number == self.rounds
         return {**config, **(secure or {})}
+
+
+def _key_in(blobs: Blobs) -> Ed25519PrivateKey:
+    """The hub key kept in ``blobs`` (``hub.key``), made on first use; one writer wins, every replica reads it."""
+    from models.protocol.identity import private_pem, read_private_pem
+
+    data = blobs.read("hub.key")
+    if data is None:
+        key = Ed25519PrivateKey.generate()
+        blobs.write_many({"hub.key": private_pem(key)}, doing="saving the hub's signing key")
+        data = blobs.read("hub.key")
+        assert data is not None
+    return read_private_pem(data, f"{blobs.where}/hub.key")
 
 
 def task_config_from(mapping: Mapping[str, Any]) -> dict[str, Scalar]:

@@ -11,6 +11,9 @@ Appends write one whole line plus fsync. A write the disk refuses part-way (no s
 is cut off again at once, so the file always ends on a line boundary and the next append
 links to the last complete entry; a line cut short by a crash (no newline) was never
 complete and is dropped when the hub next opens the ledger.
+
+With ``--state postgresql://...`` each entry is one row of the ``ledger`` table
+(:class:`DatabaseLedger`), the same line and the same checks; an append is one INSERT.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from models.errors import LedgerError, WearflError
 from models.files import fsync_dir, make_dirs, storage_error
 from models.protocol.ledger import GENESIS, entry_hash
 
-__all__ = ["GENESIS", "Ledger", "LedgerError", "entry_hash", "verify"]
+__all__ = ["GENESIS", "DatabaseLedger", "Ledger", "LedgerError", "entry_hash", "open_ledger", "verify"]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,15 @@ class VerifiedLedger:
 
 
 def verify(path: str | Path) -> VerifiedLedger:
-    """Check every entry's hash, link and order; :class:`LedgerError` names the first bad entry."""
+    """Check every entry's hash, link and order; :class:`LedgerError` names the first bad entry.
+
+    ``path``: the ledger file, or a ``postgresql://`` URL (its ``ledger`` table)."""
+    from hub.database import is_database_url
+
+    if is_database_url(path):
+        ledger = DatabaseLedger(str(path))
+        ledger.close()
+        return VerifiedLedger(ledger.count, ledger.head, ledger.last_version, ledger.last_entry)
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -175,3 +186,43 @@ def _raise_storage(exc: OSError, path: Path, doing: str) -> NoReturn:
     if error is None or error is exc:
         raise exc
     raise error from exc
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger (idx {INT} PRIMARY KEY, line {TEXT} NOT NULL);
+"""
+
+
+class DatabaseLedger(Ledger):
+    """The ledger as rows of a PostgreSQL database's ``ledger`` table (its own connection)."""
+
+    def __init__(self, url: str) -> None:
+        from hub.database import PostgresDatabase, redact
+
+        self.db = PostgresDatabase(url)
+        self.db.create(SCHEMA)
+        self.path = redact(url)  # type: ignore[assignment]  # for messages only
+        self._load()
+
+    def _load(self) -> None:
+        rows = self.db.execute("SELECT line FROM ledger ORDER BY idx").fetchall()
+        data = b"".join(row[0].encode() + b"\n" for row in rows)
+        try:
+            state = _verify_lines(data)
+        except LedgerError as exc:
+            raise LedgerError(exc.index, exc.reason, self.path) from None
+        self.count, self.head, self.last_version = state.entries, state.head, state.last_version
+        self.last_entry = state.last_entry
+
+    def _write_line(self, line: bytes) -> None:
+        self.db.execute("INSERT INTO ledger (idx, line) VALUES (?, ?)", (self.count, line.decode().rstrip("\n")))
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_ledger(state: str | Path) -> Ledger:
+    """The ledger of a state directory (``ledger.jsonl``) or of a PostgreSQL database."""
+    from hub.database import is_database_url
+
+    return DatabaseLedger(str(state)) if is_database_url(state) else Ledger(Path(state) / "ledger.jsonl")

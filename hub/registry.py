@@ -12,6 +12,8 @@ rename, directory fsync) and the manifest last, so a version directory without a
 is an unfinished write (a crash, or a disk that filled up: :class:`models.files.StorageError`)
 and is ignored, and written again by the next save of that version; a manifest's checksums
 always describe complete files. A version, once its manifest exists, is never rewritten.
+With ``--state postgresql://...`` the same files live in the database (:mod:`hub.blobs`),
+a version's files and manifest written in one transaction.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hub.blobs import Blobs, FolderBlobs
 from models.errors import ConfigError, ModelFormatError, WearflError
-from models.files import write_atomic
 from models.model import Model
 from models.package import package_bytes, parse_package
 
@@ -38,40 +40,57 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 PACKAGE = "model.safetensors"
 FORMAT = "wearfl-registry/1"
-_VERSION_DIR = re.compile(r"^v(\d{5,})$")
+_VERSION_MANIFEST = re.compile(r"^v(\d{5,})/manifest\.json$")
 
 
 @dataclass(frozen=True)
 class ModelVersion:
-    """One registered version: its directory and manifest."""
+    """One registered version: its files (``blobs`` under ``prefix``) and manifest."""
 
     version: int
     round: int
-    path: Path
+    blobs: Blobs
+    prefix: str
     manifest: dict[str, Any]
 
-    def file(self, name: str) -> Path:
-        return self.path / name
+    @property
+    def path(self) -> Path | None:
+        """The version's folder on disk (None in a database)."""
+        return self.blobs.path(self.prefix)
+
+    def file(self, name: str) -> Path | None:
+        return self.blobs.path(f"{self.prefix}/{name}")
+
+    def read(self, name: str) -> bytes:
+        data = self.blobs.read(f"{self.prefix}/{name}")
+        if data is None:
+            raise ModelFormatError(f"{self.where(name)} is missing; the registry is damaged, restore it from a "
+                                   "backup.")
+        return data
+
+    def where(self, name: str) -> str:
+        return f"{self.blobs.where}/{self.prefix}/{name}"
 
     def load(self) -> Model:
         """The model package, checked against the manifest's sha256 first."""
-        data = self.file(PACKAGE).read_bytes()
+        data = self.read(PACKAGE)
         expected = self.manifest["files"][PACKAGE]["sha256"]
         if hashlib.sha256(data).hexdigest() != expected:
-            raise ModelFormatError(f"{self.file(PACKAGE)} does not match the sha256 in its manifest; "
+            raise ModelFormatError(f"{self.where(PACKAGE)} does not match the sha256 in its manifest; "
                                    "the registry is damaged, restore it from a backup.")
-        model = parse_package(data, where=str(self.file(PACKAGE)))
+        model = parse_package(data, where=self.where(PACKAGE))
         if model.version != self.version:
-            raise ModelFormatError(f"{self.file(PACKAGE)} holds version {model.version}, its directory says "
+            raise ModelFormatError(f"{self.where(PACKAGE)} holds version {model.version}, its directory says "
                                    f"{self.version}.")
         return model
 
 
 class ModelRegistry:
-    """Model versions in ``root`` (``<state>/models``)."""
+    """Model versions in ``root`` (``<state>/models``), or in ``Blobs`` (a database's)."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike[str] | Blobs) -> None:
+        self.blobs = root if isinstance(root, Blobs) else FolderBlobs(root)
+        self.root = self.blobs.where
 
     @staticmethod
     def dirname(version: int) -> str:
@@ -79,24 +98,19 @@ class ModelRegistry:
 
     def versions(self) -> list[int]:
         """Every complete version (one with a manifest), ascending."""
-        if not self.root.is_dir():
-            return []
-        found = []
-        for entry in self.root.iterdir():
-            m = _VERSION_DIR.match(entry.name)
-            if m and (entry / MANIFEST).is_file():
-                found.append(int(m.group(1)))
-        return sorted(found)
+        found = (_VERSION_MANIFEST.match(name) for name in self.blobs.names("v"))
+        return sorted(int(m.group(1)) for m in found if m)
 
     def get(self, version: int) -> ModelVersion:
-        path = self.root / self.dirname(version)
+        prefix = self.dirname(version)
+        raw = self.blobs.read(f"{prefix}/{MANIFEST}")
+        if raw is None:
+            raise ConfigError(f"model version {version} is not in the registry {self.root}.")
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
-            return ModelVersion(int(manifest["version"]), int(manifest["round"]), path, manifest)
-        except FileNotFoundError as exc:
-            raise ConfigError(f"model version {version} is not in the registry {self.root}.") from exc
+            manifest = json.loads(raw)
+            return ModelVersion(int(manifest["version"]), int(manifest["round"]), self.blobs, prefix, manifest)
         except (ValueError, KeyError, TypeError) as exc:
-            raise ModelFormatError(f"{path / MANIFEST} is not a valid manifest ({exc}).") from exc
+            raise ModelFormatError(f"{self.root}/{prefix}/{MANIFEST} is not a valid manifest ({exc}).") from exc
 
     def latest(self) -> ModelVersion | None:
         """The highest complete version, or None for an empty registry."""
@@ -111,8 +125,8 @@ class ModelRegistry:
         the package never is.
         """
         version = int(model.version)
-        path = self.root / self.dirname(version)
-        if (path / MANIFEST).is_file():
+        prefix = self.dirname(version)
+        if self.blobs.read(f"{prefix}/{MANIFEST}") is not None:
             raise ConfigError(f"model version {version} already exists in {self.root}; versions are never rewritten.")
         files: dict[str, bytes] = {PACKAGE: package_bytes(model)}
         if onnx:
@@ -128,15 +142,14 @@ class ModelRegistry:
             "created_at": time.time(),
             "files": {},
         }
-        doing = f"registering model v{version}"
+        written = {f"{prefix}/{name}": data for name, data in files.items() if data}
         for name, data in files.items():
-            if not data:
-                continue
-            write_atomic(path / name, data, doing=doing)
-            manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        write_atomic(path / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), doing=doing)
-        log.info("registered model v%d (round %d) in %s", version, round_number, path)
-        return ModelVersion(version, int(round_number), path, manifest)
+            if data:
+                manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        written[f"{prefix}/{MANIFEST}"] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()  # last
+        self.blobs.write_many(written, doing=f"registering model v{version}")
+        log.info("registered model v%d (round %d) in %s/%s", version, round_number, self.root, prefix)
+        return ModelVersion(version, int(round_number), self.blobs, prefix, manifest)
 
     def prune(self, keep: int) -> list[int]:
         """Delete all but the newest ``keep`` versions and the first; the versions deleted.
@@ -147,11 +160,9 @@ class ModelRegistry:
         versions = self.versions()
         doomed = versions[1:-keep] if keep > 0 else versions[1:]
         for version in doomed:
-            path = self.root / self.dirname(version)
-            (path / MANIFEST).unlink(missing_ok=True)
-            for child in path.iterdir():
-                child.unlink(missing_ok=True)
-            path.rmdir()
+            prefix = self.dirname(version)
+            manifest = f"{prefix}/{MANIFEST}"
+            self.blobs.delete([manifest, *(n for n in self.blobs.names(prefix + "/") if n != manifest)])
         if doomed:
             log.debug("registry: removed model versions %s (keeping the newest %d)", doomed, keep)
         return doomed

@@ -42,12 +42,14 @@ import math
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from hub.blobs import blobs_for
 from hub.config import DEFAULT_TASK_CONFIG, HubConfig, task_config_from
 from hub.inbox import Inbox
 from hub.intake import Intake
-from hub.ledger import Ledger
+from hub.ledger import open_ledger
 from hub.presence import Presence
 from hub.publisher import Announcement, Publisher
 from hub.registry import ModelRegistry
@@ -196,11 +198,14 @@ class HubService:
         is rolled back and its messages are neither acknowledged nor answered, so nothing
         unstored was ever accepted; a restart (once there is space) resumes from the state.
         """
-        check_writable(self.config.state_dir, "hub state directory")
+        if not self.config.in_database:
+            check_writable(self.config.state_dir, "hub state directory")
         try:
             await self._run(stop if stop is not None else asyncio.Event())
         except (OSError, sqlite3.Error) as exc:
-            error = state_dir_error(exc, self.config.state_dir, "hub", STORAGE_ADVICE, DB_NAME)
+            if self.config.in_database:
+                raise
+            error = state_dir_error(exc, Path(self.config.state_dir), "hub", STORAGE_ADVICE, DB_NAME)
             if error is None:
                 raise
             raise error from exc
@@ -215,9 +220,10 @@ class HubService:
         self._key = cfg.site_key() if cfg.is_site else cfg.signing_key()
         store = self._store = HubStore(cfg.state_dir, synchronous=cfg.synchronous)
         try:
-            rounds = self._rounds = RoundManager(store, ModelRegistry(cfg.state_dir / "models"), self.strategy,
-                                                 cfg.policy(), StrategyState(cfg.state_dir / "strategy"),
-                                                 Ledger(cfg.state_dir / "ledger.jsonl"), keep_models=cfg.keep_models)
+            rounds = self._rounds = RoundManager(store, ModelRegistry(blobs_for(cfg.state_dir, "models")),
+                                                 self.strategy, cfg.policy(),
+                                                 StrategyState(blobs_for(cfg.state_dir, "strategy")),
+                                                 open_ledger(cfg.state_dir), keep_models=cfg.keep_models)
             if cfg.is_site:
                 site_model = await self._start_upstream(stop)
                 if site_model is None:
@@ -285,7 +291,7 @@ class HubService:
             log.warning("site %s: no grant from the consortium (grant.json in --upstream-credentials); the gateways "
                         "will not believe this site's tasks. Make one with `wearfl keys add-site %s`.", cfg.site_id,
                         cfg.site_id)
-        upstream = self._upstream = Upstream(cfg.upstream_settings(), cfg.state_dir / "upstream",
+        upstream = self._upstream = Upstream(cfg.upstream_settings(), Path(cfg.state_dir) / "upstream",
                                              _running(self._key), grant)
         await upstream.start()
         waited = time.monotonic()

@@ -4,19 +4,21 @@ FedAvgM's velocity and FedAdam's moments must survive a hub restart, and must ma
 the model they belong to. The hub writes ``<state>/strategy/v<N>.safetensors`` before
 it registers model vN, so after a crash between the two the previous version's state
 is still there for the previous model; older files are removed once vN is registered.
+With ``--state postgresql://...`` the files live in the database (:mod:`hub.blobs`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+import os
+import struct
 
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save
+from safetensors import SafetensorError
+from safetensors.numpy import load, save
 
+from hub.blobs import Blobs, FolderBlobs
 from hub.strategies.base import Strategy
-from models.files import write_atomic
 
 __all__ = ["StrategyState"]
 
@@ -24,34 +26,35 @@ log = logging.getLogger(__name__)
 
 
 class StrategyState:
-    """Saves and restores one strategy's state under ``root`` (``<state>/strategy``)."""
+    """Saves and restores one strategy's state under ``root`` (``<state>/strategy``), or in ``Blobs``."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike[str] | Blobs) -> None:
+        self.blobs = root if isinstance(root, Blobs) else FolderBlobs(root)
 
-    def path(self, version: int) -> Path:
-        return self.root / f"v{int(version)}.safetensors"
+    @staticmethod
+    def name(version: int) -> str:
+        return f"v{int(version)}.safetensors"
 
     def save(self, strategy: Strategy, version: int) -> None:
         state = strategy.state_dict()
         if not state:
             return
         identity = {"strategy": strategy.name, "optimizer": strategy.optimizer.name}
-        write_atomic(self.path(version), save(state, metadata={"wearfl": json.dumps(identity, sort_keys=True)}),
-                     doing=f"saving the server optimizer's state for model v{int(version)}")
+        self.blobs.write(self.name(version), save(state, metadata={"wearfl": json.dumps(identity, sort_keys=True)}),
+                         doing=f"saving the server optimizer's state for model v{int(version)}")
 
     def load(self, strategy: Strategy, version: int) -> bool:
         """Restore the state saved with model ``version``; False (and a fresh state) when there is none."""
-        path = self.path(version)
-        if not path.exists():
+        path = f"{self.blobs.where}/{self.name(version)}"
+        data = self.blobs.read(self.name(version))
+        if data is None:
             if version > 0 and strategy.optimizer.name != "sgd":
                 log.warning("no %s server-optimizer state for model v%d; it starts afresh", strategy.name, version)
             return False
         try:
-            with safe_open(path, framework="numpy") as f:
-                meta = json.loads((f.metadata() or {}).get("wearfl", "{}"))
-                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-        except (OSError, ValueError, SafetensorError) as exc:
+            meta = json.loads(_metadata(data).get("wearfl", "{}"))
+            state = load(data)
+        except (OSError, ValueError, SafetensorError, struct.error) as exc:
             log.warning("ignoring unreadable strategy state %s (%s); the optimizer starts afresh", path, exc)
             return False
         if meta != {"strategy": strategy.name, "optimizer": strategy.optimizer.name}:
@@ -63,13 +66,21 @@ class StrategyState:
 
     def prune(self, keep: int) -> None:
         """Remove the state files of versions other than ``keep`` (best effort: a leftover file is harmless)."""
-        if not self.root.is_dir():
-            return
-        for entry in self.root.glob("v*.safetensors"):
-            if entry.name != self.path(keep).name:
+        for name in self.blobs.names("v"):
+            if name.endswith(".safetensors") and name != self.name(keep):
                 try:
-                    entry.unlink(missing_ok=True)
+                    self.blobs.delete([name])
                 except OSError as exc:
                     log.warning("could not remove the old strategy state %s (%s); it is removed next time",
-                                entry, exc)
+                                name, exc)
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header (what safe_open's metadata() gives for a file)."""
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("the safetensors metadata is not an object")
+    return meta
 

@@ -17,7 +17,7 @@ from models.files import write_atomic
 from models.protocol.ed25519 import Ed25519PrivateKey
 from models.protocol.topics import check_name
 
-__all__ = ["load_keyring", "load_or_create_key", "private_pem", "public_hex"]
+__all__ = ["load_keyring", "load_or_create_key", "private_pem", "public_hex", "read_private_pem"]
 
 _PEM_HEAD, _PEM_TAIL = b"-----BEGIN PRIVATE KEY-----", b"-----END PRIVATE KEY-----"
 _PKCS8_ED25519 = bytes.fromhex("302e020100300506032b657004220420")
@@ -31,6 +31,14 @@ def public_hex(key: Ed25519PrivateKey) -> str:
 def private_pem(key: Ed25519PrivateKey) -> bytes:
     """The key as unencrypted PKCS#8 PEM, byte for byte what OpenSSL (and cryptography) write."""
     return b"%s\n%s\n%s\n" % (_PEM_HEAD, base64.b64encode(_PKCS8_ED25519 + key.private_bytes_raw()), _PEM_TAIL)
+
+
+def read_private_pem(data: bytes, where: str) -> Ed25519PrivateKey:
+    """The Ed25519 key in PEM ``data``; ConfigError naming ``where`` when it is none."""
+    try:
+        return _read_key(data)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where} is not a PEM Ed25519 private key ({exc}); restore it or remove it.") from exc
 
 
 def _read_key(data: bytes) -> Ed25519PrivateKey:

@@ -45,7 +45,7 @@ CONFIG_KEYS = {
     "max_examples": int, "max_pinned": int, "keep_models": int, "fraction": float, "max_clients": int,
     "stragglers": str, "evaluate_every": int, "secure_aggregation": bool, "http": str, "http_token": str,
     "upstream": str, "upstream_federation": str, "upstream_credentials": str, "site_id": str,
-    "consortium_key": str, "upstream_topic_prefix": str,
+    "consortium_key": str, "upstream_topic_prefix": str, "replica_id": str,
 }
 
 
@@ -55,7 +55,9 @@ def add_commands(sub: Any) -> None:
                        description="Run the hub: take signed updates over MQTT, close rounds, publish new models.")
     p.add_argument("--broker", help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883")
     p.add_argument("--federation", help="federation name (letters, digits, _ . -)")
-    p.add_argument("--state", metavar="DIR", help="state directory (database, model registry, hub key)")
+    p.add_argument("--state", metavar="DIR|URL",
+                   help="state directory (database, model registry, hub key), or postgresql://USER@HOST:PORT/DB "
+                        "shared by hub replicas")
     p.add_argument("--config", metavar="FILE", help="TOML file with the same settings; flags override it")
     p.add_argument("--keyring", metavar="FILE", help="accept only these clients' keys ('client_id key_hex' lines)")
     p.add_argument("--credentials", metavar="DIR",
@@ -94,6 +96,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--secure-aggregation", action="store_true", default=None,
                    help="run SecAgg+ over MQTT: the hub learns only the sum of the selected edges' updates "
                         "(needs --keyring or --credentials; the edges need the keyring as --peer-keyring)")
+    p.add_argument("--replica-id", metavar="ID",
+                   help="with --state postgresql://...: this replica's name among the hubs sharing that database "
+                        "(default: host and pid)")
     site = p.add_argument_group("a site hub under a consortium hub (docs/sites.md)")
     site.add_argument("--upstream", metavar="URL",
                       help="the consortium's broker: run its rounds with this hub's gateways and send one partial "
@@ -204,6 +209,7 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         "http_token": args.http_token, "upstream": args.upstream, "upstream_federation": args.upstream_federation,
         "upstream_credentials": args.upstream_credentials, "site_id": args.site_id,
         "consortium_key": args.consortium_key, "upstream_topic_prefix": args.upstream_topic_prefix,
+        "replica_id": args.replica_id,
     }
     if args.model or args.task:  # the flags' choice of initial model replaces the file's
         settings.pop("model", None)
@@ -231,7 +237,7 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         max_pinned=settings.get("max_pinned"),
         **{k: settings[k] for k in ("max_update_bytes", "max_examples", "keep_models", "http", "http_token",
                                     "upstream", "upstream_federation", "site_id", "consortium_key",
-                                    "upstream_topic_prefix") if k in settings},
+                                    "upstream_topic_prefix", "replica_id") if k in settings},
         upstream_credentials=Path(settings["upstream_credentials"]) if "upstream_credentials" in settings else None,
     )
     initial: Model | None = None

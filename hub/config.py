@@ -93,6 +93,8 @@ class HubConfig:
     or its own hub key. ``consortium_key`` pins the consortium's key (default: the folder's
     ``hub.pub``, else the first model's). ``upstream_topic_prefix`` (default ``topic_prefix``): where
     the consortium's topics are on the upstream broker, e.g. under a Mosquitto bridge's local prefix.
+    ``state_dir`` may be a ``postgresql://`` URL: then every hub with that state is a replica
+    (:mod:`hub.replicas`), ``replica_id`` names this one (default: host and pid).
     ``norm_bound`` and ``secagg_clip`` are the old names of ``max_update_norm`` and
     ``secagg_range``, taken for one release.
     """
@@ -136,6 +138,7 @@ class HubConfig:
     site_id: str | None = None
     consortium_key: str | None = None
     upstream_topic_prefix: str | None = None
+    replica_id: str | None = None
     norm_bound: InitVar[float | None] = None  # renamed max_update_norm
     secagg_clip: InitVar[float | None] = None  # renamed secagg_range
     _loaded_credentials: Any = field(default=None, init=False, repr=False, compare=False)
@@ -186,6 +189,7 @@ class HubConfig:
             raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}.")
         self.policy()  # validates the round settings
         self._check_site()
+        self._check_replicas()
         self.strategy_args = renamed(self.strategy_args, strategy_arg_renames(self.strategy), "strategy arg")
         rule = self.build_strategy()
         if self.min_clients < rule.min_updates():
@@ -239,6 +243,21 @@ class HubConfig:
         if self.build_strategy().asynchronous:
             raise ConfigError(f"strategy {self.strategy} releases models on its own schedule; a site hub follows "
                               "the consortium's rounds: choose a synchronous rule (fedavg, trimmed-mean, ...).")
+
+    def _check_replicas(self) -> None:
+        """Replicas share a PostgreSQL state; what they do not do yet is refused here, by name."""
+        if not self.in_database:
+            if self.replica_id is not None:
+                raise ConfigError("--replica-id names one of several hubs sharing --state postgresql://...; "
+                                  "a hub with a state folder is the only one.")
+            return
+        if self.replica_id is not None:
+            check_name("replica id", self.replica_id)
+        if self.secure_aggregation:
+            raise ConfigError("secure aggregation runs in one hub process; use a --state folder for it.")
+        if self.build_strategy().asynchronous or self.stragglers != "drop":
+            raise ConfigError("hub replicas close rounds from the shared store: use a synchronous rule and "
+                              "--stragglers drop.")
 
     @property
     def is_site(self) -> bool:

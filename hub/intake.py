@@ -66,7 +66,7 @@ from models.protocol.messages import MAX_COUNTER, REJECT_REASONS, Receipt, Updat
 from models.protocol.signed import SIGNATURE_TENSOR, TRAILER_BYTES, SigningError, verify_and_parse
 from models.protocol.topics import Topics
 
-__all__ = ["DEFAULT_MAX_EXAMPLES", "DEFAULT_MAX_UPDATE_BYTES", "AcceptedUpdate", "Intake"]
+__all__ = ["DEFAULT_MAX_EXAMPLES", "DEFAULT_MAX_UPDATE_BYTES", "AcceptedUpdate", "Intake", "StaleRound"]
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,10 @@ class Intake:
     up to that many versions behind, from an earlier round, is taken. ``max_update_norm``:
     a larger update is rejected (``norm_bound``). ``max_examples``: the most examples an
     update may claim. ``max_pinned``: without a keyring, the most clients whose keys are
-    pinned (None: no bound).
+    pinned (None: no bound). ``shared``: other hub replicas write the same store, so each batch
+    reads the pinned keys and sequences afresh and passes the store's round barrier
+    (:meth:`hub.store.HubStore.intake_barrier`): a batch for a round that is being closed is
+    refused ``round_closed``, and one for a round the store has left raises :class:`StaleRound`.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class Intake:
         max_staleness: int = 0,
         max_examples: int = DEFAULT_MAX_EXAMPLES,
         max_pinned: int | None = None,
+        shared: bool = False,
     ) -> None:
         if not 1 <= max_examples <= MAX_EXAMPLES_BOUND:
             raise ValueError(f"max_examples must be 1 .. 2**40, got {max_examples}")
@@ -135,6 +139,7 @@ class Intake:
         self.keyring = dict(keyring) if keyring is not None else None
         self.max_staleness = int(max_staleness)
         self.max_examples, self.max_pinned = int(max_examples), max_pinned
+        self.shared = shared
         self._keys = store.pinned_keys()
         self._last_sequence = store.last_sequences()
 
@@ -155,11 +160,21 @@ class Intake:
         now = time.time() if received_at is None else received_at
         try:
             with self.store.transaction():
+                if self.shared:
+                    current = self._through_barrier(current)
                 return [self._process(topic, bytes(payload), current, now) for topic, payload in messages]
         except BaseException:
             # keys pinned and sequences stored in the rolled-back transaction are gone
             self._keys, self._last_sequence = self.store.pinned_keys(), self.store.last_sequences()
             raise
+
+    def _through_barrier(self, current: RoundView) -> RoundView:
+        """(in the batch's transaction) What other replicas stored, and whether ``current`` still takes updates."""
+        round_number, closing = self.store.intake_barrier()
+        if round_number is not None and round_number != current.round:
+            raise StaleRound(round_number)
+        self._keys, self._last_sequence = self.store.pinned_keys(), self.store.last_sequences()
+        return _Closed(current) if closing == current.round else current
 
     def _process(self, topic: str, payload: bytes, current: RoundView,
                  now: float) -> tuple[Receipt, AcceptedUpdate | None]:
@@ -312,6 +327,37 @@ class Intake:
                  detail: str | None = None, digest: str | None = None) -> Receipt:
         return Receipt(client, sequence, status, reason, detail, current.round, current.base_version, digest,
                        self.topics.federation)
+
+
+class StaleRound(Exception):
+    """The store's round moved on (another replica closed it): read the round again and retry the batch."""
+
+    def __init__(self, round_number: int) -> None:
+        super().__init__(f"the hubs are in round {round_number}")
+        self.round = round_number
+
+
+@dataclass(frozen=True)
+class _Closed:
+    """A round another replica is closing, as the intake sees it: closed."""
+
+    view: RoundView
+
+    @property
+    def round(self) -> int:
+        return self.view.round
+
+    @property
+    def base_version(self) -> int:
+        return self.view.base_version
+
+    @property
+    def is_open(self) -> bool:
+        return False
+
+    @property
+    def accepting(self) -> frozenset[str] | None:
+        return self.view.accepting
 
 
 def l2_norm(delta: Mapping[str, np.ndarray]) -> float:

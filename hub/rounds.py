@@ -117,8 +117,9 @@ class RoundManager:
 
     def __init__(self, store: HubStore, registry: ModelRegistry, strategy: Strategy, policy: RoundPolicy,
                  strategy_state: StrategyState | None = None, ledger: Ledger | None = None,
-                 keep_models: int | None = None) -> None:
+                 keep_models: int | None = None, from_store: bool = False) -> None:
         self.store, self.registry, self.strategy, self.policy = store, registry, strategy, policy
+        self.from_store = from_store  # replicas: every replica stores updates, so the round is summed from the store
         self.keep_models = None if keep_models is None else max(keep_models, strategy.max_staleness + 2)
         self.strategy_state = strategy_state
         self.ledger = ledger
@@ -171,6 +172,15 @@ class RoundManager:
         self.model = model
         return model
 
+    def load_current(self) -> Model:
+        """A replica that does not lead: the model the store says is current, from the registry (nothing written)."""
+        version = self.store.get("model_version")
+        entry = self.registry.latest() if version is None else self.registry.get(int(version))
+        if entry is None:
+            raise ConfigError("the registry holds no model yet")
+        self.model = entry.load()
+        return self.model
+
     def follow(self, model: Model) -> None:
         """A site hub's current model: the consortium's, taken as it is (nothing is registered or logged here)."""
         self.model = model
@@ -211,7 +221,8 @@ class RoundManager:
         """
         assert self.model is not None, "resume() first"
         version = int(self.model.version)
-        aggregate = StreamingAverage.like(self.model.network.state_dict()) if self.strategy.streaming else None
+        streaming = self.strategy.streaming and not self.from_store
+        aggregate = StreamingAverage.like(self.model.network.state_dict()) if streaming else None
         self.current = cur = OpenRound(round_number, version, aggregate)
         cur.set_deadline(cur.opened_at + self.policy.timeout_s if deadline_at is None else deadline_at)
         if decode is not None:
@@ -270,6 +281,13 @@ class RoundManager:
             self._base_statistics[version] = base
         current = self.model.network.state_dict()
         return {k: (v + base[k] - current[k]).astype(np.float32) if k in base else v for k, v in update.delta.items()}
+
+    def sync_from_store(self) -> None:
+        """The open round's participants and counters as every replica stored them (replicas only)."""
+        cur = self._open()
+        clients, updates, examples, size = self.store.round_summary(cur.round)
+        cur.participants, cur.updates_accepted, cur.num_examples = clients, updates, examples
+        cur.bytes_up = max(cur.bytes_up, size)
 
     def count_received(self, size: int, rejected: bool) -> None:
         """Count a message that was not accepted (rejected or duplicate) into the round's bytes."""
@@ -350,13 +368,24 @@ class RoundManager:
             raise ValueError("a non-streaming strategy needs a decode function to read the stored updates")
         assert self.model is not None
         version = int(self.model.version)
+        summed = StreamingAverage.like(self.model.network.state_dict()) if self.strategy.streaming else None
         deltas: list[Mapping[str, np.ndarray]] = []
         weights: list[float] = []
         for stored in self.store.iter_round_updates(round_number):
             update = decode(stored.payload, version) if stored.payload is not None else None
-            if update is not None:
+            if update is None:
+                continue
+            weight = self.strategy.client_weight(update.num_examples)
+            if summed is not None:  # a weighted mean: summed one update at a time, whatever the round's size
+                summed.add(self.strategy.prepare(self._rebased(update), update.staleness), weight)
+            else:
                 deltas.append(self._rebased(update))
-                weights.append(self.strategy.client_weight(update.num_examples))
+                weights.append(weight)
+        if summed is not None:
+            if summed.count < max(1, self.strategy.min_updates()):
+                raise ValueError(f"the rule needs at least {max(1, self.strategy.min_updates())} updates in a round, "
+                                 f"got {summed.count}")
+            return summed.mean()
         return self.strategy.aggregate(deltas, weights)
 
     def record_close(self, new_model: Model, bytes_down: int, metrics: Mapping[str, float]) -> RoundSummary:

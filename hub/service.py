@@ -31,6 +31,13 @@ round when the consortium's task for it arrives (same round, model and settings,
 selection, a deadline no later than the consortium's), and closing a round sends the
 rule's aggregate upstream as one partial instead of releasing a model. Between its
 partial and the consortium's next task the open round is a placeholder: no task, no close.
+
+Hubs on one PostgreSQL state are replicas (:mod:`hub.replicas`): each takes updates from the
+shared subscription and stores them (the intake passes the store's round barrier, so a round
+being closed takes no more); only the leader selects, closes, aggregates (from the store:
+every replica's updates), registers and publishes. A replica that does not lead follows the
+round and model the store names; when the leader dies, the next to take the lead resumes from
+the store as a restarted hub does.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from hub.blobs import blobs_for
 from hub.config import DEFAULT_TASK_CONFIG, HubConfig, task_config_from
 from hub.inbox import Inbox
-from hub.intake import Intake
+from hub.intake import Intake, StaleRound
 from hub.ledger import open_ledger
 from hub.presence import Presence
 from hub.publisher import Announcement, Publisher
@@ -67,6 +74,7 @@ from models.protocol.topics import Topics
 
 if TYPE_CHECKING:
     from hub.accounting import PrivacyAccountant
+    from hub.replicas import Replicas
     from hub.round_state import OpenRound
     from hub.secure_rounds import SecureRoundDriver
     from hub.strategies import Strategy
@@ -134,6 +142,10 @@ class HubService:
         self._upstream: Upstream | None = None
         self._site_task: tuple[Task, bytes] | None = None  # None: the open round is a placeholder
         self._site_model: tuple[ModelMessage, bytes] | None = None  # as the consortium signed it
+        # replicas on one PostgreSQL state: this one's heartbeat and claim on the lead
+        self._replicas: Replicas | None = None
+        self._leading = True  # a hub on SQLite is the only one
+        self._beat_at = 0.0
 
     # -- accessors ------------------------------------------------------------------
 
@@ -223,20 +235,29 @@ class HubService:
             rounds = self._rounds = RoundManager(store, ModelRegistry(blobs_for(cfg.state_dir, "models")),
                                                  self.strategy, cfg.policy(),
                                                  StrategyState(blobs_for(cfg.state_dir, "strategy")),
-                                                 open_ledger(cfg.state_dir), keep_models=cfg.keep_models)
+                                                 open_ledger(cfg.state_dir), keep_models=cfg.keep_models,
+                                                 from_store=cfg.in_database)
+            if cfg.in_database:
+                await self._join_replicas(store)
             if cfg.is_site:
                 site_model = await self._start_upstream(stop)
                 if site_model is None:
                     return
                 model = site_model
-            else:
+            elif self._leading:
                 model = await asyncio.to_thread(rounds.resume, self.initial_model)
+            else:
+                followed = await self._first_model(stop)
+                if followed is None:
+                    return
+                model = followed
             codec = UpdateCodec.for_weights(model.network.state_dict())
             intake = self._intake = Intake(store, self.topics, codec, max_update_bytes=cfg.max_update_bytes,
                                            max_update_norm=cfg.max_update_norm, keyring=keyring,
                                            max_staleness=max(self.strategy.max_staleness,
                                                              int(cfg.stragglers == "next-round")),
-                                           max_examples=cfg.max_examples, max_pinned=cfg.max_pinned)
+                                           max_examples=cfg.max_examples, max_pinned=cfg.max_pinned,
+                                           shared=cfg.in_database)
             if cfg.secure_aggregation:
                 from hub.secure_rounds import SecureRoundDriver
 
@@ -248,11 +269,16 @@ class HubService:
             self._batch_limit = max(1, min(cfg.max_batch, BATCH_DELTA_BYTES // (4 * codec.size)))
             if cfg.is_site:  # a placeholder until the consortium's task for this site comes
                 await asyncio.to_thread(rounds.open, int(store.get("round", 1)), None, math.inf)
-            else:
+            elif self._leading:
                 current = await asyncio.to_thread(rounds.open, int(store.get("round")), intake.decode_stored)
-                current.select(self._make_selection(current.round), plain_updates=self._secure is None)
+                self._select(current, self._make_selection(current.round))
+            else:
+                await self._follow_store()
+            client_id = cfg.client_id or f"wearfl-hub-{cfg.federation}"
+            if self._replicas is not None:
+                client_id = f"{client_id}-{self._replicas.replica_id}"
             session = self._session = MqttSession(
-                address, cfg.client_id or f"wearfl-hub-{cfg.federation}", manual_ack=True,
+                address, client_id, manual_ack=True,
                 protocol=cfg.protocol,  # type: ignore[arg-type]
                 # past these the session drops (and counts) what arrives: its acks must keep flowing
                 max_buffered=INBOX_MESSAGES, max_buffered_bytes=INBOX_BYTES,
@@ -275,6 +301,8 @@ class HubService:
             if self._upstream is not None:
                 await self._upstream.close()
                 store.put("upstream", self._upstream.status())  # not connected, and where it stopped
+            if self._replicas is not None:
+                self._replicas.close()
             if self.operator_view is not None:
                 self.operator_view.stop()
             self._store = None
@@ -307,6 +335,79 @@ class HubService:
         model = upstream.model.model
         await asyncio.to_thread(_running(self._rounds).follow, model)
         return model
+
+    # -- replicas -------------------------------------------------------------------
+
+    async def _join_replicas(self, store: HubStore) -> None:
+        """Write this replica's first heartbeat; lead if no other replica does."""
+        from hub.replicas import BEAT_S, Replicas, default_replica_id
+
+        replicas = self._replicas = Replicas(str(self.config.state_dir), self.config.replica_id or default_replica_id())
+        self._leading = await asyncio.to_thread(replicas.beat)
+        self._beat_at = time.monotonic() + BEAT_S
+        if self._leading:
+            await asyncio.to_thread(store.put, "leader", replicas.replica_id)
+        log.info("replica %s of federation %s: %s", replicas.replica_id, self.config.federation,
+                 "leads" if self._leading else f"follows {store.get('leader')}")
+
+    async def _first_model(self, stop: asyncio.Event) -> Model | None:
+        """A replica that does not lead: the current model, once the leader has registered one."""
+        rounds = _running(self._rounds)
+        while not stop.is_set():
+            try:
+                return await asyncio.to_thread(rounds.load_current)
+            except ConfigError:
+                await asyncio.sleep(0.5)
+        return None
+
+    async def _replica_beat(self) -> None:
+        """Heartbeat; take the lead when it is free, else follow the round the store names."""
+        from hub.replicas import BEAT_S
+
+        replicas = _running(self._replicas)
+        self._beat_at = time.monotonic() + BEAT_S
+        leading = await asyncio.to_thread(replicas.beat)
+        if leading and not self._leading:
+            await self._take_lead()
+        elif not leading:
+            await self._follow_store()
+
+    async def _take_lead(self) -> None:
+        """The leader is gone and this replica leads now: resume the round from the store, as a restarted hub."""
+        rounds, store, intake = _running(self._rounds), _running(self._store), _running(self._intake)
+        replica = _running(self._replicas).replica_id
+        self._leading = True
+        await asyncio.to_thread(store.put, "leader", replica)
+        await asyncio.to_thread(rounds.resume, None)  # also finishes a close the old leader left half-done
+        await asyncio.to_thread(store.mark_closing, None)
+        current = await asyncio.to_thread(rounds.open, int(store.get("round")), intake.decode_stored)
+        self._select(current, self._make_selection(current.round))
+        log.warning("replica %s took the lead: model v%d, round %d with %d stored updates", replica,
+                    _running(rounds.model).version, current.round, current.updates_accepted)
+        await self._announce()
+
+    async def _follow_store(self) -> None:
+        """A replica that does not lead: the store's current model, round and selection."""
+        rounds, store = _running(self._rounds), _running(self._store)
+        round_number, version = await asyncio.to_thread(lambda: (store.get("round"), store.get("model_version")))
+        if round_number is None or version is None:
+            return
+        if rounds.model is None or int(rounds.model.version) != int(version):
+            await asyncio.to_thread(rounds.load_current)
+        current = rounds.current
+        if current is None or current.round != int(round_number) or current.base_version != int(version):
+            current = await asyncio.to_thread(rounds.open, int(round_number), None, math.inf)
+        chosen = await asyncio.to_thread(store.get, "selection")
+        if isinstance(chosen, dict) and chosen.get("round") == current.round:
+            clients = chosen.get("clients")
+            current.select(None if clients is None else tuple(clients), plain_updates=self._secure is None)
+
+    def _select(self, current: OpenRound, selection: tuple[str, ...] | None) -> None:
+        """Record the round's selection (and, for replicas that do not lead, in the store)."""
+        current.select(selection, plain_updates=self._secure is None)
+        if self._replicas is not None:
+            _running(self._store).put("selection", {"round": current.round,
+                                                    "clients": None if selection is None else list(selection)})
 
     def _start_operator_view(self) -> None:
         """``--http``: the dashboard, /metrics and /api/status, served from this hub's state."""
@@ -365,6 +466,8 @@ class HubService:
                 wake = min(_running(rounds.current).deadline, self._wait_report_at)
                 if self._upstream is not None:  # the consortium's news are looked at between batches
                     wake = min(wake, time.monotonic() + 0.25)
+                if self._replicas is not None:
+                    wake = min(wake, self._beat_at)
                 batch = await inbox.next_batch(wake - time.monotonic())
                 if batch is None:
                     break
@@ -373,6 +476,8 @@ class HubService:
                 if self._upstream is not None and self._upstream.changed.is_set():
                     self._upstream.changed.clear()
                     await self._follow_upstream()
+                if self._replicas is not None and time.monotonic() >= self._beat_at:
+                    await self._replica_beat()
                 if session.shed > self._shed_counted:
                     await asyncio.to_thread(_running(self._store).count_shed, session.shed - self._shed_counted)
                     self._shed_counted = session.shed
@@ -386,6 +491,8 @@ class HubService:
     async def _report_waiting(self) -> None:
         """Say which expected edges the open round still waits for, and what each last said (log and status)."""
         self._wait_report_at = time.monotonic() + self.config.round_timeout_s / 4
+        if not self._leading:
+            return
         current = _running(_running(self._rounds).current)
         if self._upstream is not None:
             await asyncio.to_thread(_running(self._store).put, "upstream", self._upstream.status())
@@ -405,6 +512,8 @@ class HubService:
                  len(current.participants), len(waiting), max(0.0, current.deadline - time.monotonic()), shown, more)
 
     async def _reannounce(self) -> None:
+        if not self._leading:
+            return
         await self._announce(task=not self._finished())
         await self._publish_grant()
 
@@ -431,7 +540,8 @@ class HubService:
                 if self._secure is not None:
                     self._secure.receive(client, message.payload)
             elif message.topic in (self.topics.model, self.topics.task):
-                _running(self._publisher).check_retained(message.topic, message.payload)
+                if self._leading:
+                    _running(self._publisher).check_retained(message.topic, message.payload)
             else:
                 log.debug("ignored a message on %s", message.topic)
             session.ack(message)
@@ -442,8 +552,15 @@ class HubService:
         """One intake transaction for the open round, then the acknowledgements, the counts and the receipts."""
         intake, rounds, session = _running(self._intake), _running(self._rounds), _running(self._session)
         started = time.perf_counter()
-        results = await asyncio.to_thread(intake.process_batch, [(m.topic, m.payload) for m in updates],
-                                          _running(rounds.current))
+        batch = [(m.topic, m.payload) for m in updates]
+        try:
+            results = await asyncio.to_thread(intake.process_batch, batch, _running(rounds.current))
+        except (StaleRound, _running(self._store).integrity_error) as exc:
+            # another replica moved the round on, or stored one of these updates meanwhile: once more, afresh
+            log.debug("intake batch again: %s", exc)
+            if not self._leading:
+                await self._follow_store()
+            results = await asyncio.to_thread(intake.process_batch, batch, _running(rounds.current))
         log.debug("intake: %d updates in %.1f ms", len(updates), 1000 * (time.perf_counter() - started))
         receipts: list[Receipt] = []
         for message, (receipt, accepted) in zip(updates, results, strict=True):
@@ -470,7 +587,7 @@ class HubService:
         if len(self.presence.sites) > sites:  # a consortium hub: its clients are sites
             _running(self._store).put("sites", sorted(self.presence.sites))
         current = self._rounds.current if self._rounds is not None else None
-        if current is None:
+        if current is None or not self._leading:
             return
         if (came_online or self._bootstrapping()) and self._select_awaited(current):
             _running(self._publisher).spawn(self._publish_task())
@@ -494,7 +611,7 @@ class HubService:
         """Select the open round's clients when it still awaits them; True when it got them now."""
         if not current.awaiting_selection or self._placeholder():
             return False
-        current.select(self._make_selection(current.round), plain_updates=self._secure is None)
+        self._select(current, self._make_selection(current.round))
         return not current.awaiting_selection
 
     # -- rounds ---------------------------------------------------------------------
@@ -514,8 +631,10 @@ class HubService:
         """Close or extend the round when the policy says so; True when a round closed."""
         rounds = _running(self._rounds)
         current = _running(rounds.current)
-        if self._placeholder():
+        if self._placeholder() or not self._leading:
             return False
+        if self._replicas is not None:  # the round as every replica stored it
+            await asyncio.to_thread(rounds.sync_from_store)
         if self._secure is not None:
             return await self._secure_step(self._secure, current)
         expected = self._expected(current.selection)
@@ -551,6 +670,9 @@ class HubService:
             return await self._close_site_round(self._upstream)
         rounds, intake, store = _running(self._rounds), _running(self._intake), _running(self._store)
         closing = _running(rounds.current)
+        if self._replicas is not None:  # no replica stores another update for it; then count what they stored
+            await asyncio.to_thread(store.mark_closing, closing.round)
+            await asyncio.to_thread(rounds.sync_from_store)
         new_model = await asyncio.to_thread(rounds.build_next_model, intake.decode_stored)
         next_round, version = closing.round + 1, int(new_model.version)
         model_message = build_model(new_model, next_round, _running(self._key), rounds.ledger_entry(version),
@@ -565,7 +687,7 @@ class HubService:
                                       self._metrics.result(closing.round))
         await asyncio.to_thread(record_release, store, self._metrics, self.privacy)
         opened = await asyncio.to_thread(rounds.open, next_round, intake.decode_stored, task.deadline)
-        opened.select(selection, plain_updates=self._secure is None)
+        self._select(opened, selection)
         self._metrics.forget_before(next_round)
         self.presence.forget_before(next_round)
         self._wait_report_at = time.monotonic() + self.config.round_timeout_s / 4
@@ -620,7 +742,7 @@ class HubService:
         await asyncio.to_thread(store.put, "round", task.round)
         # with the updates stored for it before a restart
         current = await asyncio.to_thread(rounds.open, task.round, intake.decode_stored, deadline)
-        current.select(self._make_selection(task.round), plain_updates=self._secure is None)
+        self._select(current, self._make_selection(task.round))
         log.info("site %s: round %d of the consortium on model v%d, deadline in %.0f s", self.config.site_id,
                  task.round, task.model_version, max(0.0, deadline - now))
         self._wait_report_at = time.monotonic() + self.config.round_timeout_s / 4
@@ -697,7 +819,7 @@ class HubService:
         return self._build_task(current.round, int(model.version), current.deadline_at, current.selection)
 
     async def _publish_task(self) -> None:
-        if not self._placeholder():
+        if not self._placeholder() and self._leading:
             await _running(self._publisher).task(self._task())
 
     async def _announce(self, model_message: bytes | None = None, task: bool = True) -> None:

@@ -84,7 +84,11 @@ CREATE TABLE IF NOT EXISTS rounds (
     metrics TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS replicas (id TEXT PRIMARY KEY, heartbeat {FLOAT} NOT NULL, started {FLOAT} NOT NULL);
 """
+
+ROUND_LOCK = 7262
+"""PostgreSQL advisory lock between replicas' intake (shared) and the leader marking a round closing (exclusive)."""
 
 
 @dataclass(frozen=True)
@@ -372,6 +376,41 @@ class HubStore:
                 " ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value", (n,)
             )
 
+    # -- replicas (a shared PostgreSQL database) ---------------------------------------
+
+    def intake_barrier(self) -> tuple[int | None, int | None]:
+        """(the round the hubs are in, the round being closed or None), inside an intake transaction.
+
+        On PostgreSQL it first takes the round lock shared, so a leader marking the round closing
+        (:meth:`mark_closing`) waits for this transaction to commit, and every transaction after
+        that sees the mark: an update is either in the closing round's aggregate or refused.
+        """
+        if self._db.dialect == "postgresql":
+            self._db.execute("SELECT pg_advisory_xact_lock_shared(?)", (ROUND_LOCK,))
+        return self.get("round"), self.get("closing")
+
+    def mark_closing(self, round_number: int | None) -> None:
+        """The leader closes ``round_number``: no replica stores another update for it (None: clear the mark)."""
+        with self.transaction():
+            if self._db.dialect == "postgresql":
+                self._db.execute("SELECT pg_advisory_xact_lock(?)", (ROUND_LOCK,))
+            self.put("closing", round_number)
+
+    def round_summary(self, round_number: int) -> tuple[set[str], int, int, int]:
+        """(clients, updates, examples, bytes) stored for ``round_number``, by every replica."""
+        with self.reading():
+            clients = {r[0] for r in self._db.execute("SELECT DISTINCT client FROM updates WHERE round = ?",
+                                                      (round_number,))}
+            n, examples, size = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(num_examples), 0), COALESCE(SUM(size), 0) FROM updates WHERE round = ?",
+                (round_number,)).fetchone()
+        return clients, int(n), int(examples), int(size)
+
+    def replicas(self) -> dict[str, float]:
+        """{replica id: its last heartbeat (Unix time)}."""
+        with self._lock:
+            return {r: float(t) for r, t in self._db.execute("SELECT id, heartbeat FROM replicas ORDER BY id")}
+
     # -- rounds and small values ----------------------------------------------------
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -443,6 +482,8 @@ class HubStore:
         ``connected``, ``consortium_version`` and ``consortium_round`` (the latest it took), and
         ``partial`` (``round``, ``state``: ``pending`` until the consortium's receipt, then
         ``acknowledged``). ``"sites"``: on a consortium hub, the clients that are site hubs.
+        ``"leader"``: the replica id of the hub that closes rounds (None for a hub on SQLite),
+        ``"replicas"``: {replica id: last heartbeat} of the hubs sharing a PostgreSQL state.
         Read in one transaction, so ``updates_accepted`` always equals the sum of the clients'
         ``accepted``.
         """
@@ -484,4 +525,6 @@ class HubStore:
             "waiting": self.get("waiting"),
             "upstream": self.get("upstream"),
             "sites": self.get("sites", []),
+            "leader": self.get("leader"),
+            "replicas": self.replicas(),
         }

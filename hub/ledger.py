@@ -99,6 +99,10 @@ class Ledger:
         self.path = Path(path)
         self._load()
 
+    def reload(self) -> None:
+        """Read the ledger again (another hub replica may have appended to it)."""
+        self._load()
+
     def _load(self) -> None:
         """Drop an unfinished last line, verify the chain and take its head (also after a failed append)."""
         try:

@@ -277,8 +277,9 @@ class HubService:
             client_id = cfg.client_id or f"wearfl-hub-{cfg.federation}"
             if self._replicas is not None:
                 client_id = f"{client_id}-{self._replicas.replica_id}"
+            replica = self._replicas is not None  # its session ends with it: the others take its share
             session = self._session = MqttSession(
-                address, client_id, manual_ack=True,
+                address, client_id, manual_ack=True, clean_start=replica, session_expiry_s=0 if replica else 3600,
                 protocol=cfg.protocol,  # type: ignore[arg-type]
                 # past these the session drops (and counts) what arrives: its acks must keep flowing
                 max_buffered=INBOX_MESSAGES, max_buffered_bytes=INBOX_BYTES,
@@ -378,10 +379,19 @@ class HubService:
         replica = _running(self._replicas).replica_id
         self._leading = True
         await asyncio.to_thread(store.put, "leader", replica)
+        if rounds.ledger is not None:  # what the old leader appended since this replica started
+            await asyncio.to_thread(rounds.ledger.reload)
         await asyncio.to_thread(rounds.resume, None)  # also finishes a close the old leader left half-done
         await asyncio.to_thread(store.mark_closing, None)
         current = await asyncio.to_thread(rounds.open, int(store.get("round")), intake.decode_stored)
-        self._select(current, self._make_selection(current.round))
+        chosen = await asyncio.to_thread(store.get, "selection")
+        if isinstance(chosen, dict) and chosen.get("round") == current.round and chosen.get("deadline"):
+            # the old leader's task, unchanged: edges hearing it again re-send what got no receipt
+            current.set_deadline(max(float(chosen["deadline"]), time.time() + 1.0))
+            clients = chosen.get("clients")
+            self._select(current, None if clients is None else tuple(clients))
+        else:
+            self._select(current, self._make_selection(current.round))
         log.warning("replica %s took the lead: model v%d, round %d with %d stored updates", replica,
                     _running(rounds.model).version, current.round, current.updates_accepted)
         await self._announce()
@@ -397,6 +407,8 @@ class HubService:
         current = rounds.current
         if current is None or current.round != int(round_number) or current.base_version != int(version):
             current = await asyncio.to_thread(rounds.open, int(round_number), None, math.inf)
+            self._metrics.forget_before(current.round)
+            self.presence.forget_before(current.round)
         chosen = await asyncio.to_thread(store.get, "selection")
         if isinstance(chosen, dict) and chosen.get("round") == current.round:
             clients = chosen.get("clients")
@@ -405,8 +417,13 @@ class HubService:
     def _select(self, current: OpenRound, selection: tuple[str, ...] | None) -> None:
         """Record the round's selection (and, for replicas that do not lead, in the store)."""
         current.select(selection, plain_updates=self._secure is None)
+        self._share_round(current)
+
+    def _share_round(self, current: OpenRound) -> None:
+        """Replicas: the open round's selection and deadline in the store, for the others (and the next leader)."""
         if self._replicas is not None:
-            _running(self._store).put("selection", {"round": current.round,
+            selection = current.selection
+            _running(self._store).put("selection", {"round": current.round, "deadline": current.deadline_at,
                                                     "clients": None if selection is None else list(selection)})
 
     def _start_operator_view(self) -> None:
@@ -579,7 +596,8 @@ class HubService:
         current = self._rounds.current if self._rounds is not None else None
         if current is None or client not in self._expected(current.selection):
             return
-        self._metrics.add(client, payload, current.round)
+        # a replica that does not lead keeps the next round's too: it may lead that round, and learns of it late
+        self._metrics.add(client, payload, current.round if self._leading else None)
 
     def _on_status(self, client: str, payload: bytes) -> None:
         sites = len(self.presence.sites)
@@ -642,6 +660,7 @@ class HubService:
         decision = rounds.decide(len(expected) - len(declined & expected))
         if decision == "extend":
             rounds.extend()
+            self._share_round(current)
             await self._publish_task()
             return False
         if decision == "wait":
@@ -823,7 +842,9 @@ class HubService:
             await _running(self._publisher).task(self._task())
 
     async def _announce(self, model_message: bytes | None = None, task: bool = True) -> None:
-        """Publish the current model (retained, signed) and then the task that points at it."""
+        """Publish the current model (retained, signed) and then the task that points at it (the leader only)."""
+        if not self._leading:
+            return
 
         def compose() -> Announcement | None:
             rounds = _running(self._rounds)

@@ -51,9 +51,11 @@ stops there (the test then SIGKILLs it), so a kill lands exactly between two ste
 class HubProcess:
     """``wearfl hub`` as a child process: started, SIGKILLed and waited for by PID."""
 
-    def __init__(self, state: Path, args: list[str]) -> None:
+    def __init__(self, state: Path | str, args: list[str], workdir: Path | None = None) -> None:
+        """``state``: a folder (its parent holds the log), or a postgresql:// URL with ``workdir`` for the log."""
         self.state, self.args = state, args
-        self.log = state.parent / "hub.log"
+        self.workdir = workdir if workdir is not None else Path(state).parent
+        self.log = self.workdir / "hub.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, pause_at: str | None = None) -> None:
@@ -70,7 +72,7 @@ class HubProcess:
 
     @property
     def mark(self) -> Path:
-        return self.state.parent / "paused"
+        return self.workdir / "paused"
 
     def alive(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:

@@ -232,6 +232,7 @@ class HubService:
         self._key = cfg.site_key() if cfg.is_site else cfg.signing_key()
         store = self._store = HubStore(cfg.state_dir, synchronous=cfg.synchronous)
         try:
+            await asyncio.to_thread(store.claim, cfg.federation)
             rounds = self._rounds = RoundManager(store, ModelRegistry(blobs_for(cfg.state_dir, "models")),
                                                  self.strategy, cfg.policy(),
                                                  StrategyState(blobs_for(cfg.state_dir, "strategy")),

@@ -87,6 +87,9 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS replicas (id TEXT PRIMARY KEY, heartbeat {FLOAT} NOT NULL, started {FLOAT} NOT NULL);
 """
 
+SCHEMA_VERSION = 1
+"""The layout of these tables; a store written by a newer layout is refused, not misread."""
+
 ROUND_LOCK = 7262
 """PostgreSQL advisory lock between replicas' intake (shared) and the leader marking a round closing (exclusive)."""
 
@@ -150,6 +153,26 @@ class HubStore:
         self._db.create(SCHEMA)
         self._lock = threading.RLock()
         self._depth = 0
+        self._check_schema(write=create)
+
+    def _check_schema(self, write: bool) -> None:
+        written = self.get("schema")
+        if written is not None and int(written) > SCHEMA_VERSION:
+            self.close()
+            raise ConfigError(f"the hub state in {self.where} was written by a newer wearfl (schema {written}, "
+                              f"this one reads {SCHEMA_VERSION}); upgrade this hub, or give another --state.")
+        if written is None and write:
+            self.put("schema", SCHEMA_VERSION)
+
+    def claim(self, federation: str) -> None:
+        """Bind the state to ``federation`` on first use; ConfigError when it belongs to another one."""
+        with self.transaction():
+            owner = self.get("federation")
+            if owner is None:
+                self.put("federation", federation)
+        if owner is not None and owner != federation:
+            raise ConfigError(f"the hub state in {self.where} belongs to federation {owner!r}, not {federation!r}; "
+                              "give that federation's --state, or the right --federation.")
 
     @property
     def integrity_error(self) -> type[BaseException]:

@@ -107,3 +107,18 @@ def test_missing_state_is_a_clear_error(hub_state, tmp_path):
 def test_unknown_rejection_reason_is_a_bug(hub_state):
     with pytest.raises(ValueError):
         HubStore(hub_state).count_rejection("because")
+
+
+def test_a_state_belongs_to_one_federation(hub_state):
+    with HubStore(hub_state) as store:
+        store.claim("ward-7")
+        store.claim("ward-7")
+        with pytest.raises(ConfigError, match="belongs to federation 'ward-7', not 'ward-8'"):
+            store.claim("ward-8")
+
+
+def test_a_state_written_by_a_newer_layout_is_refused(hub_state):
+    with HubStore(hub_state) as store:
+        store.put("schema", 99)
+    with pytest.raises(ConfigError, match="newer wearfl"):
+        HubStore(hub_state, create=False)

@@ -61,3 +61,14 @@ def test_a_hub_on_postgresql_runs_rounds_and_a_restart_resumes_from_the_database
     assert main(["ledger", "verify", "--state", postgres_url, "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"ok": True, "entries": 4, "head": ledger.head, "last_version": 3}
     assert not any((tmp_path / name).exists() for name in ("hub.db", "models", "ledger.jsonl", "keys"))
+
+
+def test_a_hub_of_another_federation_is_refused_by_the_database(postgres_url, capsys):
+    from hub.store import HubStore
+
+    with HubStore(postgres_url) as store:
+        store.claim("ward-7")
+    code = main(["hub", "--broker", "mqtt://127.0.0.1:1", "--federation", "ward-8", "--state", postgres_url,
+                 "--task", "activity"])
+    err = capsys.readouterr().err
+    assert code == 2 and "belongs to federation 'ward-7', not 'ward-8'" in err and "Traceback" not in err

@@ -124,15 +124,30 @@ class PostgresDatabase(Database):
             import psycopg
         except ImportError:  # pragma: no cover - a dependency of wearfl
             raise ConfigError("--state postgresql://... needs psycopg: pip install 'psycopg[binary]'.") from None
-        self.url = url
-        self.storage_errors = (psycopg.OperationalError, psycopg.errors.DiskFull, OSError)
+        self.url, self._timeout = url, max(1, round(connect_timeout_s))
+        self.storage_errors = (psycopg.OperationalError, psycopg.errors.DiskFull, psycopg.InterfaceError, OSError)
         self.integrity_error = psycopg.IntegrityError
         self._sql: dict[tuple[str, bool], str] = {}
         try:
-            self._db = psycopg.connect(url, autocommit=True, connect_timeout=max(1, round(connect_timeout_s)))
+            self._db = psycopg.connect(url, autocommit=True, connect_timeout=self._timeout)
         except psycopg.OperationalError as exc:
             raise ConfigError(f"cannot reach the PostgreSQL database {redact(url)} ({_first_line(exc)}); check "
                               "--state, that the server runs and that this user may connect.") from None
+        self._in_transaction = False
+
+    def reconnect(self) -> None:
+        """A new connection, when the last one broke (the server restarted, the network dropped): the
+        storage error of a failed attempt goes to the caller, which waits and tries again."""
+        import psycopg
+
+        with contextlib.suppress(psycopg.Error):
+            self._db.close()
+        self._db = psycopg.connect(self.url, autocommit=True, connect_timeout=self._timeout)
+        self._in_transaction = False
+
+    def _usable(self) -> None:
+        if (self._db.closed or self._db.broken) and not self._in_transaction:
+            self.reconnect()
 
     def _translate(self, sql: str, named: bool) -> str:
         key = (sql, named)
@@ -144,6 +159,7 @@ class PostgresDatabase(Database):
         return translated
 
     def execute(self, sql: str, params: Any = ()) -> Any:
+        self._usable()
         if not params:
             return self._db.execute(sql)
         return self._db.execute(self._translate(sql, isinstance(params, dict)), params)
@@ -156,11 +172,20 @@ class PostgresDatabase(Database):
                     self._db.execute(statement)
 
     def begin(self, write: bool) -> None:
+        self._usable()
         self._db.execute("BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        self._in_transaction = True
+
+    def commit(self) -> None:
+        try:
+            self._db.execute("COMMIT")
+        finally:
+            self._in_transaction = False
 
     def rollback(self) -> None:
         import psycopg
 
+        self._in_transaction = False
         with contextlib.suppress(psycopg.Error):  # a connection that is gone: the server rolled it back
             self._db.execute("ROLLBACK")
 

@@ -46,14 +46,33 @@ class Replicas:
         self.started = time.time()
 
     def beat(self) -> bool:
-        """(worker thread) Write the heartbeat; try to take the lead if it is free. True while leading."""
+        """(worker thread) Write the heartbeat; try to take the lead if it is free. True while leading.
+
+        A storage error (the database went away) ends any lead this replica held: the server drops
+        the lock with the connection, so the next beat that gets through competes for it afresh.
+        """
+        try:
+            return self._beat()
+        except self.db.storage_errors:
+            self.leading = False
+            raise
+
+    def step_down(self) -> None:
+        """Give up the lead (a new connection holds no lock)."""
+        self.leading = False
+        try:
+            self.db.reconnect()
+        except self.db.storage_errors as exc:
+            log.debug("replica %s: reconnecting failed (%s)", self.replica_id, exc)
+
+    def _beat(self) -> bool:
         now = time.time()
         self.db.execute("INSERT INTO replicas (id, heartbeat, started) VALUES (?, ?, ?) ON CONFLICT (id)"
                         " DO UPDATE SET heartbeat = excluded.heartbeat", (self.replica_id, now, self.started))
         if not self.leading:
             self.leading = bool(self.db.execute("SELECT pg_try_advisory_lock(?)", (LEADER_LOCK,)).fetchone()[0])
             if self.leading:
-                log.info("replica %s leads", self.replica_id)
+                log.debug("replica %s holds the lead", self.replica_id)
         return self.leading
 
     def close(self) -> None:

@@ -43,6 +43,7 @@ the store as a restarted hub does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import math
@@ -74,6 +75,7 @@ from models.protocol.topics import Topics
 
 if TYPE_CHECKING:
     from hub.accounting import PrivacyAccountant
+    from hub.intake import AcceptedUpdate
     from hub.replicas import Replicas
     from hub.round_state import OpenRound
     from hub.secure_rounds import SecureRoundDriver
@@ -95,6 +97,9 @@ BATCH_DELTA_BYTES = 64 * 1024 * 1024
 INBOX_MESSAGES = 20_000
 INBOX_BYTES = 128 * 1024 * 1024
 """What the hub's session holds for the intake at most; a burst past it is shed (edges re-send updates)."""
+
+OUTAGE_RETRY_S = 1.0
+"""How often a replica tries the shared database again while it is unreachable."""
 
 STORAGE_ADVICE = ("No update was acknowledged that is not stored; the restarted hub resumes from its state "
                   "directory.")
@@ -146,6 +151,7 @@ class HubService:
         self._replicas: Replicas | None = None
         self._leading = True  # a hub on SQLite is the only one
         self._beat_at = 0.0
+        self._outage_since: float | None = None  # time.monotonic() since the shared database is unreachable
 
     # -- accessors ------------------------------------------------------------------
 
@@ -489,22 +495,50 @@ class HubService:
                 batch = await inbox.next_batch(wake - time.monotonic())
                 if batch is None:
                     break
-                if batch:
-                    await self._handle(batch)
-                if self._upstream is not None and self._upstream.changed.is_set():
-                    self._upstream.changed.clear()
-                    await self._follow_upstream()
-                if self._replicas is not None and time.monotonic() >= self._beat_at:
-                    await self._replica_beat()
-                if session.shed > self._shed_counted:
-                    await asyncio.to_thread(_running(self._store).count_shed, session.shed - self._shed_counted)
-                    self._shed_counted = session.shed
-                if await self._maybe_close() and (reason := self._finish_reason()) is not None:
-                    spent = budget_spent(_running(self._store), self.privacy)
-                    log.log(logging.WARNING if spent else logging.INFO, "%s; stopping", reason)
-                    break
-                if time.monotonic() >= self._wait_report_at:
-                    await self._report_waiting()
+                try:
+                    if not await self._step(session, batch, stop):
+                        break
+                except self._outages() as exc:
+                    await self._outage(exc, stop)
+
+    async def _step(self, session: MqttSession, batch: list[Message], stop: asyncio.Event) -> bool:
+        """One turn of the loop: the batch, the consortium's and the replicas' news, the round. False: stop."""
+        if batch:
+            await self._handle(batch, stop)
+        if self._upstream is not None and self._upstream.changed.is_set():
+            self._upstream.changed.clear()
+            await self._follow_upstream()
+        if self._replicas is not None and time.monotonic() >= self._beat_at:
+            await self._replica_beat()
+        if session.shed > self._shed_counted:
+            await asyncio.to_thread(_running(self._store).count_shed, session.shed - self._shed_counted)
+            self._shed_counted = session.shed
+        if await self._maybe_close() and (reason := self._finish_reason()) is not None:
+            spent = budget_spent(_running(self._store), self.privacy)
+            log.log(logging.WARNING if spent else logging.INFO, "%s; stopping", reason)
+            return False
+        if time.monotonic() >= self._wait_report_at:
+            await self._report_waiting()
+        if self._outage_since is not None:
+            log.warning("the database is back after %.0f s; carrying on", time.monotonic() - self._outage_since)
+            self._outage_since = None
+        return True
+
+    def _outages(self) -> tuple[type[BaseException], ...]:
+        """The storage errors a replica waits out (a hub on SQLite stops on them, with a clear message)."""
+        return _running(self._store).storage_errors if self._replicas is not None else ()
+
+    async def _outage(self, exc: BaseException, stop: asyncio.Event) -> None:
+        """The shared database is unreachable: give up any lead, acknowledge nothing, and wait for it."""
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.warning("the database %s is unreachable (%s); waiting for it: nothing is acknowledged until it is "
+                        "back", _running(self._store).where, str(exc).strip().splitlines()[0] if str(exc) else exc)
+        if self._leading:
+            self._leading = False
+            await asyncio.to_thread(_running(self._replicas).step_down)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), OUTAGE_RETRY_S)
 
     async def _report_waiting(self) -> None:
         """Say which expected edges the open round still waits for, and what each last said (log and status)."""
@@ -542,7 +576,7 @@ class HubService:
 
     # -- messages -------------------------------------------------------------------
 
-    async def _handle(self, batch: list[Message]) -> None:
+    async def _handle(self, batch: list[Message], stop: asyncio.Event | None = None) -> None:
         session = _running(self._session)
         updates = []
         update_prefix = self.topics.all_of("update")[:-1]  # "<root>/update/": invalid client ids go to intake too
@@ -564,21 +598,24 @@ class HubService:
                 log.debug("ignored a message on %s", message.topic)
             session.ack(message)
         if updates:
-            await self._take_updates(updates)
+            await self._take_updates(updates, stop)
 
-    async def _take_updates(self, updates: list[Message]) -> None:
-        """One intake transaction for the open round, then the acknowledgements, the counts and the receipts."""
-        intake, rounds, session = _running(self._intake), _running(self._rounds), _running(self._session)
+    async def _take_updates(self, updates: list[Message], stop: asyncio.Event | None = None) -> None:
+        """One intake transaction for the open round, then the acknowledgements, the counts and the receipts.
+
+        A replica keeps the batch, unacknowledged, through an outage of the shared database and
+        stores it once the database is back."""
+        rounds, session = _running(self._rounds), _running(self._session)
         started = time.perf_counter()
         batch = [(m.topic, m.payload) for m in updates]
-        try:
-            results = await asyncio.to_thread(intake.process_batch, batch, _running(rounds.current))
-        except (StaleRound, _running(self._store).integrity_error) as exc:
-            # another replica moved the round on, or stored one of these updates meanwhile: once more, afresh
-            log.debug("intake batch again: %s", exc)
-            if not self._leading:
-                await self._follow_store()
-            results = await asyncio.to_thread(intake.process_batch, batch, _running(rounds.current))
+        while True:
+            try:
+                results = await self._intake_batch(batch)
+                break
+            except self._outages() as exc:
+                await self._outage(exc, stop or asyncio.Event())
+                if stop is not None and stop.is_set():
+                    return
         log.debug("intake: %d updates in %.1f ms", len(updates), 1000 * (time.perf_counter() - started))
         receipts: list[Receipt] = []
         for message, (receipt, accepted) in zip(updates, results, strict=True):
@@ -591,6 +628,17 @@ class HubService:
             if receipt.client:
                 receipts.append(receipt)
         _running(self._publisher).receipts(receipts)
+
+    async def _intake_batch(self, batch: list[tuple[str, bytes]]) -> list[tuple[Receipt, AcceptedUpdate | None]]:
+        intake, rounds = _running(self._intake), _running(self._rounds)
+        try:
+            return await asyncio.to_thread(intake.process_batch, batch, _running(rounds.current))
+        except (StaleRound, _running(self._store).integrity_error) as exc:
+            # another replica moved the round on, or stored one of these updates meanwhile: once more, afresh
+            log.debug("intake batch again: %s", exc)
+            if not self._leading:
+                await self._follow_store()
+            return await asyncio.to_thread(intake.process_batch, batch, _running(rounds.current))
 
     def _take_metrics(self, client: str, payload: bytes) -> None:
         """A federated-evaluation report, kept only from a member the open round expects, for that round."""

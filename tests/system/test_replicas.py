@@ -5,7 +5,9 @@ heart-rate edges run in this event loop, each round's update behind a gate the t
 kill lands at a known point: with half of round 2's updates stored (``mid_round``), or right after
 the leader registered model v1, before it recorded round 1 (``registered``). The other replica
 takes the lead and the three rounds complete with every update counted once, model versions
-0..3 without a gap or a repeat, and a ledger that verifies.
+0..3 without a gap or a repeat, and a ledger that verifies. ``postgres``: PostgreSQL itself is
+SIGKILLed with half of round 2 stored, the other half sent meanwhile, and started again; the
+replicas wait (acknowledging nothing) and carry on.
 """
 
 from __future__ import annotations
@@ -38,17 +40,32 @@ CLIENTS = DATASET.train_clients[:6]
 
 
 def stored(url: str, what: str) -> Any:
-    """A value of the shared store read while the replicas run: ``updates`` (count) or a kv key."""
-    with contextlib.suppress(psycopg.Error), psycopg.connect(url, autocommit=True) as db:
-        if what == "updates":
-            return db.execute("SELECT COUNT(*) FROM updates").fetchone()[0]
+    """A value of the shared store read while the replicas run: ``updates``, ``rounds_done`` (counts) or a kv key."""
+    with contextlib.suppress(psycopg.Error), psycopg.connect(url, autocommit=True, connect_timeout=2) as db:
+        if what in ("updates", "rounds_done"):
+            table = "updates" if what == "updates" else "rounds"
+            return db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
         row = db.execute("SELECT value FROM kv WHERE key = %s", (what,)).fetchone()
         return None if row is None else row[0].strip('"')
     return None
 
 
-@pytest.mark.parametrize("kill_at", ["mid_round", "registered"])
-def test_the_other_replica_takes_the_lead_when_the_leader_is_killed(mqtt_broker, postgres_url, tmp_path, kill_at):
+@pytest.fixture
+def own_postgres():
+    """A PostgreSQL of this test's own, which it may kill."""
+    from postgres import PostgresServer, needs_postgres
+
+    server = PostgresServer(needs_postgres()).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("kill_at", ["mid_round", "registered", "postgres"])
+def test_the_replicas_go_on_when_the_leader_or_the_database_is_killed(request, mqtt_broker, tmp_path, kill_at):
+    server = request.getfixturevalue("own_postgres") if kill_at == "postgres" else None
+    postgres_url = server.database() if server is not None else request.getfixturevalue("postgres_url")
     federation = f"rep-{uuid.uuid4().hex[:8]}"
     until = functools.partial(waiting.until, timeout=WAIT_S)
 
@@ -62,7 +79,7 @@ def test_the_other_replica_takes_the_lead_when_the_leader_is_killed(mqtt_broker,
     first, second = replica("r1"), replica("r2")
     gates: defaultdict[tuple[str, int], asyncio.Event] = defaultdict(asyncio.Event)
     held: defaultdict[tuple[str, int], asyncio.Event] = defaultdict(asyncio.Event)
-    gated = 2 if kill_at == "mid_round" else 0  # the round whose updates wait at the gate
+    gated = 0 if kill_at == "registered" else 2  # the round whose updates wait at the gate
 
     def edge(i: int, client: str) -> EdgeClient:
         made = EdgeClient(EdgeConfig(
@@ -89,17 +106,29 @@ def test_the_other_replica_takes_the_lead_when_the_leader_is_killed(mqtt_broker,
             second.start()
             await until(lambda: second.alive() and "follows r1" in second.log.read_text(errors="replace"),
                         "r2 to follow")
-            if kill_at == "mid_round":
+            if kill_at == "registered":
+                await until(lambda: first.mark.exists(), "r1 to register model v1 and pause")
+            else:
                 await until(lambda: all(held[c, 2].is_set() for c in CLIENTS), "round 2's updates at the gate")
                 for client in CLIENTS[:3]:
                     gates[client, 2].set()
                 await until(lambda: stored(postgres_url, "updates") == 9, "half of round 2 stored")
+            if server is None:
+                first.kill()
             else:
-                await until(lambda: first.mark.exists(), "r1 to register model v1 and pause")
-            first.kill()
+                await asyncio.to_thread(server.kill)
             for client in CLIENTS:
                 gates[client, 2].set()
-            assert await second.exited() == 0, second.log_tail()
+            if server is not None:  # the rest of round 2 reaches the replicas; none can store it, none acknowledges
+                await until(lambda: all(e.counters["updates_published"] >= 2 for e in edges[3:]), "round 2 sent")
+                await until(lambda: "unreachable" in first.log.read_text(errors="replace")
+                            and "unreachable" in second.log.read_text(errors="replace"), "both replicas to wait")
+                assert first.alive() and second.alive()
+                assert all(e.outbox_stats.entries == 1 for e in edges[3:])  # no receipt without a commit
+                await asyncio.to_thread(server.start)
+                await until(lambda: stored(postgres_url, "rounds_done") == 3, "three rounds", )
+            else:
+                assert await second.exited() == 0, second.log_tail()
             await until(lambda: all(e.model_version == 3 for e in edges), "every edge to adopt v3")
         finally:
             stop.set()
@@ -111,7 +140,8 @@ def test_the_other_replica_takes_the_lead_when_the_leader_is_killed(mqtt_broker,
     edges = asyncio.run(scenario())
     with HubStore(postgres_url, create=False) as store:
         status = store.status()
-    assert status["leader"] == "r2" and set(status["replicas"]) == {"r1", "r2"}
+    assert status["leader"] in ({"r1", "r2"} if kill_at == "postgres" else {"r2"})
+    assert set(status["replicas"]) == {"r1", "r2"}
     assert status["rounds_completed"] == 3 and status["model_version"] == 3
     assert status["updates_accepted"] == 18 == sum(c["accepted"] for c in status["clients"].values())
     assert {c: v["accepted"] for c, v in status["clients"].items()} == dict.fromkeys(CLIENTS, 3)

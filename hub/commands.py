@@ -378,6 +378,9 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
                         f" ({'connected' if upstream.get('connected') else 'not connected'}): consortium model "
                         f"v{upstream.get('consortium_version')}, round {upstream.get('consortium_round')}"
                         + (f"; partial of round {partial['round']} {partial['state']}" if partial else ""))
+    if status.get("replicas"):
+        seen = ", ".join(f"{r} {_ago(now - t)}" for r, t in sorted(status["replicas"].items()))
+        lines.insert(1, f"leader              {status.get('leader')} (replicas' last heartbeats: {seen})")
     if status.get("sites"):
         lines.append(f"sites               {len(status['sites'])} (this hub is a consortium: its clients are site "
                      "hubs)")

@@ -141,3 +141,13 @@ def test_status_text_says_how_long_ago_in_readable_units(tmp_path, capsys):
     rows = {line.split()[0]: line for line in format_status(status, now=1000.0).splitlines()[-4:]}
     assert rows["a"].endswith("42 s ago") and rows["b"].endswith("18 min ago")
     assert rows["c"].endswith("5.0 h ago") and rows["d"].endswith("2.3 days ago")
+
+
+def test_status_text_names_the_leader_and_the_replicas_heartbeats(tmp_path):
+    from hub.commands import format_status
+
+    with HubStore(tmp_path) as store:
+        status = store.status()
+    status.update(leader="r2", replicas={"r1": 990.0, "r2": 999.0})
+    line = next(x for x in format_status(status, now=1000.0).splitlines() if x.startswith("leader"))
+    assert "r2" in line and "r1 10 s ago" in line and "r2 1 s ago" in line

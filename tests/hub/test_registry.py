@@ -73,3 +73,17 @@ def test_prune_keeps_the_first_and_the_newest_versions(tmp_path):
     assert registry.versions() == [0, 3, 4, 5]
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["v00000", "v00003", "v00004", "v00005"]
     assert registry.prune(3) == [] and registry.latest().load().version == 5
+
+
+def test_the_registry_in_postgresql_keeps_versions_as_the_folder_does(postgres_url):
+    """The same registry over the database's files table: save, list, load, refuse a rewrite, prune."""
+    from hub.blobs import TableBlobs
+
+    registry = ModelRegistry(TableBlobs(postgres_url, "models"))
+    for version in range(4):
+        registry.save(Model(activity_spec(), version=version, seed=version), version, onnx=False, tflite=False)
+    assert registry.versions() == [0, 1, 2, 3] and registry.latest().load().version == 3
+    assert registry.get(2).path is None and registry.get(2).read("model.safetensors")
+    with pytest.raises(ConfigError, match="never rewritten"):
+        registry.save(Model(activity_spec(), version=3), 3, onnx=False, tflite=False)
+    assert registry.prune(keep=2) == [1] and registry.versions() == [0, 2, 3]

@@ -29,7 +29,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,6 +119,7 @@ class Upstream:
         self.partial: dict[str, Any] | None = None  # the last partial: round, sequence, state
         self._outbox: Outbox | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
 
     def signers(self) -> list[bytes]:
         return [] if self.pinned is None else [self.pinned]
@@ -146,7 +147,7 @@ class Upstream:
             with contextlib.suppress(BrokerUnavailable):
                 await session.publish(self.topics.status(self.site), self._status_payload("offline"), qos=1,
                                       retain=True, timeout=2.0)
-        for task in self._tasks:
+        for task in [*self._tasks, *self._background]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -332,7 +333,7 @@ class Upstream:
         if self.has_partial(round_number):
             log.info("site %s: the partial of round %d is in the outbox already", self.site, round_number)
             return
-        await self._publish_metrics(round_number, base.model.version, metrics)
+        self._spawn(self._publish_metrics(round_number, base.model.version, metrics))
         weights = base.model.network.state_dict()
         codec = UpdateCodec.for_weights(weights, partial_codec(task_config))
         rng = np.random.default_rng([round_number, int(hashlib.sha256(self.site.encode()).hexdigest()[:8], 16)])
@@ -353,7 +354,14 @@ class Upstream:
                         "examples": int(examples)}
         log.info("site %s: partial of round %d (%d examples, %d bytes) to the consortium", self.site, round_number,
                  examples, len(payload))
-        await self.sender.send(sequence, payload)
+        # in the background: a consortium broker that is away must not hold up the site's own rounds (the
+        # partial is safe in the outbox, and goes again after every reconnect)
+        self._spawn(self.sender.send(sequence, payload))
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _publish_metrics(self, round_number: int, version: int, metrics: Mapping[str, float]) -> None:
         """The site's federated evaluation of the round's model, as one report weighted by its examples."""

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark hub intake: N edges' signed int8 updates through a real Mosquitto into one hub.
+"""Benchmark hub intake: N edges' signed int8 updates through a real Mosquitto into one hub, or into replicas.
 
 Why: the hub must keep up with the broker (DESIGN.md: 1000 updates of ~25k parameters
 in about a second on a laptop), since a slow intake leaves updates queued in the broker
@@ -20,13 +20,29 @@ How:
 5. Wall time runs from the first publish to the last receipt. The hub worker reports its
    peak RSS (``ru_maxrss``) and its RSS when ready (before intake).
 
+With ``--state-backend postgresql`` (implied by ``--replicas`` > 1) the script starts a
+PostgreSQL of its own (Debian's ``initdb``/``pg_ctl``, as ``tests/postgres.py`` does; as root
+the cluster runs as the ``postgres`` account), makes a database, and starts ``--replicas``
+hub workers on it with replica ids r1..rN (r1 first, so it leads; the others once it is
+ready). They take the updates from the broker's MQTT 5 shared subscription; publishing starts
+once every replica wrote its ready file. r1 closes the round once all N updates are stored and
+exits; the others do not stop on their own: the script SIGTERMs them by PID (each then writes
+its figures), and stops PostgreSQL, in a ``finally``. Each worker counts the receipts its own
+intake gave (wrapping ``Intake.process_batch`` in that process), so the report says how many
+updates each replica stored, and its peak RSS. Updates/s per core is updates/s divided by
+min(replicas, ``os.cpu_count()``): the broker, the publishers and PostgreSQL share those cores
+and are not counted.
+
 Usage, from the repository root::
 
     python scripts/bench_hub_intake.py                 # 1000 edges
     python scripts/bench_hub_intake.py --edges 200 --publishers 2
     python scripts/bench_hub_intake.py --profile       # cProfile of the hub worker, to stderr
+    python scripts/bench_hub_intake.py --state-backend postgresql          # one hub on PostgreSQL
+    python scripts/bench_hub_intake.py --replicas 2    # two replicas sharing PostgreSQL
 
-A summary goes to stdout, the figures to ``--out`` (default ``bench-results/hub_intake.json``).
+A summary goes to stdout, the figures to ``--out`` (default ``bench-results/hub_intake.json``;
+on PostgreSQL ``bench-results/hub_intake_postgresql_<N>r.json``).
 """
 
 from __future__ import annotations
@@ -67,23 +83,51 @@ def _rss_mb() -> float:
 
 def hub_worker(args: argparse.Namespace) -> None:
     import logging
+    import signal
+    from collections import Counter
 
     logging.basicConfig(level=logging.ERROR, format="%(relativeCreated)d %(name)s %(message)s")
     if args.verbose:
         logging.getLogger("hub.service").setLevel(logging.DEBUG)
+    from hub.intake import Intake
     from hub.service import HubConfig, HubService
     from models import Model, heart_rate_spec
 
-    config = HubConfig(broker=args.broker, federation=FEDERATION, state_dir=Path(args.state), min_clients=args.edges,
-                       clients_per_round=args.edges, round_timeout_s=600, rounds=1,
-                       task_config={"quantize": "int8"}, synchronous=args.synchronous, max_batch=args.max_batch)
+    # what this process's intake answered (its share of the shared subscription): the store is shared
+    # between replicas, so its counts are everyone's
+    receipts: Counter[str] = Counter()
+    process_batch = Intake.process_batch
+
+    def counted(self: Intake, messages: Any, current: Any, received_at: float | None = None) -> Any:
+        results = process_batch(self, messages, current, received_at)
+        receipts.update(receipt.status for receipt, _ in results)
+        return results
+
+    Intake.process_batch = counted  # type: ignore[method-assign]
+
+    shared = args.state.startswith("postgresql://")
+    replica: dict[str, Any] = {"replica_id": args.replica_id, "protocol": "5"} if shared else {}
+    config = HubConfig(broker=args.broker, federation=FEDERATION, state_dir=args.state if shared else Path(args.state),
+                       min_clients=args.edges, clients_per_round=args.edges, round_timeout_s=600, rounds=1,
+                       task_config={"quantize": "int8"}, synchronous=args.synchronous, max_batch=args.max_batch,
+                       **replica)
     service = HubService(config, Model(heart_rate_spec(), seed=0))
     result: dict[str, Any] = {}
 
     async def main() -> None:
-        run = asyncio.create_task(service.run())
-        await asyncio.wait_for(service.ready.wait(), 60)
+        stop = asyncio.Event()  # SIGTERM: a replica that does not lead, stopped by the script once the round closed
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        run = asyncio.create_task(service.run(stop))
+        ready = asyncio.create_task(service.ready.wait())
+        await asyncio.wait({run, ready}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            if run.done():
+                run.result()  # the hub's error
+            raise RuntimeError("the hub was not ready within 120 s")
         result["rss_ready_mb"] = _rss_mb()
+        if args.ready:
+            Path(args.ready).write_text("ready\n")
         await asyncio.wait_for(run, 600)
 
     profiler = cProfile.Profile() if args.profile else None
@@ -95,14 +139,17 @@ def hub_worker(args: argparse.Namespace) -> None:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(35)
         print(out.getvalue(), file=sys.stderr)
-    summary = service.summaries[0]
+    summary = service.summaries[0] if service.summaries else None  # only the leader closes the round
     status = service.status()
     result.update(
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         updates_accepted=status["updates_accepted"],
         updates_rejected=sum(status["updates_rejected"].values()),
-        round_duration_s=summary.duration_s,
-        bytes_up=summary.bytes_up,
+        round_duration_s=None if summary is None else summary.duration_s,
+        bytes_up=None if summary is None else summary.bytes_up,
+        closed_round=summary is not None,
+        receipts=dict(receipts),
+        stored=receipts["accepted"],
     )
     Path(args.result).write_text(json.dumps(result))
 

@@ -9,6 +9,7 @@ import json
 import sqlite3
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,22 @@ async def federate(tmp_path: Path, brokers: dict[str, MosquittoBroker], rounds: 
     return hubs, edges
 
 
+def gated_edge(tmp_path: Path, url: str, federation: str, consortium_pub: str, client: str,
+               gate: Callable[[str, int], Awaitable[None]]) -> EdgeClient:
+    """A gateway pinning the consortium's key whose update of each round waits for ``gate(client, round)``."""
+    edge = EdgeClient(EdgeConfig(
+        broker=url, federation=federation, client_id=client, state_dir=tmp_path / "edges" / client,
+        policy=FineTunePolicy(TrainConfig(), min_new_windows=0), seed=0, hub_key=consortium_pub),
+        DATASET.source(client))
+
+    async def hook(round_number: int, base: Any, weights: Any) -> Any:
+        await gate(client, round_number)
+        return weights
+
+    edge.weights_hook = hook
+    return edge
+
+
 @pytest.fixture
 def brokers(tmp_path):
     needs_mosquitto()
@@ -160,20 +177,11 @@ def test_a_site_hub_killed_mid_round_loses_and_double_counts_nothing(tmp_path, b
     held: defaultdict[tuple[str, int], asyncio.Event] = defaultdict(asyncio.Event)
     a0, a1 = SITES["site-a"]
 
-    def edge(client: str, site: str) -> EdgeClient:
-        made = EdgeClient(EdgeConfig(
-            broker=brokers[site].url, federation=federation, client_id=client, state_dir=tmp_path / "edges" / client,
-            policy=FineTunePolicy(TrainConfig(), min_new_windows=0), seed=0, hub_key=consortium_pub),
-            DATASET.source(client))
+    async def gate(client: str, round_number: int) -> None:
+        held[client, round_number].set()
+        if client in SITES["site-a"] and round_number == 2:
+            await gates[client, round_number].wait()
 
-        async def gate(round_number: int, base: Any, weights: Any) -> Any:
-            held[client, round_number].set()
-            if site == "site-a" and round_number == 2:
-                await gates[client, round_number].wait()
-            return weights
-
-        made.weights_hook = gate
-        return made
 
     async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
         consortium = HubService(HubConfig(
@@ -183,7 +191,8 @@ def test_a_site_hub_killed_mid_round_loses_and_double_counts_nothing(tmp_path, b
         site_b = HubService(HubConfig(broker=brokers["site-b"].url, federation=federation,
                                       state_dir=tmp_path / "site-b", min_clients=2, round_timeout_s=300,
                                       upstream=brokers["consortium"].url, site_id="site-b"))
-        edges = [edge(c, site) for site, clients in SITES.items() for c in clients]
+        edges = [gated_edge(tmp_path, brokers[site].url, federation, consortium_pub, c, gate)
+                 for site, clients in SITES.items() for c in clients]
         stop = asyncio.Event()
         running = [asyncio.create_task(site_b.run(stop)), asyncio.create_task(run_edges(edges, stop))]
         consortium_run = asyncio.create_task(consortium.run())
@@ -287,26 +296,18 @@ def test_the_consortium_hub_or_broker_killed_mid_round_loses_and_double_counts_n
     gates: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
     held: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
 
-    def edge(client: str, site: str) -> EdgeClient:
-        made = EdgeClient(EdgeConfig(
-            broker=brokers[site].url, federation=federation, client_id=client, state_dir=tmp_path / "edges" / client,
-            policy=FineTunePolicy(TrainConfig(), min_new_windows=0), seed=0, hub_key=consortium_pub),
-            DATASET.source(client))
+    async def gate(client: str, round_number: int) -> None:
+        if client in SITES["site-a"] and round_number == 2:
+            held[client].set()
+            await gates[client].wait()
 
-        async def gate(round_number: int, base: Any, weights: Any) -> Any:
-            if site == "site-a" and round_number == 2:
-                held[client].set()
-                await gates[client].wait()
-            return weights
-
-        made.weights_hook = gate
-        return made
 
     async def scenario() -> dict[str, HubService]:
         sites = {site: HubService(HubConfig(broker=brokers[site].url, federation=federation,
                                             state_dir=tmp_path / site, min_clients=2, round_timeout_s=300,
                                             upstream=brokers["consortium"].url, site_id=site)) for site in SITES}
-        edges = [edge(c, site) for site, clients in SITES.items() for c in clients]
+        edges = [gated_edge(tmp_path, brokers[site].url, federation, consortium_pub, c, gate)
+                 for site, clients in SITES.items() for c in clients]
         stop = asyncio.Event()
         running = [asyncio.create_task(hub.run(stop)) for hub in sites.values()]
         running.append(asyncio.create_task(run_edges(edges, stop)))

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from broker import mosquittos_under
 
 from hub.strategies import STRATEGIES
 from models.errors import BrokerUnavailable
@@ -50,22 +51,6 @@ def needs_mosquitto() -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail("CI=true but mosquitto is not installed: `apt-get install -y mosquitto` (see .ci/run).")
     pytest.skip("mosquitto is not installed; the simulation would use the embedded broker")
-
-
-def mosquittos_under(folder: Path) -> list[int]:
-    """PIDs of the ``mosquitto`` processes whose command line names a path in ``folder``: a run's own broker."""
-    needle = str(folder).encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:  # gone meanwhile
-            continue
-        if argv[0].endswith(b"mosquitto") and any(needle in arg for arg in argv[1:]):
-            pids.append(int(entry.name))
-    return pids
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from broker import mosquittos_under
 from provisioned import needs_mosquitto
 
 from models.errors import ConfigError
@@ -102,22 +103,6 @@ def test_the_consortium_hub_lists_its_sites(sites_run):
 
 
 # -- bad input: one line, exit 2, nothing started ---------------------------------------------------
-
-
-def mosquittos_under(folder: Path) -> list[int]:
-    """PIDs of the ``mosquitto`` processes whose command line names a path in ``folder``: a run's own broker."""
-    needle = str(folder).encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:  # gone meanwhile
-            continue
-        if argv[0].endswith(b"mosquitto") and any(needle in arg for arg in argv[1:]):
-            pids.append(int(entry.name))
-    return pids
 
 
 @pytest.fixture

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import io
 import json
@@ -60,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -235,78 +237,189 @@ async def drive(url: str, updates: list[tuple[str, bytes]], publishers: int, tim
     return {"wall_s": last[0] - t0, "publish_s": t_published - t0, **{f"receipts_{k}": v for k, v in statuses.items()}}
 
 
+# -- the hubs and their state ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def hub_state(backend: str, tmp: Path) -> Iterator[str]:
+    """Where the hubs keep their state: a folder (SQLite), or a database of a PostgreSQL of this run's own."""
+    if backend == "sqlite":
+        yield str(tmp / "hub")
+        return
+    sys.path.append(str(REPO_ROOT / "tests"))  # last: tests/postgres.py, the tests' helper, shadows nothing
+    from postgres import PostgresServer, postgres_bin
+
+    bindir = postgres_bin()
+    if bindir is None:
+        raise SystemExit("--state-backend postgresql needs PostgreSQL's initdb and pg_ctl (apt-get install postgresql)")
+    print(f"starting PostgreSQL from {bindir} ...", file=sys.stderr)
+    server = PostgresServer(bindir)
+    try:
+        server.start()
+        yield server.database("bench")
+    finally:
+        server.stop()  # pg_ctl stop (by its data folder's postmaster.pid), then its folder goes
+
+
+def wait_ready(hubs: dict[str, subprocess.Popen[bytes]], folder: Path, timeout: float = 180.0) -> None:
+    """Until every hub worker wrote its ready file (subscribed; the leader published model and task)."""
+    deadline = time.monotonic() + timeout
+    while not all((folder / f"{name}.ready").exists() for name in hubs):
+        for name, hub in hubs.items():
+            if hub.poll() is not None:
+                raise RuntimeError(f"hub worker {name} exited with code {hub.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the hub workers were not all ready within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def run_hubs(args: argparse.Namespace, backend: str, broker_url: str, state: str, tmp: Path,
+             updates: list[tuple[str, bytes]]) -> tuple[dict[str, float], dict[str, dict[str, Any]]] | None:
+    """Start the hub worker(s), drive the updates through them, stop them; (edge figures, {replica: figures}).
+
+    r1 starts first and so leads (it takes the lead's advisory lock); it closes the round and exits. The
+    others follow and do not stop on their own: they are SIGTERMed by PID once r1 is done (and, whatever
+    happens, in the ``finally``); each writes its figures on the way out. None when a worker failed.
+    """
+
+    def start(name: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, __file__, "--hub-worker", "--broker", broker_url, "--state", state,
+               "--result", str(tmp / f"{name}.json"), "--ready", str(tmp / f"{name}.ready"),
+               "--edges", str(args.edges), "--synchronous", args.synchronous, "--max-batch", str(args.max_batch)]
+        cmd += ["--replica-id", name] if backend == "postgresql" else []
+        cmd += ["--profile"] if args.profile else []
+        cmd += ["--verbose"] if args.verbose else []
+        return subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+
+    hubs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        hubs["r1"] = start("r1")
+        wait_ready(hubs, tmp)
+        hubs.update({f"r{i}": start(f"r{i}") for i in range(2, args.replicas + 1)})
+        wait_ready(hubs, tmp)
+        edge = asyncio.run(drive(broker_url, updates, args.publishers, args.timeout))
+        hubs["r1"].wait(timeout=120)  # the leader closes the round (rounds = 1) and exits
+        followers = [hub for name, hub in hubs.items() if name != "r1"]
+        for hub in followers:
+            hub.terminate()  # SIGTERM to its PID: it stops serving and writes its figures
+        for hub in followers:
+            hub.wait(timeout=30)
+    finally:
+        for hub in hubs.values():
+            if hub.poll() is None:
+                hub.terminate()
+                try:
+                    hub.wait(10)
+                except subprocess.TimeoutExpired:
+                    hub.kill()
+                    hub.wait()
+    failed = {name: hub.returncode for name, hub in hubs.items() if hub.returncode != 0}
+    if failed:
+        for name, code in failed.items():
+            print(f"the hub worker {name} failed with exit code {code}" if args.replicas > 1
+                  else f"the hub worker failed with exit code {code}", file=sys.stderr)
+        return None
+    return edge, {name: json.loads((tmp / f"{name}.json").read_text()) for name in hubs}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--edges", type=int, default=1000)
     parser.add_argument("--publishers", type=int, default=4, help="MQTT sessions that publish the updates")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="hub replicas sharing one PostgreSQL (more than 1 implies --state-backend postgresql)")
+    parser.add_argument("--state-backend", choices=("sqlite", "postgresql"),
+                        help="the hubs' state: SQLite in a folder (default for one hub), or a PostgreSQL this "
+                             "script starts")
     parser.add_argument("--synchronous", default="FULL", choices=("FULL", "NORMAL"), help="hub SQLite durability")
     parser.add_argument("--max-batch", type=int, default=256, help="hub: messages per intake transaction")
     parser.add_argument("--profile", action="store_true", help="cProfile the hub worker (to stderr)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "bench-results" / "hub_intake.json"))
+    parser.add_argument("--out", help="the figures, as JSON (default bench-results/hub_intake.json; on PostgreSQL "
+                                      "bench-results/hub_intake_postgresql_<N>r.json)")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--verbose", action="store_true", help="log each intake batch of the hub (to stderr)")
     parser.add_argument("--hub-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--broker", help=argparse.SUPPRESS)
     parser.add_argument("--state", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--ready", help=argparse.SUPPRESS)
+    parser.add_argument("--replica-id", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.hub_worker:
         hub_worker(args)
         return 0
+    if args.replicas < 1:
+        parser.error("--replicas must be at least 1")
+    backend = args.state_backend or ("postgresql" if args.replicas > 1 else "sqlite")
+    if backend == "sqlite" and args.replicas > 1:
+        parser.error("replicas share a PostgreSQL state: --replicas > 1 needs --state-backend postgresql")
 
     from wearfl.broker import MosquittoBroker
 
     print(f"building {args.edges} signed int8 updates ...", file=sys.stderr)
     updates, parameters = build_updates(args.edges)
     sizes = [len(p) for _, p in updates]
-    with tempfile.TemporaryDirectory(prefix="wearfl-bench-hub-") as tmp, MosquittoBroker(workdir=tmp) as broker:
-        result_path = Path(tmp) / "hub.json"
-        cmd = [sys.executable, __file__, "--hub-worker", "--broker", broker.url, "--state", str(Path(tmp) / "hub"),
-               "--result", str(result_path), "--edges", str(args.edges), "--synchronous", args.synchronous,
-               "--max-batch", str(args.max_batch)]
-        cmd += ["--profile"] if args.profile else []
-        cmd += ["--verbose"] if args.verbose else []
-        hub = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-        try:
-            edge = asyncio.run(drive(broker.url, updates, args.publishers, args.timeout))
-            hub.wait(timeout=120)
-        finally:
-            if hub.poll() is None:
-                hub.terminate()
-                hub.wait(10)
-        if hub.returncode != 0:
-            print(f"the hub worker failed with exit code {hub.returncode}", file=sys.stderr)
-            return 1
-        hub_result = json.loads(result_path.read_text())
+    with (tempfile.TemporaryDirectory(prefix="wearfl-bench-hub-") as tmp, MosquittoBroker(workdir=tmp) as broker,
+          hub_state(backend, Path(tmp)) as state):
+        outcome = run_hubs(args, backend, broker.url, state, Path(tmp), updates)
+    if outcome is None:
+        return 1
+    edge, hubs = outcome
+    hub_result = hubs["r1"]  # the only hub, or the leader (its store's counts are every replica's)
 
+    cpus = os.cpu_count() or 1
+    cores = min(args.replicas, cpus)
+    per_replica = [{"replica": name, "leader": result["closed_round"], "stored": result["stored"],
+                    "receipts": result["receipts"], "peak_rss_mb": round(result["peak_rss_mb"], 1),
+                    "rss_ready_mb": round(result["rss_ready_mb"], 1)} for name, result in hubs.items()]
     report = {
         "benchmark": "hub_intake",
+        "backend": backend,
+        "replicas": args.replicas,
         "edges": args.edges,
         "publishers": args.publishers,
         "model": "heart-rate",
         "parameters": parameters,
         "quantize": "int8",
         "update_bytes": sum(sizes) // len(sizes),
-        "sqlite_synchronous": args.synchronous,
+        **({"sqlite_synchronous": args.synchronous} if backend == "sqlite" else {}),
         "hub_max_batch": args.max_batch,
         "wall_s_first_publish_to_last_receipt": round(edge["wall_s"], 4),
         "publish_s_until_last_puback": round(edge["publish_s"], 4),
         "updates_per_s": round(args.edges / edge["wall_s"], 1),
+        "updates_per_s_per_core": round(args.edges / edge["wall_s"] / cores, 1),
+        "cores_counted": f"min(replicas, os.cpu_count()) = {cores}: the hub processes only; the broker, the "
+                         "publishers and PostgreSQL run on the same cores",
         "receipts": {k[len("receipts_"):]: v for k, v in edge.items() if k.startswith("receipts_")},
         "hub_updates_accepted": hub_result["updates_accepted"],
         "hub_peak_rss_mb": round(hub_result["peak_rss_mb"], 1),
         "hub_rss_ready_mb": round(hub_result["rss_ready_mb"], 1),
         "hub_round_duration_s": round(hub_result["round_duration_s"], 3),
+        **({"hub_figures_of": "r1, the leader"} if args.replicas > 1 else {}),
+        "per_replica": per_replica,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }
-    out = Path(args.out)
+    default_out = "hub_intake.json" if backend == "sqlite" else f"hub_intake_postgresql_{args.replicas}r.json"
+    out = Path(args.out or REPO_ROOT / "bench-results" / default_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    ok = hub_result["updates_accepted"] == args.edges
+    ok = hub_result["updates_accepted"] == args.edges == sum(r["stored"] for r in per_replica)
+    if backend == "sqlite":
+        print(f"{args.edges} updates ({report['update_bytes']} B, int8, {parameters} parameters) from "
+              f"{args.publishers} sessions: {report['wall_s_first_publish_to_last_receipt']:.3f} s first publish -> "
+              f"last receipt ({report['updates_per_s']:.0f}/s); all accepted: {ok}; hub peak RSS "
+              f"{report['hub_peak_rss_mb']:.0f} MB ({report['hub_rss_ready_mb']:.0f} MB when ready); wrote {out}")
+        return 0 if ok else 1
     print(f"{args.edges} updates ({report['update_bytes']} B, int8, {parameters} parameters) from "
-          f"{args.publishers} sessions: {report['wall_s_first_publish_to_last_receipt']:.3f} s first publish -> last "
-          f"receipt ({report['updates_per_s']:.0f}/s); all accepted: {ok}; hub peak RSS "
-          f"{report['hub_peak_rss_mb']:.0f} MB ({report['hub_rss_ready_mb']:.0f} MB when ready); wrote {out}")
+          f"{args.publishers} sessions into {args.replicas} replica(s) on PostgreSQL: "
+          f"{report['wall_s_first_publish_to_last_receipt']:.3f} s first publish -> last receipt "
+          f"({report['updates_per_s']:.0f}/s; {report['updates_per_s_per_core']:.0f}/s per core, over "
+          f"min({args.replicas} replicas, {cpus} cores) = {cores}); all accepted: {ok}; wrote {out}")
+    for r in per_replica:
+        others = {k: v for k, v in r["receipts"].items() if k != "accepted"}
+        print(f"  {r['replica']}{' (leader)' if r['leader'] else ''}: stored {r['stored']} updates"
+              f"{f' (other receipts: {others})' if others else ''}; peak RSS {r['peak_rss_mb']:.0f} MB "
+              f"({r['rss_ready_mb']:.0f} MB when ready)")
     return 0 if ok else 1
 
 

@@ -161,19 +161,23 @@ class Intake:
         try:
             with self.store.transaction():
                 if self.shared:
-                    current = self._through_barrier(current)
+                    current = self._through_barrier(current, messages)
                 return [self._process(topic, bytes(payload), current, now) for topic, payload in messages]
         except BaseException:
             # keys pinned and sequences stored in the rolled-back transaction are gone
             self._keys, self._last_sequence = self.store.pinned_keys(), self.store.last_sequences()
             raise
 
-    def _through_barrier(self, current: RoundView) -> RoundView:
-        """(in the batch's transaction) What other replicas stored, and whether ``current`` still takes updates."""
+    def _through_barrier(self, current: RoundView, messages: Sequence[tuple[str, bytes]]) -> RoundView:
+        """(in the batch's transaction) What other replicas stored of this batch's clients, and whether
+        ``current`` still takes updates."""
         round_number, closing = self.store.intake_barrier()
         if round_number is not None and round_number != current.round:
             raise StaleRound(round_number)
-        self._keys, self._last_sequence = self.store.pinned_keys(), self.store.last_sequences()
+        clients = [c for topic, _ in messages if (c := self.topics.client_from(topic, "update")) is not None]
+        keys, sequences = self.store.clients_state(clients)
+        self._keys.update(keys)
+        self._last_sequence.update(sequences)
         return _Closed(current) if closing == current.round else current
 
     def _process(self, topic: str, payload: bytes, current: RoundView,

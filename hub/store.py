@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,6 +242,21 @@ class HubStore:
         """``{client: raw public key}`` of every client seen so far."""
         with self._lock:
             return {c: bytes(k) for c, k in self._db.execute("SELECT id, public_key FROM clients")}
+
+    def clients_state(self, clients: Sequence[str]) -> tuple[dict[str, bytes], dict[str, int]]:
+        """(pinned keys, last stored sequences) of these clients only: what one intake batch needs to know."""
+        found: tuple[dict[str, bytes], dict[str, int]] = ({}, {})
+        wanted = sorted(set(clients))
+        with self._lock:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start:start + 500]
+                rows = self._db.execute("SELECT id, public_key, last_sequence FROM clients WHERE id IN "
+                                        f"({', '.join('?' * len(chunk))})", tuple(chunk))
+                for client, key, last in rows:
+                    found[0][client] = bytes(key)
+                    if last is not None:
+                        found[1][client] = int(last)
+        return found
 
     def pin_key(self, client: str, public_key: bytes, now: float | None = None) -> bool:
         """Record ``client``'s key; True (and a warning in the log) when the client is new."""

@@ -336,3 +336,27 @@ def test_a_receipt_names_its_federation_and_the_digest_of_the_update(store):
     payload = make_update(key, "edge-a", sequence=1)
     receipt, _ = intake.process(TOPICS.update("edge-a"), payload, ROUND_1)
     assert (receipt.federation, receipt.digest) == ("fed", hashlib.sha256(payload).hexdigest())
+
+
+def test_replicas_intake_sees_what_the_others_stored_and_stops_at_the_closing_mark(postgres_url):
+    """Two replicas' intakes on one PostgreSQL store: a copy one stored is a duplicate at the other, a round
+    marked closing takes nothing more, and a round the store has left raises StaleRound."""
+    from hub.intake import StaleRound
+
+    key = Ed25519PrivateKey.generate()
+    with HubStore(postgres_url) as a_store, HubStore(postgres_url) as b_store:
+        a_store.put("round", 1)
+        a, b = _intake(a_store, shared=True), _intake(b_store, shared=True)
+        update = make_update(key, "edge-a", sequence=4)
+        assert a.process(TOPICS.update("edge-a"), update, ROUND_1)[0].status == "accepted"
+        assert b.process(TOPICS.update("edge-a"), update, ROUND_1)[0].status == "duplicate"
+        assert _reject_reason(b, TOPICS.update("edge-a"), make_update(key, "edge-a", sequence=3)).reason == "replayed"
+
+        a_store.mark_closing(1)
+        late = make_update(Ed25519PrivateKey.generate(), "edge-b", sequence=0)
+        assert _reject_reason(b, TOPICS.update("edge-b"), late).reason == "round_closed"
+
+        a_store.put("round", 2)
+        with pytest.raises(StaleRound):
+            b.process(TOPICS.update("edge-b"), late, ROUND_1)
+        assert b_store.status()["updates_accepted"] == 1

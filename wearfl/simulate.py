@@ -156,7 +156,7 @@ def prepare_simulation(args: argparse.Namespace) -> Simulation:
     _check_out(out)
     _check_flags(args)
     strategy_args = _strategy_args(args)
-    dataset = open_dataset(args.dataset)
+    dataset = _sized(args, open_dataset(args.dataset))
     model = _initial_model(args, dataset)
     clients = _clients(args, dataset)
     if args.strategy == "dpfedavg":
@@ -235,6 +235,12 @@ def _initial_model(args: argparse.Namespace, dataset: Dataset) -> Model:
         raise ConfigError(f"{args.model} is a {model.spec.task} model, not {args.task}; give --task "
                           f"{model.spec.task} or another --model.")
     return model
+
+
+def _sized(args: argparse.Namespace, dataset: Dataset) -> Dataset:
+    """``sim`` makes as many training wearers as ``--clients`` asks for (its held-out wearers stay the same)."""
+    grown = getattr(dataset, "grown", None)
+    return grown(args.clients) if grown is not None and args.clients is not None else dataset
 
 
 def _holdout_fraction(dataset: Dataset) -> float:

@@ -35,6 +35,7 @@ re-slices the blocks, so the samples never depend on ``max_samples``. The noise 
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import time
@@ -414,10 +415,26 @@ class SimulatedDataset:
         self.clients = tuple(f"wearer-{i:0{width}d}" for i in range(wearers))
         self.train_clients = self.clients[: wearers - test_wearers]
         self.test_clients = self.clients[wearers - test_wearers:]
+        self._known = frozenset(self.clients)
+
+    def grown(self, train_wearers: int) -> SimulatedDataset:
+        """This dataset with ``train_wearers`` training wearers: its own, then new ones numbered after its
+        held-out wearers (``wearer-30``, ``wearer-31``, ...), so the held-out wearers, and every wearer's
+        stream, are the same whatever the size of the federation. Nothing is generated until it is read."""
+        extra = train_wearers - len(self.train_clients)
+        if extra <= 0:
+            return self
+        grown = copy.copy(self)
+        start = len(self.clients)
+        added = tuple(f"wearer-{i:02d}" for i in range(start, start + extra))
+        grown.train_clients = self.train_clients + added
+        grown.clients = self.clients + added
+        grown._known = frozenset(grown.clients)
+        return grown
 
     def source(self, client_id: str, *, realtime: bool = False) -> SimulatedWearer:
         """The stream of ``client_id``; ConfigError lists the valid ids for an unknown one."""
-        if client_id not in self.clients:
+        if client_id not in self._known:
             ids = ", ".join(self.clients) if len(self.clients) <= 40 else f"{self.clients[0]} .. {self.clients[-1]}"
             raise ConfigError(f"{self.name} has no client {client_id!r}; use one of its ids: {ids}.")
         return SimulatedWearer(client_id, self.seed, self.minutes, realtime)

@@ -306,3 +306,15 @@ def test_gyroscope_follows_arm_swing():
             assert abs(f[np.argmax(p)] - cadence(data[w, :3]) / 2) < 0.15
             swings += 1
     assert swings >= 20
+
+
+def test_sim_grows_to_any_number_of_training_wearers_and_keeps_its_held_out_ones():
+    small = SimulatedDataset(seed=3)
+    big = small.grown(1000)
+    assert len(big.train_clients) == 1000 and big.test_clients == small.test_clients
+    assert big.train_clients[:24] == small.train_clients and big.train_clients[24] == "wearer-30"
+    assert small.grown(10) is small
+    a = next(small.source("wearer-07").chunks(256)).data
+    b = next(big.source("wearer-07").chunks(256)).data
+    np.testing.assert_array_equal(a, b)  # the same wearer whatever the dataset's size
+    assert big.train_clients[-1] == "wearer-1005" and big.source("wearer-1005").index == 1005

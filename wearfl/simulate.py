@@ -156,7 +156,7 @@ def prepare_simulation(args: argparse.Namespace) -> Simulation:
     _check_out(out)
     _check_flags(args)
     strategy_args = _strategy_args(args)
-    dataset = _sized(args, open_dataset(args.dataset))
+    dataset = _grown(args, open_dataset(args.dataset))
     model = _initial_model(args, dataset)
     clients = _clients(args, dataset)
     if args.strategy == "dpfedavg":
@@ -237,7 +237,7 @@ def _initial_model(args: argparse.Namespace, dataset: Dataset) -> Model:
     return model
 
 
-def _sized(args: argparse.Namespace, dataset: Dataset) -> Dataset:
+def _grown(args: argparse.Namespace, dataset: Dataset) -> Dataset:
     """``sim`` makes as many training wearers as ``--clients`` asks for (its held-out wearers stay the same)."""
     grown = getattr(dataset, "grown", None)
     return grown(args.clients) if grown is not None and args.clients is not None else dataset

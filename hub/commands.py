@@ -45,7 +45,7 @@ CONFIG_KEYS = {
     "max_examples": int, "max_pinned": int, "keep_models": int, "fraction": float, "max_clients": int,
     "stragglers": str, "evaluate_every": int, "secure_aggregation": bool, "http": str, "http_token": str,
     "upstream": str, "upstream_federation": str, "upstream_credentials": str, "site_id": str,
-    "consortium_key": str, "upstream_topic_prefix": str, "replica_id": str,
+    "consortium_key": str, "upstream_topic_prefix": str, "replica_id": str, "local_steps": int,
 }
 
 
@@ -72,6 +72,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--round-timeout", type=float, metavar="S", help="seconds before a round closes early (default 60)")
     p.add_argument("--rounds", type=int, metavar="R", help="stop after R completed rounds (default: run forever)")
     p.add_argument("--quantize", choices=SCHEMES, help="update encoding the edges use (default int8)")
+    p.add_argument("--local-steps", type=int, metavar="S",
+                   help="each edge trains exactly S optimizer steps a round (default: the task's epochs)")
     p.add_argument("--max-update-norm", type=float, metavar="L2",
                    help="reject updates with a larger L2 norm (receipt reason norm_bound)")
     p.add_argument("--norm-bound", type=float, help=argparse.SUPPRESS)  # renamed --max-update-norm
@@ -209,7 +211,7 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         "http_token": args.http_token, "upstream": args.upstream, "upstream_federation": args.upstream_federation,
         "upstream_credentials": args.upstream_credentials, "site_id": args.site_id,
         "consortium_key": args.consortium_key, "upstream_topic_prefix": args.upstream_topic_prefix,
-        "replica_id": args.replica_id,
+        "replica_id": args.replica_id, "local_steps": args.local_steps,
     }
     if args.model or args.task:  # the flags' choice of initial model replaces the file's
         settings.pop("model", None)
@@ -222,6 +224,8 @@ def hub_config_from_args(args: argparse.Namespace) -> tuple[HubConfig, Model | N
         raise ConfigError("give either model or task as the initial model, not both.")
     if "quantize" in settings:
         task_config["quantize"] = settings["quantize"]
+    if "local_steps" in settings:
+        task_config["local_steps"] = settings["local_steps"]
     config = HubConfig(
         broker=settings["broker"], federation=settings["federation"], state_dir=settings["state"],
         min_clients=settings.get("min_clients", 2), clients_per_round=settings.get("clients_per_round"),

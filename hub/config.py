@@ -356,6 +356,7 @@ class HubConfig:
             if not isinstance(value, float | int | str | bool):
                 raise ConfigError(f"task_config[{key!r}] must be a number, string or boolean, got {value!r}.")
         CodecConfig.from_task(config)  # a bad codec setting is a ConfigError naming it
+        _check_training(config)
         check_schedule(config, self.rounds)
         return config
 
@@ -371,6 +372,29 @@ class HubConfig:
         if self.evaluate_every > 1:
             config["evaluate"] = round_number % self.evaluate_every == 0 or round_number == self.rounds
         return {**config, **(secure or {})}
+
+
+def _check_training(config: Mapping[str, Any]) -> None:
+    """The task's training settings (``epochs``, ``local_steps``, ``lr``, ...) as the edges will check them: a
+    task every edge refuses would stall every round."""
+    from dataclasses import fields as dataclass_fields
+    from dataclasses import replace
+
+    from models.training import TrainConfig
+
+    base = TrainConfig()
+    given = {}
+    for f in dataclass_fields(TrainConfig):
+        if f.name in config and not isinstance(getattr(base, f.name), tuple):
+            try:
+                given[f.name] = type(getattr(base, f.name))(config[f.name])
+            except (TypeError, ValueError):
+                raise ConfigError(f"task setting {f.name}={config[f.name]!r} is not a valid "
+                                  f"{type(getattr(base, f.name)).__name__}.") from None
+    try:
+        replace(base, **given).validate()
+    except ConfigError as exc:
+        raise ConfigError(f"task settings: {exc}") from None
 
 
 def _key_in(blobs: Blobs) -> Ed25519PrivateKey:

@@ -25,6 +25,7 @@ F32 = np.float32
 
 
 MAX_EPOCHS = 1000
+MAX_LOCAL_STEPS = 1_000_000
 MAX_BATCH = 65_536
 MAX_LR = 10.0
 MAX_SETTING = 1e6
@@ -48,6 +49,9 @@ class TrainConfig:
     """Layer names to train (empty: all). The others stay fixed, BatchNorm statistics included."""
     rotation_deg: float = 0.0
     """Std of a random rotation (degrees) applied to each window's three-axis sensors (0: none)."""
+    local_steps: int = 0
+    """A fixed amount of local work: exactly this many optimizer steps, over as many passes of the windows
+    as that takes (``epochs`` is then ignored); 0: ``epochs`` passes."""
 
     def validate(self) -> None:
         """Every setting within its bounds (a task from the network sets them): ConfigError naming the first not."""
@@ -62,6 +66,8 @@ class TrainConfig:
             raise ConfigError(f"grad_clip and prox_mu must be 0 .. {MAX_SETTING:g}.")
         if not 0 <= self.seed < 1 << 63:
             raise ConfigError(f"seed must be 0 .. 2**63, got {self.seed}.")
+        if not 0 <= self.local_steps <= MAX_LOCAL_STEPS:
+            raise ConfigError(f"local_steps must be 0 .. {MAX_LOCAL_STEPS}, got {self.local_steps}.")
         if not 0 <= self.rotation_deg <= 180:
             raise ConfigError(f"rotation_deg must be 0..180 degrees, got {self.rotation_deg}.")
         if self.optimizer not in ("sgd", "adam", "adamw"):
@@ -166,7 +172,9 @@ def _loop(
     triads = sensor_triads(model.spec.channels) if config.rotation_deg > 0 else []
     losses, step, examples, stop = [], 0, 0, False
     batch_buffer = np.empty((min(config.batch_size, len(x)), *x.shape[1:]), x.dtype)  # one, not one per step
-    for _ in range(config.epochs):
+    steps_per_pass = -(-len(x) // config.batch_size)
+    passes = -(-config.local_steps // steps_per_pass) if config.local_steps else config.epochs
+    for _ in range(passes):
         order = rng.permutation(len(x))
         total, seen = 0.0, 0
         for start in range(0, len(x), config.batch_size):
@@ -186,7 +194,7 @@ def _loop(
             total += loss * len(idx)
             seen += len(idx)
             examples += len(idx)
-            if on_step is not None and on_step(step, loss):
+            if (on_step is not None and on_step(step, loss)) or step == config.local_steps:
                 stop = True
                 break
         losses.append(total / max(seen, 1))

@@ -278,6 +278,8 @@ def _hub(args: argparse.Namespace, url: str, federation: str, out: Path, model: 
     fraction = 1.0 if consortium else args.fraction
     task_config = {"quantize": args.quantize, "epochs": args.local_epochs, "batch_size": 32, "lr": args.lr,
                    "lr_schedule": args.lr_schedule, "rotation_deg": args.rotation}
+    if args.local_steps is not None:
+        task_config["local_steps"] = args.local_steps
     config = HubConfig(
         broker=url, federation=federation, state_dir=out / "hub",
         min_clients=n if fraction >= 1 else max(1, math.ceil(fraction * n)),
@@ -717,6 +719,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--window-s", type=float, help="window length in seconds (default: the task's)")
     p.add_argument("--round-timeout", type=float, default=120.0, help="seconds the hub waits for a round's updates")
     p.add_argument("--local-epochs", type=int, default=2, help="epochs each edge trains per round")
+    p.add_argument("--local-steps", type=int, metavar="S",
+                   help="a fixed amount of local work instead: S optimizer steps per edge and round (default: epochs)")
     p.add_argument("--lr", type=float, default=3e-3, help="the edges' learning rate in the first round")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
                    help="how the edges' learning rate changes over the rounds (cosine: decays to 5%% of --lr)")

@@ -151,3 +151,13 @@ def test_status_text_names_the_leader_and_the_replicas_heartbeats(tmp_path):
     status.update(leader="r2", replicas={"r1": 990.0, "r2": 999.0})
     line = next(x for x in format_status(status, now=1000.0).splitlines() if x.startswith("leader"))
     assert "r2" in line and "r1 10 s ago" in line and "r2 1 s ago" in line
+
+
+def test_a_task_setting_every_edge_would_refuse_is_refused_by_the_hub(tmp_path):
+    from hub.config import HubConfig
+
+    for bad in ({"local_steps": -3}, {"epochs": 0}, {"lr": "fast"}):
+        with pytest.raises(ConfigError, match="task setting"):
+            HubConfig(broker="mqtt://127.0.0.1:1", federation="f", state_dir=tmp_path, task_config=bad)
+    assert HubConfig(broker="mqtt://127.0.0.1:1", federation="f", state_dir=tmp_path,
+                     task_config={"local_steps": 5}).task_config["local_steps"] == 5

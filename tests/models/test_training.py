@@ -131,3 +131,14 @@ def test_train_only_updates_the_named_layers_and_keeps_norm_statistics():
     assert changed == {"fc.weight", "fc.bias"}
     with pytest.raises(ConfigError, match="unknown layers"):
         fit(model, x, y, TrainConfig(train_only=("nope",)))
+
+
+def test_local_steps_fix_the_work_whatever_the_number_of_windows():
+    """``local_steps`` S runs exactly S optimizer steps: fewer than one pass, or several passes of few windows."""
+    spec = activity_spec()
+    for n, steps in ((200, 3), (40, 5)):  # 7 steps a pass / 2 steps a pass
+        x, y = synthetic_activity(n, seed=1, spec=spec)
+        result = fit(Model(spec, seed=0), x, y, TrainConfig(batch_size=32, epochs=9, local_steps=steps))
+        assert result.steps == steps and result.examples <= steps * 32
+    with pytest.raises(ConfigError, match="local_steps"):
+        TrainConfig(local_steps=-1).validate()

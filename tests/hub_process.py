@@ -98,3 +98,15 @@ class HubProcess:
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else "(no log)"
+
+
+def end_process(process: subprocess.Popen, timeout: float = 30.0) -> None:  # type: ignore[type-arg]
+    """Stop a child process this test started: SIGTERM, then SIGKILL if it does not end in ``timeout`` s."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

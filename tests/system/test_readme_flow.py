@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hub_process import end_process
 
 from wearfl.broker import free_port, mosquitto_binary
 
@@ -95,12 +96,6 @@ def test_the_readme_flow_runs_three_rounds_with_every_edge_accepted(tmp_path):
             assert edge.wait(timeout=60) == 0
     finally:
         for process in reversed(started):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            end_process(process)
         for log in logs.values():
             log.close()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hub_process import end_process
 from provisioned import needs_mosquitto
 
 from wearfl.broker import MosquittoBroker, free_port
@@ -211,12 +212,6 @@ def test_the_documented_site_deployment_runs_two_consortium_rounds(tmp_path):
             assert process.wait(timeout=60) == 0, f"{name} did not stop cleanly on SIGTERM:\n{logs()}"
     finally:
         for process, _ in reversed(started.values()):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            end_process(process)
         for broker in reversed(brokers):
             broker.stop()

@@ -209,6 +209,9 @@ class HubConfig:
             if self.keyring is None and self.credentials is None:
                 raise ConfigError("secure aggregation needs the devices' keys from a keyring: give --keyring FILE or "
                                   "--credentials DIR (the edges need the same keyring as --peer-keyring).")
+            if self.min_clients < 3:
+                raise ConfigError(f"a secure round needs at least 3 clients (pairwise masks hide each one among the "
+                                  f"others); set --min-clients 3 or more (it is {self.min_clients}).")
             if not (self.secagg_stage_timeout_s > 0 and 2 <= self.secagg_value_bits <= 48
                     and math.isfinite(self.secagg_range) and self.secagg_range > 0):
                 raise ConfigError("secagg_stage_timeout_s and secagg_range must be > 0, secagg_value_bits in [2, 48].")

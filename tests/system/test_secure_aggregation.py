@@ -182,3 +182,11 @@ def test_secure_aggregation_needs_a_keyring_and_a_mean_based_rule(tmp_path):
     with pytest.raises(ConfigError, match="only a sum"):
         HubConfig("mqtt://127.0.0.1:1883", "fed", tmp_path, secure_aggregation=True, keyring=tmp_path / "k",
                   strategy="fedmedian")
+
+
+def test_a_secure_round_of_fewer_than_three_clients_is_refused_at_start(tmp_path):
+    """Pairwise masks hide each client among at least two others: a hub that could close a secure round with
+    two would wait for a round that never starts."""
+    with pytest.raises(ConfigError, match="at least 3 clients"):
+        HubConfig("mqtt://127.0.0.1:1883", "fed", tmp_path, secure_aggregation=True, keyring=tmp_path / "k",
+                  min_clients=2)

@@ -36,6 +36,9 @@ pytestmark = pytest.mark.slow
 
 DATASET = SimulatedDataset(seed=5, wearers=6, minutes=3, test_wearers=1)
 SITES = {"site-a": DATASET.train_clients[:2], "site-b": DATASET.train_clients[2:4]}
+GROWN = DATASET.grown(6)
+SITES_OF_THREE = {"site-a": GROWN.train_clients[:3], "site-b": GROWN.train_clients[3:6]}
+"""Secure rounds need three clients: pairwise masks hide each among at least two others."""
 
 
 def provision(tmp_path: Path, federation: str) -> str:
@@ -65,10 +68,12 @@ async def forge_a_model(tmp_path: Path, broker: MosquittoBroker, federation: str
 
 async def federate(tmp_path: Path, brokers: dict[str, MosquittoBroker], rounds: int, forge: bool = False,
                    federation: str | None = None, consortium_pub: str | None = None,
-                   upstream: dict[str, tuple[str, str]] | None = None,
-                   ) -> tuple[dict[str, HubService], list[EdgeClient]]:
+                   upstream: dict[str, tuple[str, str]] | None = None, secure: bool = False,
+                   sites: dict[str, list[str]] | None = None) -> tuple[dict[str, HubService], list[EdgeClient]]:
     """Run the consortium for ``rounds`` rounds with both sites; ``upstream``: a site's own way to the consortium
-    (broker URL, topic prefix) instead of the consortium's broker."""
+    (broker URL, topic prefix) instead of the consortium's broker; ``secure``: SecAgg+ rounds inside each site;
+    ``sites``: each site's gateways (default :data:`SITES`)."""
+    sites = sites or SITES
     if federation is None:
         federation = f"sites-{uuid.uuid4().hex[:8]}"
         consortium_pub = provision(tmp_path, federation)
@@ -80,18 +85,26 @@ async def federate(tmp_path: Path, brokers: dict[str, MosquittoBroker], rounds: 
         initial_model=Model(spec, seed=0))}
     edges = []
     policy = FineTunePolicy(TrainConfig(), min_new_windows=0)
-    for site, clients in SITES.items():
+    keyring = None
+    if secure:  # the gateways' keys, which a secure round's pairwise masks need
+        keyring = tmp_path / "gateways.keyring"
+        keyring.write_text("".join(
+            f"{c} {public_hex(load_or_create_key(tmp_path / 'edges' / c / 'device.key'))}\n"
+            for clients in sites.values() for c in clients))
+    for site, clients in sites.items():
         url, prefix = (upstream or {}).get(site, (brokers["consortium"].url, None))
         hubs[site] = HubService(HubConfig(
-            broker=brokers[site].url, federation=federation, state_dir=tmp_path / site, min_clients=2,
-            round_timeout_s=60, upstream=url, upstream_topic_prefix=prefix, site_id=site))
+            broker=brokers[site].url, federation=federation, state_dir=tmp_path / site, min_clients=len(clients),
+            round_timeout_s=60, upstream=url, upstream_topic_prefix=prefix, site_id=site, keyring=keyring,
+            secure_aggregation=secure))
         for i, client in enumerate(clients):
             edges.append(EdgeClient(EdgeConfig(
                 broker=brokers[site].url, federation=federation, client_id=client,
-                state_dir=tmp_path / "edges" / client, policy=policy, seed=i, hub_key=consortium_pub),
-                DATASET.source(client)))
+                state_dir=tmp_path / "edges" / client, policy=policy, seed=i, hub_key=consortium_pub,
+                peer_keyring=keyring),
+                GROWN.source(client)))
     stop = asyncio.Event()
-    running = [asyncio.create_task(hubs[site].run(stop)) for site in SITES]
+    running = [asyncio.create_task(hubs[site].run(stop)) for site in sites]
     running.append(asyncio.create_task(run_edges(edges, stop)))
     try:
         await asyncio.wait_for(hubs["consortium"].run(), 240)
@@ -346,3 +359,18 @@ def test_the_consortium_hub_or_broker_killed_mid_round_loses_and_double_counts_n
         status = hub.status()
         assert status["updates_accepted"] == 6 == sum(c["accepted"] for c in status["clients"].values())
         assert status["rounds_completed"] == 3
+
+
+def test_secure_rounds_inside_each_site_send_one_partial_a_round(tmp_path, brokers):
+    """SecAgg+ inside each site: the site hub learns only its gateways' sum, stores no gateway update, and its
+    partial (weighted by the round's survivors) reaches the consortium once a round."""
+    hubs, edges = asyncio.run(federate(tmp_path, brokers, rounds=2, secure=True, sites=SITES_OF_THREE))
+    consortium = hubs["consortium"].status()
+    assert consortium["rounds_completed"] == 2
+    assert {c: v["accepted"] for c, v in consortium["clients"].items()} == {"site-a": 2, "site-b": 2}
+    for site in SITES:
+        status = hubs[site].status()
+        assert status["rounds_completed"] == 2 and status["updates_accepted"] == 0  # no update seen alone
+        assert status["upstream"]["partial"]["state"] == "acknowledged"
+        assert status["upstream"]["partial"]["examples"] == 3  # the round's survivors
+    assert all(e.model_version == 2 for e in edges)

@@ -162,6 +162,7 @@ def prepare_simulation(args: argparse.Namespace) -> Simulation:
     if args.strategy == "dpfedavg":
         strategy_args.setdefault("population", len(clients))
     sites = SimulatedSites.plan(args.sites, clients, out) if args.sites else None
+    _check_round_sizes(args, clients, sites.members if sites is not None else None, strategy_args)
     # not started: only the URLs are needed yet
     broker = None if args.broker or sites is not None else make_broker(workdir=out)
     url = args.broker or (sites.consortium_url if sites is not None else broker.url)
@@ -206,6 +207,30 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--sites starts a broker for each site and one for the consortium; leave out --broker.")
     if args.sites < 0:
         raise ConfigError(f"--sites {args.sites}: give a number of sites (0: one flat federation).")
+
+
+def _check_round_sizes(args: argparse.Namespace, clients: list[str], sites: Mapping[str, list[str]] | None,
+                       strategy_args: Mapping[str, Any]) -> None:
+    """Enough edges in each round for secure rounds (3) and for the rule, named by simulate's own flags (the hub's
+    message would name --min-clients, which simulate sets from --clients and --fraction)."""
+    per_round = [len(m) for m in sites.values()] if sites is not None else [len(clients)]
+    fewest = min(per_round) if args.fraction >= 1 else min(max(1, math.ceil(args.fraction * n)) for n in per_round)
+    where = "each site" if sites is not None else "a round"
+    more = "fewer --sites or more --clients" if sites is not None else "more --clients or a larger --fraction"
+    if args.secure_aggregation and fewest < 3:
+        raise ConfigError(f"--secure-aggregation needs at least 3 edges in {where}, this run has {fewest}; give "
+                          f"{more}.")
+    from hub.strategies import make_strategy
+
+    try:
+        need = make_strategy(args.strategy, dict(strategy_args)).min_updates()
+    except (ValueError, TypeError, ConfigError):
+        return  # a bad argument: the hub's config names it
+    top = len(sites) if sites is not None else fewest  # the rule runs where the run's --strategy runs
+    if need > top:
+        counted = f"{len(sites)} sites" if sites is not None else f"{top} edges a round"
+        raise ConfigError(f"strategy {args.strategy} as configured needs at least {need} updates a round, this run "
+                          f"gives it {counted}; give {'more --sites' if sites is not None else more}.")
 
 
 def _strategy_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -95,8 +95,7 @@ class TableBlobs(Blobs):
     def __init__(self, url: str, prefix: str) -> None:
         from hub.database import redact
 
-        self.db = PostgresDatabase(url)
-        self.db.create(SCHEMA)
+        self.db = PostgresDatabase(url, SCHEMA)
         self.prefix = prefix.rstrip("/") + "/"
         self.where = f"{redact(url)} (files {self.prefix}*)"
 

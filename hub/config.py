@@ -188,10 +188,10 @@ class HubConfig:
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}.")
         self.policy()  # validates the round settings
-        self._check_site()
-        self._check_replicas()
         self.strategy_args = renamed(self.strategy_args, strategy_arg_renames(self.strategy), "strategy arg")
         rule = self.build_strategy()
+        self._check_site(rule)
+        self._check_replicas(rule)
         if self.min_clients < rule.min_updates():
             raise ConfigError(f"strategy {self.strategy} as configured needs at least {rule.min_updates()} updates "
                               f"a round; set --min-clients {rule.min_updates()} or more (it is {self.min_clients}).")
@@ -217,7 +217,7 @@ class HubConfig:
                 raise ConfigError("secagg_stage_timeout_s and secagg_range must be > 0, secagg_value_bits in [2, 48].")
         self.task_config = self.full_task_config(rule)
 
-    def _check_site(self) -> None:
+    def _check_site(self, rule: Strategy) -> None:
         """A site hub's settings: the consortium's address, the same federation, a site id, drop stragglers."""
         if self.upstream is None:
             for name in ("upstream_federation", "upstream_credentials", "site_id", "consortium_key",
@@ -243,11 +243,11 @@ class HubConfig:
         check_name("site id", self.site_id)
         if self.stragglers != "drop":
             raise ConfigError("a site hub sends each round's partial once; --stragglers next-round does not apply.")
-        if self.build_strategy().asynchronous:
+        if rule.asynchronous:
             raise ConfigError(f"strategy {self.strategy} releases models on its own schedule; a site hub follows "
                               "the consortium's rounds: choose a synchronous rule (fedavg, trimmed-mean, ...).")
 
-    def _check_replicas(self) -> None:
+    def _check_replicas(self, rule: Strategy) -> None:
         """Replicas share a PostgreSQL state; what they do not do yet is refused here, by name."""
         if not self.in_database:
             if self.replica_id is not None:
@@ -258,7 +258,7 @@ class HubConfig:
             check_name("replica id", self.replica_id)
         if self.secure_aggregation:
             raise ConfigError("secure aggregation runs in one hub process; use a --state folder for it.")
-        if self.build_strategy().asynchronous or self.stragglers != "drop":
+        if rule.asynchronous or self.stragglers != "drop":
             raise ConfigError("hub replicas close rounds from the shared store: use a synchronous rule and "
                               "--stragglers drop.")
 

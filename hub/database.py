@@ -54,10 +54,6 @@ class Database:
     def execute(self, sql: str, params: Any = ()) -> Any:
         raise NotImplementedError
 
-    def create(self, schema: str) -> None:
-        """Create the tables of ``schema`` (``{BLOB}``-style type names) where they are missing."""
-        raise NotImplementedError
-
     def begin(self, write: bool) -> None:
         """A write transaction (one writer at a time), or a read-only snapshot."""
         raise NotImplementedError
@@ -73,30 +69,20 @@ class Database:
 
 
 class SqliteDatabase(Database):
-    """``state_dir/name`` in WAL mode (:func:`models.files.open_database`)."""
+    """``state_dir/name`` in WAL mode with the tables of ``schema`` (:func:`models.files.open_database`)."""
 
     dialect = "sqlite"
     greatest = "MAX"
     storage_errors = (OSError, sqlite3.Error)
     integrity_error = sqlite3.IntegrityError
 
-    def __init__(self, state_dir: Path, name: str, *, what: str, advice: str, synchronous: str = "FULL") -> None:
+    def __init__(self, state_dir: Path, name: str, schema: str, *, what: str, advice: str,
+                 synchronous: str = "FULL") -> None:
         from models.files import open_database
 
         self.path = Path(state_dir) / name
-        self._what, self._advice, self._synchronous = what, advice, synchronous
-        self._db = open_database(Path(state_dir), name, "", what=what, advice=advice, synchronous=synchronous)
-
-    def create(self, schema: str) -> None:
-        from models.files import storage_error
-
-        try:
-            self._db.executescript(schema.format(**SQLITE_TYPES))
-        except (OSError, sqlite3.Error) as exc:
-            storage = storage_error(exc, self.path.parent, f"opening {self._what}")
-            if storage is not None:
-                raise storage from exc
-            raise ConfigError(f"cannot open {self._what} at {self.path} ({exc}); {self._advice}") from exc
+        self._db = open_database(Path(state_dir), name, schema.format(**SQLITE_TYPES), what=what, advice=advice,
+                                 synchronous=synchronous)
 
     def execute(self, sql: str, params: Any = ()) -> Any:
         return self._db.execute(sql, params)
@@ -114,12 +100,13 @@ class SqliteDatabase(Database):
 
 
 class PostgresDatabase(Database):
-    """A psycopg 3 connection to ``url`` (autocommit; transactions are explicit, as with SQLite)."""
+    """A psycopg 3 connection to ``url`` (autocommit; transactions are explicit, as with SQLite); with ``schema``,
+    its tables are made where missing."""
 
     dialect = "postgresql"
     greatest = "GREATEST"
 
-    def __init__(self, url: str, *, connect_timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, schema: str | None = None, *, connect_timeout_s: float = 10.0) -> None:
         try:
             import psycopg
         except ImportError:  # pragma: no cover - a dependency of wearfl
@@ -134,6 +121,8 @@ class PostgresDatabase(Database):
             raise ConfigError(f"cannot reach the PostgreSQL database {redact(url)} ({_first_line(exc)}); check "
                               "--state, that the server runs and that this user may connect.") from None
         self._in_transaction = False
+        if schema is not None:
+            self.create(schema)
 
     def reconnect(self) -> None:
         """A new connection, when the last one broke (the server restarted, the network dropped): the
@@ -165,6 +154,7 @@ class PostgresDatabase(Database):
         return self._db.execute(self._translate(sql, isinstance(params, dict)), params)
 
     def create(self, schema: str) -> None:
+        """Create the tables of ``schema`` (``{BLOB}``-style type names) where they are missing."""
         with self._db.transaction():
             self._db.execute("SELECT pg_advisory_xact_lock(7261)")  # replicas starting together: one creates
             for statement in schema.format(**POSTGRES_TYPES).split(";"):

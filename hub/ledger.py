@@ -203,8 +203,7 @@ class DatabaseLedger(Ledger):
     def __init__(self, url: str) -> None:
         from hub.database import PostgresDatabase, redact
 
-        self.db = PostgresDatabase(url)
-        self.db.create(SCHEMA)
+        self.db = PostgresDatabase(url, SCHEMA)
         self.path = redact(url)  # type: ignore[assignment]  # for messages only
         self._load()
 

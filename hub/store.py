@@ -142,15 +142,15 @@ class HubStore:
             if not create and self._db.execute("SELECT to_regclass('kv')").fetchone()[0] is None:
                 self._db.close()
                 raise ConfigError(f"no hub state in the database {self.where}; is --state right?")
+            self._db.create(SCHEMA)
         else:
             self.state_dir = Path(state)
             self.path = self.state_dir / DB_NAME
             self.where = str(self.state_dir)
             if not create and not self.path.is_file():
                 raise ConfigError(f"no hub state in {self.state_dir} ({DB_NAME} is missing); is --state right?")
-            self._db = SqliteDatabase(self.state_dir, DB_NAME, what=f"the hub database {DB_NAME}",
+            self._db = SqliteDatabase(self.state_dir, DB_NAME, SCHEMA, what=f"the hub database {DB_NAME}",
                                       advice="restore it or use another --state.", synchronous=synchronous)
-        self._db.create(SCHEMA)
         self._lock = threading.RLock()
         self._depth = 0
         self._check_schema(write=create)

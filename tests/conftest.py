@@ -108,13 +108,10 @@ def hapt_dir():
 @pytest.fixture(scope="session")
 def postgres_server():
     """A PostgreSQL cluster for the whole session (Debian's initdb and pg_ctl), stopped at the end."""
-    from postgres import PostgresServer, needs_postgres
+    from postgres import running_postgres
 
-    server = PostgresServer(needs_postgres()).start()
-    try:
+    with running_postgres() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

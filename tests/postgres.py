@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,13 @@ class PostgresServer:
         with psycopg.connect(self.url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{name}"
+
+
+@contextlib.contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    """A started cluster (skipped without PostgreSQL, off CI), stopped on the way out whatever happened."""
+    server = PostgresServer(needs_postgres()).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -53,13 +53,10 @@ def stored(url: str, what: str) -> Any:
 @pytest.fixture
 def own_postgres():
     """A PostgreSQL of this test's own, which it may kill."""
-    from postgres import PostgresServer, needs_postgres
+    from postgres import running_postgres
 
-    server = PostgresServer(needs_postgres()).start()
-    try:
+    with running_postgres() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("kill_at", ["mid_round", "registered", "postgres"])

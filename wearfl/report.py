@@ -36,7 +36,8 @@ def _draw_metric(axis: Any, report: dict[str, Any], key: str) -> None:
     axis.set_ylim(0, 1 if key in BOUNDED else max(finite, default=1) * 1.15)
     axis.set_xlabel("round (0: the initial model)")
     axis.set_ylabel(f"held-out {key} ({'higher' if key in BOUNDED else 'lower'} is better)")
-    axis.set_title(f"{report['task']} on {report['dataset']}, {report['clients']} edges")
+    sites = f" in {report['sites']} sites" if report.get("sites") else ""
+    axis.set_title(f"{report['task']} on {report['dataset']}, {report['clients']} edges{sites}")
 
 
 def _draw_spread(axis: Any, report: dict[str, Any], key: str) -> None:

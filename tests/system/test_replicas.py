@@ -123,7 +123,7 @@ def test_the_replicas_go_on_when_the_leader_or_the_database_is_killed(request, m
                 assert first.alive() and second.alive()
                 assert all(e.outbox_stats.entries == 1 for e in edges[3:])  # no receipt without a commit
                 await asyncio.to_thread(server.start)
-                await until(lambda: stored(postgres_url, "rounds_done") == 3, "three rounds", )
+                await until(lambda: stored(postgres_url, "rounds_done") == 3, "three rounds")
             else:
                 assert await second.exited() == 0, second.log_tail()
             await until(lambda: all(e.model_version == 3 for e in edges), "every edge to adopt v3")

@@ -8,14 +8,14 @@ its tail (personalization).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from edge_client.pipeline import windows_from_chunks
-from edge_client.sources.base import Dataset
+from edge_client.sources.base import Chunk, Dataset, Source
 from edge_client.windowing import Windows
 from models.errors import ConfigError, InputError
 from models.metrics import regression_metrics, task_metrics
@@ -26,6 +26,7 @@ from models.training import TrainConfig, fit
 __all__ = [
     "CENTRAL_TRAINING",
     "ClientData",
+    "client_windows",
     "head_layers",
     "load_clients",
     "personalize",
@@ -104,15 +105,21 @@ def load_clients(
     """Every client's labelled windows for ``spec`` (resampled and windowed to its input)."""
     out = []
     for i, client in enumerate(clients):
-        source = dataset.source(client)
-        windows, stats = windows_from_chunks(source.chunks(), spec, source.sampling_rate_hz, hop=hop)
-        if spec.is_classifier and source.classes and tuple(source.classes) != spec.classes:
-            windows = _remap_classes(windows, source.classes, spec.classes)
-        x, y = _labelled(windows, spec)
-        out.append(ClientData(client, x, y, stats.dropped_windows))
+        out.append(client_windows(dataset.source(client), spec, hop=hop))
         if progress:
             progress("windowing", i + 1, len(clients))
     return out
+
+
+def client_windows(source: Source, spec: ModelSpec, hop: int | None = None,
+                   chunks: Iterable[Chunk] | None = None) -> ClientData:
+    """One source's labelled windows for ``spec`` (``chunks``: these of the source instead of all of it)."""
+    windows, stats = windows_from_chunks(source.chunks() if chunks is None else chunks, spec,
+                                         source.sampling_rate_hz, hop=hop)
+    if spec.is_classifier and source.classes and tuple(source.classes) != spec.classes:
+        windows = _remap_classes(windows, source.classes, spec.classes)
+    x, y = _labelled(windows, spec)
+    return ClientData(source.client_id, x, y, stats.dropped_windows)
 
 
 def _remap_classes(windows: Windows, have: Sequence[str], want: Sequence[str]) -> Windows:

@@ -143,6 +143,11 @@ class Intake:
         self._keys = store.pinned_keys()
         self._last_sequence = store.last_sequences()
 
+    @property
+    def known(self) -> int:
+        """How many clients belong by a pinned key (it grows as keys are pinned)."""
+        return len(self._keys)
+
     def knows(self, client: str) -> bool:
         """Whether ``client`` belongs: in the keyring, or (without one) its key is pinned."""
         return client in (self.keyring if self.keyring is not None else self._keys)

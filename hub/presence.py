@@ -64,6 +64,7 @@ class Presence:
     _declines: dict[tuple[str, int], Decline] = field(default_factory=dict)
     _newcomers: OrderedDict[str, None] = field(default_factory=OrderedDict)
     sites: set[str] = field(default_factory=set)  # members whose status says they are site hubs
+    changes: int = 0  # counts status messages and admissions: what is online may have changed
 
     @property
     def online(self) -> set[str]:
@@ -81,10 +82,12 @@ class Presence:
             return False
         del self._newcomers[client]
         self._online.add(client)
+        self.changes += 1
         return True
 
     def update(self, client: str, payload: bytes) -> tuple[bool, Decline | None]:
         """Take one ``status/<client>`` message: (whether it came online now, a new decline or None)."""
+        self.changes += 1
         if not payload:  # a cleared retained status
             self._online.discard(client)
             self._newcomers.pop(client, None)
@@ -154,6 +157,7 @@ class Presence:
         """Drop the declines of earlier rounds; edges that no longer belong (the first round of a hub without
         keyring took every edge) become newcomers again."""
         self._declines = {k: d for k, d in self._declines.items() if k[1] >= round_number}
+        self.changes += 1
         for client in [c for c in self._online if not self.belongs(c)]:
             self._online.discard(client)
             self.doing.pop(client, None)

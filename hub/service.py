@@ -142,6 +142,7 @@ class HubService:
         self._publisher: Publisher | None = None
         self._key: Ed25519PrivateKey | None = None
         self._wait_report_at = 0.0  # time.monotonic() of the next "waiting for" report
+        self._expected_memo: tuple[tuple[Any, ...], set[str]] | None = None  # the open round's expected edges
         self._shed_counted = 0  # of the session's shed messages, how many the store counted
         # a site hub's: its link to the consortium, and the consortium's task and model the open round runs
         self._upstream: Upstream | None = None
@@ -178,10 +179,17 @@ class HubService:
     def _expected(self, selection: tuple[str, ...] | None) -> set[str]:
         """The edges the open round waits for: its selected members (or every member online), never a newcomer
         the round merely tries."""
-        candidates, _ = self._candidates()
         if not selection:
-            return candidates
-        return {c for c in selection if c in candidates or self._belongs(c)}
+            return self._candidates()[0]
+        key = (selection, self.presence.changes, self._intake.known if self._intake is not None else 0)
+        if self._expected_memo is not None and self._expected_memo[0] == key:
+            return self._expected_memo[1]  # asked after every batch of updates: a thousand edges made it O(N^2)
+        expected = {c for c in selection if self._belongs(c)}
+        if len(expected) < len(selection):
+            candidates, _ = self._candidates()
+            expected |= {c for c in selection if c in candidates}
+        self._expected_memo = (key, expected)
+        return expected
 
     @property
     def current_model(self) -> Model | None:

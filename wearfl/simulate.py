@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Self, TextIO
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from wearfl.attacks import AttackPlan
     from wearfl.broker import EmbeddedBroker, MosquittoBroker
     from wearfl.sites import SimulatedSites
+    from wearfl.swarm import SwarmSpec
 
 __all__ = [
     "GRACE_S", "Interrupted", "RoundProgress", "Simulation", "StopSignals", "add_commands", "float32_update_bytes",
@@ -119,8 +120,10 @@ class Simulation:
     """A checked federation, ready to run: nothing runs and nothing is written before :func:`run_simulation`.
 
     ``broker`` is the one the run starts and stops (None: ``--broker`` names a running one, or ``sites``
-    brings its own); ``keyring`` is where the run writes the device keys secure aggregation needs (None: no
-    secure rounds). ``sites`` (``--sites K``): the site hubs and their brokers under ``hub``, the consortium.
+    brings its own); ``keyring`` is where the run writes the device keys the hub knows its edges by (None:
+    full edges without secure rounds, pinned on first sight). ``sites`` (``--sites K``): the site hubs and
+    their brokers under ``hub``, the consortium. ``swarms``: light edges (:mod:`wearfl.swarm`) instead of
+    ``edges``, one swarm per worker process (or one in this process), their device keys derived from ``secret``.
     """
 
     args: argparse.Namespace
@@ -136,6 +139,10 @@ class Simulation:
     plan: AttackPlan | None
     keyring: Path | None
     sites: SimulatedSites | None = None
+    swarms: list[SwarmSpec] = field(default_factory=list)
+    dataset: Dataset | None = None
+    secret: bytes = b""
+    edge_counters: list[dict[str, Any]] = field(default_factory=list)
 
 
 def prepare_simulation(args: argparse.Namespace) -> Simulation:
@@ -167,7 +174,9 @@ def prepare_simulation(args: argparse.Namespace) -> Simulation:
     broker = None if args.broker or sites is not None else make_broker(workdir=out)
     url = args.broker or (sites.consortium_url if sites is not None else broker.url)
     federation = f"sim-{int(time.time())}"
-    keyring = out / "keyring" if args.secure_aggregation else None
+    light = _light_edges(args, len(clients))
+    keyring = out / "keyring" if args.secure_aggregation or light else None
+    secret = os.urandom(32) if light else b""
     if sites is not None:  # the consortium: an ordinary hub whose clients are the sites
         hub = _hub(args, url, federation, out, model, len(sites.members), strategy_args, out / "sites.keyring",
                    consortium=True)
@@ -177,10 +186,59 @@ def prepare_simulation(args: argparse.Namespace) -> Simulation:
     plan = None
     if args.attack:
         plan = AttackPlan.choose(args.attack, args.malicious, clients, args.seed, args.attack_scale)
+    if light:
+        swarms = _swarms(args, url, federation, out, secret, clients)
+        return Simulation(args, dataset.name, out, url, broker, model, clients, _held_out(dataset, model), hub, [],
+                          None, keyring, None, swarms, dataset, secret)
     edges = _edges(args, url, federation, out, dataset, clients, plan, keyring,
                    sites.url_of if sites is not None else None)
     return Simulation(args, dataset.name, out, url, broker, model, clients, _held_out(dataset, model), hub, edges,
                       plan, keyring, sites)
+
+
+LIGHT_FROM = 51
+"""``--edges auto`` runs light edges from this many clients on (full edges, which evaluate and personalize, below)."""
+FULL_ONLY = (("secure_aggregation", "--secure-aggregation"), ("attack", "--attack"), ("sites", "--sites"),
+             ("edge_delay", "--edge-delay"))
+"""What only full edges do: secure rounds, attacks (poisoned sources, hooked weights), sites, random delays."""
+
+
+def _light_edges(args: argparse.Namespace, clients: int) -> bool:
+    """Whether the run's edges are light (:mod:`wearfl.swarm`); ConfigError when a flag needs full edges."""
+    light = args.edges == "light" or (args.edges == "auto" and (clients >= LIGHT_FROM or bool(args.processes)))
+    if args.processes and not light:
+        raise ConfigError("--processes spreads light edges over worker processes; leave out --edges full.")
+    if light:
+        for attr, flag in FULL_ONLY:
+            if getattr(args, attr):
+                why = f"--clients {clients} runs light edges" if args.edges == "auto" else "--edges light"
+                raise ConfigError(f"{flag} needs full edges and {why}; give --edges full (every edge a whole "
+                                  f"gateway, practical up to about {LIGHT_FROM - 1} edges) or leave out {flag}.")
+    return light
+
+
+def _processes(args: argparse.Namespace, clients: int) -> int:
+    """Worker processes for light edges: ``--processes``, or by default one per core beyond the hub's for large
+    runs (0: the edges share the hub's process)."""
+    if args.processes is not None:
+        return args.processes
+    return 0 if clients < 200 else max(1, min(4, (os.cpu_count() or 2)))
+
+
+def _swarms(args: argparse.Namespace, url: str, federation: str, out: Path, secret: bytes,
+            clients: list[str]) -> list[SwarmSpec]:
+    """The light edges, split into one swarm per worker process (one in the hub's process with 0 processes)."""
+    from wearfl.swarm import SwarmSpec
+
+    if args.processes is not None and args.processes < 0:
+        raise ConfigError(f"--processes {args.processes}: give a number of worker processes (0: none).")
+    k = max(1, _processes(args, len(clients)))
+    share = math.ceil(len(clients) / k)
+    return [SwarmSpec(broker=url, federation=federation, dataset=args.dataset, clients=tuple(clients[i:i + share]),
+                      outbox=str(out / "edges" / f"outbox-{n}.sqlite3"), secret=secret.hex(), seed=args.seed,
+                      first_index=i, hop_fraction=args.window_hop, connect_spread_s=min(10.0, len(clients) / 500),
+                      grow=args.clients or 0)
+            for n, i in enumerate(range(0, len(clients), share))]
 
 
 def _check_out(out: Path) -> None:
@@ -514,7 +572,8 @@ class RoundRecorder:
             "round": summary.round, "model_version": summary.model_version, "participants": summary.participants,
             "updates_accepted": summary.updates_accepted, "updates_rejected": summary.updates_rejected,
             "bytes_up": summary.bytes_up, "bytes_down": summary.bytes_down,
-            "duration_s": round(summary.duration_s, 3), "metrics": metrics, "federated_metrics": summary.metrics,
+            "duration_s": round(summary.duration_s, 3), "closed_at": round(time.time(), 3), "metrics": metrics,
+            "federated_metrics": summary.metrics,
         })
         self.progress.round_closed(summary, metrics)
 
@@ -526,7 +585,12 @@ def run_simulation(sim: Simulation, signals: StopSignals) -> dict[str, Any] | No
     rounds done). The broker is stopped on every way out: the end, an error, a signal.
     """
     _make_out(sim.out)
-    if sim.keyring is not None:
+    if sim.swarms:
+        from wearfl.swarm import write_keyring
+
+        assert sim.keyring is not None
+        write_keyring(sim.keyring, sim.secret, sim.clients)
+    elif sim.keyring is not None:
         _write_keyring(sim.keyring, sim.out, sim.clients)
     if sim.sites is not None:
         sim.sites.provision(sim.out, sim.hub.config.federation)
@@ -588,7 +652,10 @@ def _new_report(sim: Simulation) -> dict[str, Any]:
         "quantization": args.quantize, "float32_update_bytes": float32_update_bytes(sim.model), "rounds": [],
         "initial_metrics": summarize(sim.model, sim.held_out)["metrics"],
         "strategy_config": sim.hub.strategy.describe(),
+        "edges": "light" if sim.swarms else "full",
     }
+    if sim.swarms:
+        report["processes"] = _processes(args, len(sim.clients))
     if sim.plan is not None:
         report["attack"] = sim.plan.describe()
     return report
@@ -619,7 +686,8 @@ async def _federate(sim: Simulation, signals: StopSignals) -> None:
     stop = asyncio.Event()
     with signals.stopping(stop):
         hub = asyncio.create_task(sim.hub.run(stop), name="the hub")
-        edges = asyncio.create_task(run_edges(sim.edges, stop), name="the edges")
+        edges = asyncio.create_task(_run_swarms(sim, stop) if sim.swarms else run_edges(sim.edges, stop),
+                                    name="the edges")
         sites = [asyncio.create_task(site.run(stop), name=f"the hub of {name}")
                  for name, site in (sim.sites.hubs.items() if sim.sites is not None else ())]
         stopped = asyncio.create_task(stop.wait())
@@ -632,6 +700,20 @@ async def _federate(sim: Simulation, signals: StopSignals) -> None:
     for task in (hub, edges, *sites):
         if task.done() and not task.cancelled():
             task.result()  # the error that ended it, if any
+
+
+async def _run_swarms(sim: Simulation, stop: asyncio.Event) -> None:
+    """The light edges: one swarm in this process (``--processes 0``), or one worker process per swarm."""
+    from wearfl.swarm import Swarm
+    from wearfl.swarm_worker import run_workers
+
+    if _processes(sim.args, len(sim.clients)) == 0:
+        swarm = Swarm(sim.swarms[0], sim.dataset)
+        await swarm.run(stop)
+        sim.edge_counters = [swarm.status()]
+        return
+    level = "INFO" if sim.args.verbose else "WARNING"
+    sim.edge_counters = await run_workers(sim.swarms, stop, log_level=level)
 
 
 async def _settle(tasks: list[asyncio.Task[Any]], timeout: float) -> None:
@@ -667,6 +749,9 @@ def _finish_report(sim: Simulation, report: dict[str, Any], recorder: RoundRecor
         report["update_bytes_ratio"] = report["update_bytes"] / report["float32_update_bytes"]
     if sim.sites is not None:
         report["tiers"] = sim.sites.tiers(report["rounds"])
+    if sim.edge_counters:
+        report["edge_counters"] = {k: sum(c.get(k, 0) for c in sim.edge_counters)
+                                   for k in sorted({k for c in sim.edge_counters for k in c})}
     save_package(final, sim.out / "model.safetensors")
     write_atomic(sim.out / "model.onnx", export_onnx(final))
     write_atomic(sim.out / "model.tflite", export_tflite(final))
@@ -778,6 +863,13 @@ def add_commands(sub: Any) -> None:
                    help="the fraction of edges that attack, in (0, 1) (with --attack)")
     p.add_argument("--attack-scale", type=float, default=10.0,
                    help="s of the scale (s * delta) and sign-flip (-s * delta) attacks")
+    p.add_argument("--edges", choices=("auto", "full", "light"), default="auto",
+                   help="full: every edge a whole gateway (streams, replay buffer, evaluation, personalization); "
+                        f"light: the same protocol, data made when an edge trains (for thousands); auto: light from "
+                        f"{LIGHT_FROM} edges on")
+    p.add_argument("--processes", type=int, metavar="K",
+                   help="spread light edges over K worker processes, each one event loop of MQTT sessions "
+                        "(default: 0 below 200 edges, else one per core up to 4)")
     p.add_argument("--sites", type=int, default=0, metavar="K",
                    help="split the edges over K site hubs, each with its own broker, under a consortium hub "
                         "(0: one flat federation; docs/sites.md)")

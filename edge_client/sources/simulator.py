@@ -89,6 +89,7 @@ _TRANSITIONS = np.array([  # rows: from, columns: to, in SIM_CLASSES order
     [0.00, 0.30, 0.00, 0.60, 0.10, 0.00, 0.0],
 ])
 _DEADLINE_S = {RUN: 360.0, STAIRS: 300.0}
+_MONTAGE_DWELL_S = (5.0, 12.0)
 
 # Posture / motion parameters follow the schedule with a first-order lag (tau 0.7 s) across transitions.
 _SMOOTH_DECAY = np.exp(np.arange(1, 601) / (-0.7 * FS))  # 12 s: settled to 1e-7
@@ -177,8 +178,9 @@ class _Stream:
     """The generator state of one pass over a wearer's stream."""
 
     def __init__(self, profile: WearerProfile, schedule_seed: np.random.SeedSequence,
-                 noise_seed: np.random.SeedSequence) -> None:
+                 noise_seed: np.random.SeedSequence, montage: bool = False) -> None:
         self.p = p = profile
+        self.montage = montage  # short stretches of any activity, one after another (see SimulatedWearer.span)
         self.srng, self.rng = np.random.default_rng(schedule_seed), np.random.default_rng(noise_seed)
         self.rot = np.array(p.device_rotation)
         self.starts: list[int] = []
@@ -211,13 +213,19 @@ class _Stream:
         up(0:3) fwd(3:6) lat(6:9) cadence(9) bounce(10) swing(11) fwd_gain(12) fidget(13) vibration(14),
         which follow with the 0.7 s lag, then target intensity(15) and activity(16)."""
         p, rng = self.p, self.srng
-        if self.rows:
+        if self.montage:
+            start = self.ends[-1] if self.rows else 0
+            prev = int(self.rows[-1][16]) if self.rows else -1
+            act = int(rng.choice([a for a in range(len(SIM_CLASSES)) if a != prev]))
+            n = int(rng.uniform(*_MONTAGE_DWELL_S) * FS)
+        elif self.rows:
             start, prev = self.ends[-1], int(self.rows[-1][16])
             overdue = [(start - seen, k) for k, seen in self.last_seen.items() if start - seen > _DEADLINE_S[k] * FS]
             act = max(overdue)[1] if overdue else int(rng.choice(7, p=p.transitions[prev]))
         else:
             start, act = 0, int(rng.choice([SIT, STAND, WALK]))
-        n = int(min(max(rng.gamma(2.0, p.dwell_s[act] / 2), _MIN_DWELL_S[act]), 300.0) * FS)
+        if not self.montage:
+            n = int(min(max(rng.gamma(2.0, p.dwell_s[act] / 2), _MIN_DWELL_S[act]), 300.0) * FS)
         if act in self.last_seen:
             self.last_seen[act] = start + n
         speed = float(rng.lognormal(0.0, 0.08)) if _GAIT[act] else 1.0
@@ -354,16 +362,31 @@ class SimulatedWearer:
     sampling_rate_hz: float = FS
     classes: tuple[str, ...] = SIM_CLASSES
 
-    def __init__(self, client_id: str, seed: int, minutes: float = 30.0, realtime: bool = False) -> None:
+    def __init__(self, client_id: str, seed: int, minutes: float = 30.0, realtime: bool = False, day: int = 0) -> None:
         _check(seed, minutes)
         self.client_id, self.seed, self.minutes, self.realtime = client_id, int(seed), float(minutes), realtime
-        self.index = _wearer_index(client_id)
+        self.index, self.day = _wearer_index(client_id), int(day)
         profile_seed, self._schedule_seed, self._noise_seed = np.random.SeedSequence([self.seed, self.index]).spawn(3)
+        if self.day:  # another stretch of the same wearer's life: same physiology and habits, new moments
+            self._schedule_seed, self._noise_seed = np.random.SeedSequence([self.seed, self.index, self.day]).spawn(2)
         self.profile = WearerProfile.draw(np.random.default_rng(profile_seed))
         self.n_samples: int | None = None if math.isinf(self.minutes) else max(1, round(self.minutes * 60 * FS))
 
     def __repr__(self) -> str:
-        return f"SimulatedWearer({self.client_id!r}, seed={self.seed}, minutes={self.minutes})"
+        day = f", day={self.day}" if self.day else ""
+        return f"SimulatedWearer({self.client_id!r}, seed={self.seed}, minutes={self.minutes}{day})"
+
+    def span(self, samples: int) -> Chunk:
+        """The first ``samples`` of the stream as one chunk, generated at once (what a simulated edge trains on
+        when it is selected: cheaper than :meth:`chunks`, which generates whole internal blocks). A later ``day``
+        is a montage of the wearer's moments: 5-12 s stretches of activities drawn at random (this wearer's
+        physiology and gait, none of its habits), so that a span of a minute holds most activities, as the replay
+        buffer of a gateway that has run for hours does."""
+        if not 0 < samples <= _BLOCK:
+            raise ConfigError(f"a span of a simulated stream is 1 .. {_BLOCK} samples, not {samples}.")
+        stream = _Stream(self.profile, self._schedule_seed, self._noise_seed, montage=self.day > 0)
+        data, act, hr = stream.block(0, samples)
+        return Chunk(self.client_id, np.arange(samples) / FS, data, CHANNELS, act, hr, SIM_CLASSES)
 
     def chunks(self, max_samples: int = 4096) -> Iterator[Chunk]:
         """Yield the stream from its start, at most ``max_samples`` samples a chunk."""
@@ -432,9 +455,10 @@ class SimulatedDataset:
         grown._known = frozenset(grown.clients)
         return grown
 
-    def source(self, client_id: str, *, realtime: bool = False) -> SimulatedWearer:
-        """The stream of ``client_id``; ConfigError lists the valid ids for an unknown one."""
+    def source(self, client_id: str, *, realtime: bool = False, day: int = 0) -> SimulatedWearer:
+        """The stream of ``client_id`` (``day`` > 0: another stretch of the same wearer's life); ConfigError lists
+        the valid ids for an unknown one."""
         if client_id not in self._known:
             ids = ", ".join(self.clients) if len(self.clients) <= 40 else f"{self.clients[0]} .. {self.clients[-1]}"
             raise ConfigError(f"{self.name} has no client {client_id!r}; use one of its ids: {ids}.")
-        return SimulatedWearer(client_id, self.seed, self.minutes, realtime)
+        return SimulatedWearer(client_id, self.seed, self.minutes, realtime, day)

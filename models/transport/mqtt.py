@@ -236,6 +236,9 @@ class MqttSession:
       consumer that is busy (a hub closing a round) holds the broker back instead of
       filling the buffer. Mosquitto 2.0 honours it while no acknowledgements flow, and less
       strictly once they do; the buffer bounds stay the guarantee.
+    - ``misc_interval_s``: how often paho's keepalive bookkeeping runs (a ping goes out within
+      this of ``keepalive`` seconds of silence). Ten thousand simulated sessions in one process
+      use a few seconds, not one, so that their timers do not take a core.
 
     One consumer should iterate :meth:`messages`. All methods must be called from the loop
     that ran :meth:`connect`.
@@ -259,6 +262,7 @@ class MqttSession:
         max_packet_size_in: int | None = None,
         receive_maximum: int | None = None,
         logger: logging.Logger | None = None,
+        misc_interval_s: float = MISC_INTERVAL_S,
     ) -> None:
         if not client_id:
             raise ConfigError("an MQTT session needs a non-empty client id (persistent sessions are keyed by it).")
@@ -285,6 +289,7 @@ class MqttSession:
         self.receive_maximum = receive_maximum
         self.max_buffered_bytes = max_buffered_bytes
         self.max_packet_size_in = max_packet_size_in
+        self.misc_interval_s = float(misc_interval_s)
         self._buffered_bytes = 0  # payload bytes of the messages in self._messages
         self._shed = 0  # messages dropped since the session was made
         self._shed_oversize = 0  # of which over max_packet_size_in
@@ -509,6 +514,7 @@ class MqttSession:
                 return
             self._buffered_bytes -= len(message.payload)
             yield message
+            del message  # not held while waiting for the next one: a model message per session adds up
 
     def ack(self, message: Message) -> None:
         """Acknowledge a QoS 1/2 message (manual-ack sessions only): call after persisting it.
@@ -713,7 +719,8 @@ class MqttSession:
 
     async def _misc_loop(self) -> None:
         """Keepalive pings and their timeouts: paho's ``loop_misc`` about once a second."""
-        await asyncio.sleep(random.uniform(0, MISC_INTERVAL_S))  # spread a thousand sessions over the second
+        interval = self.misc_interval_s
+        await asyncio.sleep(random.uniform(0, interval))  # spread a thousand sessions over the interval
         while True:
             client = self._client
             if client is not None and not self._connecting and client.socket() is not None:
@@ -722,7 +729,7 @@ class MqttSession:
                 except Exception:
                     self.log.exception("%s: paho loop_misc failed; dropping the connection", self.client_id)
                     self._close_socket()
-            await asyncio.sleep(MISC_INTERVAL_S)
+            await asyncio.sleep(interval)
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -179,15 +179,17 @@ class HubService:
     def _expected(self, selection: tuple[str, ...] | None) -> set[str]:
         """The edges the open round waits for: its selected members (or every member online), never a newcomer
         the round merely tries."""
-        if not selection:
-            return self._candidates()[0]
-        key = (selection, self.presence.changes, self._intake.known if self._intake is not None else 0)
+        key = (selection, self.presence.changes, self._intake.known if self._intake is not None else 0,
+               self._bootstrapping())
         if self._expected_memo is not None and self._expected_memo[0] == key:
             return self._expected_memo[1]  # asked after every batch of updates: a thousand edges made it O(N^2)
-        expected = {c for c in selection if self._belongs(c)}
-        if len(expected) < len(selection):
-            candidates, _ = self._candidates()
-            expected |= {c for c in selection if c in candidates}
+        if not selection:
+            expected = self._candidates()[0]
+        else:
+            expected = {c for c in selection if self._belongs(c)}
+            if len(expected) < len(selection):
+                candidates, _ = self._candidates()
+                expected |= {c for c in selection if c in candidates}
         self._expected_memo = (key, expected)
         return expected
 

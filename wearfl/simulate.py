@@ -692,7 +692,8 @@ async def _federate(sim: Simulation, signals: StopSignals) -> None:
                  for name, site in (sim.sites.hubs.items() if sim.sites is not None else ())]
         stopped = asyncio.create_task(stop.wait())
         try:
-            await asyncio.wait([hub, stopped], return_when=asyncio.FIRST_COMPLETED)
+            # the edges end early only when every one failed (a worker process died): the rounds cannot go on
+            await asyncio.wait([hub, edges, stopped], return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopped.cancel()
             stop.set()

@@ -6,13 +6,14 @@ about 1.4 MB resident and a few MB of files each. A simulation of 1,000 or 10,00
 afford that and does not need it, because a simulated wearer's data can be made when it trains.
 A light edge keeps the federation's protocol and drops the waiting cost:
 
-- its own persistent MQTT session (last will: status offline), a retained status online, and
-  subscriptions to ``model``, ``task`` and ``receipt/<client>``;
-- models and tasks checked as a gateway checks them (:mod:`edge_client.adoption`,
-  :mod:`edge_client.training`): the hub's signature (its key pinned by the first model), the
-  ledger entry linking to the last model adopted, a growing version, the federation, task
-  settings within bounds. Every edge of a process receives the same bytes, so each distinct
-  message is checked once per process, and the model is shared read-only;
+- its own persistent MQTT session (last will: status offline), a retained status online, and a
+  subscription to ``receipt/<client>``;
+- the ``model`` and the ``task`` are read-only data every edge shares: one session per process
+  subscribes to them (a thousand sessions would each receive the same 70 kB model every round)
+  and checks them as a gateway does (:mod:`edge_client.adoption`, :mod:`edge_client.training`):
+  the hub's signature (its key pinned by the first model), the ledger entry linking to the last
+  model adopted, a growing version, the federation, task settings within bounds; then every edge
+  of the process takes them;
 - when a task selects it: the round's windows are made (``sim``: another stretch of the same
   wearer's life, :meth:`~edge_client.sources.simulator.SimulatedWearer.span`; other datasets:
   the client's recording), fine-tuned from the global weights with the task's settings, encoded,
@@ -151,8 +152,7 @@ class _SenderSettings:
 class LightEdge:
     """One simulated wearer's edge in a :class:`Swarm`: its session, key, outbox part and the round it trained."""
 
-    __slots__ = ("client_id", "connection", "index", "key", "last_round", "link", "model", "outbox", "queued",
-                 "sender", "task", "unverified")
+    __slots__ = ("client_id", "connection", "index", "key", "last_round", "link", "outbox", "queued", "sender")
 
     def __init__(self, swarm: Swarm, client_id: str, index: int, last_round: int) -> None:
         self.client_id, self.index, self.last_round = client_id, index, last_round
@@ -161,9 +161,6 @@ class LightEdge:
         self.outbox: ClientOutbox = swarm.outbox.view(client_id)
         self.sender = Sender(_SenderSettings(client_id, swarm.spec.federation), self.link, swarm.stop, swarm.counters,
                              swarm.signers)
-        self.model: ModelMessage | None = None
-        self.task: Task | None = None
-        self.unverified: bytes | None = None  # a task that came before the hub's key was pinned
         self.queued = False
         self.connection = 0  # the session's connection whose status and pending updates went out
 
@@ -188,7 +185,10 @@ class Swarm:
         self.pinned: bytes | None = None
         self.outbox: SharedOutbox = None  # type: ignore[assignment]  # opened by run()
         self.edges: list[LightEdge] = []
-        self._model: ModelMessage | None = None  # the newest model adopted in this process
+        self.model: ModelMessage | None = None  # the model and task every edge of the process has
+        self.task: Task | None = None
+        self._unverified: bytes | None = None  # a task that came before the hub's key was pinned
+        self._model: ModelMessage | None = None  # the newest model that passed the checks
         self._base: dict[str, np.ndarray] = {}  # its weights, read-only
         self._checked: dict[bytes, asyncio.Future[Any]] = {}  # message digest -> the check's result
         self._jobs: asyncio.Queue[LightEdge] = asyncio.Queue()
@@ -214,7 +214,8 @@ class Swarm:
                 edge.sender.outbox = edge.outbox  # type: ignore[assignment]  # the Outbox methods Sender uses
                 edge.sender.stats = None
             workers = [asyncio.create_task(self._fits(), name="swarm-fits"),
-                       asyncio.create_task(self._watch(), name="swarm-watch")]
+                       asyncio.create_task(self._watch(), name="swarm-watch"),
+                       asyncio.create_task(self._listen(), name="swarm-listen")]
             lives = [asyncio.create_task(self._live(i, edge), name=f"edge-{edge.client_id}")
                      for i, edge in enumerate(self.edges)]
             try:
@@ -254,8 +255,7 @@ class Swarm:
                     await connecting
                 return
             connecting.result()
-            for topic in (self.topics.model, self.topics.task, self.topics.receipt(edge.client_id)):
-                await session.subscribe(topic, qos=1, timeout=60.0)
+            await session.subscribe(self.topics.receipt(edge.client_id), qos=1, timeout=60.0)
             self.connected += 1
             consumer = asyncio.create_task(self._consume(edge))
             await self._connected(edge)
@@ -281,6 +281,7 @@ class Swarm:
         if edge.sender.stats is None or edge.sender.stats.entries:
             edge.sender.stats = await asyncio.to_thread(edge.outbox.stats)
             await edge.sender.republish_pending()
+        self._consider(edge)  # the round that started before it connected
 
     async def _watch(self) -> None:
         """Sessions that reconnected send their status and pending updates again; overdue updates are re-sent."""
@@ -306,8 +307,8 @@ class Swarm:
 
     def _online(self, edge: LightEdge) -> dict[str, Any]:
         return {"state": "online", "client": edge.client_id, "timestamp": time.time(),
-                "public_key": public_hex(edge.key), "model_version": None if edge.model is None else
-                edge.model.model.version, "last_round": edge.last_round, "training": "idle", "edge": "light"}
+                "public_key": public_hex(edge.key), "model_version": None if self.model is None else
+                self.model.model.version, "last_round": edge.last_round, "training": "idle", "edge": "light"}
 
     def _offline(self, edge: LightEdge, reason: str) -> bytes:
         return json.dumps({"state": "offline", "client": edge.client_id, "reason": reason}).encode()
@@ -315,42 +316,59 @@ class Swarm:
     # -- messages -------------------------------------------------------------------------------
 
     async def _consume(self, edge: LightEdge) -> None:
-        session = edge.link.session
+        """An edge's receipts."""
+        await self._each_message(edge.link.session, edge.client_id, edge.sender.on_receipt)
+
+    async def _each_message(self, session: MqttSession, who: str, handle: Any) -> None:
         messages = session.messages()
         while (message := await anext(messages, None)) is not None:
             try:
-                await self._handle(edge, message)
+                await handle(message)
             except WearflError as exc:
-                log.error("%s: %s", edge.client_id, exc)
+                log.error("%s: %s", who, exc)
             except Exception:
-                log.exception("%s: handling a message on %s failed", edge.client_id, message.topic)
+                log.exception("%s: handling a message on %s failed", who, message.topic)
             session.ack(message)
-            del message  # a model message is not kept per edge while it waits for the next
+            del message  # a model message is not kept while waiting for the next
 
-    async def _handle(self, edge: LightEdge, message: Message) -> None:
+    async def _listen(self) -> None:
+        """The process's one subscription to the model and the task, which every edge of it takes."""
+        session = MqttSession(BrokerAddress.parse(self.spec.broker),
+                              f"wearfl-swarm-{self.spec.federation}-{self.spec.first_index}", clean_start=True,
+                              manual_ack=True, keepalive=KEEPALIVE_S, max_packet_size_in=MAX_MODEL_BYTES + 64 * 1024,
+                              max_buffered=100, max_buffered_bytes=4 * MAX_MODEL_BYTES)
+        try:
+            await session.connect(timeout=60.0)
+            for topic in (self.topics.model, self.topics.task):
+                await session.subscribe(topic, qos=1, timeout=60.0)
+            await self._each_message(session, "swarm", self._shared_message)
+        finally:
+            with contextlib.suppress(WearflError):
+                await session.disconnect()
+
+    async def _shared_message(self, message: Message) -> None:
+        if not message.payload:
+            return
         if message.topic == self.topics.model:
-            if message.payload:
-                model = await self._checked_model(message.payload)
-                if model is not None and (edge.model is None or model.model.version > edge.model.model.version):
-                    edge.model = model
-                    if edge.unverified is not None:
-                        payload, edge.unverified = edge.unverified, None
-                        await self._take_task(edge, payload)
-                    self._consider(edge)
+            model = await self._checked_model(message.payload)
+            if model is None:
+                return
+            self.model = model
+            if self._unverified is not None:  # the task that came before the first model pinned the hub's key
+                payload, self._unverified = self._unverified, None
+                await self._take_task(payload)
+            self._consider_all()
         elif message.topic == self.topics.task:
-            if message.payload:
-                await self._take_task(edge, message.payload)
-        elif message.topic == self.topics.receipt(edge.client_id):
-            await edge.sender.on_receipt(message)
+            await self._take_task(message.payload)
 
-    async def _take_task(self, edge: LightEdge, payload: bytes) -> None:
+    async def _take_task(self, payload: bytes) -> None:
         if self.pinned is None:
-            edge.unverified = payload  # checked once the first model pins the hub's key
+            self._unverified = payload
             return
         task = await self._checked_task(payload)
-        if task is not None and (edge.task is None or task.round >= edge.task.round):
-            edge.task = task
-            self._consider(edge)
+        if task is not None and (self.task is None or task.round >= self.task.round):
+            self.task = task
+            self._consider_all()
 
     async def _once(self, payload: bytes, check: Any) -> Any:
         """``check(payload)``'s result, computed once for every edge of the process that received these bytes."""
@@ -432,14 +450,19 @@ class Swarm:
     # -- training -------------------------------------------------------------------------------
 
     def _due(self, edge: LightEdge) -> bool:
-        task, model = edge.task, edge.model
+        task, model = self.task, self.model
         return (task is not None and model is not None and task.round > edge.last_round
                 and task.selects(edge.client_id) and task.model_version == model.model.version)
 
     def _consider(self, edge: LightEdge) -> None:
-        if not edge.queued and self._due(edge):
+        """Queue ``edge``'s fit when the task selects it for a round it has not trained (once connected)."""
+        if not edge.queued and edge.connection and self._due(edge):
             edge.queued = True
             self._jobs.put_nowait(edge)
+
+    def _consider_all(self) -> None:
+        for edge in self.edges:
+            self._consider(edge)
 
     async def _fits(self) -> None:
         while True:
@@ -452,14 +475,14 @@ class Swarm:
             try:
                 await self._train(edge)
             except (WearflError, ValueError) as exc:
-                log.error("%s: cannot train round %s: %s", edge.client_id, edge.task.round if edge.task else None,
+                log.error("%s: cannot train round %s: %s", edge.client_id, self.task.round if self.task else None,
                           exc)
             except Exception:
-                log.exception("%s: round %s failed", edge.client_id, edge.task.round if edge.task else None)
+                log.exception("%s: round %s failed", edge.client_id, self.task.round if self.task else None)
 
     async def _train(self, edge: LightEdge) -> None:
         """Fit the round, then store, then publish: the update leaves the outbox only on its receipt."""
-        task, model = edge.task, edge.model
+        task, model = self.task, self.model
         assert task is not None and model is not None
         built = self._fit(edge, task, model)  # on the loop: a process hosts one fit at a time, and a thread would
         # only trade the GIL back and forth with the sessions (each handoff waits up to the 5 ms switch interval)

@@ -268,7 +268,8 @@ def wearfl_command() -> list[str]:
 def run_wearfl(n: int, args: argparse.Namespace, work: Path) -> RunResult:
     out = work / f"wearfl-{n}"
     cmd = [*wearfl_command(), "simulate", "--clients", str(n), "--rounds", str(args.rounds),
-           "--local-steps", str(args.local_steps), "--quantize", "int8", "--edges", "light",
+           "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size), "--quantize", "int8",
+           "--edges", "light",
            "--lr", str(LR), "--lr-schedule", "constant", "--rotation", str(ROTATION_DEG),
            "--window-hop", str(HOP_FRACTION), "--round-timeout", str(ROUND_TIMEOUT_S), "--out", str(out)]
     if args.processes is not None:
@@ -294,7 +295,8 @@ def run_flower(n: int, args: argparse.Namespace, work: Path) -> RunResult:
     result_file = work / f"flower-{n}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--flower-child", "--clients", str(n),
            "--rounds", str(args.rounds), "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size),
-           "--child-result", str(result_file), "--ray-dir", ray_dir, *(["--flower-eval"] if args.flower_eval else [])]
+           "--child-result", str(result_file), "--ray-dir", ray_dir,
+           "--flower-eval" if args.flower_eval else "--no-flower-eval"]
     result = RunResult("flower", n, args.rounds)
     log = work / f"flower-{n}.log"
     try:
@@ -481,7 +483,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="rounds per run (at least 2)")
     p.add_argument("--local-steps", type=int, default=1, help="optimizer steps per client and round")
     p.add_argument("--batch-size", type=int, default=WEARFL_BATCH,
-                   help="batch size (wearfl's is fixed at 32; other values only with --only flower)")
+                   help="batch size of each local step, on both sides (wearfl: simulate --batch-size)")
     p.add_argument("--processes", type=int, help="wearfl's --processes K (default: wearfl's own)")
     p.add_argument("--only", choices=("wearfl", "flower"), help="run one framework only")
     p.add_argument("--flower-eval", action=argparse.BooleanOptionalAction, default=True,
@@ -496,9 +498,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--rounds must be at least 2: seconds per round are differences between round-close times")
     if args.local_steps < 1 or args.batch_size < 1 or min(args.clients) < 1:
         p.error("--clients, --local-steps and --batch-size must be positive")
-    if args.batch_size != WEARFL_BATCH and args.only != "flower":
-        p.error(f"wearfl simulate trains with batch {WEARFL_BATCH}; another --batch-size is not the same work "
-                "(use it only with --only flower)")
     return args
 
 

@@ -218,11 +218,11 @@ def _light_edges(args: argparse.Namespace, clients: int) -> bool:
 
 
 def _processes(args: argparse.Namespace, clients: int) -> int:
-    """Worker processes for light edges: ``--processes``, or by default one per core beyond the hub's for large
-    runs (0: the edges share the hub's process)."""
+    """Worker processes for light edges: ``--processes``, or by default one per core (at most 4) from 100 edges
+    on (0: the edges share the hub's process)."""
     if args.processes is not None:
         return args.processes
-    return 0 if clients < 200 else max(1, min(4, (os.cpu_count() or 2)))
+    return 0 if clients < 100 else max(1, min(4, (os.cpu_count() or 2)))
 
 
 def _swarms(args: argparse.Namespace, url: str, federation: str, out: Path, secret: bytes,
@@ -259,6 +259,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.malicious) and 0.0 < args.malicious < 1.0):
         raise ConfigError(f"--malicious {args.malicious:g} is not a fraction of the edges in (0, 1); "
                           "give e.g. --malicious 0.2.")
+    if not 1 <= args.batch_size <= 65536:
+        raise ConfigError(f"--batch-size {args.batch_size}: give 1 .. 65536 windows per step.")
     if args.broker:
         BrokerAddress.parse(args.broker)
     if args.sites and args.broker:
@@ -359,7 +361,7 @@ def _hub(args: argparse.Namespace, url: str, federation: str, out: Path, model: 
     from hub.service import HubConfig, HubService
 
     fraction = 1.0 if consortium else args.fraction
-    task_config = {"quantize": args.quantize, "epochs": args.local_epochs, "batch_size": 32, "lr": args.lr,
+    task_config = {"quantize": args.quantize, "epochs": args.local_epochs, "batch_size": args.batch_size, "lr": args.lr,
                    "lr_schedule": args.lr_schedule, "rotation_deg": args.rotation}
     if args.local_steps is not None:
         task_config["local_steps"] = args.local_steps
@@ -832,6 +834,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--local-epochs", type=int, default=2, help="epochs each edge trains per round")
     p.add_argument("--local-steps", type=int, metavar="S",
                    help="a fixed amount of local work instead: S optimizer steps per edge and round (default: epochs)")
+    p.add_argument("--batch-size", type=int, default=32, help="windows per optimizer step on the edges")
     p.add_argument("--lr", type=float, default=3e-3, help="the edges' learning rate in the first round")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
                    help="how the edges' learning rate changes over the rounds (cosine: decays to 5%% of --lr)")
@@ -870,7 +873,7 @@ def add_commands(sub: Any) -> None:
                         f"{LIGHT_FROM} edges on")
     p.add_argument("--processes", type=int, metavar="K",
                    help="spread light edges over K worker processes, each one event loop of MQTT sessions "
-                        "(default: 0 below 200 edges, else one per core up to 4)")
+                        "(default: 0 below 100 edges, else one per core up to 4)")
     p.add_argument("--sites", type=int, default=0, metavar="K",
                    help="split the edges over K site hubs, each with its own broker, under a consortium hub "
                         "(0: one flat federation; docs/sites.md)")

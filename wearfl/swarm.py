@@ -465,10 +465,19 @@ class Swarm:
             self._consider(edge)
 
     async def _fits(self) -> None:
+        started, done, cpu0, fit0 = 0.0, 0, 0.0, 0.0
         while True:
             if self._jobs.empty():
+                if done:
+                    log.info("swarm: %d fits in %.2f s (round %s), process CPU %.2f s, fit CPU %.2f s", done,
+                             time.monotonic() - started, self.task.round if self.task else None,
+                             time.process_time() - cpu0, self.counters["training_seconds"] - fit0)
                 release_free_memory()  # a round's fits and messages leave holes in the C heap
+                done = 0
             edge = await self._jobs.get()
+            if not done:
+                started, cpu0, fit0 = time.monotonic(), time.process_time(), self.counters["training_seconds"]
+            done += 1
             edge.queued = False
             if not self._due(edge) or self.stop.is_set():
                 continue

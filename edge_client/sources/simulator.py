@@ -377,8 +377,9 @@ class SimulatedWearer:
         return f"SimulatedWearer({self.client_id!r}, seed={self.seed}, minutes={self.minutes}{day})"
 
     def span(self, samples: int) -> Chunk:
-        """The first ``samples`` of the stream as one chunk, generated at once (what a simulated edge trains on
-        when it is selected: cheaper than :meth:`chunks`, which generates whole internal blocks). A later ``day``
+        """``samples`` samples of this wearer as one chunk, generated in one block (what a simulated edge trains
+        on when it is selected: cheaper than :meth:`chunks`, which generates whole internal blocks, and so not
+        the same samples as the start of :meth:`chunks`, whose noise is drawn a block at a time). A later ``day``
         is a montage of the wearer's moments: 5-12 s stretches of activities drawn at random (this wearer's
         physiology and gait, none of its habits), so that a span of a minute holds most activities, as the replay
         buffer of a gateway that has run for hours does."""

@@ -97,7 +97,7 @@ class UpdateCodec:
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], config: CodecConfig = CodecConfig()) -> None:
         self.names = sorted(shapes)
         self.shapes = {k: tuple(shapes[k]) for k in self.names}
-        self.sizes = [int(np.prod(self.shapes[k])) for k in self.names]
+        self.sizes = [math.prod(self.shapes[k]) for k in self.names]  # math.prod: np.prod costs 5 us a call
         self.size = int(sum(self.sizes))
         self.config = config
 

@@ -46,7 +46,9 @@ def _draw_spread(axis: Any, report: dict[str, Any], key: str) -> None:
             if p.get("global") and p.get("personalized")]
     axis.set_title("each edge: global model vs its own fine-tuning")
     if not rows:
-        axis.text(0.5, 0.5, "no edge evaluated its own weights", ha="center", va="center", transform=axis.transAxes)
+        why = ("light edges do not evaluate\n(simulate --edges full: every edge a whole gateway)"
+               if report.get("edges") == "light" else "no edge evaluated its own weights")
+        axis.text(0.5, 0.5, why, ha="center", va="center", transform=axis.transAxes)
         axis.set_xticks([])
         return
     xs = range(len(rows))

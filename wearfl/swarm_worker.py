@@ -5,7 +5,7 @@ one process uses about one core; K workers use K. Each worker is ``python -m wea
 it reads its :class:`~wearfl.swarm.SwarmSpec` as one JSON line on stdin, runs its edges (each its
 own MQTT session) until stdin closes, SIGTERM or SIGINT, and prints its counters as one JSON line
 on stdout. The parent (:func:`run_workers`) closes their stdin to stop them, and kills a worker
-that has not stopped in time.
+that has not stopped in time. ``WEARFL_PROFILE_WORKERS=DIR`` writes each worker's cProfile there.
 """
 
 from __future__ import annotations
@@ -142,13 +142,12 @@ def main() -> int:
         return 2
     try:
         with threadpool_limits(limits=1, user_api="blas"):
-            if os.environ.get("WEARFL_PROFILE_WORKER"):  # a cProfile of the worker, for tuning
+            if profile_dir := os.environ.get("WEARFL_PROFILE_WORKERS"):  # for tuning: a cProfile per worker
                 import cProfile
-                prof = cProfile.Profile()
-                prof.enable()
-                status = asyncio.run(_serve(spec))
-                prof.disable()
-                prof.dump_stats(f"/tmp/worker-{os.getpid()}.prof")
+
+                with cProfile.Profile() as prof:
+                    status = asyncio.run(_serve(spec))
+                prof.dump_stats(os.path.join(profile_dir, f"worker-{os.getpid()}.prof"))
             else:
                 status = asyncio.run(_serve(spec))
     except WearflError as exc:

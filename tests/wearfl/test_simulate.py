@@ -54,7 +54,7 @@ def test_the_report_holds_the_contract_and_the_model_files(mqtt_broker, tmp_path
 @pytest.mark.parametrize("strategy", ["fedavg", "fedmedian"])
 def test_a_sign_flipping_edge_is_recorded_and_a_median_resists_it(mqtt_broker, tmp_path, strategy):
     report = simulate(mqtt_broker, tmp_path / strategy, "--clients", "5", "--rounds", "2", "--strategy", strategy,
-                      "--attack", "sign-flip", "--malicious", "0.2")
+                      "--attack", "sign-flip", "--malicious", "0.2", "--local-steps", "8")
     attack = report["attack"]
     assert attack["kind"] == "sign-flip" and len(attack["malicious_clients"]) == 1 and attack["scale"] == 10.0
     accuracy = report["final_metrics"]["accuracy"]

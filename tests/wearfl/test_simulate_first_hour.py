@@ -16,6 +16,7 @@ start is found by its command line, which names its config in the run's ``--out`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -150,6 +151,33 @@ def test_ctrl_c_in_a_terminal_ends_the_run_and_stops_the_broker(runs, tmp_path):
     assert mosquittos_under(tmp_path) == []
     kept = json.loads((tmp_path / "run" / "report.json").read_text())  # the rounds done are not lost
     assert kept["interrupted"] == "SIGINT" and len(kept["rounds"]) >= 1
+
+
+def workers_of(pid: int) -> list[int]:
+    """The ``wearfl.swarm_worker`` processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+            if int(fields[1]) == pid and b"wearfl.swarm_worker" in cmdline:
+                found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_light_edges_worker_processes_too(runs, tmp_path):
+    proc = start_simulate(runs, tmp_path, "--clients", "60", "--processes", "2", "--local-steps", "1",
+                          "--rounds", "50", "--out", str(tmp_path / "run"))
+    until_first_round(proc)
+    workers = workers_of(proc.pid)
+    assert len(workers) == 2
+    os.killpg(proc.pid, signal.SIGINT)
+    code, _, stderr = finish(proc)
+    assert code == 130, stderr
+    assert "Traceback" not in stderr and stderr.splitlines()[-1] == "interrupted", stderr
+    assert mosquittos_under(tmp_path) == []
+    assert not [w for w in workers if Path(f"/proc/{w}").exists()]  # the workers ended with the run
 
 
 @pytest.mark.slow

@@ -122,23 +122,18 @@ def round_windows(dataset: Any, client: str, round_number: int, model: Model, ho
     """The labelled windows ``client`` trains on in ``round_number``: for ``sim``, a fresh stretch of the wearer's
     life just long enough for ``wanted`` windows; for a recorded dataset, the client's recording."""
     from edge_client.evaluation import client_windows
+    from edge_client.sources.simulator import SimulatedDataset
 
     spec = model.spec
     hop = max(1, round(spec.window * hop_fraction))
-    source = dataset.source(client, day=round_number + 1) if _makes_days(dataset) else dataset.source(client)
-    if hasattr(source, "span"):
+    if isinstance(dataset, SimulatedDataset):
+        source = dataset.source(client, day=round_number + 1)
         rate = source.sampling_rate_hz / spec.sampling_rate_hz
         samples = min(MAX_SPAN_SAMPLES, int(np.ceil((spec.window + (wanted - 1) * hop) * rate)) + 1)
         data = client_windows(source, spec, hop=hop, chunks=[source.span(samples)])
     else:
-        data = client_windows(source, spec, hop=hop)
+        data = client_windows(dataset.source(client), spec, hop=hop)
     return data.x, data.y
-
-
-def _makes_days(dataset: Any) -> bool:
-    from edge_client.sources.simulator import SimulatedDataset
-
-    return isinstance(dataset, SimulatedDataset)
 
 
 @dataclass(frozen=True)
@@ -188,8 +183,7 @@ class Swarm:
         self.model: ModelMessage | None = None  # the model and task every edge of the process has
         self.task: Task | None = None
         self._unverified: bytes | None = None  # a task that came before the hub's key was pinned
-        self._model: ModelMessage | None = None  # the newest model that passed the checks
-        self._base: dict[str, np.ndarray] = {}  # its weights, read-only
+        self._base: dict[str, np.ndarray] = {}  # the model's weights, read-only
         self._checked: dict[bytes, asyncio.Future[Any]] = {}  # message digest -> the check's result
         self._jobs: asyncio.Queue[LightEdge] = asyncio.Queue()
         self._net: Model | None = None
@@ -211,8 +205,7 @@ class Swarm:
             self.edges = [LightEdge(self, c, self.spec.first_index + i, int(rounds.get(c, b"-1")))
                           for i, c in enumerate(self.spec.clients)]
             for edge in self.edges:
-                edge.sender.outbox = edge.outbox  # type: ignore[assignment]  # the Outbox methods Sender uses
-                edge.sender.stats = None
+                edge.sender.open(edge.outbox)  # type: ignore[arg-type]  # the Outbox methods Sender uses
             workers = [asyncio.create_task(self._fits(), name="swarm-fits"),
                        asyncio.create_task(self._watch(), name="swarm-watch"),
                        asyncio.create_task(self._listen(), name="swarm-listen")]
@@ -278,9 +271,7 @@ class Swarm:
         """After each (re)connect: status online, then every pending update again."""
         edge.connection = edge.link.session.connection
         await edge.link.publish_json(self.topics.status(edge.client_id), self._online(edge), retain=True)
-        if edge.sender.stats is None or edge.sender.stats.entries:
-            edge.sender.stats = await asyncio.to_thread(edge.outbox.stats)
-            await edge.sender.republish_pending()
+        await edge.sender.republish_pending()  # nothing to do when the outbox is empty
         self._consider(edge)  # the round that started before it connected
 
     async def _watch(self) -> None:
@@ -350,10 +341,8 @@ class Swarm:
         if not message.payload:
             return
         if message.topic == self.topics.model:
-            model = await self._checked_model(message.payload)
-            if model is None:
+            if await self._checked_model(message.payload) is None:
                 return
-            self.model = model
             if self._unverified is not None:  # the task that came before the first model pinned the hub's key
                 payload, self._unverified = self._unverified, None
                 await self._take_task(payload)
@@ -391,7 +380,7 @@ class Swarm:
 
     async def _check_model(self, payload: bytes) -> ModelMessage | None:
         """The model in ``payload`` if it is the hub's, for this federation, newer and linked to the last one."""
-        current = self._model
+        current = self.model
         try:
             parsed = await asyncio.to_thread(parse_model, payload, self.pinned)
         except (SigningError, WearflError) as exc:
@@ -411,7 +400,7 @@ class Swarm:
         if self.pinned is None:
             self.pinned = parsed.public_key
             log.info("swarm: pinned the hub's key %s (first model seen)", parsed.public_key.hex())
-        self._model, self._base = parsed, parsed.model.network.state_dict()
+        self.model, self._base = parsed, parsed.model.network.state_dict()
         self.counters["models_accepted"] += 1
         return parsed
 
@@ -465,18 +454,17 @@ class Swarm:
             self._consider(edge)
 
     async def _fits(self) -> None:
-        started, done, cpu0, fit0 = 0.0, 0, 0.0, 0.0
+        started, done = 0.0, 0
         while True:
             if self._jobs.empty():
                 if done:
-                    log.info("swarm: %d fits in %.2f s (round %s), process CPU %.2f s, fit CPU %.2f s", done,
-                             time.monotonic() - started, self.task.round if self.task else None,
-                             time.process_time() - cpu0, self.counters["training_seconds"] - fit0)
+                    log.info("swarm: %d fits in %.2f s (round %s)", done, time.monotonic() - started,
+                             self.task.round if self.task else None)
                 release_free_memory()  # a round's fits and messages leave holes in the C heap
                 done = 0
             edge = await self._jobs.get()
             if not done:
-                started, cpu0, fit0 = time.monotonic(), time.process_time(), self.counters["training_seconds"]
+                started = time.monotonic()
             done += 1
             edge.queued = False
             if not self._due(edge) or self.stop.is_set():
@@ -521,7 +509,7 @@ class Swarm:
         if len(x) == 0:
             log.info("%s: no labelled windows for round %d", edge.client_id, task.round)
             return None
-        base = self._base if model is self._model else model.model.network.state_dict()
+        base = self._base if model is self.model else model.model.network.state_dict()
         net = self._net
         if net is None or net.spec != model.model.spec:  # one model to train in per process: fits take turns
             net = self._net = Model(model.model.spec)

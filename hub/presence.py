@@ -64,7 +64,7 @@ class Presence:
     _declines: dict[tuple[str, int], Decline] = field(default_factory=dict)
     _newcomers: OrderedDict[str, None] = field(default_factory=OrderedDict)
     sites: set[str] = field(default_factory=set)  # members whose status says they are site hubs
-    changes: int = 0  # counts status messages and admissions: what is online may have changed
+    changes: int = 0  # grows whenever who is online or a newcomer may have changed (not on a mere progress status)
 
     @property
     def online(self) -> set[str]:
@@ -87,7 +87,14 @@ class Presence:
 
     def update(self, client: str, payload: bytes) -> tuple[bool, Decline | None]:
         """Take one ``status/<client>`` message: (whether it came online now, a new decline or None)."""
-        self.changes += 1
+        before = (client in self._online, client in self._newcomers, len(self._newcomers))
+        try:
+            return self._update(client, payload)
+        finally:
+            if (client in self._online, client in self._newcomers, len(self._newcomers)) != before:
+                self.changes += 1
+
+    def _update(self, client: str, payload: bytes) -> tuple[bool, Decline | None]:
         if not payload:  # a cleared retained status
             self._online.discard(client)
             self._newcomers.pop(client, None)

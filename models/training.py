@@ -111,12 +111,15 @@ def fit(
     global_weights: Mapping[str, np.ndarray] | None = None,
     class_weights: np.ndarray | None = None,
     on_step: Callable[[int, float], bool | None] | None = None,
+    keep_buffers: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place on windows ``x`` (n, channels, time) and targets ``y`` (n,).
 
     ``global_weights`` is the FedProx anchor (defaults to the weights at the start
     when ``prox_mu > 0``). ``on_step(step, loss)`` is called after every step; when it
-    returns True training stops there (a CPU budget, a veto).
+    returns True training stops there (a CPU budget, a veto). The layers' training buffers are dropped at the
+    end unless ``keep_buffers`` (a process that fits one model for many simulated edges in turn reuses them; it
+    calls ``model.network.release()`` when it is done).
     """
     config.validate()
     x = check_input(x, model.spec, "training windows")
@@ -138,7 +141,8 @@ def fit(
         with _fixed_statistics(model, config):
             return _loop(model, x, target, config, optimizer, loss_fn, anchor, on_step)
     finally:
-        model.network.release()  # the layers' training buffers: a gateway keeps no memory between rounds
+        if not keep_buffers:
+            model.network.release()  # the layers' training buffers: a gateway keeps no memory between rounds
 
 
 @contextmanager

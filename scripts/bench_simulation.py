@@ -58,7 +58,11 @@ Why it is a fair comparison:
   (``edge_client.evaluation.summarize``). ``--no-flower-eval`` makes Flower's ``evaluate_fn`` only take
   the time (a Flower run without central evaluation: the comparison is then tilted toward Flower);
 - both children get ``OMP_NUM_THREADS=OPENBLAS_NUM_THREADS=MKL_NUM_THREADS=1``, and both may use
-  every core (wearfl: its worker processes, ``--processes``; Flower: one actor per core).
+  every core (wearfl: its worker processes, ``--processes``; Flower: one actor per core);
+- the same process set-up for the fits: each Flower actor, like each wearfl process, tunes its
+  allocator (``wearfl.process_tuning.tune_simulation_process``) and trains every client it runs in one
+  model of its own, whose training buffers it keeps from one fit to the next (``fit(...,
+  keep_buffers=True)``), loading the round's global weights into it first.
 
 Usage, from the repository root::
 
@@ -317,6 +321,8 @@ def run_flower(n: int, args: argparse.Namespace, work: Path) -> RunResult:
 
 _WORK: dict[int, tuple[Any, Any, list[str]]] = {}
 """Per process (the child, each Ray actor): N -> (the grown dataset, the model spec, the sorted weight names)."""
+_MODEL: dict[int, Any] = {}
+"""Per Ray actor: N -> the one model it trains every client in (as a wearfl process does)."""
 _ROUNDS: dict[str, dict[int, Any]] = {"closed_at": {}, "updates": {}}
 
 
@@ -345,11 +351,16 @@ def flower_train(msg: Any, context: Any) -> Any:
     config = msg.content["config"]
     r, steps, batch = int(config["server-round"]), int(config["local-steps"]), int(config["batch-size"])
     dataset, spec, names = client_work(n)
-    model = Model(spec, version=0)
+    if n not in _MODEL:
+        from wearfl.process_tuning import tune_simulation_process
+
+        tune_simulation_process()
+        _MODEL[n] = Model(spec, version=0)
+    model = _MODEL[n]
     model.network.load_state_dict(dict(zip(names, msg.content["arrays"].to_numpy_ndarrays(), strict=True)))
     x, y = round_windows(dataset, dataset.train_clients[i], r, model, HOP_FRACTION, steps * batch)
     result = fit(model, x, y, TrainConfig(batch_size=batch, lr=LR, local_steps=steps, seed=i + r,
-                                          rotation_deg=ROTATION_DEG))
+                                          rotation_deg=ROTATION_DEG), keep_buffers=True)
     state = model.network.state_dict()
     content = RecordDict({"arrays": ArrayRecord(numpy_ndarrays=[state[k] for k in names]),
                           "metrics": MetricRecord({"num-examples": result.examples})})
@@ -366,7 +377,9 @@ def flower_child(args: argparse.Namespace) -> int:
     from flwr.simulation import run_simulation
 
     from models.model import Model
+    from wearfl.process_tuning import tune_simulation_process
 
+    tune_simulation_process()  # as wearfl simulate's hub process does: it evaluates every round here
     n, rounds = args.clients[0], args.rounds
     dataset, spec, names = client_work(n)
     held_out = None

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from wearfl import __version__
+from wearfl.process_tuning import tune_gateway_process, tune_simulation_process
 
 __all__ = ["COMMANDS", "STDOUT_CLOSED_EXIT", "build_parser", "main", "tune_gateway_process"]
 
@@ -45,12 +46,6 @@ COMMANDS = {
 }
 """Subcommand -> the (module, function) that registers it; a name not here registers them all."""
 
-M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc mallopt parameters (malloc.h)
-GATEWAY_MMAP_THRESHOLD = 128 * 1024
-"""Allocations from this size up are mmapped and go back to the system when freed."""
-GATEWAY_ARENAS = 1
-"""malloc arenas of a gateway process (glibc's default: 8 per core, one per thread that allocates)."""
-GATEWAY_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 STDOUT_CLOSED_EXIT = 128 + 13
 """Exit status when stdout's reader has gone: 128 + SIGPIPE, what a shell reports for a tool SIGPIPE ended
 (``yes | head``), as 130 is for Ctrl-C. Python's docs (signal, "Note on SIGPIPE") exit 1, but here 1 means
@@ -80,36 +75,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def tune_gateway_process() -> None:
-    """Settings for a long-running edge on a small gateway, made at process start (``wearfl edge``).
-
-    * BLAS and OpenMP pools of one thread (the variables are read when numpy loads, so only
-      before that, and only where the environment does not set them): the edge's matrices are
-      small, and every pool thread holds its own buffers.
-    * glibc malloc: one arena, and a fixed mmap threshold. By default every thread that
-      allocates gets an arena of its own (the edge's worker threads each keep a partly used
-      heap), and the threshold grows after the first large free, so numpy's large temporaries
-      then come from the heap and stay resident after a fit instead of going back to the system.
-
-    Measured on ``wearfl edge`` (scripts/bench_edge_footprint.py) as a drop of the peak resident
-    set by about a sixth; elsewhere (not Linux, not glibc) the malloc part does nothing.
-    """
-    if "numpy" not in sys.modules:
-        for name in GATEWAY_THREAD_VARIABLES:
-            os.environ.setdefault(name, "1")
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    mallopt(M_ARENA_MAX, GATEWAY_ARENAS)
-    mallopt(M_MMAP_THRESHOLD, GATEWAY_MMAP_THRESHOLD)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``wearfl`` on ``argv`` (default: the process's arguments, and then a gateway is tuned).
 
@@ -137,6 +102,8 @@ def _run(argv: Sequence[str] | None) -> int:
     command = command_of(args_in)
     if argv is None and command == "edge":
         tune_gateway_process()
+    elif argv is None and command == "simulate":
+        tune_simulation_process()
     args = build_parser(command).parse_args(args_in)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),

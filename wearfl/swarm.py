@@ -460,6 +460,8 @@ class Swarm:
                 if done:
                     log.info("swarm: %d fits in %.2f s (round %s)", done, time.monotonic() - started,
                              self.task.round if self.task else None)
+                if self._net is not None:
+                    self._net.network.release()  # the fits' training buffers, kept from one fit to the next
                 release_free_memory()  # a round's fits and messages leave holes in the C heap
                 done = 0
             edge = await self._jobs.get()
@@ -518,7 +520,7 @@ class Swarm:
         for layer, state in self._fresh:  # dropout draws as in a new model: a fit does not depend on the one before
             layer.rng.bit_generator.state = state
         net.network.load_state_dict(base)
-        result = fit(net, x, y, train)
+        result = fit(net, x, y, train, keep_buffers=True)
         weights = net.network.state_dict()
         codec = CodecConfig.from_task(config)
         residual = None

@@ -132,6 +132,10 @@ async def _serve(spec: SwarmSpec) -> dict[str, Any]:
 def main() -> int:
     from threadpoolctl import threadpool_limits
 
+    from wearfl.process_tuning import tune_simulation_process
+
+    tune_simulation_process()
+
     logging.basicConfig(level=os.environ.get("WEARFL_LOG", "WARNING"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s worker %(process)d %(name)s: %(message)s")
     line = sys.stdin.buffer.readline()

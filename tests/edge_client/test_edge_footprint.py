@@ -153,7 +153,7 @@ def test_the_cli_imports_only_the_command_it_runs():
                 "print(sorted(m for m in sys.modules if m.split('.')[0] in ('hub', 'wearfl')))")
     assert done.returncode == 0, done.stderr
     assert "--source SPEC" in done.stdout
-    assert json.loads(done.stdout.splitlines()[-1].replace("'", '"')) == ["wearfl", "wearfl.cli"]
+    assert json.loads(done.stdout.splitlines()[-1].replace("'", '"')) == ["wearfl", "wearfl.cli", "wearfl.process_tuning"]
 
 
 def test_every_command_is_registered_by_its_module():
@@ -184,6 +184,20 @@ assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
                           cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={**__import__("os").environ, "OPENBLAS_NUM_THREADS": "2"})
     assert done.stdout.strip() == "2", done.stderr
+
+
+def test_a_simulation_process_tunes_malloc_and_keeps_one_blas_thread():
+    code = """
+import ctypes, os, sys
+from wearfl.process_tuning import tune_simulation_process
+assert tune_simulation_process() is sys.platform.startswith("linux")
+import numpy
+from threadpoolctl import threadpool_info
+blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+assert blas and set(blas) == {1}, blas
+"""
+    done = _run(code)
+    assert done.returncode == 0, done.stderr
 
 
 def test_paho_s_urllib_request_loads_when_used():

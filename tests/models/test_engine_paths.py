@@ -96,6 +96,30 @@ def test_training_reuses_the_state_kept_for_backward_and_release_drops_it():
             assert all(getattr(layer, name, None) is None for name in layer.kept)
 
 
+def test_fit_keeps_the_training_buffers_only_when_asked_and_gives_the_same_weights():
+    from models.training import TrainConfig, fit
+
+    spec = activity_spec()
+    x, y = _x(16, *spec.input_shape, seed=3), np.arange(16) % len(spec.classes)
+    config = TrainConfig(batch_size=8, local_steps=2, seed=0)
+    kept, plain = Model(spec, seed=0), Model(spec, seed=0)
+    fit(kept, x, y, config, keep_buffers=True)
+    conv = kept.network.layers[0][1]
+    cols = conv._buffers["cols"]
+    fit(plain, x, y, config)
+    assert all(not layer._buffers for _, layer in plain.network.layers)
+    start = Model(spec, seed=0).network.state_dict()
+    kept.network.load_state_dict(start)
+    plain.network.load_state_dict(start)
+    fit(kept, x, y, config, keep_buffers=True)  # a second fit in the same model reuses the buffers
+    fit(plain, x, y, config)
+    assert conv._buffers["cols"] is cols
+    for name, value in plain.network.state_dict().items():
+        np.testing.assert_array_equal(kept.network.state_dict()[name], value, err_msg=name)
+    kept.network.release()
+    assert not conv._buffers
+
+
 def test_network_backward_without_the_input_gradient_fills_the_same_gradients():
     model = Model(heart_rate_spec(), seed=0)
     x = _x(6, *model.spec.input_shape)

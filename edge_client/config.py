@@ -28,7 +28,9 @@ class EdgeConfig:
     ``eval_fraction``: every ``round(1 / eval_fraction)``-th labelled window (never a
     pseudo-labelled one) is held out for federated evaluation instead of training (0: none).
     ``pseudo_threshold``: label unlabelled activity windows whose top class probability
-    reaches it (None: no pseudo-labels). ``hub_key``: the hub's Ed25519 public key (64 hex
+    reaches it (None: no pseudo-labels). ``explain_predictions``: attach to live predictions what moved them
+    most, using at most this fraction of one core (0: never; :mod:`edge_client.live_explanation`).
+    ``hub_key``: the hub's Ed25519 public key (64 hex
     digits) to pin; None trusts the first validly signed model (trust on first use).
     ``resume_stream``: after a restart, skip the samples already ingested (right for
     replayable sources: simulator, recordings); turn it off for live sources whose stream
@@ -56,6 +58,7 @@ class EdgeConfig:
     eval_fraction: float = 0.2
     window_hop_fraction: float = 0.5
     pseudo_threshold: float | None = None
+    explain_predictions: float = 0.0
     seed: int = 0
     hub_key: str | None = None
     credentials: Path | None = None
@@ -86,6 +89,8 @@ class EdgeConfig:
             raise ConfigError(f"eval_fraction must be in [0, 0.5], got {self.eval_fraction}.")
         if self.pseudo_threshold is not None and not 0.0 < self.pseudo_threshold <= 1.0:
             raise ConfigError(f"pseudo_threshold must be in (0, 1], got {self.pseudo_threshold}.")
+        if not 0.0 <= self.explain_predictions <= 1.0:
+            raise ConfigError(f"explain_predictions must be a CPU fraction in [0, 1], got {self.explain_predictions}.")
         if self.replay_max_windows < 1 or self.holdout_max_windows < 1 or self.chunk_samples < 1:
             raise ConfigError("replay_max_windows, holdout_max_windows and chunk_samples must be >= 1.")
         if min(self.status_interval_s, self.checkpoint_interval_s, self.retry_interval_s,

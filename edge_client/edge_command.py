@@ -215,6 +215,7 @@ def config_from_args(args: argparse.Namespace, source_client: str | None = None)
         policy=policy, hooks=_hooks(args), replay_max_windows=args.replay_windows,
         replay_max_bytes=args.replay_mib * 1024 * 1024, replay_policy=args.replay_policy,
         eval_fraction=args.eval_fraction, pseudo_threshold=args.pseudo_threshold, seed=args.seed,
+        explain_predictions=args.explain_predictions,
         hub_key=args.hub_key, credentials=Path(args.credentials) if args.credentials else None,
         peer_keyring=Path(args.peer_keyring) if args.peer_keyring else None,
         resume_stream=not (args.realtime or is_live(args.source)), connect_timeout_s=args.connect_timeout,
@@ -353,6 +354,9 @@ def add_edge_command(sub: Any) -> None:
                    help="share of labelled windows held out for federated evaluation (default 0.2)")
     p.add_argument("--pseudo-threshold", type=float, metavar="P",
                    help="pseudo-label unlabelled activity windows at this confidence (default: off)")
+    p.add_argument("--explain-predictions", type=float, default=0.0, metavar="FRACTION",
+                   help="attach to each live prediction the channel and stretch of the window that moved it most "
+                        "(integrated gradients), using at most this fraction of one core, e.g. 0.05 (default: off)")
     p.add_argument("--replay-windows", type=int, default=REPLAY_MAX_WINDOWS, metavar="N",
                    help=f"replay buffer size in windows (default {REPLAY_MAX_WINDOWS})")
     p.add_argument("--replay-mib", type=int, default=REPLAY_MAX_BYTES >> 20, metavar="MIB",

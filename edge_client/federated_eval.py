@@ -3,7 +3,9 @@
 The holdout (every k-th labelled window of the stream, see :mod:`edge_client.ingest`) never
 trains; the edge evaluates each new global model on it, and after each fit also its own
 fine-tuned weights (``local_*``, a measure of personalization), and publishes the result as
-``metrics/<client>``. The hub aggregates these into the federation's metrics, so an edge
+``metrics/<client>``; with ``explain`` in the task also the global model's attribution map over the
+same windows (:func:`models.attribution.attribution_map`: means per class, channel and time segment).
+The hub aggregates these into the federation's metrics, so an edge
 publishes nothing from fewer than :data:`MIN_EVAL_WINDOWS` windows, nor while replayed data
 is still streaming in (its holdout is still growing).
 """
@@ -14,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +58,21 @@ class Evaluator:
             self._wakes.evaluate.clear()
             await self.evaluate_and_publish()
 
+    async def _explanation(self, current: ModelMessage, x: np.ndarray, y: np.ndarray,
+                           config: Mapping[str, Any]) -> dict[str, Any] | None:
+        """With ``explain`` in the task: the global model's attribution map over these held-out windows."""
+        from models.attribution import attribution_map, explain_settings
+        from models.errors import WearflError
+
+        try:
+            settings = explain_settings(config)
+            if settings is None:
+                return None
+            return await asyncio.to_thread(attribution_map, current.model, x, y, *settings)
+        except WearflError as exc:
+            log.warning("%s: no explanation this round: %s", self.client_id, exc)
+            return None
+
     async def evaluate_and_publish(
         self, base: ModelMessage | None = None, local: Mapping[str, np.ndarray] | None = None,
         round_number: int | None = None,
@@ -88,12 +106,15 @@ class Evaluator:
             if local is not None:
                 local_loss, _, local_metrics = await asyncio.to_thread(view.trainer.evaluate, local, config)
                 out.update({"local_loss": local_loss, **{f"local_{k}": v for k, v in local_metrics.items()}})
+            explanation = await self._explanation(current, view.holdout.x, view.holdout.y, config)
         self._evaluated = (version, size)
         if round_number is None:
             task = self._task()
             round_number = task.round if task is not None and task.model_version == version else current.round
         body = {"client": self.client_id, "round": round_number, "model_version": version, "num_examples": n,
                 "metrics": finite_metrics(out), "timestamp": time.time()}
+        if explanation is not None:
+            body["explanation"] = explanation
         if await self._link.publish_json(self._link.topics.metrics(self.client_id), body):
             self._counters["metrics_published"] += 1
             log.debug("%s: metrics for model v%d on %d held-out windows", self.client_id, version, n)

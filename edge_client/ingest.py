@@ -42,6 +42,7 @@ import numpy as np
 from edge_client.config import EdgeConfig
 from edge_client.finetune import EdgeTrainer
 from edge_client.labels import LabelledWindows, label_windows
+from edge_client.live_explanation import LiveExplainer
 from edge_client.pipeline import Preprocessor
 from edge_client.replay import LABEL_SOURCES, ReplayBuffer
 from edge_client.shared import Latencies, Wakes
@@ -108,16 +109,25 @@ def _select(labelled: LabelledWindows, mask: np.ndarray) -> LabelledWindows | No
     return LabelledWindows(labelled.x[mask], labelled.y[mask], labelled.source[mask])
 
 
-def _latest_prediction(predictor: Predictor, spec: ModelSpec, windows: Windows) -> dict[str, Any]:
-    """Live inference on the newest window: the class and its probability, or the BPM, and how long it took."""
+def _latest_prediction(predictor: Predictor, spec: ModelSpec, windows: Windows,
+                       explainer: LiveExplainer | None = None) -> dict[str, Any]:
+    """Live inference on the newest window: the class and its probability, or the BPM, and how long it took;
+    with an ``explainer`` (and CPU budget left) what moved it most."""
     started = time.perf_counter()
     out = predictor.predict(windows.x[-1:])
     latency = {"latency_s": round(time.perf_counter() - started, 6)}
     t = float(windows.t_end[-1])
     if spec.is_classifier:
         i = int(np.argmax(out[0]))
-        return {"activity": spec.classes[i], "confidence": round(float(out[0][i]), 4), "t": t, **latency}
-    return {"bpm": round(float(out[0]), 1), "t": t, **latency}
+        prediction = {"activity": spec.classes[i], "confidence": round(float(out[0][i]), 4), "t": t, **latency}
+    else:
+        prediction = {"bpm": round(float(out[0]), 1), "t": t, **latency}
+    model = getattr(predictor, "model", None)
+    if explainer is not None and isinstance(model, Model):
+        why = explainer.explain(model, windows.x[-1:])
+        if why is not None:
+            prediction["explanation"] = why
+    return prediction
 
 
 class StreamView:
@@ -147,6 +157,7 @@ class StreamView:
         self._read_labelled = 0
         self.pending: list[_Batch] = []
         self.trainer = EdgeTrainer(spec, self.replay, config.policy, config.hooks)
+        self.explainer = LiveExplainer(config.explain_predictions) if config.explain_predictions > 0 else None
 
     def _new_replay(self) -> ReplayBuffer:
         c = self.config
@@ -180,7 +191,8 @@ class StreamView:
             table = self.class_table
             windows = Windows(windows.x, table[np.where(windows.activity >= 0, windows.activity, len(table) - 1)],
                               windows.hr_bpm, windows.t_end)
-        prediction = _latest_prediction(predictor, self.spec, windows) if predictor is not None else None
+        prediction = (_latest_prediction(predictor, self.spec, windows, self.explainer) if predictor is not None
+                      else None)
         labelled = label_windows(windows, self.spec, predictor, self.config.pseudo_threshold)
         if len(labelled) == 0:
             return _Batch(self.key, len(chunk), None, None, self._read_labelled, 0, prediction)

@@ -353,6 +353,21 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days ago"
 
 
+def _explanation_lines(explanation: dict[str, Any]) -> list[str]:
+    """What the federated explanation map says: per class the channel and stretch of the window the model leans
+    on most, with its share of the class's attribution."""
+    from hub.explanations import strongest
+
+    segments = int(explanation["segments"])
+    dp = " (DP noise added)" if explanation.get("dp") else ""
+    lines = ["", f"explanations        model v{explanation.get('model_version', '?')}, round {explanation['round']}, "
+                 f"{explanation['clients']} edges{dp}: per class, the channel the model leans on most"]
+    for name, channel, share, segment in strongest(explanation):
+        lines.append(f"  {name:<18} {channel} ({share:.0%} of the attribution), most in stretch {segment + 1} of "
+                     f"{segments}")
+    return lines
+
+
 def format_status(status: dict[str, Any], now: float | None = None) -> str:
     """The status as a short text report with a table of clients."""
     now = time.time() if now is None else now
@@ -394,6 +409,9 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
         lines.append(f"privacy             epsilon {privacy['epsilon']:.3g}{budget} at delta {privacy['delta']:g} "
                      f"({privacy['accountant']}, noise {privacy['noise_multiplier']:g}); {privacy['sampling']}"
                      + ("; budget reached, no more models" if privacy.get("budget_reached") else ""))
+    explanation = status.get("explanation")
+    if explanation:
+        lines += _explanation_lines(explanation)
     waiting = status.get("waiting")
     if waiting and (waiting.get("edges") or waiting.get("declined")):
         left = max(0.0, float(waiting.get("deadline") or now) - now)

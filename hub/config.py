@@ -28,6 +28,7 @@ from hub.rounds import RoundPolicy
 from hub.schedule import check_schedule, round_task_config
 from hub.selection import SelectionPolicy
 from hub.strategies import STRATEGIES, Strategy, make_strategy
+from models.attribution import explain_settings
 from models.errors import ConfigError
 from models.protocol.codec import CodecConfig
 from models.protocol.ed25519 import Ed25519PrivateKey
@@ -360,6 +361,7 @@ class HubConfig:
                 raise ConfigError(f"task_config[{key!r}] must be a number, string or boolean, got {value!r}.")
         CodecConfig.from_task(config)  # a bad codec setting is a ConfigError naming it
         _check_training(config)
+        explain_settings(config)  # a bad explain_segments or explain_windows is a ConfigError naming it
         check_schedule(config, self.rounds)
         return config
 

@@ -16,6 +16,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
+from hub.explanations import FederatedExplanations
 from models.protocol.messages import parse_json
 from models.protocol.signed import SigningError
 
@@ -46,6 +47,7 @@ class MetricsCollector:
     def __init__(self) -> None:
         self._reports: dict[int, dict[str, tuple[int, dict[str, float]]]] = {}
         self._personal: dict[str, dict[str, Any]] = {}
+        self.explanations = FederatedExplanations()  # the attribution maps reports carry with ``explain``
 
     def add(self, client: str, payload: bytes, open_round: int | None = None) -> bool:
         """Parse ``{"round", "model_version", "num_examples", "metrics": {...}}``; False when unusable.
@@ -70,6 +72,8 @@ class MetricsCollector:
             log.debug("ignored metrics from %s for round %d (round %d is open)", client, round_number, open_round)
             return False
         self._reports.setdefault(round_number, {})[client] = (n, metrics)
+        if "explanation" in d:
+            self.explanations.add(client, round_number, d["explanation"])
         personalized = {k[len("local_"):]: v for k, v in metrics.items() if k.startswith("local_")}
         if personalized:
             shown = {k: v for k, v in metrics.items() if not k.startswith("local_")}
@@ -101,6 +105,7 @@ class MetricsCollector:
     def forget_before(self, round_number: int) -> None:
         for r in [r for r in self._reports if r < round_number]:
             del self._reports[r]
+        self.explanations.forget_before(round_number)
 
 
 def budget_spent(store: HubStore, privacy: PrivacyAccountant | None) -> bool:
@@ -119,11 +124,15 @@ def finish_reason(store: HubStore, privacy: PrivacyAccountant | None, rounds: in
     return None
 
 
-def record_release(store: HubStore, metrics: MetricsCollector, privacy: PrivacyAccountant | None) -> None:
-    """After a release: each client's personalization, and the epsilon spent so far (and per round)."""
+def record_release(store: HubStore, metrics: MetricsCollector, privacy: PrivacyAccountant | None,
+                   explanation: dict[str, Any] | None = None) -> None:
+    """After a release: each client's personalization, the round's federated explanation map, and the epsilon
+    spent so far (and per round)."""
     personal = metrics.personalization()
     if personal:
         store.put("personalization", personal)
+    if explanation is not None:
+        store.put("explanation", explanation)
     if privacy is None:
         return
     rounds = store.rounds_completed()

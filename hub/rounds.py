@@ -97,7 +97,8 @@ class RoundSummary:
     the round's base model, the example-weighted mean of what edges published on
     ``metrics/<client>`` for this round, plus ``eval_clients`` and ``eval_examples``
     (empty when no edge reported). ``model``: the new global model (version
-    ``model_version``); treat it as read-only.
+    ``model_version``); treat it as read-only. ``explanation``: with ``explain`` in the task, the federated
+    attribution map of the round's base model (:meth:`hub.explanations.FederatedExplanations.result`), or None.
     """
 
     round: int
@@ -110,6 +111,7 @@ class RoundSummary:
     duration_s: float
     metrics: dict[str, float] = field(default_factory=dict)
     model: Model | None = field(default=None, repr=False, compare=False)
+    explanation: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 class RoundManager:
@@ -388,7 +390,8 @@ class RoundManager:
             return summed.mean()
         return self.strategy.aggregate(deltas, weights)
 
-    def record_close(self, new_model: Model, bytes_down: int, metrics: Mapping[str, float]) -> RoundSummary:
+    def record_close(self, new_model: Model, bytes_down: int, metrics: Mapping[str, float],
+                     explanation: dict[str, Any] | None = None) -> RoundSummary:
         """Record the closed round and make ``new_model`` current (the next round is opened apart)."""
         cur = self._open()
         closed_at = time.time()
@@ -400,7 +403,7 @@ class RoundManager:
         self.current = None
         summary = RoundSummary(cur.round, int(new_model.version), len(cur.participants), cur.updates_accepted,
                                cur.updates_rejected, cur.bytes_up, bytes_down, closed_at - cur.opened_at, dict(metrics),
-                               new_model)
+                               new_model, explanation)
         evaluated = describe_metrics(summary.metrics)
         log.info("round %d closed: %d clients, %d updates, model v%d%s", cur.round, summary.participants,
                  summary.updates_accepted, summary.model_version,

@@ -53,6 +53,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
+
 from hub.blobs import blobs_for
 from hub.config import DEFAULT_TASK_CONFIG, HubConfig, task_config_from
 from hub.inbox import Inbox
@@ -66,6 +68,7 @@ from hub.rounds import RoundManager, RoundSummary
 from hub.selection import select_clients
 from hub.store import DB_NAME, HubStore
 from hub.strategy_state import StrategyState
+from models.attribution import explain_settings
 from models.errors import ConfigError
 from models.files import check_writable, state_dir_error
 from models.protocol.codec import UpdateCodec
@@ -761,9 +764,10 @@ class HubService:
         declined = self.presence.declined(closing.round).keys()
         missing = self._expected(closing.selection) - closing.participants - declined
         store.put_stragglers(closing.round, len(missing))
+        explanation = self._explanation(closing.round, closing.base_version)
         summary = rounds.record_close(new_model, (len(model_message) + len(task.to_bytes())) * recipients,
-                                      self._metrics.result(closing.round))
-        await asyncio.to_thread(record_release, store, self._metrics, self.privacy)
+                                      self._metrics.result(closing.round), explanation)
+        await asyncio.to_thread(record_release, store, self._metrics, self.privacy, explanation)
         opened = await asyncio.to_thread(rounds.open, next_round, intake.decode_stored, task.deadline)
         self._select(opened, selection)
         self._metrics.forget_before(next_round)
@@ -863,6 +867,22 @@ class HubService:
         self.summaries.append(summary)
         await self._run_hook(summary)
         return True
+
+    def _explanation(self, round_number: int, base_version: int) -> dict[str, Any] | None:
+        """With ``explain`` in the task: the round's federated attribution map (noised under a DP rule)."""
+        settings = explain_settings(self.config.task_config)
+        model = _running(self._rounds).model
+        if settings is None or model is None:
+            return None
+        spec = model.spec
+        groups = list(spec.classes) if spec.is_classifier else ["BPM"]
+        noise, rng = None, None
+        if self.privacy is not None:  # the rule's noise; its seed when it has one (tests), else unpredictable
+            noise = self.privacy.noise_multiplier
+            seed = getattr(self.strategy, "seed", -1)
+            rng = np.random.default_rng([int(seed), round_number]) if isinstance(seed, int) and seed >= 0 else None
+        result = self._metrics.explanations.result(round_number, groups, list(spec.channels), settings[0], noise, rng)
+        return None if result is None else {**result, "model_version": int(base_version)}
 
     async def _run_hook(self, summary: RoundSummary) -> None:
         hook = self.on_round_closed

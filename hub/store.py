@@ -514,6 +514,8 @@ class HubStore:
         last said it was doing}) and ``declined`` ({client: reason}).
         ``"global_metrics"``: None, or the latest federated evaluation: ``round``, ``model_version``
         (the model the edges evaluated) and ``metrics`` (example-weighted means, ``eval_clients``).
+        ``"explanation"``: None, or with ``explain`` in the task the latest round's federated attribution map
+        (:meth:`hub.explanations.FederatedExplanations.result`).
         ``"privacy"``: None, or under a DP strategy the epsilon spent so far at ``delta``, the
         sampling assumption, the budget, ``per_round`` epsilons and ``budget_reached``.
         ``"upstream"``: None, or on a site hub its link to the consortium: ``site``, ``broker``,
@@ -559,6 +561,7 @@ class HubStore:
             "global_metrics": None if evaluated is None else {
                 "round": evaluated[0], "model_version": evaluated[1], "metrics": json.loads(evaluated[2])},
             "personalization": self.get("personalization", {}),
+            "explanation": self.get("explanation"),
             "privacy": self.get("privacy"),
             "waiting": self.get("waiting"),
             "upstream": self.get("upstream"),

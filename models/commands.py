@@ -1,4 +1,4 @@
-"""The model commands of the ``wearfl`` CLI: init, export, predict, info."""
+"""The model commands of the ``wearfl`` CLI: init, export, predict, explain, info."""
 
 from __future__ import annotations
 
@@ -117,6 +117,59 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain_target(text: str | None, spec: ModelSpec | None) -> int | None:
+    """``--target``: a class name of the model, or a class index."""
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    classes = list(spec.classes) if spec is not None else []
+    if text not in classes:
+        known = f"one of {', '.join(classes)} or" if classes else ""
+        raise InputError(f"--target {text!r} is not a class of this model; give {known} a class index.")
+    return classes.index(text)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from models.attribution import default_span, explain
+
+    path = Path(args.model)
+    if path.suffix.lower() in (".onnx", ".tflite"):
+        if args.method != "occlusion":
+            raise InputError(f"{path} is an exported {path.suffix} file: only --method occlusion works on it (the "
+                             "gradient methods need the model package, .safetensors).")
+        source: Any = open_model(path)
+    else:
+        source = load_package(path)
+    spec: ModelSpec | None = source.spec
+    x = _load_windows(args.input)
+    if args.plot:
+        _check_out_folder(args.plot)
+    explanation = explain(source, x, args.method, _explain_target(args.target, spec), args.steps)
+    if args.plot:
+        from models.explanation_plot import plot_explanation
+
+        shown = plot_explanation(explanation, x, spec, args.plot)
+        print(f"wrote {args.plot}: {shown} of {len(x)} window(s)", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(explanation.to_json()))
+        return 0
+    regressor = spec is not None and not spec.is_classifier
+    names = list(spec.classes) if spec is not None and spec.classes else []
+    rate = spec.sampling_rate_hz if spec is not None else None
+    span = default_span(x.shape[2])
+    print(f"{explanation.method}: what moved each window's {'BPM' if regressor else 'class probability'}, "
+          f"from the zero baseline")
+    for i in range(len(x)):
+        target = int(explanation.targets[i])
+        label = "BPM" if regressor else (names[target] if target < len(names) else f"class {target}")
+        ch, start, stop, value = explanation.strongest(i, span)
+        when = (f"{start / rate:.2f}-{stop / rate:.2f} s" if rate else f"samples {start}-{stop}")
+        print(f"{i}\t{label}\t{explanation.outputs[i]:.3f} (baseline {explanation.baseline_outputs[i]:.3f})"
+              f"\tmost: {explanation.channels[ch]} {when} ({value:+.3f})")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     model = load_package(args.model)
     spec = model.spec
@@ -174,6 +227,18 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--backend", choices=BACKENDS)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="attribute a model's output to its input samples (docs/explanations.md)")
+    p.add_argument("--model", required=True, help="model package (.onnx or .tflite: occlusion only)")
+    p.add_argument("--input", required=True, help=".npy array of windows (n, channels, time)")
+    p.add_argument("--method", choices=("integrated-gradients", "gradient", "occlusion"),
+                   default="integrated-gradients")
+    p.add_argument("--steps", type=_positive_int, default=32, help="integrated gradients' path steps")
+    p.add_argument("--target", help="class to explain, by name or index (default: each window's predicted class)")
+    p.add_argument("--json", action="store_true", help="print method, channels, targets, outputs, "
+                                                       "baseline_outputs and attributions as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="draw each window's channels over their attributions")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("info", help="describe a model package")
     p.add_argument("--model", required=True)

@@ -36,7 +36,7 @@ _REGISTRARS = (
 """Every module that registers subcommands, and its function, in ``wearfl --help`` order."""
 
 COMMANDS = {
-    **dict.fromkeys(("init", "export", "predict", "info"), _REGISTRARS[0]),
+    **dict.fromkeys(("init", "export", "predict", "explain", "info"), _REGISTRARS[0]),
     **dict.fromkeys(("evaluate", "record"), _REGISTRARS[1]),
     **dict.fromkeys(("hub", "status", "ledger"), _REGISTRARS[2]),
     "keys": _REGISTRARS[3],

@@ -3,7 +3,9 @@
 ``report.png`` has four panels: the held-out metric from round 0 (the initial model) on an
 honest axis (accuracy from 0 to 1; an error from 0), each edge's latest evaluation of the
 global model against its own fine-tuned weights, bytes per update against the float32 size,
-and how long each round took.
+and how long each round took. A run with ``--explain`` adds a fifth, the federation's explanation map
+of the last round: per class, the share of the model's attribution in each channel and stretch of the
+window.
 """
 
 from __future__ import annotations
@@ -87,8 +89,36 @@ def _draw_durations(axis: Any, report: dict[str, Any]) -> None:
     axis.set_title("round duration (open to close)")
 
 
+def _draw_explanation(fig: Any, axis: Any, explanation: dict[str, Any]) -> None:
+    """Rows: classes; columns: each channel's stretches of the window, left to right in time; colour: the share
+    of the class's attribution (each row sums to 1), so rows compare where the model looks, not how much."""
+    import numpy as np
+
+    grid = np.asarray(explanation["map"], dtype=float)  # (classes, channels, segments)
+    classes, channels, segments = grid.shape
+    rows = grid.reshape(classes, channels * segments)
+    totals = np.abs(rows).sum(axis=1, keepdims=True)
+    shares = np.divide(rows, totals, out=np.zeros_like(rows), where=totals > 0)
+    image = axis.imshow(shares, aspect="auto", cmap="magma", interpolation="nearest", vmin=0)
+    axis.set_yticks(range(classes))
+    windows = explanation.get("windows") or [0] * classes
+    axis.set_yticklabels([f"{name} ({int(n)})" for name, n in zip(explanation["classes"], windows, strict=False)],
+                         fontsize=8)
+    axis.set_xticks([c * segments + (segments - 1) / 2 for c in range(channels)])
+    axis.set_xticklabels(explanation["channels"], fontsize=8)
+    for c in range(1, channels):
+        axis.axvline(c * segments - 0.5, color="white", linewidth=1.5)
+    dp = "; DP noise added, edges weigh equally" if explanation.get("dp") else ""
+    axis.set_title(f"where the model looks: share of each class's attribution by channel and stretch of the window "
+                   f"(round {explanation['round']}, model v{explanation.get('model_version', '?')}, "
+                   f"{explanation['clients']} edges{dp})", fontsize=9)
+    axis.set_xlabel(f"channel, its window in {segments} stretches (time runs left to right in each)")
+    axis.set_ylabel("class (windows)")
+    fig.colorbar(image, ax=axis, fraction=0.025, pad=0.01, label="share")
+
+
 def write_report(out: Path, report: dict[str, Any]) -> None:
-    """Write ``report.json`` and the four-panel ``report.png``."""
+    """Write ``report.json`` and ``report.png`` (four panels, a fifth with explanations)."""
     write_atomic(out / "report.json", json.dumps(report, indent=2, sort_keys=True).encode())
     import matplotlib
 
@@ -97,14 +127,21 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     from matplotlib.ticker import MaxNLocator
 
     key = _metric_key(report)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=100)
+    explanations = report.get("explanations") or []
+    if explanations:
+        fig = plt.figure(figsize=(11, 11.5), dpi=100)
+        grid = fig.add_gridspec(3, 2, height_ratios=(1, 1, 1.05))
+        axes = [[fig.add_subplot(grid[r, c]) for c in range(2)] for r in range(2)]
+        _draw_explanation(fig, fig.add_subplot(grid[2, :]), explanations[-1])
+    else:
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=100)
     _draw_metric(axes[0][0], report, key)
     _draw_spread(axes[0][1], report, key)
     _draw_bytes(axes[1][0], report)
     _draw_durations(axes[1][1], report)
     for axis in (axes[0][0], axes[1][0], axes[1][1]):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for axis in axes.flat:
+    for axis in (*axes[0], *axes[1]):
         axis.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "report.png")

@@ -199,8 +199,9 @@ def prepare_simulation(args: argparse.Namespace) -> Simulation:
 LIGHT_FROM = 51
 """``--edges auto`` runs light edges from this many clients on (full edges, which evaluate and personalize, below)."""
 FULL_ONLY = (("secure_aggregation", "--secure-aggregation"), ("attack", "--attack"), ("sites", "--sites"),
-             ("edge_delay", "--edge-delay"))
-"""What only full edges do: secure rounds, attacks (poisoned sources, hooked weights), sites, random delays."""
+             ("edge_delay", "--edge-delay"), ("explain", "--explain"))
+"""What only full edges do: secure rounds, attacks (poisoned sources, hooked weights), sites, random delays,
+federated evaluation and so explanations."""
 
 
 def _light_edges(args: argparse.Namespace, clients: int) -> bool:
@@ -365,6 +366,8 @@ def _hub(args: argparse.Namespace, url: str, federation: str, out: Path, model: 
                    "lr_schedule": args.lr_schedule, "rotation_deg": args.rotation}
     if args.local_steps is not None:
         task_config["local_steps"] = args.local_steps
+    if args.explain:
+        task_config["explain"] = True
     config = HubConfig(
         broker=url, federation=federation, state_dir=out / "hub",
         min_clients=n if fraction >= 1 else max(1, math.ceil(fraction * n)),
@@ -577,6 +580,8 @@ class RoundRecorder:
             "duration_s": round(summary.duration_s, 3), "closed_at": round(time.time(), 3), "metrics": metrics,
             "federated_metrics": summary.metrics,
         })
+        if summary.explanation is not None and "explanations" in self.report:
+            self.report["explanations"].append(summary.explanation)
         self.progress.round_closed(summary, metrics)
 
 
@@ -660,6 +665,8 @@ def _new_report(sim: Simulation) -> dict[str, Any]:
         report["processes"] = _processes(args, len(sim.clients))
     if sim.plan is not None:
         report["attack"] = sim.plan.describe()
+    if args.explain:
+        report["explanations"] = []
     return report
 
 
@@ -867,6 +874,10 @@ def add_commands(sub: Any) -> None:
                    help="the fraction of edges that attack, in (0, 1) (with --attack)")
     p.add_argument("--attack-scale", type=float, default=10.0,
                    help="s of the scale (s * delta) and sign-flip (-s * delta) attacks")
+    p.add_argument("--explain", action="store_true",
+                   help="the edges also send, with their federated evaluation, where the global model looks "
+                        "(attribution maps per class, channel and time segment; docs/explanations.md); the report "
+                        "shows the federation's map")
     p.add_argument("--edges", choices=("auto", "full", "light"), default="auto",
                    help="full: every edge a whole gateway (streams, replay buffer, evaluation, personalization); "
                         f"light: the same protocol, data made when an edge trains (for thousands); auto: light from "

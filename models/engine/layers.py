@@ -161,7 +161,8 @@ class Flatten(Layer):
     """(batch, ...) -> (batch, features)."""
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
-        self._shape = x.shape
+        if training:  # inference keeps nothing: a prediction may run while another thread differentiates
+            self._shape = x.shape
         return x.reshape(x.shape[0], -1)
 
     def backward(self, dout: np.ndarray, need_dx: bool = True) -> np.ndarray:
@@ -187,7 +188,9 @@ class Dropout(Layer):
         self.rng = np.random.default_rng(seed)
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
-        if not training or self.rate == 0.0:
+        if not training:
+            return x
+        if self.rate == 0.0:
             self._mask = None
             return x
         keep = F32(1.0 - self.rate)
@@ -202,7 +205,8 @@ class GlobalAveragePool1D(Layer):
     """Mean over time: x (batch, channels, time) -> (batch, channels)."""
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
-        self._shape = x.shape
+        if training:
+            self._shape = x.shape
         return x.mean(axis=2, dtype=F32)
 
     def backward(self, dout: np.ndarray, need_dx: bool = True) -> np.ndarray:

@@ -153,7 +153,8 @@ def test_the_cli_imports_only_the_command_it_runs():
                 "print(sorted(m for m in sys.modules if m.split('.')[0] in ('hub', 'wearfl')))")
     assert done.returncode == 0, done.stderr
     assert "--source SPEC" in done.stdout
-    assert json.loads(done.stdout.splitlines()[-1].replace("'", '"')) == ["wearfl", "wearfl.cli", "wearfl.process_tuning"]
+    loaded = json.loads(done.stdout.splitlines()[-1].replace("'", '"'))
+    assert loaded == ["wearfl", "wearfl.cli", "wearfl.process_tuning"]
 
 
 def test_every_command_is_registered_by_its_module():

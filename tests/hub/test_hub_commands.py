@@ -42,7 +42,8 @@ def test_status_json_is_the_store_contract(tmp_path, capsys):
         "declined": {"resources": 1}, "waiting": None,
         "clients": {"edge-a": {"accepted": 1, "last_sequence": 2, "last_seen": 5.0, "rejected": 0, "declined": 1},
                     "edge-b": {"accepted": 0, "last_sequence": None, "last_seen": None, "rejected": 1, "declined": 0}},
-        "global_metrics": None, "personalization": {}, "privacy": None, "upstream": None, "sites": [],
+        "global_metrics": None, "personalization": {}, "explanation": None, "privacy": None, "upstream": None,
+        "sites": [],
         "leader": None, "replicas": {},
     }
 

@@ -53,7 +53,7 @@ def test_status_contract_and_accepted_equals_sum_over_clients(hub_state):
 
     assert set(status) == {"model_version", "rounds_completed", "updates_accepted", "updates_rejected",
                            "duplicates_dropped", "messages_shed", "declined", "clients", "personalization", "privacy",
-                           "waiting", "global_metrics", "upstream", "sites", "leader", "replicas"}
+                           "waiting", "global_metrics", "upstream", "sites", "leader", "replicas", "explanation"}
     assert status["model_version"] == 4 and status["rounds_completed"] == 0
     assert status["updates_accepted"] == 4 == sum(c["accepted"] for c in status["clients"].values())
     assert status["updates_rejected"] == {**dict.fromkeys(REJECT_REASONS, 0), "stale": 2}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from wearfl.cli import main
@@ -31,7 +32,8 @@ def run_status(state) -> str:
 
 
 def test_the_report_holds_the_contract_and_the_model_files(mqtt_broker, tmp_path, capsys):
-    report = simulate(mqtt_broker, tmp_path / "run", "--clients", "3", "--rounds", "2", "--eval-every", "2")
+    report = simulate(mqtt_broker, tmp_path / "run", "--clients", "3", "--rounds", "2", "--eval-every", "2",
+                      "--explain")
     assert {"task", "dataset", "clients", "strategy", "quantization", "float32_update_bytes", "rounds",
             "final_metrics"} <= set(report)
     assert (report["clients"], report["strategy"], report["quantization"]) == (3, "fedavg", "int8")
@@ -46,9 +48,21 @@ def test_the_report_holds_the_contract_and_the_model_files(mqtt_broker, tmp_path
     assert all({"global", "personalized", "round"} <= set(v) for v in personal["clients"].values())
     status = json.loads(run_status(tmp_path / "run" / "hub"))
     assert set(status["personalization"]) == set(personal["clients"])
+    # --explain: the edges' maps ride on their federated evaluation (round 2 only), the hub combines them
+    [explained] = report["explanations"]
+    assert (explained["round"], explained["clients"], explained["segments"], explained["dp"]) == (2, 3, 8, None)
+    assert explained["model_version"] == report["rounds"][1]["model_version"] - 1
+    grid = np.asarray(explained["map"])
+    assert grid.shape == (len(explained["classes"]), 6, 8) and grid.min() >= 0 and grid.sum() > 0
+    assert explained["channels"] == ["acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z"]
+    assert sum(explained["windows"]) > 0 and len(explained["windows"]) == len(explained["classes"])
+    assert status["explanation"]["map"] == explained["map"]
+    assert main(["status", "--state", str(tmp_path / "run" / "hub")]) == 0
+    shown = capsys.readouterr().out
+    assert "explanations" in shown and "of the attribution" in shown
     for name in ("report.png", "model.safetensors", "model.onnx", "model.tflite"):
         assert (tmp_path / "run" / name).stat().st_size > 0
-    assert "final accuracy" in capsys.readouterr().out
+    assert "final accuracy" in shown
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedmedian"])

@@ -40,10 +40,12 @@ def _parse(body: Any) -> tuple[np.ndarray, np.ndarray] | None:
             and len(windows) == len(values)):
         return None
     try:
-        counts = np.array(windows, dtype=np.float64)
-        grid = np.array(values, dtype=np.float64)
+        counts, grid = np.array(windows), np.array(values)
     except (TypeError, ValueError, OverflowError):
         return None
+    if not all(a.dtype.kind in "iuf" for a in (counts, grid)):  # numbers only: no strings, booleans, nesting
+        return None
+    counts, grid = counts.astype(np.float64), grid.astype(np.float64)
     if (grid.ndim != 3 or not 1 <= grid.shape[1] <= MAX_CHANNELS or not 1 <= grid.shape[2] <= MAX_SEGMENTS
             or counts.ndim != 1 or not np.all(np.isfinite(grid)) or not np.all(np.isfinite(counts))
             or grid.min() < 0 or grid.max() > MAX_VALUE or counts.min() < 0 or counts.max() > MAX_WINDOWS

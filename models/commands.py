@@ -54,9 +54,13 @@ def _load_windows(path: str) -> np.ndarray:
     if not p.is_file():
         raise InputError(f"input file {p} does not exist; pass windows saved with numpy.save.")
     try:
-        return np.load(p, allow_pickle=False)
+        loaded = np.load(p, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise InputError(f"{p} is not a readable .npy array ({exc}); save windows with numpy.save.") from exc
+    if not isinstance(loaded, np.ndarray):  # an .npz archive
+        loaded.close()
+        raise InputError(f"{p} is an .npz archive, not one array; save the windows with numpy.save.")
+    return loaded
 
 
 def _check_out_folder(out: str) -> None:
@@ -71,6 +75,8 @@ def _check_out_folder(out: str) -> None:
                          f"(mkdir -p {shlex.quote(str(folder))}) or give another --out.")
     if not folder.is_dir():
         raise InputError(f"--out {out}: {folder} is not a folder.")
+    if Path(out).is_dir():
+        raise InputError(f"{out} is a folder; give the path of the file to write in it.")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -121,7 +127,9 @@ def _explain_target(text: str | None, spec: ModelSpec | None) -> int | None:
     """``--target``: a class name of the model, or a class index."""
     if text is None:
         return None
-    if text.isdigit():
+    if spec is not None and not spec.is_classifier:
+        raise InputError("a heart-rate model has one output (BPM) to explain; drop --target.")
+    if text.isascii() and text.isdigit():
         return int(text)
     classes = list(spec.classes) if spec is not None else []
     if text not in classes:
@@ -143,6 +151,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         source = load_package(path)
     spec: ModelSpec | None = source.spec
     x = _load_windows(args.input)
+    if x.ndim == 2:  # one window, as predict takes it
+        x = x[None]
     if args.plot:
         _check_out_folder(args.plot)
     explanation = explain(source, x, args.method, _explain_target(args.target, spec), args.steps)

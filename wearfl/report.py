@@ -39,7 +39,9 @@ def _draw_metric(axis: Any, report: dict[str, Any], key: str) -> None:
     axis.set_xlabel("round (0: the initial model)")
     axis.set_ylabel(f"held-out {key} ({'higher' if key in BOUNDED else 'lower'} is better)")
     sites = f" in {report['sites']} sites" if report.get("sites") else ""
-    axis.set_title(f"{report['task']} on {report['dataset']}, {report['clients']} edges{sites}")
+    kind, _, where = str(report["dataset"]).partition(":")
+    dataset = f"{kind}:…{where[-18:]}" if len(where) > 20 else report["dataset"]  # a folder: its end says which
+    axis.set_title(f"{report['task']} on {dataset}, {report['clients']} edges{sites}")
 
 
 def _draw_spread(axis: Any, report: dict[str, Any], key: str) -> None:

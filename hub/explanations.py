@@ -74,9 +74,10 @@ class FederatedExplanations:
                noise_multiplier: float | None = None, rng: np.random.Generator | None = None) -> dict[str, Any] | None:
         """The round's federated map, over the edges whose map has the model's shape; None without any.
 
-        ``{"round", "method", "classes", "channels", "segments", "clients", "windows": [per class],
-        "map": [class][channel][segment], "dp": {"noise_multiplier", "sigma": [per class]} or None}`` (the hub
-        adds ``model_version``, the model the edges explained).
+        ``{"round", "method", "classes", "channels", "segments", "clients", "edges": [per class, edges with windows
+        of it], "windows": [per class] (None under DP: the counts are not noised), "map": [class][channel][segment]
+        (under DP: shares, each class's row of cells summing to about 1), "dp": {"noise_multiplier", "sigma": [per
+        class]} or None}`` (the hub adds ``model_version``, the model the edges explained).
         """
         shape = (len(groups), len(channels), segments)
         maps = [(c, m) for c, m in sorted(self._maps.get(round_number, {}).items()) if m[1].shape == shape]
@@ -97,11 +98,11 @@ class FederatedExplanations:
             rng = rng if rng is not None else np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
             merged = shares.sum(axis=0) / np.maximum(n, 1)[:, None, None]
             merged = merged + rng.standard_normal(merged.shape) * sigma[:, None, None] * (n > 0)[:, None, None]
-            total = n  # under DP the edges count equally: say how many had windows of the class
             dp = {"noise_multiplier": float(noise_multiplier), "sigma": [round(float(s), 6) for s in sigma]}
         return {"round": round_number, "method": "integrated-gradients", "classes": list(groups),
                 "channels": list(channels), "segments": segments, "clients": len(maps),
-                "windows": [int(t) for t in total], "map": np.round(merged, 6).tolist(), "dp": dp}
+                "edges": [int(e) for e in (counts > 0).sum(axis=0)],
+                "windows": None if dp else [int(t) for t in total], "map": np.round(merged, 6).tolist(), "dp": dp}
 
     def forget_before(self, round_number: int) -> None:
         for r in [r for r in self._maps if r < round_number]:

@@ -12,9 +12,13 @@ Three methods, all for the output a clinician reads (a class's probability, or t
 * ``occlusion``: the output drop when a patch of one channel (``span`` samples) is replaced by the baseline;
   needs only forward passes, so it also explains ``.onnx`` and ``.tflite`` files.
 
-The baseline is the zero window of the model's input (:func:`baseline_like`): the windows a model sees are
-centred and scaled per channel, so zero is each channel's resting level with no variation at all, the
-"nothing happening" reference for both tasks.
+The baseline is the zero window of the model's input (:func:`baseline_like`), for each task:
+
+* heart rate: the model's windows are centred and scaled per channel, so zero is each channel's resting level
+  with no variation, a flat PPG and a still wrist;
+* activity: the windows are in g and rad/s, not normalized, so zero is no signal at all, no gravity on any axis
+  (what no worn sensor reads). Attributions then credit the gravity components too: a posture is explained by
+  the axes gravity lies on, a movement by the samples that move.
 """
 
 from __future__ import annotations
@@ -85,12 +89,15 @@ class Explanation:
                 "attributions": self.attributions.tolist()}
 
     def strongest(self, window: int, span: int) -> tuple[int, int, int, float]:
-        """The (channel, first sample, end sample, summed attribution) of the ``span``-sample stretch of one
-        channel that moved window ``window``'s output most, either way: what a one-line explanation names."""
+        """The (channel, first sample, end sample, attribution) of the ``span``-sample stretch of one channel that
+        moved window ``window``'s output most, either way: what a one-line explanation names. The attribution is
+        the stretch's sum (for occlusion, whose samples each carry their patch's drop, its mean)."""
         a = self.attributions[window]
         t = a.shape[1]
         span = max(1, min(span, t))
         sums = np.add.reduceat(a, np.arange(0, t, span), axis=1)  # (channels, segments)
+        if self.method == "occlusion":  # every sample of a patch holds the patch's whole drop: not additive
+            sums = sums / np.diff(np.append(np.arange(0, t, span), t))
         ch, seg = np.unravel_index(int(np.abs(sums).argmax()), sums.shape)
         return int(ch), int(seg * span), int(min(t, (seg + 1) * span)), float(sums[ch, seg])
 
@@ -101,7 +108,7 @@ class Explanation:
 
 
 def baseline_like(x: np.ndarray) -> np.ndarray:
-    """The documented baseline: the zero window (each channel at its normalized resting level)."""
+    """The documented baseline: the zero window (see the module docstring for what it means per task)."""
     return np.zeros_like(x, dtype=F32)
 
 
@@ -351,8 +358,11 @@ MAX_EXPLAIN_WINDOWS = 1024
 def explain_settings(config: Mapping[str, Any]) -> tuple[int, int] | None:
     """A task's ``explain`` settings: None when it does not ask for explanations, else (segments, windows).
     ConfigError names a bad ``explain_segments`` or ``explain_windows``."""
-    if config.get("explain") in (None, False, 0, "false", "0"):
+    flag = config.get("explain")
+    if flag in (None, False, 0, "false", "0"):
         return None
+    if flag not in (True, 1, "true", "1"):
+        raise ConfigError(f"task setting explain={flag!r} must be true or false.")
     out = []
     for key, default, top in (("explain_segments", EXPLAIN_SEGMENTS, MAX_EXPLAIN_SEGMENTS),
                               ("explain_windows", EXPLAIN_WINDOWS, MAX_EXPLAIN_WINDOWS)):

@@ -103,8 +103,10 @@ def _draw_explanation(fig: Any, axis: Any, explanation: dict[str, Any]) -> None:
     shares = np.divide(rows, totals, out=np.zeros_like(rows), where=totals > 0)
     image = axis.imshow(shares, aspect="auto", cmap="magma", interpolation="nearest", vmin=0)
     axis.set_yticks(range(classes))
-    windows = explanation.get("windows") or [0] * classes
-    axis.set_yticklabels([f"{name} ({int(n)})" for name, n in zip(explanation["classes"], windows, strict=False)],
+    counted = explanation.get("windows")
+    unit = "windows" if counted is not None else "edges"
+    counted = counted if counted is not None else explanation.get("edges") or [0] * classes
+    axis.set_yticklabels([f"{name} ({int(n)})" for name, n in zip(explanation["classes"], counted, strict=False)],
                          fontsize=8)
     axis.set_xticks([c * segments + (segments - 1) / 2 for c in range(channels)])
     axis.set_xticklabels(explanation["channels"], fontsize=8)
@@ -115,7 +117,7 @@ def _draw_explanation(fig: Any, axis: Any, explanation: dict[str, Any]) -> None:
                    f"(round {explanation['round']}, model v{explanation.get('model_version', '?')}, "
                    f"{explanation['clients']} edges{dp})", fontsize=9)
     axis.set_xlabel(f"channel, its window in {segments} stretches (time runs left to right in each)")
-    axis.set_ylabel("class (windows)")
+    axis.set_ylabel(f"class ({unit})")
     fig.colorbar(image, ax=axis, fraction=0.025, pad=0.01, label="share")
 
 

@@ -205,7 +205,7 @@ def test_under_dp_each_edge_counts_once_with_its_map_in_shares():
     explanations.add("edge-b", ROUND, body([90, 4, 0], large))
     out = result(explanations, noise_multiplier=0.0, rng=np.random.default_rng(0))
     assert out is not None
-    assert out["windows"] == [2, 1, 1]  # edges with windows of the class, not windows
+    assert out["edges"] == [2, 1, 1] and out["windows"] is None  # under DP: edges per class; counts unpublished
     assert out["dp"] == {"noise_multiplier": 0.0, "sigma": [0.0, 0.0, 0.0]}
     got = np.asarray(out["map"])
 
@@ -232,7 +232,7 @@ def test_under_dp_sigma_is_the_noise_multiplier_over_the_edges_with_windows():
     sigma = [1.2 / 3, 1.2 / 2, 0.0]
     assert noisy["dp"]["noise_multiplier"] == 1.2
     assert noisy["dp"]["sigma"] == pytest.approx(sigma, abs=1e-6)
-    assert noisy["windows"] == [3, 2, 0]
+    assert noisy["edges"] == [3, 2, 0] and noisy["windows"] is None
     residual = np.asarray(noisy["map"]) - np.asarray(clean["map"])
     for k in (0, 1):
         assert 0.6 * sigma[k] < residual[k].std() < 1.5 * sigma[k]
@@ -257,7 +257,7 @@ def test_under_dp_many_identical_edges_approach_the_shares():
     for i in range(edges):
         explanations.add(f"edge-{i:05d}", ROUND, body([3, 1, 2], grid))
     out = result(explanations, noise_multiplier=1.0, rng=np.random.default_rng(0))
-    assert out is not None and out["clients"] == edges and out["windows"] == [edges] * 3
+    assert out is not None and out["clients"] == edges and out["edges"] == [edges] * 3
     assert out["dp"]["sigma"] == pytest.approx([1.0 / edges] * 3)
     expected = grid / grid.sum(axis=(1, 2), keepdims=True)
     got = np.asarray(out["map"])

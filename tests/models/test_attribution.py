@@ -149,6 +149,8 @@ def test_explain_settings_are_checked():
     for bad in ({"explain_segments": 0}, {"explain_windows": 2.5}, {"explain_segments": True}):
         with pytest.raises(ConfigError, match="must be a whole number"):
             explain_settings({"explain": True, **bad})
+    with pytest.raises(ConfigError, match="must be true or false"):
+        explain_settings({"explain": "no"})
 
 
 def test_strongest_names_the_stretch_that_moved_the_output_most():
@@ -157,6 +159,8 @@ def test_strongest_names_the_stretch_that_moved_the_output_most():
     a[0, 0, 0:4] = 0.3
     e = Explanation("gradient", ("a", "b"), np.zeros(1, np.int64), np.ones(1, np.float32), np.zeros(1, np.float32), a)
     assert e.strongest(0, 4) == (1, 8, 12, -2.0)
+    patches = Explanation("occlusion", ("a", "b"), e.targets, e.outputs, e.baseline_outputs, a)
+    assert patches.strongest(0, 4) == (1, 8, 12, -0.5)  # each sample carries its patch's drop: the mean
 
 
 def test_a_prediction_in_another_thread_does_not_disturb_a_gradient_pass():

@@ -42,6 +42,7 @@ def _print_metrics(title: str, metrics: dict[str, float]) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from edge_client.evaluation import (
         CENTRAL_TRAINING,
+        adapt,
         load_clients,
         personalize,
         summarize,
@@ -80,7 +81,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 raise ConfigError(f"{args.model} is a {model.spec.task} model, not {args.task}.")
             ids = dataset.clients if holdout > 0 else dataset.test_clients
             test = load_clients(dataset, ids, model.spec, progress=progress)
-        if args.personalize_fraction is not None:
+        if args.adapt_fraction is not None:
+            report = adapt(model, test, args.adapt_fraction, args.personalize_fraction, progress=progress)
+            result.update(report)
+            result["metrics"] = report["metrics_after"]
+        elif args.personalize_fraction is not None:
             report = personalize(model, test, args.personalize_fraction, progress=progress)
             result.update(report)
             result["metrics"] = report["metrics_after"]
@@ -92,7 +97,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     print(f"{args.task} on {args.dataset}: {len(test)} held-out clients")
-    if "metrics_before" in result:
+    if "metrics_adapted" in result:
+        _print_metrics("global model", result["metrics_before"])
+        _print_metrics("adapted", result["metrics_adapted"])
+        if args.personalize_fraction is not None:
+            _print_metrics("adapted, personalized", result["metrics_after"])
+        clients = result["clients"]
+        print(f"improved clients      {result['improved_clients']} of {len(clients)} ({result['kept_global_clients']} "
+              "kept the global model)")
+        key = "accuracy" if args.task == "activity" else "mae_bpm"
+        for client, c in clients.items():
+            why = {"regressor": "a heart-rate model is not adapted", "too few windows": "too few windows",
+                   "less certain": "less certain after adapting"}.get(c.get("reason") or "", "")
+            kept = f"  (kept global: {why})" if c["kept_global"] else ""
+            print(f"  {client:<14} {key} {c['before'][key]:.4f} -> {c['adapted'][key]:.4f}"
+                  + (f" -> {c['after'][key]:.4f}" if args.personalize_fraction is not None else "") + kept)
+    elif "metrics_before" in result:
         _print_metrics("before fine-tuning", result["metrics_before"])
         _print_metrics("after fine-tuning", result["metrics_after"])
         print(f"improved clients      {result['improved_clients']} of {result['personalized_clients']}")
@@ -139,6 +159,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--window-s", type=float, help="window length in seconds (default 2.56 activity, 8 heart-rate)")
     p.add_argument("--personalize-fraction", type=float,
                    help="fine-tune per client on this first fraction of its windows, evaluate on the rest")
+    p.add_argument("--adapt-fraction", type=float,
+                   help="adapt per client to this first fraction of its windows without their labels (BatchNorm "
+                        "statistics, checked label-free), evaluate on the rest; with --personalize-fraction: adapt, "
+                        "then personalize (docs/adaptation.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)

@@ -238,3 +238,81 @@ def personalize(
         "personalized_clients": len(per_client),
         "delta_" + key: {"min": float(deltas.min()), "median": float(np.median(deltas)), "max": float(deltas.max())},
     }
+
+
+def _pooled(spec: ModelSpec, pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    return task_metrics(spec, np.concatenate([p for p, _ in pairs]), np.concatenate([t for _, t in pairs]))
+
+
+def adapt(
+    model: Model, data: Sequence[ClientData], fraction: float, personalize_fraction: float | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Per client: adapt a copy of ``model`` to the first ``fraction`` of its windows without reading their
+    labels (:func:`edge_client.adaptation.adapt_for_wearer`), then (``personalize_fraction``) fine-tune its head on the
+    first ``personalize_fraction`` of the windows with their labels; evaluate the global, the adapted and the
+    personalized model on the windows after both.
+
+    ``{"metrics_before", "metrics_after", "metrics_adapted", "clients": {id: {"before", "adapted", "after",
+    "kept_global", "adapt_windows", "test_windows"}}, "improved_clients", "unchanged_clients", "worse_clients",
+    "adapted_clients", "kept_global_clients", "delta_<metric>"}``: "after" is the last model (the personalized one
+    when asked, else the adapted one).
+    """
+    from edge_client.adaptation import adapt_for_wearer
+
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"--adapt-fraction must be between 0 and 1, got {fraction}.")
+    if personalize_fraction is not None and not 0.0 < personalize_fraction < 1.0:
+        raise ConfigError(f"--personalize-fraction must be between 0 and 1, got {personalize_fraction}.")
+    config = TrainConfig(epochs=10, batch_size=32, lr=1e-3, train_only=head_layers(model.spec))
+    weights = model.network.state_dict()
+    before, adapted_out, after, per_client = [], [], [], {}
+    cut_fraction = max(fraction, personalize_fraction or 0.0)
+    for i, client in enumerate(data):
+        head, _ = client.split(fraction)  # its labels are never read
+        _, tail = client.split(cut_fraction)
+        if len(head.x) < 2 or len(tail.x) == 0:
+            continue
+        out_before = model.predict(tail.x)
+        adapted, report = adapt_for_wearer(model, head.x)
+        out_adapted = adapted.predict(tail.x)
+        out_after, tuned = out_adapted, 0
+        if personalize_fraction is not None:
+            labelled, _ = client.split(personalize_fraction)
+            if len(labelled.x) >= 2:
+                local = Model(model.spec, version=model.version)  # never the global model, even when kept
+                local.network.load_state_dict(adapted.network.state_dict())
+                fit(local, labelled.x, labelled.y, config, global_weights=weights)
+                out_after, tuned = local.predict(tail.x), len(labelled.x)
+        before.append((out_before, tail.y))
+        adapted_out.append((out_adapted, tail.y))
+        after.append((out_after, tail.y))
+        per_client[client.client_id] = {
+            "before": task_metrics(model.spec, out_before, tail.y),
+            "adapted": task_metrics(model.spec, out_adapted, tail.y),
+            "after": task_metrics(model.spec, out_after, tail.y),
+            "kept_global": report["kept_global"], "reason": report["reason"], "check": report["check"],
+            "adapt_windows": len(head.x), "personalize_windows": tuned, "test_windows": len(tail.x),
+        }
+        if progress:
+            progress("adapting", i + 1, len(data))
+    if not per_client:
+        raise InputError("no client has enough windows to adapt on; use a longer stream or another fraction.")
+    key = "accuracy" if model.spec.is_classifier else "mae_bpm"
+    sign = 1.0 if model.spec.is_classifier else -1.0
+    deltas = np.array([c["after"][key] - c["before"][key] for c in per_client.values()])
+    gains = sign * deltas
+    kept = sum(1 for c in per_client.values() if c["kept_global"])
+    return {
+        "metrics_before": _pooled(model.spec, before),
+        "metrics_adapted": _pooled(model.spec, adapted_out),
+        "metrics_after": _pooled(model.spec, after),
+        "clients": per_client,
+        "improved_clients": int((gains > 0).sum()),
+        "unchanged_clients": int((gains == 0).sum()),
+        "worse_clients": int((gains < 0).sum()),
+        "adapted_clients": len(per_client) - kept,
+        "kept_global_clients": kept,
+        "delta_" + key: {"min": float(deltas.min()), "median": float(np.median(deltas)), "max": float(deltas.max())},
+    }
+

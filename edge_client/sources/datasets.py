@@ -3,7 +3,8 @@
 Three forms, so a benchmark, a public data set and a deployment's own recordings are
 all one argument away::
 
-    sim[:SEED]        simulated wearers (edge_client.sources.simulator), SEED an integer, default 0
+    sim[:SEED[:DEVICE]]  simulated wearers (edge_client.sources.simulator), SEED an integer, default 0; DEVICE
+                      another sensor device recording the same wearers (arm-ir: a domain shift)
     hapt[:DIR]        UCI HAPT's RawData folder (DIR defaults to $WEARFL_HAPT_DIR)
     recordings:DIR    a folder in the wearfl recording format (docs/recordings.md)
 
@@ -30,7 +31,7 @@ from models.errors import ConfigError
 __all__ = ["LIVE_KINDS", "SPEC_FORMS", "is_live", "open_dataset"]
 
 SPEC_FORMS = (
-    "sim[:SEED] (simulated wearers, SEED an integer, default 0)",
+    "sim[:SEED] (simulated wearers, SEED an integer, default 0; sim:SEED:arm-ir records them with another device)",
     "hapt:DIR (UCI HAPT's RawData folder; DIR may be left out when WEARFL_HAPT_DIR is set)",
     "recordings:DIR (a folder in the wearfl recording format, see docs/recordings.md)",
     "lsl:NAME (live, wearfl edge only: a Lab Streaming Layer stream, see docs/devices.md)",
@@ -73,13 +74,15 @@ def open_dataset(spec: str, *, live: bool = False) -> Dataset:
             )
         return _open_live(spec.strip(), kind, arg)
     if kind == "sim":
+        seed_text, _, device = arg.partition(":")
         try:
-            seed = int(arg) if arg.strip() else 0
+            seed = int(seed_text) if seed_text.strip() else 0
         except ValueError:
-            raise ConfigError(f"dataset spec {spec!r}: the seed {arg!r} is not an integer; use e.g. sim:0.") from None
+            raise ConfigError(f"dataset spec {spec!r}: the seed {seed_text!r} is not an integer; use e.g. sim:0."
+                              ) from None
         from edge_client.sources.simulator import SimulatedDataset
 
-        return SimulatedDataset(seed=seed)
+        return SimulatedDataset(seed=seed, device=device.strip() or "wrist")
     if kind == "hapt":
         from edge_client.sources.hapt import HAPT_HINT, HaptDataset
 

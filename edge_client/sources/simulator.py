@@ -42,7 +42,7 @@ import time
 import zlib
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -172,6 +172,45 @@ class WearerProfile:
             dwell_s=tuple((_DWELL_S * rng.lognormal(0.0, 0.25, 7)).tolist()),
             transitions=tuple(tuple(r) for r in trans.tolist()),
         )
+
+
+@dataclass(frozen=True)
+class Device:
+    """How a sensor device changes what it records of a wearer: the domain shift between two gateways' hardware.
+
+    ``ppg_gain`` scales the pulse amplitude (and the breathing and wander it rides on), ``ppg_noise`` the optical
+    sensor's noise, ``motion_coupling`` how strongly movement leaks into the PPG (longer, infrared wavelengths reach
+    deeper tissue and pick up more motion than green light), ``swing_share`` how much of that leak is arm swing
+    rather than vertical bounce (where the device sits), and ``rotation_deg`` turns the device on the limb (its
+    accelerometer and gyroscope axes) about its forward axis.
+    """
+
+    name: str
+    ppg_gain: float = 1.0
+    ppg_noise: float = 1.0
+    motion_coupling: float = 1.0
+    swing_share: float = 1.0
+    rotation_deg: float = 0.0
+
+    def apply(self, p: WearerProfile) -> WearerProfile:
+        """``p`` as this device records the wearer."""
+        if self == DEVICES["wrist"]:
+            return p
+        turn = _rotation(np.array([1.0, 0.0, 0.0]), math.radians(self.rotation_deg)) @ np.array(p.device_rotation)
+        return replace(p, perfusion=p.perfusion * self.ppg_gain, resp_baseline=p.resp_baseline * self.ppg_gain,
+                       wander=p.wander * self.ppg_gain, ppg_noise=p.ppg_noise * self.ppg_noise,
+                       motion_coupling=p.motion_coupling * self.motion_coupling,
+                       swing_weight=p.swing_weight * self.swing_share,
+                       device_rotation=tuple(tuple(r) for r in turn.tolist()))
+
+
+DEVICES = {
+    "wrist": Device("wrist"),
+    # An upper-arm band with an infrared PPG: a weaker pulse, a noisier photodiode, three times the motion
+    # leak, mostly vertical bounce (little arm swing up there), and the band turned 60 degrees on the arm.
+    "arm-ir": Device("arm-ir", ppg_gain=0.45, ppg_noise=2.5, motion_coupling=3.0, swing_share=0.3, rotation_deg=60.0),
+}
+"""The simulated devices (``sim:SEED:DEVICE``); ``wrist`` is the one every other simulation uses."""
 
 
 class _Stream:
@@ -338,6 +377,12 @@ class _Stream:
         return np.ascontiguousarray(out.T), np.repeat(table[:, 16].astype(np.int16), counts), hr.astype(np.float32)
 
 
+def _device(name: str) -> Device:
+    if name not in DEVICES:
+        raise ConfigError(f"unknown simulated device {name!r}; use one of {', '.join(DEVICES)}.")
+    return DEVICES[name]
+
+
 def _check(seed: int, minutes: float) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ConfigError(f"simulator seed must be a non-negative integer, not {seed!r}.")
@@ -362,14 +407,16 @@ class SimulatedWearer:
     sampling_rate_hz: float = FS
     classes: tuple[str, ...] = SIM_CLASSES
 
-    def __init__(self, client_id: str, seed: int, minutes: float = 30.0, realtime: bool = False, day: int = 0) -> None:
+    def __init__(self, client_id: str, seed: int, minutes: float = 30.0, realtime: bool = False, day: int = 0,
+                 device: str = "wrist") -> None:
         _check(seed, minutes)
         self.client_id, self.seed, self.minutes, self.realtime = client_id, int(seed), float(minutes), realtime
         self.index, self.day = _wearer_index(client_id), int(day)
         profile_seed, self._schedule_seed, self._noise_seed = np.random.SeedSequence([self.seed, self.index]).spawn(3)
         if self.day:  # another stretch of the same wearer's life: same physiology and habits, new moments
             self._schedule_seed, self._noise_seed = np.random.SeedSequence([self.seed, self.index, self.day]).spawn(2)
-        self.profile = WearerProfile.draw(np.random.default_rng(profile_seed))
+        self.device = _device(device)
+        self.profile = self.device.apply(WearerProfile.draw(np.random.default_rng(profile_seed)))
         self.n_samples: int | None = None if math.isinf(self.minutes) else max(1, round(self.minutes * 60 * FS))
 
     def __repr__(self) -> str:
@@ -419,7 +466,9 @@ class SimulatedWearer:
 
 
 class SimulatedDataset:
-    """``sim:SEED``: ``wearers`` simulated wearers; the last ``test_wearers`` are held out."""
+    """``sim:SEED`` (or ``sim:SEED:DEVICE``): ``wearers`` simulated wearers, as ``device`` records them
+    (:data:`DEVICES`); the last ``test_wearers`` are held out. The same seed gives the same wearers on every
+    device: only the recording changes."""
 
     channels: tuple[str, ...] = CHANNELS
     sampling_rate_hz: float = FS
@@ -427,14 +476,15 @@ class SimulatedDataset:
     has_heart_rate: bool = True
     holdout_fraction: float = 0.0
 
-    def __init__(self, seed: int = 0, wearers: int = 30, minutes: float = 30.0, test_wearers: int = 6) -> None:
+    def __init__(self, seed: int = 0, wearers: int = 30, minutes: float = 30.0, test_wearers: int = 6,
+                 device: str = "wrist") -> None:
         if wearers < 1 or not 0 <= test_wearers <= wearers:
             raise ConfigError(
                 f"sim needs wearers >= 1 and 0 <= test_wearers <= wearers, got {wearers} and {test_wearers}."
             )
         _check(seed, minutes)
-        self.seed, self.minutes = int(seed), float(minutes)
-        self.name = f"sim:{self.seed}"
+        self.seed, self.minutes, self.device = int(seed), float(minutes), _device(device).name
+        self.name = f"sim:{self.seed}" + (f":{self.device}" if self.device != "wrist" else "")
         width = max(2, len(str(wearers - 1)))
         self.clients = tuple(f"wearer-{i:0{width}d}" for i in range(wearers))
         self.train_clients = self.clients[: wearers - test_wearers]
@@ -462,4 +512,4 @@ class SimulatedDataset:
         if client_id not in self._known:
             ids = ", ".join(self.clients) if len(self.clients) <= 40 else f"{self.clients[0]} .. {self.clients[-1]}"
             raise ConfigError(f"{self.name} has no client {client_id!r}; use one of its ids: {ids}.")
-        return SimulatedWearer(client_id, self.seed, self.minutes, realtime, day)
+        return SimulatedWearer(client_id, self.seed, self.minutes, realtime, day, self.device)

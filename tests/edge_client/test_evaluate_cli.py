@@ -60,6 +60,33 @@ def test_train_evaluate_and_personalize_activity(recordings, tmp_path, capsys):
     assert report["personalized_clients"] == 3
 
 
+def test_adapt_fraction_reports_global_adapted_and_personalized_per_client(recordings, tmp_path, capsys):
+    pkg = tmp_path / "act.safetensors"
+    assert _run(capsys, "evaluate", "--task", "activity", "--dataset", f"recordings:{recordings}", "--train",
+                "--save", pkg)[0] == 0
+    base = ["evaluate", "--task", "activity", "--dataset", f"recordings:{recordings}", "--model", pkg]
+    code, out, _ = _run(capsys, *base, "--adapt-fraction", "0.5", "--json")
+    report = json.loads(out)
+    assert code == 0 and len(report["clients"]) == 3
+    assert {"metrics_before", "metrics_adapted", "metrics_after"} <= set(report)
+    assert report["metrics_after"] == report["metrics_adapted"]  # nothing personalized
+    for c in report["clients"].values():
+        assert {"before", "adapted", "after", "kept_global", "check", "adapt_windows", "test_windows"} <= set(c)
+        if c["kept_global"]:
+            assert c["adapted"] == c["before"]
+    assert report["adapted_clients"] + report["kept_global_clients"] == 3
+    code, out, _ = _run(capsys, *base, "--adapt-fraction", "0.5", "--personalize-fraction", "0.5", "--json")
+    both = json.loads(out)
+    assert code == 0 and both["metrics_adapted"] == report["metrics_adapted"]
+    assert all(c["personalize_windows"] > 0 for c in both["clients"].values())  # fine-tuned after adapting
+    assert all(c["personalize_windows"] == 0 for c in report["clients"].values())
+
+    code, out, _ = _run(capsys, *base, "--adapt-fraction", "0.5")
+    assert code == 0 and "global model" in out and "adapted" in out and "improved clients" in out
+    code, _, err = _run(capsys, *base, "--adapt-fraction", "1.5")
+    assert code != 0 and "--adapt-fraction must be between 0 and 1" in err
+
+
 def test_train_heart_rate_reports_mae_and_the_spectral_baseline(recordings, capsys):
     code, out, _ = _run(capsys, "evaluate", "--task", "heart-rate", "--dataset", f"recordings:{recordings}",
                         "--train", "--window-s", "4", "--json")

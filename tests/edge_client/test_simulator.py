@@ -318,3 +318,24 @@ def test_sim_grows_to_any_number_of_training_wearers_and_keeps_its_held_out_ones
     b = next(big.source("wearer-07").chunks(256)).data
     np.testing.assert_array_equal(a, b)  # the same wearer whatever the dataset's size
     assert big.train_clients[-1] == "wearer-1005" and big.source("wearer-1005").index == 1005
+
+
+def test_another_device_records_the_same_wearers_differently():
+    from edge_client.sources.datasets import open_dataset
+    from models.errors import ConfigError
+
+    wrist, arm = open_dataset("sim:3"), open_dataset("sim:3:arm-ir")
+    assert arm.name == "sim:3:arm-ir" and arm.clients == wrist.clients
+    a = next(wrist.source("wearer-02").chunks(3000))
+    b = next(arm.source("wearer-02").chunks(3000))
+    np.testing.assert_array_equal(a.activity, b.activity)  # the same life: activities and heart rate
+    np.testing.assert_array_equal(a.hr_bpm, b.hr_bpm)
+    ppg, acc = a.channels.index("ppg"), [a.channels.index(c) for c in ("acc_x", "acc_y", "acc_z")]
+    assert not np.allclose(a.data[:, ppg], b.data[:, ppg])
+    assert b.data[:, ppg].std() != a.data[:, ppg].std()
+    # the band sits turned on the arm: the same acceleration's magnitude on other axes
+    np.testing.assert_allclose(np.linalg.norm(a.data[:, acc], axis=1), np.linalg.norm(b.data[:, acc], axis=1),
+                               rtol=0.2, atol=0.05)
+    assert not np.allclose(a.data[:, acc], b.data[:, acc], atol=0.05)
+    with pytest.raises(ConfigError, match="unknown simulated device 'ankle'"):
+        open_dataset("sim:3:ankle")

@@ -157,7 +157,6 @@ class StreamView:
         self._read_labelled = 0
         self.pending: list[_Batch] = []
         self.trainer = EdgeTrainer(spec, self.replay, config.policy, config.hooks)
-        self.explainer = LiveExplainer(config.explain_predictions) if config.explain_predictions > 0 else None
 
     def _new_replay(self) -> ReplayBuffer:
         c = self.config
@@ -179,8 +178,10 @@ class StreamView:
 
     # -- worker thread: read ------------------------------------------------------------
 
-    def read(self, chunks: Iterator[Chunk], predictor: Predictor | None) -> _Batch | None:
-        """Read one chunk and turn it into labelled windows (None when the stream ended)."""
+    def read(self, chunks: Iterator[Chunk], predictor: Predictor | None,
+             explainer: LiveExplainer | None = None) -> _Batch | None:
+        """Read one chunk and turn it into labelled windows (None when the stream ended); ``explainer``: explain
+        the live prediction too."""
         chunk = next(chunks, None)
         if chunk is None:
             return None
@@ -191,7 +192,7 @@ class StreamView:
             table = self.class_table
             windows = Windows(windows.x, table[np.where(windows.activity >= 0, windows.activity, len(table) - 1)],
                               windows.hr_bpm, windows.t_end)
-        prediction = (_latest_prediction(predictor, self.spec, windows, self.explainer) if predictor is not None
+        prediction = (_latest_prediction(predictor, self.spec, windows, explainer) if predictor is not None
                       else None)
         labelled = label_windows(windows, self.spec, predictor, self.config.pseudo_threshold)
         if len(labelled) == 0:
@@ -278,6 +279,8 @@ class Ingest:
         self.lock = asyncio.Lock()
         self.latest_prediction: dict[str, Any] | None = None
         self.inference = Latencies()  # live inference, for the gateway's /metrics
+        # --explain-predictions: one budget for the edge's life, whatever models come
+        self.explainer = LiveExplainer(config.explain_predictions) if config.explain_predictions > 0 else None
         self.source_ended = False
         self.catching_up = False
         self.dirty = False  # the buffers changed since the last checkpoint
@@ -344,7 +347,7 @@ class Ingest:
         while not self._wakes.stopping:
             view = self.view
             assert view is not None
-            batch = await asyncio.to_thread(view.read, chunks, self.predictor)
+            batch = await asyncio.to_thread(view.read, chunks, self.predictor, self.explainer)
             if batch is None:
                 break
             if batch.prediction is not None:

@@ -81,6 +81,16 @@ class EdgeCollector:
             "wearfl_edge_inference_seconds", "Live inference time of one window.",
             buckets=[*((floatToGoString(b), n) for b, n in zip(latencies.bounds, latencies.counts, strict=True)),
                      ("+Inf", latencies.count)], sum_value=latencies.total)
+        explainer = client.live_explainer
+        if explainer is not None:
+            explained = CounterMetricFamily("wearfl_edge_live_explanations",
+                                            "Live predictions explained, or left unexplained to keep the CPU budget.",
+                                            labels=["outcome"])
+            explained.add_metric(["explained"], explainer.explained)
+            explained.add_metric(["skipped"], explainer.skipped)
+            yield explained
+            yield counter("wearfl_edge_live_explanation_seconds", "CPU seconds spent explaining live predictions.",
+                          explainer.spent_s)
         battery = next((v for v in map(_read_number, sorted(glob.glob(self.battery_glob))) if v is not None), None)
         if battery is not None:
             yield GaugeMetricFamily("wearfl_edge_battery_percent", "Battery charge.", value=battery)

@@ -150,6 +150,8 @@ class EdgeClient:
                                  doc="Live inference on the newest window (None before the first).")
     source_ended = property(attrgetter("_ingest.source_ended"), doc="Whether the source has delivered all it has.")
     inference_latencies = property(attrgetter("_ingest.inference"), doc="Live inference latencies (a histogram).")
+    live_explainer = property(attrgetter("_ingest.explainer"),
+                              doc="Explains live predictions within a CPU budget (None: not asked to).")
 
     @property
     def weights_hook(self) -> WeightsHook | None:

@@ -25,7 +25,7 @@ def client(**kw) -> SimpleNamespace:
         latencies.observe(seconds)
     base = {"counters": {"updates_built": 4, "training_seconds": 2.5, "receipts_accepted": 3, "models_accepted": 5},
             "outbox_stats": OutboxStats(1, 12000, 1000, 64 << 20, 5), "model_version": 4, "replay_windows": 900,
-            "inference_latencies": latencies}
+            "inference_latencies": latencies, "live_explainer": None}
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -40,6 +40,15 @@ def test_counters_outbox_and_latency_come_from_the_edge(tmp_path):
     assert samples[("wearfl_edge_inference_seconds_bucket", (("le", "0.0025"),))] == 2
     assert samples[("wearfl_edge_inference_seconds_count", ())] == 3
     assert not any(name.startswith(("wearfl_edge_battery", "wearfl_edge_soc")) for name, _ in samples)
+    assert not any(name.startswith("wearfl_edge_live_explanation") for name, _ in samples)  # not asked to explain
+
+
+def test_live_explanations_are_counted_when_the_edge_explains(tmp_path):
+    explainer = SimpleNamespace(explained=7, skipped=2, spent_s=0.25)
+    samples = scrape(EdgeCollector(client(live_explainer=explainer), str(tmp_path / "none*"), str(tmp_path / "x")))
+    assert samples[("wearfl_edge_live_explanations_total", (("outcome", "explained"),))] == 7
+    assert samples[("wearfl_edge_live_explanations_total", (("outcome", "skipped"),))] == 2
+    assert samples[("wearfl_edge_live_explanation_seconds_total", ())] == 0.25
 
 
 def test_battery_and_temperature_appear_where_the_board_reports_them(tmp_path):

@@ -151,13 +151,20 @@ def test_an_explain_fraction_in_0_1_is_kept(tmp_path, fraction):
     assert config(tmp_path, explain_predictions=fraction).explain_predictions == fraction
 
 
-def test_a_stream_view_explains_only_when_asked(tmp_path):
+def test_an_edge_explains_only_when_asked_with_one_budget_for_every_view(tmp_path):
+    from edge_client.ingest import Ingest
+    from edge_client.shared import Wakes
+
     spec = activity_spec()
     source = SimulatedWearer("wearer-01", 0, minutes=1.0)
     assert config(tmp_path).explain_predictions == 0.0
-    assert StreamView(spec, source, config(tmp_path)).explainer is None
-    explainer = StreamView(spec, source, config(tmp_path, explain_predictions=0.05)).explainer
+    assert Ingest(config(tmp_path), source, Wakes(), lambda view: False).explainer is None
+    explainer = Ingest(config(tmp_path, explain_predictions=0.05), source, Wakes(), lambda view: False).explainer
     assert isinstance(explainer, LiveExplainer) and explainer.cpu_fraction == 0.05
+    view = StreamView(spec, source, config(tmp_path, explain_predictions=0.05))
+    model = Model(spec, seed=0)
+    batch = view.read(source.chunks(600), NumpyPredictor(model), explainer)
+    assert batch is not None and "explanation" in batch.prediction and explainer.explained == 1
 
 
 def parse_edge(*argv: str, state: Path) -> argparse.Namespace:

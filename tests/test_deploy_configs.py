@@ -31,7 +31,7 @@ def served_names(tmp_path: Path) -> set[str]:
     (tmp_path / "BAT0" / "capacity").write_text("50")
     (tmp_path / "temp").write_text("40000")
     edge = SimpleNamespace(counters={}, outbox_stats=OutboxStats(0, 0, 1, 1, 0), model_version=1, replay_windows=0,
-                           inference_latencies=Latencies())
+                           inference_latencies=Latencies(), live_explainer=None)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HubCollector(lambda: snapshot))
     registry.register(EdgeCollector(edge, str(tmp_path / "BAT*" / "capacity"), str(tmp_path / "temp")))

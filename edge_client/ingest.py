@@ -81,6 +81,7 @@ class _Batch:
     labelled_after: int
     windows: int
     prediction: dict[str, Any] | None
+    window: np.ndarray | None = None  # the newest window, (1, channels, samples): what the prediction saw
 
 
 def _skip_samples(chunks: Iterator[Chunk], n: int) -> Iterator[Chunk]:
@@ -194,9 +195,10 @@ class StreamView:
                               windows.hr_bpm, windows.t_end)
         prediction = (_latest_prediction(predictor, self.spec, windows, explainer) if predictor is not None
                       else None)
+        newest = windows.x[-1:].copy() if predictor is not None else None
         labelled = label_windows(windows, self.spec, predictor, self.config.pseudo_threshold)
         if len(labelled) == 0:
-            return _Batch(self.key, len(chunk), None, None, self._read_labelled, 0, prediction)
+            return _Batch(self.key, len(chunk), None, None, self._read_labelled, 0, prediction, newest)
         held = np.zeros(len(labelled), bool)
         if self.every:
             real = np.flatnonzero(labelled.source != "pseudo")
@@ -204,7 +206,7 @@ class StreamView:
             held[real[counts % self.every == 0]] = True
             self._read_labelled += len(real)
         return _Batch(self.key, len(chunk), _select(labelled, ~held), _select(labelled, held), self._read_labelled,
-                      len(labelled), prediction)
+                      len(labelled), prediction, newest)
 
     # -- worker thread, under the buffer lock: commit, save, restore --------------------
 
@@ -277,7 +279,7 @@ class Ingest:
         self.predictor: Predictor | None = None  # live inference: the global model, or this edge's fine-tuned one
         self.outbox: Outbox | None = None  # keeps the stream position; set when the edge opens its state
         self.lock = asyncio.Lock()
-        self.latest_prediction: dict[str, Any] | None = None
+        self._latest: tuple[dict[str, Any], np.ndarray | None, Predictor | None] | None = None
         self.inference = Latencies()  # live inference, for the gateway's /metrics
         # --explain-predictions: one budget for the edge's life, whatever models come
         self.explainer = LiveExplainer(config.explain_predictions) if config.explain_predictions > 0 else None
@@ -285,6 +287,21 @@ class Ingest:
         self.catching_up = False
         self.dirty = False  # the buffers changed since the last checkpoint
         self._have_model = asyncio.Event()
+
+    @property
+    def latest_prediction(self) -> dict[str, Any] | None:
+        """Live inference on the newest window (None before the first); with ``--explain-predictions``, explained
+        when first read, within the budget: only the predictions a status message carries are explained."""
+        if self._latest is None:
+            return None
+        prediction, window, predictor = self._latest
+        model = getattr(predictor, "model", None)
+        if self.explainer is not None and window is not None and isinstance(model, Model):
+            why = self.explainer.explain(model, window)
+            if why is not None:
+                prediction["explanation"] = why
+            self._latest = (prediction, None, predictor)  # one attempt per prediction
+        return prediction
 
     def status(self) -> dict[str, Any]:
         """The ``windows`` and ``source`` entries of the status message."""
@@ -347,11 +364,12 @@ class Ingest:
         while not self._wakes.stopping:
             view = self.view
             assert view is not None
-            batch = await asyncio.to_thread(view.read, chunks, self.predictor, self.explainer)
+            predictor = self.predictor
+            batch = await asyncio.to_thread(view.read, chunks, predictor)
             if batch is None:
                 break
             if batch.prediction is not None:
-                self.latest_prediction = batch.prediction
+                self._latest = (batch.prediction, batch.window, predictor)
                 self.inference.observe(batch.prediction["latency_s"])
             read_s += batch.samples / rate
             # over twice as fast as real time: replayed data (a recording, the simulator) that training waits for

@@ -1,9 +1,10 @@
 """Live predictions that say why: the channel and stretch of the newest window that moved the output most.
 
 Asked for with ``wearfl edge --explain-predictions FRACTION``: integrated gradients (16 steps) on the window
-live inference just scored, attached to the prediction in the edge's status message, as long as explaining has
-used at most FRACTION of one core's time since the edge started; past that a prediction goes without, and the
-budget refills as time passes. On this project's 2-core VM an activity window takes about 3 ms of CPU, a
+live inference scored last, computed when the edge's status message takes that prediction (so only published
+predictions are explained, however fast a replayed source is read), as long as explaining has used at most
+FRACTION of one core's time since the edge started; past that a prediction goes without, and the budget refills
+as time passes. On this project's 2-core VM an activity window takes about 3 ms of CPU, a
 heart-rate window about 4-5 ms.
 """
 

@@ -187,3 +187,21 @@ def test_wearfl_edge_help_lists_explain_predictions(capsys):
         main(["edge", "--help"])
     assert exited.value.code == 0
     assert "--explain-predictions" in capsys.readouterr().out
+
+
+def test_the_prediction_a_status_message_takes_is_explained_once_when_it_is_read(tmp_path):
+    from edge_client.ingest import Ingest
+    from edge_client.shared import Wakes
+
+    spec = activity_spec()
+    source = SimulatedWearer("wearer-01", 0, minutes=1.0)
+    ingest = Ingest(config(tmp_path, explain_predictions=1.0), source, Wakes(), lambda view: False)
+    assert ingest.latest_prediction is None
+    model = Model(spec, seed=0)
+    view = StreamView(spec, source, config(tmp_path))
+    batch = view.read(source.chunks(600), NumpyPredictor(model))
+    assert batch is not None and "explanation" not in batch.prediction and batch.window.shape == (1, 6, 128)
+    ingest._latest = (batch.prediction, batch.window, NumpyPredictor(model))
+    first = ingest.latest_prediction
+    assert first is not None and first["explanation"]["channel"] in spec.channels
+    assert ingest.latest_prediction is first and ingest.explainer.explained == 1  # read again: not explained again

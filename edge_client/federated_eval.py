@@ -4,7 +4,8 @@ The holdout (every k-th labelled window of the stream, see :mod:`edge_client.ing
 trains; the edge evaluates each new global model on it, and after each fit also its own
 fine-tuned weights (``local_*``, a measure of personalization), and publishes the result as
 ``metrics/<client>``; with ``explain`` in the task also the global model's attribution map over the
-same windows (:func:`models.attribution.attribution_map`: means per class, channel and time segment).
+same windows (:func:`models.attribution.attribution_map`: means per class, channel and time segment), and
+with ``adapt`` the model adapted to the wearer without labels (``adapted_*``).
 The hub aggregates these into the federation's metrics, so an edge
 publishes nothing from fewer than :data:`MIN_EVAL_WINDOWS` windows, nor while replayed data
 is still streaming in (its holdout is still growing).
@@ -31,6 +32,8 @@ __all__ = ["MIN_EVAL_WINDOWS", "Evaluator"]
 log = logging.getLogger(__name__)
 
 MIN_EVAL_WINDOWS = 4  # do not publish federated metrics from fewer held-out windows
+ADAPT_WINDOWS = 256  # with ``adapt`` in the task: the newest replay windows the gateway adapts to, labels unread
+ADAPT_MIN_WINDOWS = 32
 
 
 class Evaluator:
@@ -57,6 +60,17 @@ class Evaluator:
             await self._wakes.evaluate.wait()
             self._wakes.evaluate.clear()
             await self.evaluate_and_publish()
+
+    @staticmethod
+    def _adapted_metrics(view: StreamView, current: ModelMessage, config: Mapping[str, Any]) -> dict[str, float]:
+        """``adapted_*``: the model this gateway would use after adapting to its wearer without labels (the replay
+        buffer's newest windows, labels unread; :func:`edge_client.adaptation.adapt_for_wearer`) on the holdout.
+        Where the check keeps the global model these are the global model's figures."""
+        from edge_client.adaptation import adapt_for_wearer
+
+        adapted, _ = adapt_for_wearer(current.model, view.replay.x[-ADAPT_WINDOWS:])
+        loss, _, metrics = view.trainer.evaluate(adapted.network.state_dict(), config)
+        return {"adapted_loss": loss, **{f"adapted_{k}": v for k, v in metrics.items()}}
 
     async def _explanation(self, current: ModelMessage, x: np.ndarray, y: np.ndarray,
                            config: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -107,6 +121,8 @@ class Evaluator:
                 local_loss, _, local_metrics = await asyncio.to_thread(view.trainer.evaluate, local, config)
                 out.update({"local_loss": local_loss, **{f"local_{k}": v for k, v in local_metrics.items()}})
             explanation = await self._explanation(current, view.holdout.x, view.holdout.y, config)
+            if config.get("adapt") is True and len(view.replay) >= ADAPT_MIN_WINDOWS:
+                out.update(await asyncio.to_thread(self._adapted_metrics, view, current, config))
         self._evaluated = (version, size)
         if round_number is None:
             task = self._task()

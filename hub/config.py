@@ -362,6 +362,8 @@ class HubConfig:
         CodecConfig.from_task(config)  # a bad codec setting is a ConfigError naming it
         _check_training(config)
         explain_settings(config)  # a bad explain_segments or explain_windows is a ConfigError naming it
+        if not isinstance(config.get("adapt", False), bool):
+            raise ConfigError(f"task setting adapt={config['adapt']!r} must be true or false.")
         check_schedule(config, self.rounds)
         return config
 

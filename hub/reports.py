@@ -75,11 +75,15 @@ class MetricsCollector:
         if "explanation" in d:
             self.explanations.add(client, round_number, d["explanation"])
         personalized = {k[len("local_"):]: v for k, v in metrics.items() if k.startswith("local_")}
-        if personalized:
-            shown = {k: v for k, v in metrics.items() if not k.startswith("local_")}
-            self._personal[client] = {"round": round_number, "examples": n,
-                                      "global": {k: v for k, v in shown.items() if k in personalized},
-                                      "personalized": personalized}
+        adapted = {k[len("adapted_"):]: v for k, v in metrics.items() if k.startswith("adapted_")}
+        if personalized or adapted:
+            shown = {k: v for k, v in metrics.items() if not k.startswith(("local_", "adapted_"))}
+            record = {"round": round_number, "examples": n,
+                      "global": {k: v for k, v in shown.items() if k in personalized or k in adapted},
+                      "personalized": personalized}
+            if adapted:
+                record["adapted"] = adapted
+            self._personal[client] = record
         return True
 
     def personalization(self) -> dict[str, dict[str, Any]]:

@@ -46,9 +46,12 @@ def _draw_metric(axis: Any, report: dict[str, Any], key: str) -> None:
 
 def _draw_spread(axis: Any, report: dict[str, Any], key: str) -> None:
     clients = (report.get("personalization") or {}).get("clients") or {}
-    rows = [(c, p["global"].get(key), p["personalized"].get(key)) for c, p in sorted(clients.items())
-            if p.get("global") and p.get("personalized")]
-    axis.set_title("each edge: global model vs its own fine-tuning")
+    rows = [(c, p["global"].get(key), (p.get("personalized") or {}).get(key), (p.get("adapted") or {}).get(key))
+            for c, p in sorted(clients.items()) if p.get("global")]
+    rows = [r for r in rows if r[1] is not None and (r[2] is not None or r[3] is not None)]
+    adapted = any(r[3] is not None for r in rows)
+    axis.set_title("each edge: global, adapted (no labels), fine-tuned" if adapted
+                   else "each edge: global model vs its own fine-tuning")
     if not rows:
         why = ("light edges do not evaluate\n(simulate --edges full: every edge a whole gateway)"
                if report.get("edges") == "light" else "no edge evaluated its own weights")
@@ -56,13 +59,19 @@ def _draw_spread(axis: Any, report: dict[str, Any], key: str) -> None:
         axis.set_xticks([])
         return
     xs = range(len(rows))
-    for x, (_, g, p) in zip(xs, rows, strict=True):
-        axis.plot([x, x], [g, p], color="0.7", zorder=1)
-    axis.scatter(xs, [g for _, g, _ in rows], color="C0", label="global", zorder=2)
-    axis.scatter(xs, [p for _, _, p in rows], color="C1", label="personalized", zorder=2)
-    values = [v for _, g, p in rows for v in (g, p) if v is not None]
+    for x, (_, g, p, a) in zip(xs, rows, strict=True):
+        values = [v for v in (g, p, a) if v is not None]
+        axis.plot([x, x], [min(values), max(values)], color="0.7", zorder=1)
+    axis.scatter(xs, [g for _, g, _, _ in rows], color="C0", label="global", zorder=2)
+    if any(p is not None for _, _, p, _ in rows):
+        axis.scatter([x for x, r in zip(xs, rows, strict=True) if r[2] is not None],
+                     [r[2] for r in rows if r[2] is not None], color="C1", label="personalized", zorder=2)
+    if adapted:
+        axis.scatter([x for x, r in zip(xs, rows, strict=True) if r[3] is not None],
+                     [r[3] for r in rows if r[3] is not None], color="C2", marker="x", label="adapted", zorder=3)
+    values = [v for r in rows for v in r[1:] if v is not None]
     axis.set_ylim(0, 1.05 if key in BOUNDED else max(values) * 1.15)
-    axis.set_xticks(list(xs), [c for c, _, _ in rows], rotation=45, ha="right", fontsize=7)
+    axis.set_xticks(list(xs), [r[0] for r in rows], rotation=45, ha="right", fontsize=7)
     axis.set_ylabel(key)
     axis.legend(fontsize=8)
 

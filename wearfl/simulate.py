@@ -99,6 +99,13 @@ def personalization_report(clients: dict[str, Any], task: str) -> dict[str, Any]
         out["reported"] = len(pairs)
         out["mean_global"] = float(np.mean([g for g, _ in pairs.values()]))
         out["mean_personalized"] = float(np.mean([p for _, p in pairs.values()]))
+    adapted = {c: (v["global"].get(key), v.get("adapted", {}).get(key)) for c, v in clients.items()}
+    adapted = {c: p for c, p in adapted.items() if p[0] is not None and p[1] is not None}
+    if adapted:  # --adapt: the model each gateway would use after adapting to its wearer without labels
+        out["adapted_improved"] = sum(1 for g, a in adapted.values() if better * (a - g) > 0)
+        out["adapted_reported"] = len(adapted)
+        out["mean_adapted"] = float(np.mean([a for _, a in adapted.values()]))
+        out.setdefault("mean_global", float(np.mean([g for g, _ in adapted.values()])))
     return out
 
 
@@ -199,7 +206,7 @@ def prepare_simulation(args: argparse.Namespace) -> Simulation:
 LIGHT_FROM = 51
 """``--edges auto`` runs light edges from this many clients on (full edges, which evaluate and personalize, below)."""
 FULL_ONLY = (("secure_aggregation", "--secure-aggregation"), ("attack", "--attack"), ("sites", "--sites"),
-             ("edge_delay", "--edge-delay"), ("explain", "--explain"))
+             ("edge_delay", "--edge-delay"), ("explain", "--explain"), ("adapt", "--adapt"))
 """What only full edges do: secure rounds, attacks (poisoned sources, hooked weights), sites, random delays,
 federated evaluation and so explanations."""
 
@@ -368,6 +375,8 @@ def _hub(args: argparse.Namespace, url: str, federation: str, out: Path, model: 
         task_config["local_steps"] = args.local_steps
     if args.explain:
         task_config["explain"] = True
+    if args.adapt:
+        task_config["adapt"] = True
     config = HubConfig(
         broker=url, federation=federation, state_dir=out / "hub",
         min_clients=n if fraction >= 1 else max(1, math.ceil(fraction * n)),
@@ -878,6 +887,10 @@ def add_commands(sub: Any) -> None:
                    help="the edges also send, with their federated evaluation, where the global model looks "
                         "(attribution maps per class, channel and time segment; docs/explanations.md); the report "
                         "shows the federation's map")
+    p.add_argument("--adapt", action="store_true",
+                   help="the edges also evaluate the model they would use after adapting to their wearer without "
+                        "labels (docs/adaptation.md); report.json's personalization shows global, adapted and "
+                        "personalized figures per edge")
     p.add_argument("--edges", choices=("auto", "full", "light"), default="auto",
                    help="full: every edge a whole gateway (streams, replay buffer, evaluation, personalization); "
                         f"light: the same protocol, data made when an edge trains (for thousands); auto: light from "

@@ -321,3 +321,28 @@ def test_strongest_of_a_federated_result():
         ("walking", "acc_y", 3), ("sitting", "acc_x", 1), ("laying", "acc_x", 1)]
     for _, _, share, _ in got:
         assert 0.5 < share <= 1.0 and math.isfinite(share)
+
+
+def test_a_report_with_adapted_metrics_records_them_next_to_the_global_ones():
+    import json
+
+    from hub.reports import MetricsCollector
+
+    collector = MetricsCollector()
+    body = {"round": 2, "model_version": 1, "num_examples": 40,
+            "metrics": {"accuracy": 0.8, "loss": 0.5, "adapted_accuracy": 0.9, "adapted_loss": 0.3}}
+    assert collector.add("edge-a", json.dumps(body).encode(), 2)
+    record = collector.personalization()["edge-a"]
+    assert record["adapted"] == {"accuracy": 0.9, "loss": 0.3} and record["personalized"] == {}
+    assert record["global"] == {"accuracy": 0.8, "loss": 0.5}
+    assert collector.result(2)["adapted_accuracy"] == 0.9
+
+
+@pytest.mark.parametrize("settings", [{"adapt": "yes"}, {"explain": "no"}, {"explain": True, "explain_segments": 0}])
+def test_the_hub_refuses_bad_explain_and_adapt_settings(tmp_path, settings):
+    from hub.config import HubConfig
+    from models.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="must be"):
+        config = HubConfig("mqtt://127.0.0.1:1883", "fed", tmp_path, task_config=settings)
+        config.full_task_config(config.build_strategy())

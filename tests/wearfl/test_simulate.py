@@ -33,7 +33,7 @@ def run_status(state) -> str:
 
 def test_the_report_holds_the_contract_and_the_model_files(mqtt_broker, tmp_path, capsys):
     report = simulate(mqtt_broker, tmp_path / "run", "--clients", "3", "--rounds", "2", "--eval-every", "2",
-                      "--explain")
+                      "--explain", "--adapt")
     assert {"task", "dataset", "clients", "strategy", "quantization", "float32_update_bytes", "rounds",
             "final_metrics"} <= set(report)
     assert (report["clients"], report["strategy"], report["quantization"]) == (3, "fedavg", "int8")
@@ -46,6 +46,10 @@ def test_the_report_holds_the_contract_and_the_model_files(mqtt_broker, tmp_path
     personal = report["personalization"]
     assert personal["metric"] == "accuracy" and personal["reported"] == 3 and 0 <= personal["improved"] <= 3
     assert all({"global", "personalized", "round"} <= set(v) for v in personal["clients"].values())
+    # --adapt: each edge also reports the model it would use after adapting to its wearer without labels
+    assert all(set(v["adapted"]) == {"accuracy", "macro_f1", "loss"} for v in personal["clients"].values())
+    assert personal["adapted_reported"] == 3 and 0 <= personal["mean_adapted"] <= 1
+    assert 0 <= report["rounds"][1]["federated_metrics"]["adapted_accuracy"] <= 1
     status = json.loads(run_status(tmp_path / "run" / "hub"))
     assert set(status["personalization"]) == set(personal["clients"])
     # --explain: the edges' maps ride on their federated evaluation (round 2 only), the hub combines them

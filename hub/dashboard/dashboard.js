@@ -89,19 +89,23 @@ function drawMetric(rounds) {
 function drawSpread(personalization) {
   const svg = document.getElementById("chart-spread");
   const rows = Object.entries(personalization || {})
-    .map(([c, p]) => [c, p.global || {}, p.personalized || {}])
+    .map(([c, p]) => [c, p.global || {}, p.personalized || {}, p.adapted || {}])
     .filter(([, g]) => Object.keys(g).length);
   if (!rows.length) return empty(svg, "no per-edge evaluations yet");
   const name = headline(rows[0][1]);
-  const vals = rows.flatMap(([, g, p]) => [g[name], p[name]]).filter((v) => v !== undefined);
+  const vals = rows.flatMap(([, g, p, a]) => [g[name], p[name], a[name]]).filter((v) => v !== undefined);
   const unit = name === "accuracy" || name === "macro_f1";
   const ymax = unit ? 1 : niceMax(Math.max(...vals) * 1.1);
-  const { sx, sy } = frame(svg, -0.5, rows.length - 0.5, ymax, `${name} per edge: global (blue), personalized (orange)`, []);
-  rows.forEach(([c, g, p], i) => {
+  const adapted = rows.some(([, , , a]) => a[name] !== undefined);
+  const legend = adapted ? `${name}: global (blue), personalized (orange), adapted (green)`
+    : `${name} per edge: global (blue), personalized (orange)`;
+  const { sx, sy } = frame(svg, -0.5, rows.length - 0.5, ymax, legend, []);
+  rows.forEach(([c, g, p, a], i) => {
     if (rows.length <= 6 || i % Math.ceil(rows.length / 6) === 0)
       el("text", { x: sx(i), y: H - M.b + 12, "text-anchor": "middle" }, svg, c);
-    el("circle", { cx: sx(i) - 3, cy: sy(g[name]), r: 3.5, class: "dot-a" }, svg).appendChild(el("title", {}, null, `${c} global ${fmt(g[name], 4)}`));
-    if (p[name] !== undefined) el("circle", { cx: sx(i) + 3, cy: sy(p[name]), r: 3.5, class: "dot-b" }, svg).appendChild(el("title", {}, null, `${c} personalized ${fmt(p[name], 4)}`));
+    el("circle", { cx: sx(i) - 4, cy: sy(g[name]), r: 3.5, class: "dot-a" }, svg).appendChild(el("title", {}, null, `${c} global ${fmt(g[name], 4)}`));
+    if (p[name] !== undefined) el("circle", { cx: sx(i), cy: sy(p[name]), r: 3.5, class: "dot-b" }, svg).appendChild(el("title", {}, null, `${c} personalized ${fmt(p[name], 4)}`));
+    if (a[name] !== undefined) el("circle", { cx: sx(i) + 4, cy: sy(a[name]), r: 3.5, class: "dot-c" }, svg).appendChild(el("title", {}, null, `${c} adapted ${fmt(a[name], 4)}`));
   });
 }
 

@@ -61,8 +61,10 @@ def federation(tmp_path_factory):
     port = free_port()
     with MosquittoBroker(workdir=tmp / "mosquitto") as broker:
         hub_log = (tmp / "hub.log").open("w")
+        (tmp / "hub.toml").write_text("[task_config]\nadapt = true\n")  # the edges report adapted figures too
         hub = subprocess.Popen([*WEARFL, "-v", "hub", "--broker", broker.url, "--federation", name, "--state",
-                                str(tmp / "hub"), "--task", "heart-rate", "--min-clients", "2",
+                                str(tmp / "hub"), "--config", str(tmp / "hub.toml"), "--task", "heart-rate",
+                                "--min-clients", "2",
                                 "--clients-per-round", "2", "--round-timeout", "60", "--http", f"127.0.0.1:{port}"],
                                stdout=hub_log, stderr=subprocess.STDOUT)
         edge_port = free_port()
@@ -191,6 +193,8 @@ def test_the_dashboard_draws_in_headless_chromium_and_shows_the_status(federatio
         assert svg and re.search(r"<(polyline|circle|rect)\b", svg.group(1)), chart
     for client in EDGES:
         assert f"<td>{client}</td>" in html
+    spread = re.search(r'<svg id="chart-spread"[^>]*>(.*?)</svg>', html, re.S).group(1)
+    assert "adapted (green)" in spread and re.search(r"<title>[^<]* adapted [0-9.]+</title>", spread)
     shot = tmp_path / "dashboard.png"
     done = subprocess.run([*argv, f"--screenshot={shot}", base + "/"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and shot.stat().st_size > 10_000

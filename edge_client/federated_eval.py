@@ -25,15 +25,28 @@ from edge_client.adoption import ModelAdoption
 from edge_client.ingest import Ingest, StreamView
 from edge_client.shared import Link, Wakes
 from edge_client.updates import finite_metrics
+from models.model import Model
 from models.protocol.messages import ModelMessage, Task
 
-__all__ = ["MIN_EVAL_WINDOWS", "Evaluator"]
+__all__ = ["MIN_EVAL_WINDOWS", "Evaluator", "use_adapted"]
 
 log = logging.getLogger(__name__)
 
 MIN_EVAL_WINDOWS = 4  # do not publish federated metrics from fewer held-out windows
 ADAPT_WINDOWS = 256  # with ``adapt`` in the task: the newest replay windows the gateway adapts to, labels unread
 ADAPT_MIN_WINDOWS = 32
+
+
+def use_adapted(ingest: Any, global_model: Model, adapted: Model) -> bool:
+    """Live inference on ``adapted`` when it runs on ``global_model`` now: never over this edge's fine-tuned
+    weights (labels beat no labels), never after a newer model came. True when installed."""
+    from models.inference import NumpyPredictor
+
+    current = ingest.predictor
+    if adapted is global_model or not isinstance(current, NumpyPredictor) or current.model is not global_model:
+        return False
+    ingest.predictor = NumpyPredictor(adapted)
+    return True
 
 
 class Evaluator:
@@ -61,15 +74,16 @@ class Evaluator:
             self._wakes.evaluate.clear()
             await self.evaluate_and_publish()
 
-    @staticmethod
-    def _adapted_metrics(view: StreamView, current: ModelMessage, config: Mapping[str, Any]) -> dict[str, float]:
-        """``adapted_*``: the model this gateway would use after adapting to its wearer without labels (the replay
+    def _adapted_metrics(self, view: StreamView, current: ModelMessage, config: Mapping[str, Any]) -> dict[str, float]:
+        """``adapted_*``: the model this gateway uses after adapting to its wearer without labels (the replay
         buffer's newest windows, labels unread; :func:`edge_client.adaptation.adapt_for_wearer`) on the holdout.
-        Where the check keeps the global model these are the global model's figures."""
+        Where the check keeps the global model these are the global model's figures. Live inference takes the
+        adapted model (see :func:`use_adapted`)."""
         from edge_client.adaptation import adapt_for_wearer
 
         adapted, _ = adapt_for_wearer(current.model, view.replay.x[-ADAPT_WINDOWS:])
         loss, _, metrics = view.trainer.evaluate(adapted.network.state_dict(), config)
+        use_adapted(self._ingest, current.model, adapted)
         return {"adapted_loss": loss, **{f"adapted_{k}": v for k, v in metrics.items()}}
 
     async def _explanation(self, current: ModelMessage, x: np.ndarray, y: np.ndarray,

@@ -82,3 +82,23 @@ def test_adapting_and_personalizing_clients_never_changes_the_global_model():
     assert len(report["clients"]) == 3 and all(c["personalize_windows"] == 12 for c in report["clients"].values())
     for name, value in model.network.state_dict().items():
         np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+def test_live_inference_takes_the_adapted_model_only_over_the_global_one():
+    from types import SimpleNamespace
+
+    from edge_client.federated_eval import use_adapted
+    from models.inference import NumpyPredictor
+
+    model = Model(activity_spec(), seed=0)
+    adapted = adapt_statistics(model, _windows(model.spec, 16))
+    ingest = SimpleNamespace(predictor=NumpyPredictor(model))
+    assert use_adapted(ingest, model, adapted) and ingest.predictor.model is adapted
+    fine_tuned = NumpyPredictor(Model(model.spec, seed=1))  # this edge's own fine-tuned weights stay
+    ingest = SimpleNamespace(predictor=fine_tuned)
+    assert not use_adapted(ingest, model, adapted) and ingest.predictor is fine_tuned
+    newer = Model(model.spec, seed=2)  # a newer global model came meanwhile
+    ingest = SimpleNamespace(predictor=NumpyPredictor(newer))
+    assert not use_adapted(ingest, model, adapted) and ingest.predictor.model is newer
+    ingest = SimpleNamespace(predictor=NumpyPredictor(model))  # the check kept the global model
+    assert not use_adapted(ingest, model, model) and ingest.predictor.model is model

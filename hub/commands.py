@@ -388,7 +388,8 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
     ]
     evaluation = status.get("global_metrics")
     if evaluation:
-        lines.insert(2, f"federated metric    {describe_metrics(evaluation['metrics'])} "
+        unit = "site" if status.get("sites") else "edge"  # a consortium's clients are site hubs
+        lines.insert(2, f"federated metric    {describe_metrics(evaluation['metrics'], unit)} "
                         f"(model v{evaluation['model_version']}, round {evaluation['round']})")
     upstream = status.get("upstream")
     if upstream:

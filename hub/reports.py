@@ -152,11 +152,12 @@ HEADLINE = ("accuracy", "macro_f1", "mae_bpm", "rmse_bpm")
 """The metrics a round line shows first, when a task reports them."""
 
 
-def describe_metrics(metrics: dict[str, float]) -> str:
-    """A federated evaluation in a few words: ``accuracy 0.8163, macro_f1 0.8024 (8 edges)``; "" when empty."""
+def describe_metrics(metrics: dict[str, float], unit: str = "edge") -> str:
+    """A federated evaluation in a few words: ``accuracy 0.8163, macro_f1 0.8024 (8 edges)``; "" when empty.
+    ``unit``: what the hub's clients are (a consortium's are sites)."""
     shown = [k for k in HEADLINE if k in metrics] or [k for k in sorted(metrics) if not k.startswith("eval_")][:2]
     if not shown:
         return ""
     text = ", ".join(f"{k} {metrics[k]:.4g}" for k in shown)
-    edges = metrics.get("eval_clients")
-    return text + (f" ({int(edges)} edge{'s' if edges != 1 else ''})" if edges else "")
+    clients = metrics.get("eval_clients")
+    return text + (f" ({int(clients)} {unit}{'s' if clients != 1 else ''})" if clients else "")

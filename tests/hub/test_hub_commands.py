@@ -162,3 +162,14 @@ def test_a_task_setting_every_edge_would_refuse_is_refused_by_the_hub(tmp_path):
             HubConfig(broker="mqtt://127.0.0.1:1", federation="f", state_dir=tmp_path, task_config=bad)
     assert HubConfig(broker="mqtt://127.0.0.1:1", federation="f", state_dir=tmp_path,
                      task_config={"local_steps": 5}).task_config["local_steps"] == 5
+
+
+def test_the_federated_metric_line_counts_a_consortium_s_clients_as_sites(tmp_path):
+    from hub.commands import format_status
+
+    with HubStore(tmp_path) as store:
+        status = store.status()
+    status["global_metrics"] = {"round": 3, "model_version": 2, "metrics": {"accuracy": 0.9, "eval_clients": 3.0}}
+    assert "accuracy 0.9 (3 edges)" in format_status(status)
+    status["sites"] = ["site-a", "site-b", "site-c"]
+    assert "accuracy 0.9 (3 sites)" in format_status(status)

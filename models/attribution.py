@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from models.engine import BatchNorm1D, softmax
+from models.engine import BatchNorm1D
 from models.engine.layers import Dropout
 from models.engine.network import Network
 from models.errors import ConfigError, InputError
@@ -151,25 +151,21 @@ a live prediction in one thread while its federated evaluation explains the same
 def _differentiable(network: Network) -> Iterator[None]:
     """Inference behaviour (BatchNorm on its running statistics, no dropout) with what backward needs kept."""
     with _BACKWARD:
-        yield from _kept_for_backward(network)
-
-
-def _kept_for_backward(network: Network) -> Iterator[None]:
-    saved: list[tuple[Any, str, Any]] = []
-    for _, layer in network.layers:
-        if isinstance(layer, BatchNorm1D):
-            saved.append((layer, "frozen", layer.frozen))
-            layer.frozen = True
-        elif isinstance(layer, Dropout):
-            saved.append((layer, "rate", layer.rate))
-            layer.rate = 0.0
-    try:
-        yield
-    finally:
-        for layer, name, value in saved:
-            setattr(layer, name, value)
-        network.release()
-        network.zero_grad()
+        saved: list[tuple[Any, str, Any]] = []
+        for _, layer in network.layers:
+            if isinstance(layer, BatchNorm1D):
+                saved.append((layer, "frozen", layer.frozen))
+                layer.frozen = True
+            elif isinstance(layer, Dropout):
+                saved.append((layer, "rate", layer.rate))
+                layer.rate = 0.0
+        try:
+            yield
+        finally:
+            for layer, name, value in saved:
+                setattr(layer, name, value)
+            network.release()
+            network.zero_grad()
 
 
 def output_gradients(model: Model, x: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -179,15 +175,14 @@ def output_gradients(model: Model, x: np.ndarray, targets: np.ndarray) -> tuple[
         for i in range(0, len(x), PASS_ROWS):
             xb, tb = np.ascontiguousarray(x[i:i + PASS_ROWS], dtype=F32), targets[i:i + PASS_ROWS]
             raw = model.network.forward(xb, training=True)
+            head = model.apply_head(raw)  # probabilities, or BPM
             if model.spec.is_classifier:
-                p = softmax(raw)
-                out = p[np.arange(len(p)), tb]
-                dout = -p * out[:, None]  # d p_t / d z = p_t (onehot_t - p)
-                dout[np.arange(len(p)), tb] += out
+                out = head[np.arange(len(head)), tb]
+                dout = -head * out[:, None]  # d p_t / d z = p_t (onehot_t - p)
+                dout[np.arange(len(head)), tb] += out
             else:
-                scale = F32(model.spec.head["scale"])
-                out = raw[:, 0] * scale + F32(model.spec.head["offset"])
-                dout = np.full_like(raw, scale)
+                out = head
+                dout = np.full_like(raw, F32(model.spec.head["scale"]))
             dx = model.network.backward(dout.astype(F32), need_dx=True)
             outs.append(out.astype(F32))
             grads.append(np.asarray(dx, dtype=F32))
@@ -195,11 +190,13 @@ def output_gradients(model: Model, x: np.ndarray, targets: np.ndarray) -> tuple[
 
 
 def _prepare(model: Model, x: np.ndarray, target: Target,
-             baseline: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             baseline: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(the windows checked, the baseline, the targets, the explained output on each window)."""
     x = check_input(x, model.spec, "windows to explain")
     base = baseline_like(x) if baseline is None else np.broadcast_to(np.asarray(baseline, F32), x.shape)
-    targets = _targets(model.spec, model.predict(x), target)
-    return x, np.ascontiguousarray(base), targets
+    predicted = model.predict(x)
+    targets = _targets(model.spec, predicted, target)
+    return x, np.ascontiguousarray(base), targets, _pick(predicted, targets)
 
 
 COMPLETENESS = 0.01
@@ -227,9 +224,8 @@ def _adaptive_integral(model: Model, diff: np.ndarray, base: np.ndarray, target:
         alphas = (lo + width * (nodes + 1) / 2).astype(F32)  # (pieces, nodes)
         points = base[None] + alphas.reshape(-1)[:, None, None] * diff[None]
         _, grads = output_gradients(model, points, np.full(len(points), target))
-        piece = np.tensordot((width * weights / 2).astype(F32), grads.reshape(len(bounds), ADAPTIVE_NODES,
-                                                                               *diff.shape), axes=([1], [1]))
-        piece = piece[np.arange(len(bounds)), np.arange(len(bounds))] * diff  # (pieces, channels, samples)
+        piece = np.einsum("pn,pnct->pct", (width * weights / 2).astype(F32),
+                          grads.reshape(len(bounds), ADAPTIVE_NODES, *diff.shape)) * diff
         ends = (base[None] + bounds.reshape(-1)[:, None, None].astype(F32) * diff[None]).astype(F32)
         f = _pick(model.predict(ends), np.full(len(ends), target)).astype(np.float64).reshape(-1, 2)
         return piece, piece.sum(axis=(1, 2), dtype=np.float64) - (f[:, 1] - f[:, 0])  # each piece's own miss
@@ -281,10 +277,9 @@ def integrated_gradients(model: Model, x: np.ndarray, target: Target = None, ste
     """
     if not 1 <= steps <= MAX_STEPS:
         raise ConfigError(f"--steps must be 1 .. {MAX_STEPS}, not {steps}.")
-    x, base, targets = _prepare(model, x, target, baseline)
+    x, base, targets, outputs = _prepare(model, x, target, baseline)
     diff = x - base
     attributions = _path_integral(model, diff, base, targets, steps)
-    outputs = _pick(model.predict(x), targets)
     baseline_outputs = _pick(model.predict(base), targets)
     change = outputs.astype(np.float64) - baseline_outputs
     tolerance = np.maximum(COMPLETENESS * np.abs(change), COMPLETENESS_ABS)
@@ -304,7 +299,7 @@ def integrated_gradients(model: Model, x: np.ndarray, target: Target = None, ste
 def gradient_times_input(model: Model, x: np.ndarray, target: Target = None,
                          baseline: np.ndarray | None = None) -> Explanation:
     """Gradient times input: the first-order effect of each sample (one backward pass a window)."""
-    x, base, targets = _prepare(model, x, target, baseline)
+    x, base, targets, _ = _prepare(model, x, target, baseline)
     outputs, grads = output_gradients(model, x, targets)
     return Explanation("gradient", model.spec.channels, targets, outputs, _pick(model.predict(base), targets),
                        (x * grads).astype(F32))

@@ -195,9 +195,7 @@ def personalize(
     """Fine-tune a copy of ``model`` per client on the first ``fraction`` of its windows; evaluate on the rest."""
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"--personalize-fraction must be between 0 and 1, got {fraction}.")
-    # Only the dense head adapts, BatchNorm statistics fixed: a few hundred windows of one
-    # wearer are too few to retrain the feature extractor without forgetting.
-    config = config or TrainConfig(epochs=10, batch_size=32, lr=1e-3, train_only=head_layers(model.spec))
+    config = config or _head_only(model.spec)
     weights = model.network.state_dict()
     before, after, per_client = [], [], {}
     for i, client in enumerate(data):
@@ -220,28 +218,30 @@ def personalize(
             progress("personalizing", i + 1, len(data))
     if not per_client:
         raise InputError("no client has enough windows to personalize; use a longer stream or another fraction.")
-
-    def pooled(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-        return task_metrics(model.spec, np.concatenate([p for p, _ in pairs]), np.concatenate([t for _, t in pairs]))
-
-    key = "accuracy" if model.spec.is_classifier else "mae_bpm"
-    sign = 1.0 if model.spec.is_classifier else -1.0  # accuracy up is better, MAE down is better
-    deltas = np.array([c["after"][key] - c["before"][key] for c in per_client.values()])
-    gains = sign * deltas
-    return {
-        "metrics_before": pooled(before),
-        "metrics_after": pooled(after),
-        "clients": per_client,
-        "improved_clients": int((gains > 0).sum()),
-        "unchanged_clients": int((gains == 0).sum()),
-        "worse_clients": int((gains < 0).sum()),
-        "personalized_clients": len(per_client),
-        "delta_" + key: {"min": float(deltas.min()), "median": float(np.median(deltas)), "max": float(deltas.max())},
-    }
+    return {"metrics_before": _pooled(model.spec, before), "metrics_after": _pooled(model.spec, after),
+            "clients": per_client, **_outcome(model.spec, per_client), "personalized_clients": len(per_client)}
 
 
 def _pooled(spec: ModelSpec, pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
     return task_metrics(spec, np.concatenate([p for p, _ in pairs]), np.concatenate([t for _, t in pairs]))
+
+
+def _outcome(spec: ModelSpec, per_client: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """How many clients the change from ``before`` to ``after`` helped, left alone or hurt, and its spread."""
+    key = "accuracy" if spec.is_classifier else "mae_bpm"
+    sign = 1.0 if spec.is_classifier else -1.0  # accuracy up is better, MAE down is better
+    deltas = np.array([c["after"][key] - c["before"][key] for c in per_client.values()])
+    gains = sign * deltas
+    return {"improved_clients": int((gains > 0).sum()), "unchanged_clients": int((gains == 0).sum()),
+            "worse_clients": int((gains < 0).sum()),
+            "delta_" + key: {"min": float(deltas.min()), "median": float(np.median(deltas)),
+                             "max": float(deltas.max())}}
+
+
+def _head_only(spec: ModelSpec) -> TrainConfig:
+    """Personalization's fine-tuning: only the dense head adapts, BatchNorm statistics fixed (a few hundred windows
+    of one wearer are too few to retrain the feature extractor without forgetting)."""
+    return TrainConfig(epochs=10, batch_size=32, lr=1e-3, train_only=head_layers(spec))
 
 
 def adapt(
@@ -264,7 +264,7 @@ def adapt(
         raise ConfigError(f"--adapt-fraction must be between 0 and 1, got {fraction}.")
     if personalize_fraction is not None and not 0.0 < personalize_fraction < 1.0:
         raise ConfigError(f"--personalize-fraction must be between 0 and 1, got {personalize_fraction}.")
-    config = TrainConfig(epochs=10, batch_size=32, lr=1e-3, train_only=head_layers(model.spec))
+    config = _head_only(model.spec)
     weights = model.network.state_dict()
     before, adapted_out, after, per_client = [], [], [], {}
     cut_fraction = max(fraction, personalize_fraction or 0.0)
@@ -298,21 +298,13 @@ def adapt(
             progress("adapting", i + 1, len(data))
     if not per_client:
         raise InputError("no client has enough windows to adapt on; use a longer stream or another fraction.")
-    key = "accuracy" if model.spec.is_classifier else "mae_bpm"
-    sign = 1.0 if model.spec.is_classifier else -1.0
-    deltas = np.array([c["after"][key] - c["before"][key] for c in per_client.values()])
-    gains = sign * deltas
     kept = sum(1 for c in per_client.values() if c["kept_global"])
     return {
         "metrics_before": _pooled(model.spec, before),
         "metrics_adapted": _pooled(model.spec, adapted_out),
         "metrics_after": _pooled(model.spec, after),
         "clients": per_client,
-        "improved_clients": int((gains > 0).sum()),
-        "unchanged_clients": int((gains == 0).sum()),
-        "worse_clients": int((gains < 0).sum()),
+        **_outcome(model.spec, per_client),
         "adapted_clients": len(per_client) - kept,
         "kept_global_clients": kept,
-        "delta_" + key: {"min": float(deltas.min()), "median": float(np.median(deltas)), "max": float(deltas.max())},
     }
-

@@ -110,10 +110,8 @@ def _select(labelled: LabelledWindows, mask: np.ndarray) -> LabelledWindows | No
     return LabelledWindows(labelled.x[mask], labelled.y[mask], labelled.source[mask])
 
 
-def _latest_prediction(predictor: Predictor, spec: ModelSpec, windows: Windows,
-                       explainer: LiveExplainer | None = None) -> dict[str, Any]:
-    """Live inference on the newest window: the class and its probability, or the BPM, and how long it took;
-    with an ``explainer`` (and CPU budget left) what moved it most."""
+def _latest_prediction(predictor: Predictor, spec: ModelSpec, windows: Windows) -> dict[str, Any]:
+    """Live inference on the newest window: the class and its probability, or the BPM, and how long it took."""
     started = time.perf_counter()
     out = predictor.predict(windows.x[-1:])
     latency = {"latency_s": round(time.perf_counter() - started, 6)}
@@ -123,11 +121,6 @@ def _latest_prediction(predictor: Predictor, spec: ModelSpec, windows: Windows,
         prediction = {"activity": spec.classes[i], "confidence": round(float(out[0][i]), 4), "t": t, **latency}
     else:
         prediction = {"bpm": round(float(out[0]), 1), "t": t, **latency}
-    model = getattr(predictor, "model", None)
-    if explainer is not None and isinstance(model, Model):
-        why = explainer.explain(model, windows.x[-1:])
-        if why is not None:
-            prediction["explanation"] = why
     return prediction
 
 
@@ -179,10 +172,8 @@ class StreamView:
 
     # -- worker thread: read ------------------------------------------------------------
 
-    def read(self, chunks: Iterator[Chunk], predictor: Predictor | None,
-             explainer: LiveExplainer | None = None) -> _Batch | None:
-        """Read one chunk and turn it into labelled windows (None when the stream ended); ``explainer``: explain
-        the live prediction too."""
+    def read(self, chunks: Iterator[Chunk], predictor: Predictor | None) -> _Batch | None:
+        """Read one chunk and turn it into labelled windows (None when the stream ended)."""
         chunk = next(chunks, None)
         if chunk is None:
             return None
@@ -193,8 +184,7 @@ class StreamView:
             table = self.class_table
             windows = Windows(windows.x, table[np.where(windows.activity >= 0, windows.activity, len(table) - 1)],
                               windows.hr_bpm, windows.t_end)
-        prediction = (_latest_prediction(predictor, self.spec, windows, explainer) if predictor is not None
-                      else None)
+        prediction = _latest_prediction(predictor, self.spec, windows) if predictor is not None else None
         newest = windows.x[-1:].copy() if predictor is not None else None
         labelled = label_windows(windows, self.spec, predictor, self.config.pseudo_threshold)
         if len(labelled) == 0:
@@ -295,11 +285,8 @@ class Ingest:
         if self._latest is None:
             return None
         prediction, window, predictor = self._latest
-        model = getattr(predictor, "model", None)
-        if self.explainer is not None and window is not None and isinstance(model, Model):
-            why = self.explainer.explain(model, window)
-            if why is not None:
-                prediction["explanation"] = why
+        if self.explainer is not None and window is not None:
+            self.explainer.attach(prediction, window, predictor)
             self._latest = (prediction, None, predictor)  # one attempt per prediction
         return prediction
 

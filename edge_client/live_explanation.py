@@ -30,6 +30,15 @@ class LiveExplainer:
         self.spent_s, self.explained, self.skipped = 0.0, 0, 0
         self._started = time.monotonic()
 
+    def attach(self, prediction: dict[str, Any], window: np.ndarray, predictor: Any) -> None:
+        """Add ``explanation`` to ``prediction`` (live inference of ``predictor`` on ``window``) when the
+        predictor is a numpy model, whose gradients this needs, and the budget allows."""
+        model = getattr(predictor, "model", None)
+        if isinstance(model, Model):
+            why = self.explain(model, window)
+            if why is not None:
+                prediction["explanation"] = why
+
     def explain(self, model: Model, window: np.ndarray) -> dict[str, Any] | None:
         """What moved ``model``'s output on ``window`` (1, channels, samples) most, or None over budget:
         ``{"method", "channel", "from_s", "to_s" (seconds into the window), "attribution" (signed: in probability

@@ -13,7 +13,8 @@ import pytest
 
 from edge_client.config import EdgeConfig
 from edge_client.edge_command import add_edge_command, config_from_args
-from edge_client.ingest import StreamView, _latest_prediction
+from edge_client.ingest import StreamView
+from edge_client.ingest import _latest_prediction as _plain_prediction
 from edge_client.live_explanation import LIVE_STEPS, LiveExplainer
 from edge_client.sources.simulator import SimulatedWearer
 from edge_client.windowing import Windows
@@ -31,6 +32,14 @@ def windows(spec: Any, n: int = 3, seed: int = 0) -> Windows:
     activity = np.zeros(n, np.int16) if spec.is_classifier else np.full(n, -1, np.int16)
     t_end = (np.arange(n, dtype=np.float64) + 1) * spec.window / spec.sampling_rate_hz
     return Windows(x, activity, np.full(n, np.nan, np.float32), t_end)
+
+
+def _latest_prediction(predictor: Any, spec: Any, w: Windows, explainer: LiveExplainer | None = None) -> dict:
+    """Live inference on the newest window, explained the way the edge explains the prediction it publishes."""
+    prediction = _plain_prediction(predictor, spec, w)
+    if explainer is not None:
+        explainer.attach(prediction, w.x[-1:], predictor)
+    return prediction
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +171,9 @@ def test_an_edge_explains_only_when_asked_with_one_budget_for_every_view(tmp_pat
     explainer = Ingest(config(tmp_path, explain_predictions=0.05), source, Wakes(), lambda view: False).explainer
     assert isinstance(explainer, LiveExplainer) and explainer.cpu_fraction == 0.05
     view = StreamView(spec, source, config(tmp_path, explain_predictions=0.05))
-    model = Model(spec, seed=0)
-    batch = view.read(source.chunks(600), NumpyPredictor(model), explainer)
-    assert batch is not None and "explanation" in batch.prediction and explainer.explained == 1
+    batch = view.read(source.chunks(600), NumpyPredictor(Model(spec, seed=0)))
+    assert batch is not None and "explanation" not in batch.prediction  # reading explains nothing
+    assert explainer.explained == 0
 
 
 def parse_edge(*argv: str, state: Path) -> argparse.Namespace:

@@ -19,7 +19,6 @@ SIMULATION_MALLOC = {M_MMAP_THRESHOLD: 1 << 20, M_TOP_PAD: 1 << 20, M_TRIM_THRES
 """A simulation process's malloc: fit-sized temporaries (a few hundred kB) come from the heap, which keeps up to
 4 MB free at its top instead of returning it after every fit."""
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-GATEWAY_THREAD_VARIABLES = THREAD_VARIABLES
 
 
 def _one_thread_pools() -> None:

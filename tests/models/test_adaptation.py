@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from edge_client.adaptation import adapt_for_wearer
 from models import Model, activity_spec, heart_rate_spec
@@ -56,11 +57,13 @@ def test_the_gateway_keeps_the_global_model_when_adapting_makes_it_less_certain(
         for p in layer.params.values():
             if p.trainable:
                 p.value[...] = 0.0
+    monkeypatch.setattr(adaptation, "class_mix", lambda m, w: 1.0)  # as if the windows held every activity
     monkeypatch.setattr(adaptation, "adapt_statistics", lambda m, w, prior_windows=32: uncertain)
     chosen, report = adapt_for_wearer(model, x)
     assert chosen is model and report["kept_global"] and report["reason"] == "less certain"
     assert report["check"]["adapted"] > report["check"]["global"]
     monkeypatch.undo()
+    monkeypatch.setattr(adaptation, "class_mix", lambda m, w: 1.0)
     chosen, report = adapt_for_wearer(model, x)
     assert report["check"] is not None and report["kept_global"] == (report["check"]["adapted"] >
                                                                       report["check"]["global"])
@@ -69,6 +72,38 @@ def test_the_gateway_keeps_the_global_model_when_adapting_makes_it_less_certain(
     assert chosen is hr and report == {"kept_global": True, "reason": "regressor", "check": None}
     chosen, report = adapt_for_wearer(model, x[:6])
     assert chosen is model and report["reason"] == "too few windows"
+
+
+def test_class_mix_is_the_normalized_entropy_of_the_predicted_classes():
+    from types import SimpleNamespace
+
+    from edge_client.adaptation import class_mix
+
+    def predicting(classes):
+        onehot = np.eye(6, dtype=np.float32)[classes]
+        return SimpleNamespace(spec=SimpleNamespace(classes=tuple("abcdef")), predict=lambda x: onehot)
+
+    x = np.zeros(12)
+    assert class_mix(predicting([0] * 12), x) == 0.0
+    assert class_mix(predicting(list(range(6)) * 2), x) == pytest.approx(1.0)
+    assert class_mix(predicting([2, 5] * 6), x) == pytest.approx(np.log(2) / np.log(6))
+
+
+def test_the_gateway_keeps_the_global_model_when_its_windows_hold_few_activities(monkeypatch):
+    import edge_client.adaptation as adaptation
+
+    model = Model(activity_spec(), seed=0)
+    x = _windows(model.spec, 40, seed=3)
+    mix = adaptation.class_mix(model, x)  # an untrained model puts nearly every window in one class
+
+    def must_not_adapt(*args, **kwargs):
+        raise AssertionError("adapted on a narrow class mix")
+
+    monkeypatch.setattr(adaptation, "adapt_statistics", must_not_adapt)
+    assert mix < adaptation.MIN_CLASS_MIX
+    chosen, report = adapt_for_wearer(model, x)
+    assert chosen is model and report == {"kept_global": True, "reason": "narrow class mix",
+                                          "check": {"class_mix": round(mix, 6)}}
 
 
 def test_adapting_and_personalizing_clients_never_changes_the_global_model():

@@ -153,8 +153,11 @@ async def next_status(broker: Any, fed: str, client: str, state: str) -> dict[st
                           protocol="5" if broker.kind == "mosquitto" else "3.1.1")
     await session.connect()
     try:
-        await session.subscribe(Topics(fed).status(client), qos=1)
+        topic = Topics(fed).status(client)
+        await session.subscribe(topic, qos=1)
         async for message in session.messages():
+            if message.topic != topic:  # the amqtt fallback, under load, once handed this subscriber the model
+                continue
             body = json.loads(message.payload) if message.payload else {}
             if body.get("state") == state:
                 return body

@@ -544,11 +544,11 @@ def test_the_hub_restores_its_retained_model_and_task_when_someone_overwrites_th
         await attacker.start(online=False)
         await attacker.session.publish(topics.task, b'{"round": 1000000000000, "model_version": 0}', retain=True)
         await attacker.session.publish(topics.model, b"not a model", retain=True)
-        for _ in range(100):  # a new subscriber gets the retained copy: the hub's again once it noticed
-            if await asyncio.to_thread(retained_model, mqtt_broker, topics.task) == task:
+        for _ in range(100):  # a new subscriber gets the retained copies: the hub's again once it noticed both
+            restored = await asyncio.to_thread(retained_model, mqtt_broker, topics.model)
+            if restored == model and await asyncio.to_thread(retained_model, mqtt_broker, topics.task) == task:
                 break
             await asyncio.sleep(0.1)
-        restored = await asyncio.to_thread(retained_model, mqtt_broker, topics.model)
         stop.set()
         await asyncio.wait_for(hub_task, WAIT_S)
         await attacker.stop()

@@ -260,10 +260,15 @@ async def _run(config: EdgeConfig, source: Source, http: tuple[str, int] | None 
 def progress_lines(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """What changed between two snapshots of an edge (:func:`_snapshot`), as lines an operator reads."""
     lines = []
+    # faster than the printer looks (a laptop federation), several models or rounds fall between two lines
     if now["model"] is not None and now["model"] != before["model"]:
-        lines.append(f"model v{now['model']} adopted")
+        models = now["models"] - before["models"]
+        lines.append(f"model v{now['model']} adopted" + (f" ({models} models since the last line)" if models > 1
+                                                           else ""))
     if now["round"] > before["round"]:
-        lines.append(f"round {now['round']}: trained, update stored and sent")
+        rounds = now["rounds"] - before["rounds"]
+        lines.append(f"round {now['round']}: trained, update stored and sent" +
+                     (f" ({rounds} rounds since the last line)" if rounds > 1 else ""))
     for kind in ("accepted", "duplicate", "rejected"):
         if (n := now[kind] - before[kind]) > 0:
             lines.append(f"{n} update(s) {kind} by the hub ({now['accepted']} accepted in all)")
@@ -276,6 +281,8 @@ def progress_lines(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 def _snapshot(client: Any) -> dict[str, Any]:
     counters = client.counters
     return {"model": client.model_version, "round": client.last_round, "declined": client.declined,
+            "models": counters.get("models_accepted", 0),
+            "rounds": counters.get("updates_built", 0) + counters.get("secure_rounds", 0),
             **{kind: counters.get(f"receipts_{kind}", 0) for kind in ("accepted", "duplicate", "rejected")}}
 
 

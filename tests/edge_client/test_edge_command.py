@@ -101,12 +101,16 @@ def test_the_help_lists_the_live_forms_and_the_client_rule():
 def test_progress_lines_say_what_changed_since_the_last_look():
     from edge_client.edge_command import progress_lines
 
-    quiet = {"model": None, "round": -1, "declined": None, "accepted": 0, "duplicate": 0, "rejected": 0}
+    quiet = {"model": None, "round": -1, "declined": None, "accepted": 0, "duplicate": 0, "rejected": 0,
+             "models": 0, "rounds": 0}
     assert progress_lines(quiet, quiet) == []
-    busy = {**quiet, "model": 2, "round": 4, "accepted": 3, "rejected": 1,
+    busy = {**quiet, "model": 2, "round": 4, "accepted": 3, "rejected": 1, "models": 1, "rounds": 1,
             "declined": {"round": 5, "reason": "resources", "detail": "battery at 12%"}}
     assert progress_lines(quiet, busy) == [
         "model v2 adopted", "round 4: trained, update stored and sent",
         "3 update(s) accepted by the hub (3 accepted in all)", "1 update(s) rejected by the hub (3 accepted in all)",
         "round 5 declined: resources (battery at 12%)"]
     assert progress_lines(busy, busy) == []
+    fast = {**busy, "model": 5, "round": 7, "models": 4, "rounds": 3, "declined": busy["declined"]}
+    assert progress_lines(busy, fast)[:2] == ["model v5 adopted (3 models since the last line)",
+                                              "round 7: trained, update stored and sent (2 rounds since the last line)"]

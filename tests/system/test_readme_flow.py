@@ -88,7 +88,8 @@ def test_the_readme_flow_runs_three_rounds_with_every_edge_accepted(tmp_path):
             while "(3 accepted in all)" not in log.read_text() and time.monotonic() < deadline:
                 time.sleep(0.2)
             text = log.read_text()
-            assert "model v0 adopted" in text and "round 3: trained, update stored and sent" in text, text
+            # rounds faster than the printer's one look a second share a line ("(3 rounds since the last line)")
+            assert re.search(r"model v\d+ adopted", text) and "round 3: trained, update stored and sent" in text, text
             assert "(3 accepted in all)" in text, text
         for edge in (sim_edge, rec_edge):  # a gateway runs until it is told to stop, and stops cleanly
             assert edge.poll() is None

@@ -78,8 +78,15 @@ def federation(tmp_path_factory):
             wait_for(lambda: hub.poll() is not None or _rounds(base) >= 3, 180,
                      lambda: "3 rounds: " + (tmp / "hub.log").read_text()[-3000:])
             assert hub.poll() is None, (tmp / "hub.log").read_text()[-3000:]
-            code, edge_metrics = get(f"http://127.0.0.1:{edge_port}/metrics")
-            assert code == 200
+            def edge_heard_three_receipts() -> bool:  # the third receipt may still be on its way to the edge
+                nonlocal edge_metrics
+                code, edge_metrics = get(f"http://127.0.0.1:{edge_port}/metrics")
+                assert code == 200
+                return _samples(edge_metrics.decode()).get(
+                    ("wearfl_edge_receipts_total", (("status", "accepted"),)), 0) >= 3
+
+            edge_metrics = b""
+            wait_for(edge_heard_three_receipts, 30, lambda: "3 receipts at the edge:\n" + edge_metrics.decode()[-3000:])
             for edge in edges:
                 edge.send_signal(signal.SIGTERM)
                 assert edge.wait(timeout=60) == 0

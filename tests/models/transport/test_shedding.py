@@ -117,10 +117,14 @@ def test_a_flooded_session_keeps_publishing_and_subscribing_and_sheds_the_excess
         await hub.connect()
         resumed = hub.session_present
         await attacker.publish(topic, b"after", qos=1)
-        after = await asyncio.wait_for(anext(hub.messages()), WAIT_S)
+        before_after: list[Message] = []  # what the resumed session gets before "after"
+        stream = hub.messages()
+        while (message := await asyncio.wait_for(anext(stream), WAIT_S)).payload != b"after":
+            before_after.append(message)
+            hub.ack(message)
         await asyncio.gather(attacker.disconnect(), hub.disconnect())
         return dict(most=most, kept=[m.payload for m in received], marker=marker.payload, shed=shed,
-                    lines=lines, resumed=resumed, after=after.payload)
+                    lines=lines, resumed=resumed, before_after=[(m.payload, m.dup) for m in before_after])
 
     result = run(scenario())
 
@@ -129,7 +133,10 @@ def test_a_flooded_session_keeps_publishing_and_subscribing_and_sheds_the_excess
     assert result["shed"] == sent - bound
     assert result["marker"] == b"marker"
     assert result["resumed"]
-    assert result["after"] == b"after"  # every shed message was acknowledged
+    # every shed message was acknowledged: none comes again. QoS 1 is at least once, so under load a kept one
+    # may (seen in the full suite: b"0" again after resuming; the application deduplicates those)
+    kept = {str(i).encode() for i in range(bound)}
+    assert all(payload in kept for payload, _ in result["before_after"]), result["before_after"]
     # a line for the first shed message, then summaries (one at the latest at disconnect) covering the rest
     first, *summaries = result["lines"]
     assert first.msg.startswith("%s: shed a message") and first.levelno == logging.WARNING

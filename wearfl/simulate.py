@@ -164,8 +164,6 @@ def prepare_simulation(args: argparse.Namespace) -> Simulation:
     from wearfl.broker import make_broker
     from wearfl.sites import SimulatedSites
 
-    if not args.verbose:
-        logging.getLogger("hub.store").setLevel(logging.ERROR)  # one "pinned key" line per simulated edge
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     _check_out(out)
     _check_flags(args)
@@ -808,6 +806,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from threadpoolctl import threadpool_limits
 
     signals = StopSignals()
+    store_log = logging.getLogger("hub.store")
+    level = store_log.level
+    if not args.verbose:
+        store_log.setLevel(logging.ERROR)  # one "pinned key" line per simulated edge
     try:
         # Every edge trains in its own thread; a multi-threaded BLAS under each of them
         # oversubscribes the cores (a 2-core laptop ran twice as slow).
@@ -815,6 +817,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             report = run_simulation(prepare_simulation(args), signals)
     except Interrupted as exc:
         return _interrupted(exc.signum)
+    finally:
+        store_log.setLevel(level)  # whoever runs a simulation in-process gets the store's lines back
     if report is None:
         return _interrupted(signals.signum)
     print_summary(args.task, report)

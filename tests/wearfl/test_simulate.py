@@ -87,3 +87,18 @@ def test_strategy_args_reach_the_hub_and_bad_ones_fail_cleanly(mqtt_broker, tmp_
                  "--strategy", "krum", "--strategy-arg", "f=1"])
     assert code == 2
     assert "needs at least 5 updates" in capsys.readouterr().err
+
+
+def test_a_simulation_in_process_gives_the_store_s_log_lines_back(tmp_path, capsys):
+    """``wearfl simulate`` quiets the hub store's per-edge "pinned key" lines, for its own run only."""
+    import logging
+
+    store_log = logging.getLogger("hub.store")
+    level = store_log.level
+    try:
+        store_log.setLevel(logging.INFO)
+        assert main(["simulate", "--strategy", "nope", "--out", str(tmp_path / "run")]) == 2
+        assert "unknown strategy 'nope'" in capsys.readouterr().err
+        assert store_log.level == logging.INFO
+    finally:
+        store_log.setLevel(level)

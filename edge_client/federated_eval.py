@@ -77,14 +77,18 @@ class Evaluator:
     def _adapted_metrics(self, view: StreamView, current: ModelMessage, config: Mapping[str, Any]) -> dict[str, float]:
         """``adapted_*``: the model this gateway uses after adapting to its wearer without labels (the replay
         buffer's newest windows, labels unread; :func:`edge_client.adaptation.adapt_for_wearer`) on the holdout.
-        Where the check keeps the global model these are the global model's figures. Live inference takes the
-        adapted model (see :func:`use_adapted`)."""
+        Where the checks keep the global model these are the global model's figures and ``adapted_kept_global``
+        is 1. Live inference takes the adapted model (see :func:`use_adapted`)."""
         from edge_client.adaptation import adapt_for_wearer
 
-        adapted, _ = adapt_for_wearer(current.model, view.replay.x[-ADAPT_WINDOWS:])
+        adapted, report = adapt_for_wearer(current.model, view.replay.x[-ADAPT_WINDOWS:])
+        if report["kept_global"]:
+            log.info("%s: model v%d not adapted to the wearer: %s %s", self.client_id, current.model.version,
+                     report["reason"], report["check"] or "")
         loss, _, metrics = view.trainer.evaluate(adapted.network.state_dict(), config)
         use_adapted(self._ingest, current.model, adapted)
-        return {"adapted_loss": loss, **{f"adapted_{k}": v for k, v in metrics.items()}}
+        return {"adapted_loss": loss, **{f"adapted_{k}": v for k, v in metrics.items()},
+                "adapted_kept_global": float(report["kept_global"])}
 
     async def _explanation(self, current: ModelMessage, x: np.ndarray, y: np.ndarray,
                            config: Mapping[str, Any]) -> dict[str, Any] | None:

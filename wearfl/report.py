@@ -48,6 +48,7 @@ def _draw_spread(axis: Any, report: dict[str, Any], key: str) -> None:
     clients = (report.get("personalization") or {}).get("clients") or {}
     rows = [(c, p["global"].get(key), (p.get("personalized") or {}).get(key), (p.get("adapted") or {}).get(key))
             for c, p in sorted(clients.items()) if p.get("global")]
+    kept = {c for c, p in clients.items() if (p.get("adapted") or {}).get("kept_global") == 1.0}
     rows = [r for r in rows if r[1] is not None and (r[2] is not None or r[3] is not None)]
     adapted = any(r[3] is not None for r in rows)
     axis.set_title("each edge: global, adapted (no labels), fine-tuned" if adapted
@@ -66,9 +67,12 @@ def _draw_spread(axis: Any, report: dict[str, Any], key: str) -> None:
     if any(p is not None for _, _, p, _ in rows):
         axis.scatter([x for x, r in zip(xs, rows, strict=True) if r[2] is not None],
                      [r[2] for r in rows if r[2] is not None], color="C1", label="personalized", zorder=2)
-    if adapted:
-        axis.scatter([x for x, r in zip(xs, rows, strict=True) if r[3] is not None],
-                     [r[3] for r in rows if r[3] is not None], color="C2", marker="x", label="adapted", zorder=3)
+    if adapted:  # where the gateway's checks kept the global model, its "adapted" figure is the global one
+        for label, style, chosen in (("adapted", {"color": "C2", "marker": "x"}, False),
+                                     ("not adapted (checks kept global)", {"color": "0.35", "marker": "+"}, True)):
+            at = [(x, r[3]) for x, r in zip(xs, rows, strict=True) if r[3] is not None and (r[0] in kept) == chosen]
+            if at:
+                axis.scatter([x for x, _ in at], [v for _, v in at], label=label, zorder=3, s=60, **style)
     values = [v for r in rows for v in r[1:] if v is not None]
     axis.set_ylim(0, 1.05 if key in BOUNDED else max(values) * 1.15)
     axis.set_xticks(list(xs), [r[0] for r in rows], rotation=45, ha="right", fontsize=7)

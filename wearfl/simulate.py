@@ -104,6 +104,7 @@ def personalization_report(clients: dict[str, Any], task: str) -> dict[str, Any]
     if adapted:  # --adapt: the model each gateway would use after adapting to its wearer without labels
         out["adapted_improved"] = sum(1 for g, a in adapted.values() if better * (a - g) > 0)
         out["adapted_reported"] = len(adapted)
+        out["adapted_kept_global"] = sum(1 for c in adapted if clients[c]["adapted"].get("kept_global") == 1.0)
         out["mean_adapted"] = float(np.mean([a for _, a in adapted.values()]))
         out.setdefault("mean_global", float(np.mean([g for g, _ in adapted.values()])))
     return out

@@ -105,7 +105,7 @@ function drawSpread(personalization) {
       el("text", { x: sx(i), y: H - M.b + 12, "text-anchor": "middle" }, svg, c);
     el("circle", { cx: sx(i) - 4, cy: sy(g[name]), r: 3.5, class: "dot-a" }, svg).appendChild(el("title", {}, null, `${c} global ${fmt(g[name], 4)}`));
     if (p[name] !== undefined) el("circle", { cx: sx(i), cy: sy(p[name]), r: 3.5, class: "dot-b" }, svg).appendChild(el("title", {}, null, `${c} personalized ${fmt(p[name], 4)}`));
-    if (a[name] !== undefined) el("circle", { cx: sx(i) + 4, cy: sy(a[name]), r: 3.5, class: "dot-c" }, svg).appendChild(el("title", {}, null, `${c} adapted ${fmt(a[name], 4)}`));
+    if (a[name] !== undefined) el("circle", { cx: sx(i) + 4, cy: sy(a[name]), r: 3.5, class: "dot-c" }, svg).appendChild(el("title", {}, null, `${c} adapted ${fmt(a[name], 4)}${a.kept_global === 1 ? " (not adapted: the gateway's checks kept the global model)" : ""}`));
   });
 }
 

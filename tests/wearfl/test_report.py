@@ -44,3 +44,19 @@ def test_the_report_draws_the_initial_model_and_four_panels(tmp_path, task, pers
     assert len(durations.patches) == 3
     assert any("no edge evaluated" in t.get_text() for t in spread.texts) == (personalization is None)
     assert len(spread.collections) == (0 if personalization is None else 2)  # global and personalized dots
+
+
+def test_the_spread_tells_adapted_edges_from_those_whose_checks_kept_the_global_model(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    clients = {"a": {"global": {"accuracy": 0.8}, "personalized": {"accuracy": 0.9},
+                     "adapted": {"accuracy": 0.85, "kept_global": 0.0}},
+               "b": {"global": {"accuracy": 0.7}, "personalized": {"accuracy": 0.75},
+                     "adapted": {"accuracy": 0.7, "kept_global": 1.0}}}
+    figures = []
+    monkeypatch.setattr(plt.Figure, "savefig", lambda self, path, **kw: figures.append(self))
+    write_report(tmp_path, _report("activity", {"clients": clients}))
+    spread = figures[0].axes[1]
+    marks = {c.get_label(): c.get_offsets().tolist() for c in spread.collections}
+    assert marks["adapted"] == [[0.0, 0.85]]
+    assert marks["not adapted (checks kept global)"] == [[1.0, 0.7]]

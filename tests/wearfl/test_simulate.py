@@ -47,8 +47,10 @@ def test_the_report_holds_the_contract_and_the_model_files(mqtt_broker, tmp_path
     assert personal["metric"] == "accuracy" and personal["reported"] == 3 and 0 <= personal["improved"] <= 3
     assert all({"global", "personalized", "round"} <= set(v) for v in personal["clients"].values())
     # --adapt: each edge also reports the model it would use after adapting to its wearer without labels
-    assert all(set(v["adapted"]) == {"accuracy", "macro_f1", "loss"} for v in personal["clients"].values())
+    assert all(set(v["adapted"]) == {"accuracy", "macro_f1", "loss", "kept_global"} and
+               v["adapted"]["kept_global"] in (0.0, 1.0) for v in personal["clients"].values())
     assert personal["adapted_reported"] == 3 and 0 <= personal["mean_adapted"] <= 1
+    assert personal["adapted_kept_global"] == sum(v["adapted"]["kept_global"] for v in personal["clients"].values())
     assert 0 <= report["rounds"][1]["federated_metrics"]["adapted_accuracy"] <= 1
     status = json.loads(run_status(tmp_path / "run" / "hub"))
     assert set(status["personalization"]) == set(personal["clients"])

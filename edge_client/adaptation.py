@@ -28,12 +28,19 @@ import numpy as np
 from models.adaptation import adapt_statistics, mean_entropy
 from models.model import Model
 
-__all__ = ["CHECK_SHARE", "MIN_CHECK_WINDOWS", "MIN_CLASS_MIX", "adapt_for_wearer", "class_mix"]
+__all__ = ["CHECK_SHARE", "KEPT_GLOBAL_REASONS", "MIN_CHECK_WINDOWS", "MIN_CLASS_MIX", "adapt_for_wearer", "class_mix"]
 
 CHECK_SHARE = 0.25
 MIN_CHECK_WINDOWS = 4
 MIN_CLASS_MIX = 0.8
 """The least normalized entropy of the predicted classes (1: every class equally often) that the gateway adapts on."""
+KEPT_GLOBAL_REASONS = {
+    "regressor": "a heart-rate model is not adapted",
+    "too few windows": "too few windows",
+    "narrow class mix": "its windows hold too few activities",
+    "less certain": "less certain after adapting",
+}
+"""Each ``reason`` :func:`adapt_for_wearer` gives for keeping the global model, as an operator reads it."""
 
 
 def class_mix(model: Model, x: np.ndarray) -> float:

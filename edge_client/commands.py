@@ -40,6 +40,7 @@ def _print_metrics(title: str, metrics: dict[str, float]) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from edge_client.adaptation import KEPT_GLOBAL_REASONS
     from edge_client.evaluation import (
         CENTRAL_TRAINING,
         adapt,
@@ -107,8 +108,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               "kept the global model)")
         key = "accuracy" if args.task == "activity" else "mae_bpm"
         for client, c in clients.items():
-            why = {"regressor": "a heart-rate model is not adapted", "too few windows": "too few windows",
-                   "less certain": "less certain after adapting"}.get(c.get("reason") or "", "")
+            reason = c.get("reason") or ""
+            why = KEPT_GLOBAL_REASONS.get(reason, reason)
             kept = f"  (kept global: {why})" if c["kept_global"] else ""
             print(f"  {client:<14} {key} {c['before'][key]:.4f} -> {c['adapted'][key]:.4f}"
                   + (f" -> {c['after'][key]:.4f}" if args.personalize_fraction is not None else "") + kept)

@@ -83,6 +83,9 @@ def test_adapt_fraction_reports_global_adapted_and_personalized_per_client(recor
 
     code, out, _ = _run(capsys, *base, "--adapt-fraction", "0.5")
     assert code == 0 and "global model" in out and "adapted" in out and "improved clients" in out
+    for client, c in report["clients"].items():  # a client that kept the global model says why
+        (line,) = [line for line in out.splitlines() if line.strip().startswith(client)]
+        assert ("(kept global: " in line) == c["kept_global"] and "(kept global: )" not in line, line
     code, _, err = _run(capsys, *base, "--adapt-fraction", "1.5")
     assert code != 0 and "--adapt-fraction must be between 0 and 1" in err
 

@@ -74,6 +74,20 @@ def test_the_gateway_keeps_the_global_model_when_adapting_makes_it_less_certain(
     assert chosen is model and report["reason"] == "too few windows"
 
 
+def test_every_reason_to_keep_the_global_model_has_words_for_the_operator(monkeypatch):
+    import edge_client.adaptation as adaptation
+
+    model = Model(activity_spec(), seed=0)
+    x = _windows(model.spec, 40, seed=3)
+    reasons = {adapt_for_wearer(Model(heart_rate_spec(), seed=0), _windows(heart_rate_spec(), 8))[1]["reason"],
+               adapt_for_wearer(model, x[:6])[1]["reason"], adapt_for_wearer(model, x)[1]["reason"]}
+    monkeypatch.setattr(adaptation, "class_mix", lambda m, w: 1.0)
+    monkeypatch.setattr(adaptation, "mean_entropy", lambda m, w: 0.0 if m is model else 1.0)
+    reasons.add(adapt_for_wearer(model, x)[1]["reason"])
+    assert reasons == set(adaptation.KEPT_GLOBAL_REASONS)
+    assert all(adaptation.KEPT_GLOBAL_REASONS.values())
+
+
 def test_class_mix_is_the_normalized_entropy_of_the_predicted_classes():
     from types import SimpleNamespace
 

@@ -58,10 +58,6 @@ __all__ = ["Ingest", "MissingChannels", "StreamView", "spec_key"]
 
 log = logging.getLogger(__name__)
 
-PENDING_SHARE = 8
-"""While a fit holds the buffers, reading waits once this share of the replay buffer (1/8) is pending: a live
-stream never gets that far ahead of a fit, a replayed file would otherwise hold a whole buffer's worth more."""
-
 
 class MissingChannels(InputError):
     """The model needs channels the source does not have: the edge can never serve it, so it stops."""
@@ -369,7 +365,7 @@ class Ingest:
             assert current is not None
             current.pending.append(batch)
             # commit now unless a fit holds the buffers; wait for it once enough windows are pending
-            if not self.lock.locked() or current.pending_windows >= max(1, current.replay.capacity // PENDING_SHARE):
+            if not self.lock.locked() or current.pending_windows >= current.replay.capacity:
                 await self.commit()
         self.catching_up = False
         await self.commit()

@@ -109,6 +109,10 @@ def test_a_flooded_session_keeps_publishing_and_subscribing_and_sheds_the_excess
         marker = await asyncio.wait_for(anext(stream), WAIT_S)
         hub.ack(marker)
         shed = hub.shed
+        # the broker handles a session's packets in order: once this PUBACK is back it has every ack before it.
+        # Without it a loaded broker could still hold the last acks unread when the socket closed (the full
+        # suite saw "0", the first kept message, delivered again on resuming)
+        await hub.publish(f"{topic_prefix}/barrier", b"", qos=1, timeout=ACK_S)
         await hub.disconnect()
         lines = [r for r in records.records if r.levelno == logging.WARNING and "shed" in r.msg]
 
@@ -117,14 +121,10 @@ def test_a_flooded_session_keeps_publishing_and_subscribing_and_sheds_the_excess
         await hub.connect()
         resumed = hub.session_present
         await attacker.publish(topic, b"after", qos=1)
-        before_after: list[Message] = []  # what the resumed session gets before "after"
-        stream = hub.messages()
-        while (message := await asyncio.wait_for(anext(stream), WAIT_S)).payload != b"after":
-            before_after.append(message)
-            hub.ack(message)
+        after = await asyncio.wait_for(anext(hub.messages()), WAIT_S)
         await asyncio.gather(attacker.disconnect(), hub.disconnect())
         return dict(most=most, kept=[m.payload for m in received], marker=marker.payload, shed=shed,
-                    lines=lines, resumed=resumed, before_after=[(m.payload, m.dup) for m in before_after])
+                    lines=lines, resumed=resumed, after=after.payload)
 
     result = run(scenario())
 
@@ -133,10 +133,7 @@ def test_a_flooded_session_keeps_publishing_and_subscribing_and_sheds_the_excess
     assert result["shed"] == sent - bound
     assert result["marker"] == b"marker"
     assert result["resumed"]
-    # every shed message was acknowledged: none comes again. QoS 1 is at least once, so under load a kept one
-    # may (seen in the full suite: b"0" again after resuming; the application deduplicates those)
-    kept = {str(i).encode() for i in range(bound)}
-    assert all(payload in kept for payload, _ in result["before_after"]), result["before_after"]
+    assert result["after"] == b"after"  # every shed message was acknowledged
     # a line for the first shed message, then summaries (one at the latest at disconnect) covering the rest
     first, *summaries = result["lines"]
     assert first.msg.startswith("%s: shed a message") and first.levelno == logging.WARNING

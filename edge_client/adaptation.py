@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from models.adaptation import adapt_statistics, mean_entropy
+from models.adaptation import adapt_statistics, mean_entropy, prediction_entropy
 from models.model import Model
 
 __all__ = ["CHECK_SHARE", "KEPT_GLOBAL_REASONS", "MIN_CHECK_WINDOWS", "MIN_CLASS_MIX", "adapt_for_wearer", "class_mix"]
@@ -43,10 +43,11 @@ KEPT_GLOBAL_REASONS = {
 """Each ``reason`` :func:`adapt_for_wearer` gives for keeping the global model, as an operator reads it."""
 
 
-def class_mix(model: Model, x: np.ndarray) -> float:
-    """How evenly the model's predicted classes spread over ``x``: their histogram's entropy over log(classes)."""
-    k = len(model.spec.classes)
-    share = np.bincount(model.predict(x).argmax(axis=1), minlength=k) / max(len(x), 1)
+def class_mix(probabilities: np.ndarray) -> float:
+    """How evenly a classifier's predicted classes (rows of class probabilities) spread: their histogram's
+    entropy over log(classes)."""
+    n, k = probabilities.shape
+    share = np.bincount(probabilities.argmax(axis=1), minlength=k) / max(n, 1)
     share = share[share > 0]
     return float(-(share * np.log(share)).sum() / np.log(k)) if k > 1 else 0.0
 
@@ -60,12 +61,13 @@ def adapt_for_wearer(model: Model, x: np.ndarray) -> tuple[Model, dict[str, Any]
     n_check = round(len(x) * CHECK_SHARE)
     if n_check < MIN_CHECK_WINDOWS or len(x) - n_check < MIN_CHECK_WINDOWS:
         return model, {"kept_global": True, "reason": "too few windows", "check": None}
-    mix = round(class_mix(model, x), 6)
+    predicted = model.predict(x)  # the global model's, for the class mix and for its certainty on the check
+    mix = round(class_mix(predicted), 6)
     if mix < MIN_CLASS_MIX:
         return model, {"kept_global": True, "reason": "narrow class mix", "check": {"class_mix": mix}}
     check = x[len(x) - n_check:]
     trial = adapt_statistics(model, x[:len(x) - n_check])
-    before, after = mean_entropy(model, check), mean_entropy(trial, check)
+    before, after = prediction_entropy(predicted[len(x) - n_check:]), mean_entropy(trial, check)
     scores = {"class_mix": mix, "global": round(before, 6), "adapted": round(after, 6)}
     if after > before:
         return model, {"kept_global": True, "reason": "less certain", "check": scores}

@@ -16,7 +16,7 @@ import numpy as np
 from models.engine import BatchNorm1D
 from models.model import Model, check_input
 
-__all__ = ["PRIOR_WINDOWS", "adapt_statistics", "mean_entropy"]
+__all__ = ["PRIOR_WINDOWS", "adapt_statistics", "mean_entropy", "prediction_entropy"]
 
 F32 = np.float32
 PRIOR_WINDOWS = 32
@@ -54,5 +54,10 @@ def adapt_statistics(model: Model, x: np.ndarray, prior_windows: int = PRIOR_WIN
 
 def mean_entropy(model: Model, x: np.ndarray) -> float:
     """The mean entropy (nats) of a classifier's predictions on ``x``: how unsure it is, label-free."""
-    p = np.clip(model.predict(x).astype(np.float64), 1e-12, 1.0)
+    return prediction_entropy(model.predict(x))
+
+
+def prediction_entropy(probabilities: np.ndarray) -> float:
+    """The mean entropy (nats) of rows of class probabilities (a classifier's predictions)."""
+    p = np.clip(probabilities.astype(np.float64), 1e-12, 1.0)
     return float(-(p * np.log(p)).sum(axis=1).mean())

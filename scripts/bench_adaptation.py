@@ -7,9 +7,9 @@ printed for
 
 - **global**: the model as the federation made it;
 - **adapted**: the shipped method (``edge_client.adaptation.adapt_for_wearer``: BatchNorm statistics re-estimated on
-  the first F, kept only when the entropy check passes), what ``wearfl evaluate --adapt-fraction F`` reports;
+  the first F, kept only when its checks pass), what ``wearfl evaluate --adapt-fraction F`` reports;
 - **bound**: BatchNorm statistics re-estimated on the evaluated windows themselves, one recording at a time, no
-  check: what no statistics learnt from earlier windows can beat (it sees the windows it is scored on);
+  check: what statistics learnt from earlier windows should not beat (it sees the windows it is scored on);
 - **per recording**: the same split inside each recording (HAPT records each user twice, with the phone put on
   again): adapt on the first F of the recording's windows, evaluate on the rest of that recording.
 
